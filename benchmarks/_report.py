@@ -1,0 +1,38 @@
+"""Writes one benchmark's section of docs/benchmarks.md between its markers, leaving the others alone."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def git_commit() -> str:
+    """Short commit of the tree being measured (``RAYAWQ_COMMIT`` wins: the GPU copy has no .git history)."""
+    if os.environ.get("RAYAWQ_COMMIT"):
+        return os.environ["RAYAWQ_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=DOCS.parent).strip()
+    except Exception:
+        return "unknown"
+
+
+def stamp(device: str) -> str:
+    """The line every section starts with: device, date, commit."""
+    return f"Device: {device} · date: {datetime.date.today().isoformat()} · commit: `{git_commit()}`"
+
+
+def write_section(name: str, markdown: str, path: Path = DOCS / "benchmarks.md") -> None:
+    """Replace (or append) the block between ``<!-- name:begin -->`` and ``<!-- name:end -->``."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{markdown.rstrip()}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
