@@ -1,0 +1,59 @@
+"""Per-request generation settings (LMDeploy's ``GenerationConfig`` names), checked before a request is queued."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import InvalidRequestError
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class GenerationConfig:
+    """``temperature == 0`` (the default) is greedy decoding; anything above samples."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0                        # 0 or -1: no top-k
+    repetition_penalty: float = 1.0
+    random_seed: int | None = None
+    stop_words: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None           # None: none; 0: the chosen token's; n: also the top n
+    skip_special_tokens: bool = True
+    min_new_tokens: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self) -> "GenerationConfig":
+        def bad(msg):
+            raise InvalidRequestError(msg)
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0 or self.temperature != self.temperature:
+            bad(f"temperature must lie in [0, 100], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p must lie in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            bad(f"repetition_penalty must lie in (0, 10], got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            bad(f"logprobs must lie in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            bad("min_new_tokens must lie in [0, max_new_tokens]")
+        if isinstance(self.stop_words, str):
+            self.stop_words = [self.stop_words]
+        if any(not isinstance(s, str) or not s for s in self.stop_words):
+            bad("stop_words must be non-empty strings")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids must be non-negative integers")
+        if self.random_seed is not None and not isinstance(self.random_seed, int):
+            bad("random_seed must be an integer")
+        return self
