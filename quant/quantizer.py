@@ -13,8 +13,7 @@ from kernels.awq_layout import pack_int4
 
 from .errors import QuantError
 
-# The smallest step a group may have: a constant group (max == min) gets this instead of 0, so scales
-# are never 0 or NaN and dequantization reproduces the constant.
+# The smallest span a group may have, so scales are never 0 or NaN.
 MIN_SCALE = 1e-6
 
 
@@ -30,7 +29,10 @@ def quant_params(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Ten
     g = _grouped(w, group_size)
     qmax = 2**bits - 1
     wmax, wmin = g.amax(dim=-1), g.amin(dim=-1)
-    scale = ((wmax - wmin) / qmax).clamp(min=MIN_SCALE)
+    span = wmax - wmin
+    # A constant group has no span: step by its magnitude instead, so the zero point can reach the constant.
+    absmax = torch.maximum(wmax.abs(), wmin.abs())
+    scale = torch.where(span > MIN_SCALE, span, absmax).clamp(min=MIN_SCALE) / qmax
     zero = (-torch.round(wmin / scale)).clamp(0, qmax)
     return scale, zero
 
