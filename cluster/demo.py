@@ -83,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--model", default=None, help="model directory (default: SmolLM2-135M-Instruct from PyPI)")
     d.add_argument("--work-dir", default=None)
     d.add_argument("--w-group-size", type=int, default=64)
-    d.add_argument("--calib-samples", type=int, default=32)
+    d.add_argument("--calib-samples", type=int, default=16)
     d.add_argument("--calib-seqlen", type=int, default=256)
     d.add_argument("--seqlen", type=int, default=512)
     d.add_argument("--max-windows", type=int, default=16)

@@ -9,9 +9,11 @@ same ``quantize_block`` calls to Ray tasks.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -79,71 +81,98 @@ class ActivationStore:
         return torch.load(path, mmap=True)
 
 
+class QuantPlan:
+    """What every runner shares: source, settings, calibration ids, staging dir, and the FP pass.
+
+    ``fp_pass`` walks the blocks in order and yields each block with its full-precision inputs; a runner
+    searches the block where it likes (here, or in a Ray task) and hands the packed tensors to ``save_block``.
+    """
+
+    def __init__(self, model: str, work_dir: str | Path, cfg: QuantConfig, device: str = "auto",
+                 overwrite: bool = False, act_budget_gb: float = 8.0, compute_device: str | None = None):
+        from transformers import AutoTokenizer
+
+        self.t0 = time.perf_counter()
+        self.work_dir, self.cfg, self.overwrite = Path(work_dir), cfg, overwrite
+        self.source = ModelSource(model)
+        cfg.resolve_dtype(self.source.dtype())
+        cfg.check_model(self.source.config)
+        self.device = pick_device(device)
+        # Where the search runs decides the arithmetic dtype, so the FP pass matches it.
+        self.cdtype = compute_dtype(pick_device(compute_device or device), cfg.out_dtype)
+        self.staging = StagingDir(self.work_dir, cfg.fingerprint(str(self.source.path)), overwrite=overwrite)
+        tokenizer = AutoTokenizer.from_pretrained(self.source.path)
+        texts = load_texts(cfg.calib_dataset)
+        self.ids = calibration_windows(texts, tokenizer, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
+        self.act_budget = int(act_budget_gb * 1024**3)
+        self.summary = QuantSummary(self.work_dir, 0.0)
+        self.staging.open()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.source.num_layers
+
+    def block_name(self, i: int) -> str:
+        return f"block-{i:05d}"
+
+    def fp_pass(self) -> Iterator[tuple[int, torch.nn.Module, torch.Tensor, BlockContext]]:
+        """Yield ``(i, block, inputs, ctx)``; block ``i+1``'s inputs are block ``i``'s FP outputs, computed first."""
+        builder = BlockBuilder(self.source, self.device, self.cdtype)
+        ctx = BlockContext.build(builder.rotary(), self.ids.shape[1], self.cdtype, self.device)
+        store = ActivationStore(self.device, self.act_budget, self.staging.root / "spill")
+        x = store.place(builder.embed(self.ids), "x0")
+        for i in range(self.num_blocks):
+            layer = builder.block(i)
+            next_x = run_block(layer, x, ctx, self.cfg.batch_size)  # before any scaling touches the block
+            yield i, layer, x, ctx
+            del layer
+            x = store.place(next_x, f"x{i + 1}")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def save_block(self, tensors: dict[str, torch.Tensor], report: BlockReport) -> None:
+        self.staging.save_part(self.block_name(report.index), tensors,
+                               {"mse_rtn": report.mse_rtn, "mse_awq": report.mse_awq, "seconds": report.seconds})
+        self.summary.blocks.append(report)
+        log.info("block %d: mse rtn %.3e awq %.3e (%.1fs)", report.index, report.mse_rtn, report.mse_awq,
+                 report.seconds)
+
+    def finish(self) -> QuantSummary:
+        """Merge the finished parts into the checkpoint and move it into place."""
+        staging, cfg = self.staging, self.cfg
+        if not staging.done("extra"):
+            staging.save_part("extra", extra_tensors(self.source, cfg.out_dtype))
+        out = staging.root / "checkpoint"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        names = [self.block_name(i) for i in range(self.num_blocks)] + ["extra"]
+        merge_parts([staging.parts / staging.part_info(n)["file"] for n in names], out, cfg.max_shard_size)
+        write_config(self.source.config, out, cfg.quantization_config(), cfg.out_dtype)
+        copy_side_files(self.source.path, out)
+        publish(out, self.work_dir, self.overwrite)
+        staging.remove()
+        self.summary.blocks.sort(key=lambda b: b.index)
+        self.summary.seconds = time.perf_counter() - self.t0
+        return self.summary
+
+
 def quantize_model(model: str, work_dir: str | Path, cfg: QuantConfig, device: str = "auto",
                    overwrite: bool = False, act_budget_gb: float = 8.0, progress: bool = True) -> QuantSummary:
-    """Quantize ``model`` (a directory or hub id) into an AutoAWQ checkpoint at ``work_dir``."""
-    t0 = time.perf_counter()
-    work_dir = Path(work_dir)
-    source = ModelSource(model)
-    cfg.resolve_dtype(source.dtype())
-    cfg.check_model(source.config)
-    dev = pick_device(device)
-    cdtype = compute_dtype(dev, cfg.out_dtype)
-    staging = StagingDir(work_dir, cfg.fingerprint(str(source.path)), overwrite=overwrite)
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
-    ids = calibration_windows(load_texts(cfg.calib_dataset), tokenizer, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
-
-    staging.open()
+    """Quantize ``model`` (a directory or hub id) into an AutoAWQ checkpoint at ``work_dir``, in this process."""
+    plan = QuantPlan(model, work_dir, cfg, device, overwrite, act_budget_gb)
     try:
-        summary = _run(source, staging, cfg, dev, cdtype, ids, act_budget_gb, progress)
-    except QuantError:
-        staging.remove()  # a refused input is not resumable: leave nothing behind
-        raise
-    out = staging.root / "checkpoint"
-    out.mkdir(exist_ok=True)
-    parts = [staging.parts / staging.part_info(f"block-{i:05d}")["file"] for i in range(source.num_layers)]
-    parts.append(staging.parts / staging.part_info("extra")["file"])
-    merge_parts(parts, out, cfg.max_shard_size)
-    write_config(source.config, out, cfg.quantization_config(), cfg.out_dtype)
-    copy_side_files(source.path, out)
-    publish(out, work_dir, overwrite)
-    staging.remove()
-    summary.seconds = time.perf_counter() - t0
-    summary.work_dir = work_dir
-    return summary
-
-
-def _run(source: ModelSource, staging: StagingDir, cfg: QuantConfig, dev: torch.device, cdtype: torch.dtype,
-         ids: torch.Tensor, act_budget_gb: float, progress: bool) -> QuantSummary:
-    fam = source.family
-    builder = BlockBuilder(source, dev, cdtype)
-    ctx = BlockContext.build(builder.rotary(), ids.shape[1], cdtype, dev)
-    store = ActivationStore(dev, int(act_budget_gb * 1024**3), staging.root / "spill")
-    x = store.place(builder.embed(ids), "x0")
-    summary = QuantSummary(staging.work_dir, 0.0)
-    bar = tqdm(range(source.num_layers), desc="AWQ blocks", unit="block", disable=not progress)
-    for i in bar:
-        layer = builder.block(i)
-        name = f"block-{i:05d}"
-        next_x = run_block(layer, x, ctx, cfg.batch_size)  # full precision, before any scaling
-        if staging.done(name):
-            summary.skipped.append(i)
-        else:
-            tensors, report = quantize_block(layer, i, x, ctx, fam, cfg)
-            staging.save_part(name, tensors, {"mse_rtn": report.mse_rtn, "mse_awq": report.mse_awq})
-            summary.blocks.append(report)
+        bar = tqdm(plan.fp_pass(), total=plan.num_blocks, desc="AWQ blocks", unit="block", disable=not progress)
+        for i, layer, x, ctx in bar:
+            if plan.staging.done(plan.block_name(i)):
+                plan.summary.skipped.append(i)
+                continue
+            tensors, report = quantize_block(layer, i, x, ctx, plan.source.family, cfg)
+            plan.save_block(tensors, report)
             bar.set_postfix(mse_rtn=f"{report.mse_rtn:.2e}", mse_awq=f"{report.mse_awq:.2e}")
-            log.info("block %d: mse rtn %.3e awq %.3e (%.1fs)", i, report.mse_rtn, report.mse_awq, report.seconds)
-        del layer
-        x = store.place(next_x, f"x{i + 1}")
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    if not staging.done("extra"):
-        staging.save_part("extra", extra_tensors(source, cfg.out_dtype))
-    return summary
+    except QuantError:
+        plan.staging.remove()  # a refused input is not resumable: leave nothing behind
+        raise
+    return plan.finish()
 
 
 def extra_tensors(source: ModelSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
