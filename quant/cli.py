@@ -76,7 +76,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("quantize", help="AWQ-quantize a model into an AutoAWQ-layout checkpoint")
     add_quant_args(q)
-    q.add_argument("--ray-address", default=None, help="run as a distributed Ray job (e.g. auto)")
+    q.add_argument("--ray-address", default=None,
+                   help="search blocks as Ray tasks on this cluster (auto: the running one, else a local one)")
+    q.add_argument("--num-gpus", type=int, default=None, help="with --ray-address: GPUs, one per block task")
+    q.add_argument("--workers", type=int, default=None, help="with --ray-address: blocks searched at once")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="WikiText-style perplexity of a model or AWQ checkpoint")

@@ -1,0 +1,145 @@
+"""The distributed quantization job on a real local Ray cluster (`ray start --head`, 2 CPU workers)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from kernels.awq_layout import dequantize
+from quant.config import QuantConfig
+from quant.pipeline import quantize_model
+
+ROOT = Path(__file__).resolve().parent.parent
+PORT = 6391
+DASHBOARD = 8271
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head node of 2 CPUs; workers inherit RAYAWQ_FAIL_ONCE_DIR for fault injection."""
+    import ray
+
+    fail_dir = tmp_path_factory.mktemp("faults")
+    env = {**os.environ, "RAYAWQ_FAIL_ONCE_DIR": str(fail_dir), "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env)
+    subprocess.run(["ray", "start", "--head", f"--port={PORT}", "--num-cpus=2", "--include-dashboard=true",
+                    f"--dashboard-port={DASHBOARD}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+                   check=True, capture_output=True, env=env, timeout=180)
+    address = f"127.0.0.1:{PORT}"
+    ray.init(address=address)
+    yield {"address": address, "fail_dir": fail_dir, "env": env}
+    ray.shutdown()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def cfg(calib_file, **kw):
+    return QuantConfig(group_size=64, calib_dataset=str(calib_file), calib_samples=4, calib_seqlen=64, **kw)
+
+
+def assert_same_checkpoint(a_dir: Path, b_dir: Path, group_size: int = 64):
+    """Equal up to float noise: workers run single-threaded, so reductions may round differently."""
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith(".qweight"):
+            base = k[: -len(".qweight")]
+            wa = dequantize(a[k], a[base + ".qzeros"], a[base + ".scales"], group_size).float()
+            wb = dequantize(b[k], b[base + ".qzeros"], b[base + ".scales"], group_size).float()
+            assert (wa - wb).norm() / wa.norm() < 1e-3, k
+            assert (a[k] == b[k]).float().mean() > 0.99, k
+        elif not k.endswith((".qzeros", ".scales")):
+            torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_distributed_equals_single_process(cluster, tiny_model_factory, calib_file, tmp_path, arch):
+    from cluster.quantize_job import run_distributed
+
+    src = str(tiny_model_factory(arch, num_hidden_layers=3))
+    quantize_model(src, tmp_path / "single", cfg(calib_file), device="cpu", progress=False)
+    summary = run_distributed(src, str(tmp_path / "dist"), cfg(calib_file), num_gpus=0, workers=2)
+    assert sorted(b.index for b in summary.blocks) == [0, 1, 2]
+    assert_same_checkpoint(tmp_path / "single", tmp_path / "dist")
+    assert not (tmp_path / "dist.partial").exists()
+
+
+def test_task_that_fails_once_is_retried(cluster, tiny_model_factory, calib_file, tmp_path):
+    from cluster.quantize_job import run_distributed
+
+    src = str(tiny_model_factory("llama", num_hidden_layers=3))
+    (cluster["fail_dir"] / "block-1.armed").touch()
+    run_distributed(src, str(tmp_path / "dist"), cfg(calib_file), num_gpus=0, workers=2)
+    assert (cluster["fail_dir"] / "block-1.fired").exists()  # the first attempt really died
+    quantize_model(src, tmp_path / "single", cfg(calib_file), device="cpu", progress=False)
+    assert_same_checkpoint(tmp_path / "single", tmp_path / "dist")
+    (cluster["fail_dir"] / "block-1.armed").unlink()
+
+
+def job_cmd(src, out, calib, address, *extra):
+    return [sys.executable, "-m", "cluster.quantize_job", str(src), "--work-dir", str(out), "--calib-dataset",
+            str(calib), "--calib-samples", "4", "--calib-seqlen", "64", "--w-group-size", "64",
+            "--num-gpus", "0", "--ray-address", address, *extra]
+
+
+def test_killed_driver_resumes_with_only_the_rest(cluster, tiny_model_factory, calib_file, tmp_path):
+    src = tiny_model_factory("llama", num_hidden_layers=8)
+    out = tmp_path / "out"
+    manifest = tmp_path / "out.partial" / "manifest.json"
+    proc = subprocess.Popen(job_cmd(src, out, calib_file, cluster["address"], "--workers", "1"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.exists():
+            try:
+                done = sum(n.startswith("block-") for n in json.loads(manifest.read_text())["parts"])
+            except json.JSONDecodeError:
+                done = 0
+            if done >= 2:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = sum(n.startswith("block-") for n in json.loads(manifest.read_text())["parts"])
+    assert 2 <= finished < 8 and not out.exists()
+
+    r = subprocess.run(job_cmd(src, out, calib_file, cluster["address"]), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("already done, skipped") == finished
+    assert r.stdout.count(" done in ") == 8 - finished
+    assert (out / "model.safetensors").is_file()
+
+
+def test_ray_job_submit(cluster, tiny_model_factory, calib_file, tmp_path):
+    src = tiny_model_factory("qwen2", num_hidden_layers=2)
+    out = tmp_path / "submitted"
+    entry = " ".join(job_cmd(src, out, calib_file, "auto")[1:])
+    r = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD}", "--working-dir",
+                        str(ROOT), "--", "python", *entry.split()],
+                       cwd=ROOT, capture_output=True, text=True, timeout=420, env=cluster["env"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in r.stdout and "block 2/2 done" in r.stdout
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert cfg_json["quantization_config"]["quant_method"] == "awq"
+
+
+def test_ray_cluster_yaml_validates_against_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    assert config["head_start_ray_commands"] and "8265" in " ".join(config["head_start_ray_commands"])
+    assert any("pip install" in c and "-e ." in c for c in config["setup_commands"])
+    broken = {**config, "max_workers": "many"}
+    with pytest.raises(Exception):
+        validate_config(prepare_config(broken))
