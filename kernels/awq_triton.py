@@ -2,23 +2,27 @@
 
 Four variants, one launcher each (the dispatcher in :mod:`kernels.dispatch` picks one by M):
 
-* ``gemv``    split-K GEMV on CUDA cores, for decode (M = 1 .. ~8). Each program owns ``BLOCK_N`` columns,
-              a slice of K, and ``BLOCK_M`` rows; one K step is exactly one quantization group.
-* ``splitk``  split-K ``tl.dot`` kernel (tensor cores) for small batches: the int4 tile is dequantized to
-              the activation dtype in registers and fed to ``tl.dot``; the group scale is applied to the
-              per-group dot result (fp32) instead of to every weight.
-* ``gemm``    the same ``tl.dot`` kernel with ``split_k = 1``, large tiles, grouped tile order and the
-              scale applied per weight (large M).
+* ``gemv``    split-K GEMV on CUDA cores: one row of x per program, ``BLOCK_N`` columns, a K slice; one K step
+              is one quantization group (zeros/scales loaded once per group, scale applied once per column
+              after the group's reduction). Measured slower than ``splitk`` on the H100 at every M, so the
+              table never picks it; kept as the simplest variant and a reference point.
+* ``splitk``  split-K ``tl.dot`` kernel for small batches. Factored per group:
+              ``acc += s * (x @ (OFF + q) - (OFF + z) * sum(x))`` where ``OFF + q`` (OFF = 128 for bf16,
+              1024 for fp16) is made exactly in the activation dtype by one ``lop3`` per pair of weights
+              (inline PTX; the AWQ nibble order puts columns ``2p`` and ``2p+1`` in bits 0-3 and 16-19 of the
+              word shifted by ``4p``), so the tensor cores see exact small integers and the scale is applied to
+              the fp32 group result, not to every weight.
+* ``gemm``    the same kernel with ``split_k = 1``, large tiles, grouped tile order, scale applied per weight.
 * ``dequant`` a dequantize kernel writing a dense ``[K, N]`` weight, then ``torch.matmul`` (cuBLAS) — prefill.
 
-Unpacking without integer-to-float conversions. Nibble ``i`` of an int32 holds column ``8j + AWQ_ORDER[i]``,
-so column offset ``c`` (0..7) sits in nibble ``(0,4,1,5,2,6,3,7)[c]``: in the low 16-bit half for even ``c``
-and in the high half for odd ``c``, at bit ``4 * (c // 2)`` of that half. We keep the nibble *in place*:
-``((w >> 16 * (c % 2)) & (0xF << 4 * (c // 2))) | 0x4B000000`` reinterpreted as fp32 is exactly
-``2**23 + q * 16**(c // 2)``. The zero point is prepared the same way, so one fp32 subtraction gives
-``(q - z) * 16**p`` exactly (|value| <= 15 * 4096, exact in fp32, bf16 and fp16), and the factor ``16**-p``
-is folded into the group's scale. Per weight that is one shift per int32 (shared by 4 weights), one
-and/or, one subtraction — no I2F (quarter rate on Hopper).
+Per-weight unpack without int->float conversions (``gemv``, ``gemm``, ``dequant``): column offset ``c`` of a
+word sits in the low 16-bit half for even ``c`` and the high half for odd ``c``, at bit ``4 * (c // 2)`` of that
+half. ``((w >> 16 * (c % 2)) & (0xF << 4 * (c // 2))) | 0x4B000000`` reinterpreted as fp32 is exactly
+``2**23 + q * 16**(c // 2)``; the zero point gets the same treatment, so one fp32 subtraction gives
+``(q - z) * 16**p`` exactly and ``16**-p`` is folded into the group's scale. No I2F (quarter rate on Hopper).
+
+Loads: ``PREFETCH = L`` keeps the loads of the next ``L`` groups in flight (register double-buffering) while
+one group is computed; ``X_IN_REGS=False`` leaves the activation tile to Triton's software pipeliner.
 
 Split-K reduction, in one launch: each program writes its fp32 partial tile to a workspace, then
 increments a per-tile counter (acq_rel, GPU scope); the last program of a tile sums the partials in fixed
@@ -27,17 +31,21 @@ in a persistent, zero-initialised int32 buffer per device (see :func:`tile_count
 only a ``torch.empty`` workspace from the caching allocator: CUDA-graph safe. Ops that share a device must
 not run concurrently on different streams (they would share counters).
 
-Accumulation is fp32 everywhere. Zeros and scales are loaded once per group (one K step == one group).
+Accumulation is fp32 everywhere. Group sizes 32, 64, 128. Under ``TRITON_INTERPRET=1`` the inline PTX is
+replaced by the same values computed with integer ops, and (bf16 only) ``tl.dot`` runs on fp32 copies of the
+exact bf16 operands, because the interpreter's bf16 ``tl.dot`` is broken (triton 3.9).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-MAGIC = 0x4B000000  # fp32 bits of 2**23
-MAGIC_F = 8388608.0
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+MAGIC = tl.constexpr(0x4B000000)  # fp32 bits of 2**23
 MAX_TILES = 1 << 16  # counters per device
 
 
@@ -71,55 +79,125 @@ def _finish(acc, y_ptr, ws_ptr, cnt_ptr, b_ptr, y_offs, ws_offs, n_offs, mask, t
 # split-K GEMV (CUDA cores)
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
+def _unpack8(w):
+    """int32 ``[R, C]`` -> ``[R, 8C]``: each word repeated 8 times along the last dim, in registers."""
+    w = tl.interleave(w, w)
+    w = tl.interleave(w, w)
+    return tl.interleave(w, w)
+
+
+@triton.jit
+def _nibbles(w8, n):
+    """Column ``n``'s code kept in place: fp32 ``2**23 + q * 16**((n >> 1) & 3)`` (see module doc)."""
+    sh = (n & 1) << 4
+    mk = 0xF << (((n >> 1) & 3) << 2)
+    return (((w8 >> sh) & mk) | MAGIC).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _codes_plus_offset(w, n, dtype: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 ``[R, C]`` -> ``[R, 8C]`` in ``dtype``: ``OFF + q`` (exact), ``OFF`` = 128 (bf16) or 1024 (fp16).
+
+    GPU: shift each replicated word by ``4 * ((n >> 1) & 3)`` so the pair of columns ``(2p, 2p+1)`` sits in
+    bits 0-3 and 16-19 (the AWQ order puts nibbles ``p`` and ``4 + p`` there), then one ``lop3`` per pair
+    makes both halves of a bf16x2/f16x2 register: ``(v & 0x000F000F) | magic``. Interpreter: the same
+    values through integer arithmetic (it cannot run inline PTX).
+    """
+    w8 = _unpack8(w)
+    if USE_ASM:
+        ws = w8 >> (((n >> 1) & 3) << 2)
+        if dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;", "=r,r,r", [ws],
+                                             dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xea;", "=r,r,r", [ws],
+                                             dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        off = 128.0 if dtype == tl.bfloat16 else 1024.0
+        q = (w8 >> ((((n >> 1) & 3) << 2) + ((n & 1) << 4))) & 0xF
+        return (q.to(tl.float32) + off).to(dtype)
+
+
+@triton.jit
+def _load_group(x_ptr, qw_ptr, qz_ptr, s_ptr, g, valid, offs_m, offs_j, offs_n, offs_k, M, N, N8, stride_xm,
+                GROUP: tl.constexpr, WITH_X: tl.constexpr):
+    """The tiles of group ``g``: x ``[BM, GROUP]`` (if ``WITH_X``, else a dummy), packed weights, zeros, scales.
+    ``valid`` false masks every load off (no memory traffic)."""
+    mlim = tl.where(valid, M, 0)
+    jlim = tl.where(valid, N8, 0)
+    nlim = tl.where(valid, N, 0)
+    k = g * GROUP + offs_k
+    if WITH_X:
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=(offs_m < mlim)[:, None], other=0.0)
+    else:
+        a = tl.zeros((1,), dtype=x_ptr.dtype.element_ty)
+    w = tl.load(qw_ptr + k[:, None] * N8 + offs_j[None, :], mask=(offs_j < jlim)[None, :], other=0)
+    z = tl.load(qz_ptr + g * N8 + (offs_n >> 3), mask=offs_n < nlim, other=0)
+    s = tl.load(s_ptr + g * N + offs_n, mask=offs_n < nlim, other=0.0)
+    return a, w, z, s
+
+
+@triton.jit
+def _group_params(qz_ptr, s_ptr, g, N8, N, n, nmask):
+    """Zero points (as ``2**23 + z * 16**p``) and scales (times ``16**-p``) of group ``g``, columns ``n``."""
+    z = tl.load(qz_ptr + g * N8 + (n >> 3), mask=nmask, other=0)
+    zf = _nibbles(z, n)
+    fac = 1.0 / (1 << (((n >> 1) & 3) << 2)).to(tl.float32)
+    s = tl.load(s_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32) * fac
+    return zf, s
+
+
+@triton.jit
 def _awq_gemv_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    M, N, N8, K, stride_xm, stride_ym, SPLIT_K, groups_per_split,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
+    """One row of x per program (grid axis 1); loads for the next group are issued before the current one
+    is computed (register double-buffering), so memory latency overlaps the unpacking arithmetic."""
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    m = tl.program_id(1)
     pid_k = tl.program_id(2)
     BN8: tl.constexpr = BLOCK_N // 8
-    N8 = N // 8
-
-    offs_j = pid_n * BN8 + tl.arange(0, BN8)  # int32 columns of the packed tensors
-    c = tl.arange(0, 8)
-    sh = ((c % 2) * 16)[None, :]  # [1, 8]
-    mk = (0xF << ((c // 2) * 4))[None, :]
-    fac = 1.0 / (1 << ((c // 2) * 4)).to(tl.float32)[None, :]  # 16**-p
-    n2 = offs_j[:, None] * 8 + c[None, :]  # [BN8, 8] output columns
+    offs_j = pid_n * BN8 + tl.arange(0, BN8)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     jmask = offs_j < N8
-    nmask2 = n2 < N
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    nmask = offs_n < N
     offs_k = tl.arange(0, GROUP)
+    fac = 1.0 / (1 << (((offs_n >> 1) & 3) << 2)).to(tl.float32)
 
     num_groups = K // GROUP
     g0 = pid_k * groups_per_split
     g1 = tl.minimum(g0 + groups_per_split, num_groups)
 
-    acc = tl.zeros((BLOCK_M, BN8, 8), dtype=tl.float32)
+    k = g0 * GROUP + offs_k
+    w = tl.load(qw_ptr + k[:, None] * N8 + offs_j[None, :], mask=jmask[None, :], other=0)
+    z = tl.load(qz_ptr + g0 * N8 + (offs_n >> 3), mask=nmask, other=0)
+    s = tl.load(s_ptr + g0 * N + offs_n, mask=nmask, other=0.0)
+    xv = tl.load(x_ptr + m * stride_xm + k)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for g in range(g0, g1):
-        z = tl.load(qz_ptr + g * N8 + offs_j, mask=jmask, other=0)
-        zf = (((z[:, None] >> sh) & mk) | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + z*16**p
-        s = tl.load(s_ptr + g * N + n2, mask=nmask2, other=0.0).to(tl.float32) * fac
-        k = g * GROUP + offs_k
-        w = tl.load(qw_ptr + k[:, None] * N8 + offs_j[None, :], mask=jmask[None, :], other=0)
-        wf = (((w[:, :, None] >> sh[None]) & mk[None]) | MAGIC).to(tl.float32, bitcast=True)
-        wd = wf - zf[None]  # (q - z) * 16**p, exact
-        for mm in tl.static_range(BLOCK_M):
-            m = pid_m * BLOCK_M + mm
-            xm = tl.load(x_ptr + m * stride_xm + k, mask=(k < K) & (m < M), other=0.0).to(tl.float32)
-            part = tl.sum(xm[:, None, None] * wd, axis=0) * s  # [BN8, 8]
-            if BLOCK_M == 1:
-                acc += part[None]
-            else:
-                acc += tl.where((tl.arange(0, BLOCK_M) == mm)[:, None, None], part[None], 0.0)
+        more = g + 1 < g1
+        jlim = tl.where(more, N8, 0)  # masks that switch the prefetch off after the last group
+        nlim = tl.where(more, N, 0)
+        kn = k + GROUP
+        w_n = tl.load(qw_ptr + kn[:, None] * N8 + offs_j[None, :], mask=(offs_j < jlim)[None, :], other=0)
+        z_n = tl.load(qz_ptr + (g + 1) * N8 + (offs_n >> 3), mask=offs_n < nlim, other=0)
+        s_n = tl.load(s_ptr + (g + 1) * N + offs_n, mask=offs_n < nlim, other=0.0)
+        xv_n = tl.load(x_ptr + m * stride_xm + kn, mask=offs_k < tl.where(more, GROUP, 0), other=0.0)
 
-    r3 = rows[:, None, None]
-    n3 = n2[None]
-    mask = (r3 < M) & (n3 < N)
-    tile_id = pid_m * tl.num_programs(0) + pid_n
-    _finish(acc, y_ptr, ws_ptr, cnt_ptr, b_ptr, r3 * stride_ym + n3, r3 * N + n3, n3, mask, tile_id, pid_k,
+        zf = _nibbles(z, offs_n)
+        wd = _nibbles(_unpack8(w), offs_n[None, :]) - zf[None, :]  # (q - z) * 16**p, exact
+        part = tl.sum(xv.to(tl.float32)[:, None] * wd, axis=0)
+        acc += part * (s.to(tl.float32) * fac)
+
+        w, z, s, xv, k = w_n, z_n, s_n, xv_n, kn
+
+    acc2 = acc[None, :]
+    mask = nmask[None, :]
+    n2 = offs_n[None, :]
+    tile_id = m * tl.num_programs(0) + pid_n
+    _finish(acc2, y_ptr, ws_ptr, cnt_ptr, b_ptr, m * stride_ym + n2, m * N + n2, n2, mask, tile_id, pid_k,
             M, N, SPLIT_K, HAS_BIAS)
 
 
@@ -129,9 +207,10 @@ def _awq_gemv_kernel(
 @triton.jit
 def _awq_dot_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split,
+    M, N, N8, K, stride_xm, stride_ym, SPLIT_K, groups_per_split,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-    SCALE_AFTER: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALE_AFTER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, USE_ASM: tl.constexpr,
+    PREFETCH: tl.constexpr, X_IN_REGS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -145,41 +224,71 @@ def _awq_dot_kernel(
     pid_n = (pid % width) // gm
 
     BN8: tl.constexpr = BLOCK_N // 8
-    N8 = N // 8
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = pid_n * BN8 + tl.arange(0, BN8)
     offs_k = tl.arange(0, GROUP)
-    c = tl.arange(0, 8)
-    sh3 = ((c % 2) * 16)[None, None, :]
-    mk3 = (0xF << ((c // 2) * 4))[None, None, :]
-    cn = offs_n % 8
-    shn = (cn % 2) * 16
-    mkn = 0xF << ((cn // 2) * 4)
-    fac = 1.0 / (1 << ((cn // 2) * 4)).to(tl.float32)
     nmask = offs_n < N
-    jmask = offs_j < N8
     mmask = offs_m < M
 
+    OFF: tl.constexpr = 128.0 if x_ptr.dtype.element_ty == tl.bfloat16 else 1024.0
     num_groups = K // GROUP
     g0 = pid_k * groups_per_split
     g1 = tl.minimum(g0 + groups_per_split, num_groups)
 
+    # PREFETCH = L >= 1: the loads of groups g+1 .. g+L are in flight (in registers) while group g is computed,
+    # so a program keeps L tiles of memory traffic outstanding instead of waiting a full memory latency per
+    # group. X_IN_REGS=False leaves the activation tile to Triton's software pipeliner (cp.async, num_stages),
+    # which keeps big activation tiles (large M) out of registers. PREFETCH = 0: plain loads.
+    if PREFETCH >= 1:
+        a1, w1, z1, s1 = _load_group(x_ptr, qw_ptr, qz_ptr, s_ptr, g0, g0 < g1, offs_m, offs_j, offs_n, offs_k,
+                                     M, N, N8, stride_xm, GROUP, X_IN_REGS)
+    if PREFETCH >= 2:
+        a2, w2, z2, s2 = _load_group(x_ptr, qw_ptr, qz_ptr, s_ptr, g0 + 1, g0 + 1 < g1, offs_m, offs_j, offs_n,
+                                     offs_k, M, N, N8, stride_xm, GROUP, X_IN_REGS)
+    if PREFETCH >= 3:
+        a3, w3, z3, s3 = _load_group(x_ptr, qw_ptr, qz_ptr, s_ptr, g0 + 2, g0 + 2 < g1, offs_m, offs_j, offs_n,
+                                     offs_k, M, N, N8, stride_xm, GROUP, X_IN_REGS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(g0, g1):
-        k = g * GROUP + offs_k
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mmask[:, None], other=0.0)
-        w = tl.load(qw_ptr + k[:, None] * N8 + offs_j[None, :], mask=jmask[None, :], other=0)
-        z = tl.load(qz_ptr + g * N8 + offs_n // 8, mask=nmask, other=0)
-        s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32) * fac
-        zf = (((z >> shn) & mkn) | MAGIC).to(tl.float32, bitcast=True)
-        wf = (((w[:, :, None] >> sh3) & mk3) | MAGIC).to(tl.float32, bitcast=True)
-        wf = tl.reshape(wf, (GROUP, BLOCK_N)) - zf[None, :]  # (q - z) * 16**p, exact
-        if SCALE_AFTER:
-            part = tl.dot(a, wf.to(a.dtype))
-            acc += part * s[None, :]
+        if PREFETCH == 0:
+            a_c, w_c, z_c, s_c = _load_group(x_ptr, qw_ptr, qz_ptr, s_ptr, g, g < g1, offs_m, offs_j, offs_n, offs_k,
+                                             M, N, N8, stride_xm, GROUP, True)
         else:
-            acc = tl.dot(a, (wf * s[None, :]).to(a.dtype), acc)
+            a_n, w_n, z_n, s_n = _load_group(x_ptr, qw_ptr, qz_ptr, s_ptr, g + PREFETCH, g + PREFETCH < g1, offs_m,
+                                             offs_j, offs_n, offs_k, M, N, N8, stride_xm, GROUP, X_IN_REGS)
+            a_c, w_c, z_c, s_c = a1, w1, z1, s1
+            if PREFETCH == 1:
+                a1, w1, z1, s1 = a_n, w_n, z_n, s_n
+            elif PREFETCH == 2:
+                a1, w1, z1, s1 = a2, w2, z2, s2
+                a2, w2, z2, s2 = a_n, w_n, z_n, s_n
+            else:
+                a1, w1, z1, s1 = a2, w2, z2, s2
+                a2, w2, z2, s2 = a3, w3, z3, s3
+                a3, w3, z3, s3 = a_n, w_n, z_n, s_n
+            if not X_IN_REGS:  # plain load at the top of the body: Triton stages it through shared memory
+                kc = g * GROUP + offs_k
+                a_c = tl.load(x_ptr + offs_m[:, None] * stride_xm + kc[None, :], mask=(offs_m < M)[:, None], other=0.0)
+        if SCALE_AFTER:
+            # factored: acc += s * (x @ (OFF + q) - (OFF + z) * sum(x)), the dot on exact small integers
+            zo = ((z_c >> ((((offs_n >> 1) & 3) << 2) + ((offs_n & 1) << 4))) & 0xF).to(tl.float32) + OFF
+            b = _codes_plus_offset(w_c, offs_n[None, :], a_c.dtype, USE_ASM)
+            xs = tl.sum(a_c.to(tl.float32), axis=1)
+            if DOT_F32:  # interpreter only: its bf16 tl.dot is broken; same (exact) operands in fp32
+                part = tl.dot(a_c.to(tl.float32), b.to(tl.float32))
+            else:
+                part = tl.dot(a_c, b)
+            acc += (part - xs[:, None] * zo[None, :]) * s_c.to(tl.float32)[None, :]
+        else:
+            zf = _nibbles(z_c, offs_n)
+            sf = s_c.to(tl.float32) * (1.0 / (1 << (((offs_n >> 1) & 3) << 2)).to(tl.float32))
+            wf = (_nibbles(_unpack8(w_c), offs_n[None, :]) - zf[None, :]) * sf[None, :]
+            b = wf.to(a_c.dtype)
+            if DOT_F32:
+                acc = tl.dot(a_c.to(tl.float32), b.to(tl.float32), acc)
+            else:
+                acc = tl.dot(a_c, b, acc)
 
     tile_id = pid_m * num_pid_n + pid_n
     mask = mmask[:, None] & nmask[None, :]
@@ -192,27 +301,18 @@ def _awq_dot_kernel(
 # dequantize to a dense [K, N] weight (for the cuBLAS path)
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _awq_dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+def _awq_dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, N8, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     g = tl.program_id(1)
     BN8: tl.constexpr = BLOCK_N // 8
-    N8 = N // 8
     offs_j = pid_n * BN8 + tl.arange(0, BN8)
-    c = tl.arange(0, 8)
-    sh = ((c % 2) * 16)[None, :]
-    mk = (0xF << ((c // 2) * 4))[None, :]
-    fac = 1.0 / (1 << ((c // 2) * 4)).to(tl.float32)[None, :]
-    n2 = offs_j[:, None] * 8 + c[None, :]
-    jmask = offs_j < N8
-    nmask2 = n2 < N
-    z = tl.load(qz_ptr + g * N8 + offs_j, mask=jmask, other=0)
-    zf = (((z[:, None] >> sh) & mk) | MAGIC).to(tl.float32, bitcast=True)
-    s = tl.load(s_ptr + g * N + n2, mask=nmask2, other=0.0).to(tl.float32) * fac
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    zf, s = _group_params(qz_ptr, s_ptr, g, N8, N, offs_n, nmask)
     k = g * GROUP + tl.arange(0, GROUP)
-    w = tl.load(qw_ptr + k[:, None] * N8 + offs_j[None, :], mask=jmask[None, :], other=0)
-    wf = (((w[:, :, None] >> sh[None]) & mk[None]) | MAGIC).to(tl.float32, bitcast=True)
-    wd = (wf - zf[None]) * s[None]
-    tl.store(w_ptr + k[:, None, None] * N + n2[None], wd.to(w_ptr.dtype.element_ty), mask=nmask2[None])
+    w = tl.load(qw_ptr + k[:, None] * N8 + offs_j[None, :], mask=(offs_j < N8)[None, :], other=0)
+    wd = (_nibbles(_unpack8(w), offs_n[None, :]) - zf[None, :]) * s[None, :]
+    tl.store(w_ptr + k[:, None] * N + offs_n[None, :], wd.to(w_ptr.dtype.element_ty), mask=nmask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,28 +353,27 @@ def _out_and_ws(x2, N, out, split_k):
     return y, ws
 
 
-def gemv(x2, qweight, qzeros, scales, group_size, bias=None, *, out=None, BLOCK_N=128, BLOCK_M=None,
-         split_k=1, num_warps=4, num_stages=1):
-    """Split-K GEMV. ``x2`` is ``[M, K]`` (row stride free, unit column stride)."""
+def gemv(x2, qweight, qzeros, scales, group_size, bias=None, *, out=None, BLOCK_N=128, split_k=1, num_warps=4,
+         num_stages=1, BLOCK_M=None):
+    """Split-K GEMV, one program per (column block, row, K slice). ``x2`` is ``[M, K]`` (unit column stride).
+    ``BLOCK_M`` is accepted for old configs and ignored (one row per program)."""
     M, K = x2.shape
     N = scales.shape[1]
-    if BLOCK_M is None:
-        BLOCK_M = min(8, triton.next_power_of_2(M))
     split_k, gps = _split_args(K // group_size, split_k)
     y, ws = _out_and_ws(x2, N, out, split_k)
-    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M), split_k)
+    grid = (triton.cdiv(N, BLOCK_N), M, split_k)
     cnt = tile_counters(x2.device, grid[0] * grid[1]) if split_k > 1 else y
     _awq_gemv_kernel[grid](
         x2, qweight, qzeros, scales, bias if bias is not None else y, y, ws, cnt,
-        M, N, K, x2.stride(0), y.stride(0), split_k, gps,
-        GROUP=group_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_BIAS=bias is not None,
+        M, N, N // 8, K, x2.stride(0), y.stride(0), split_k, gps,
+        GROUP=group_size, BLOCK_N=BLOCK_N, HAS_BIAS=bias is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return y
 
 
 def dot(x2, qweight, qzeros, scales, group_size, bias=None, *, out=None, BLOCK_M=16, BLOCK_N=64, split_k=1,
-        GROUP_M=8, SCALE_AFTER=True, num_warps=4, num_stages=3):
+        GROUP_M=8, SCALE_AFTER=True, PREFETCH=2, X_IN_REGS=True, num_warps=4, num_stages=1):
     """``tl.dot`` kernel: split-K (small M) or a tiled GEMM (``split_k=1``, large M)."""
     M, K = x2.shape
     N = scales.shape[1]
@@ -284,9 +383,10 @@ def dot(x2, qweight, qzeros, scales, group_size, bias=None, *, out=None, BLOCK_M
     cnt = tile_counters(x2.device, tiles) if split_k > 1 else y
     _awq_dot_kernel[(tiles, split_k)](
         x2, qweight, qzeros, scales, bias if bias is not None else y, y, ws, cnt,
-        M, N, K, x2.stride(0), y.stride(0), split_k, gps,
+        M, N, N // 8, K, x2.stride(0), y.stride(0), split_k, gps,
         GROUP=group_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M, SCALE_AFTER=SCALE_AFTER,
-        HAS_BIAS=bias is not None, num_warps=num_warps, num_stages=num_stages,
+        HAS_BIAS=bias is not None, DOT_F32=_INTERPRET and x2.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PREFETCH=PREFETCH, X_IN_REGS=X_IN_REGS,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return y
 
@@ -298,7 +398,7 @@ def dequantize_triton(qweight, qzeros, scales, group_size, dtype=None, *, out=No
     dtype = dtype or scales.dtype
     w = out if out is not None else torch.empty((K, N), dtype=dtype, device=qweight.device)
     grid = (triton.cdiv(N, BLOCK_N), K // group_size)
-    _awq_dequant_kernel[grid](qweight, qzeros, scales, w, N, K, GROUP=group_size, BLOCK_N=BLOCK_N,
+    _awq_dequant_kernel[grid](qweight, qzeros, scales, w, N, N // 8, K, GROUP=group_size, BLOCK_N=BLOCK_N,
                               num_warps=num_warps)
     return w
 

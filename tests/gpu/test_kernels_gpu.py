@@ -1,0 +1,144 @@
+"""GPU tests for the W4A16 kernels (run on the device: ``python -m pytest tests/gpu/test_kernels_gpu.py``).
+
+Every benchmark shape, M up to 4096, the public op (dispatched through the measured table) and every kernel
+variant against an fp64 reference; CUDA-graph capture and replay.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    pytest.skip("needs a CUDA GPU (and no TRITON_INTERPRET)", allow_module_level=True)
+
+from benchmarks.kernels import SHAPES  # noqa: E402
+from kernels import awq_linear, awq_triton as at, dispatch, warmup  # noqa: E402
+from kernels.awq_layout import pack_int4, unpack_int4  # noqa: E402
+
+G = 128
+MS = (1, 2, 3, 4, 8, 16, 33, 64, 128, 256, 1024, 4096)
+
+
+def weights(K, N, g=G, dtype=torch.bfloat16):
+    codes = torch.randint(0, 16, (K, N), dtype=torch.int32, device="cuda")
+    zeros = torch.randint(0, 16, (K // g, N), dtype=torch.int32, device="cuda")
+    sc = (torch.rand(K // g, N, device="cuda") * 0.02 + 0.002).to(dtype)
+    return pack_int4(codes), pack_int4(zeros), sc
+
+
+def ref64(x, qw, qz, sc, g, bias=None):
+    w = unpack_int4(qw).double()
+    z = unpack_int4(qz).double().repeat_interleave(g, 0)
+    s = sc.double().repeat_interleave(g, 0)
+    y = x.double().reshape(-1, w.shape[0]) @ ((w - z) * s)
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], -1)
+
+
+def rel(y, r):
+    return ((y.double() - r).norm() / r.norm()).item()
+
+
+@pytest.mark.parametrize("K,N", SHAPES)
+def test_public_op_all_benchmark_shapes(K, N):
+    w = weights(K, N)
+    for M in MS:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        y = awq_linear(x, *w, G)
+        assert torch.isfinite(y).all(), (M, dispatch.select_config(M, N, K, G, x.dtype, x.device))
+        e = rel(y, ref64(x, *w, G))
+        assert e <= 1e-2, (M, e, dispatch.select_config(M, N, K, G, x.dtype, x.device))
+
+
+VARIANTS = {
+    "gemv": dict(kernel="gemv", BLOCK_N=128, split_k=8, num_warps=4),
+    "gemv_nosplit": dict(kernel="gemv", BLOCK_N=256, split_k=1, num_warps=8),
+    "splitk": dict(kernel="splitk", BLOCK_M=16, BLOCK_N=256, split_k=4, SCALE_AFTER=True, PREFETCH=3, num_warps=8,
+                   num_stages=1),
+    "splitk_staged": dict(kernel="splitk", BLOCK_M=32, BLOCK_N=64, split_k=3, SCALE_AFTER=True, PREFETCH=1,
+                          X_IN_REGS=False, num_warps=4, num_stages=3),
+    "gemm": dict(kernel="gemm", BLOCK_M=128, BLOCK_N=128, split_k=1, SCALE_AFTER=False, PREFETCH=2, X_IN_REGS=False,
+                 GROUP_M=8, num_warps=8, num_stages=3),
+    "gemm_plain": dict(kernel="gemm", BLOCK_M=64, BLOCK_N=128, split_k=1, SCALE_AFTER=True, PREFETCH=0, GROUP_M=8,
+                       num_warps=8, num_stages=3),
+    "dequant": dict(kernel="dequant", BLOCK_N=128, num_warps=4),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_variant_poisoned_output(variant, g, dtype):
+    K, N = 1024, 1032  # N = 8 * 129: partial tiles
+    w = weights(K, N, g, dtype)
+    bias = torch.randn(N, device="cuda", dtype=dtype)
+    for M in (1, 3, 16, 33, 200):
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+        y = dispatch.run_config(VARIANTS[variant], x, *w, g, bias, out=out)
+        assert torch.isfinite(y).all(), (variant, M)
+        assert rel(y, ref64(x, *w, g, bias)) <= (1e-2 if dtype == torch.bfloat16 else 2e-3), (variant, M)
+
+
+def test_leading_shape_and_bias():
+    K, N = 4096, 6144
+    w = weights(K, N)
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 5, K, device="cuda", dtype=torch.bfloat16)
+    y = awq_linear(x, *w, G, b)
+    assert y.shape == (2, 5, N)
+    assert rel(y, ref64(x, *w, G, b)) <= 1e-2
+
+
+def test_split_k_repeatable_and_counters_clean():
+    K, N = 8192, 8192
+    w = weights(K, N)
+    x = torch.randn(4, K, device="cuda", dtype=torch.bfloat16)
+    for cfg in (VARIANTS["gemv"], VARIANTS["splitk"]):
+        a = dispatch.run_config(cfg, x, *w, G)
+        for _ in range(20):
+            assert torch.equal(dispatch.run_config(cfg, x, *w, G), a)
+    torch.cuda.synchronize()
+    assert int(at.tile_counters(x.device, 1).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("K,N", [(4096, 14336), (8192, 8192)])
+def test_cuda_graph_capture_and_replay(K, N):
+    w = weights(K, N)
+    warmup([(K, N)], G, torch.bfloat16, "cuda", m_values=(1, 4, 16, 64, 256))
+    for M in (1, 4, 16, 64, 256):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        eager = awq_linear(x, *w, G)
+        static_x = x.clone()
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            awq_linear(static_x, *w, G)
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            static_y = awq_linear(static_x, *w, G)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, eager), M
+        x2 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        static_x.copy_(x2)
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, awq_linear(x2, *w, G)), M
+
+
+def test_bad_inputs_raise_on_cuda():
+    K, N = 256, 64
+    qw, qz, sc = weights(K, N)
+    with pytest.raises(TypeError, match="x must be one of"):
+        awq_linear(torch.randn(1, K, device="cuda"), qw, qz, sc, G)
+    with pytest.raises(ValueError, match="input features"):
+        awq_linear(torch.randn(1, K + 8, device="cuda", dtype=torch.bfloat16), qw, qz, sc, G)
+    with pytest.raises(ValueError, match="one device"):
+        awq_linear(torch.randn(1, K, dtype=torch.bfloat16), qw, qz.cpu(), sc, G)

@@ -1,0 +1,249 @@
+"""CPU tests for the W4A16 kernels: every Triton variant under TRITON_INTERPRET=1, plus dispatch and checks.
+
+The interpreter must be on before ``triton.language`` is imported (``triton.jit`` reads it at decoration
+time). If another test module imported triton first in compiled mode, this module's tests rerun themselves in
+a fresh Python process with the interpreter on (``test_rerun_in_interpreter_process``) and skip here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import triton.language as _tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import awq_layout, dispatch  # noqa: E402
+
+INTERPRETER_OK = isinstance(_tl.zeros, InterpretedFunction)  # False: triton was imported before us, compiled
+if INTERPRETER_OK:
+    if "kernels.awq_triton" in sys.modules:
+        at = importlib.reload(sys.modules["kernels.awq_triton"])
+    else:
+        at = importlib.import_module("kernels.awq_triton")
+    assert at._INTERPRET
+else:
+    at = None
+
+    def test_rerun_in_interpreter_process():
+        root = Path(__file__).resolve().parent.parent
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+
+@pytest.fixture(autouse=True)
+def _needs_interpreter(request):
+    if not INTERPRETER_OK and request.node.name != "test_rerun_in_interpreter_process":
+        pytest.skip("triton was imported before the interpreter was set; rerun in a fresh process instead")
+
+GROUPS = {32: 96, 64: 128, 128: 256}  # group -> K (3, 2, 2 groups: split-K has something to split)
+MS = (1, 3, 16, 33)
+ODD_NS = (24, 40, 56, 72)  # odd multiples of 8: partial tiles and partial int32 columns in every variant
+
+VARIANTS = {
+    "gemv": lambda x, w, g, b, out: at.gemv(x, *w, g, b, out=out, BLOCK_N=32, split_k=1),
+    "gemv_splitk": lambda x, w, g, b, out: at.gemv(x, *w, g, b, out=out, BLOCK_N=32, BLOCK_M=2, split_k=3),
+    "splitk": lambda x, w, g, b, out: at.dot(x, *w, g, b, out=out, BLOCK_M=16, BLOCK_N=32, split_k=2),
+    "splitk_no_prefetch": lambda x, w, g, b, out: at.dot(x, *w, g, b, out=out, BLOCK_M=16, BLOCK_N=32, split_k=2,
+                                                          PREFETCH=0),
+    "splitk_lookahead3": lambda x, w, g, b, out: at.dot(x, *w, g, b, out=out, BLOCK_M=16, BLOCK_N=32, split_k=1,
+                                                         PREFETCH=3),
+    "gemm": lambda x, w, g, b, out: at.dot(x, *w, g, b, out=out, BLOCK_M=16, BLOCK_N=32, split_k=1,
+                                            SCALE_AFTER=False, PREFETCH=2, X_IN_REGS=False),
+    "dequant": lambda x, w, g, b, out: at.dequant_matmul(x, *w, g, b, out=out, BLOCK_N=32),
+}
+
+
+def random_weights(K, N, g, dtype=torch.bfloat16):
+    codes = torch.randint(0, 16, (K, N), dtype=torch.int32)
+    zeros = torch.randint(0, 16, (K // g, N), dtype=torch.int32)
+    qw = awq_layout.pack_int4(codes)
+    qz = awq_layout.pack_int4(zeros)
+    sc = (torch.rand(K // g, N) * 0.05 + 0.005).to(dtype)
+    return qw, qz, sc
+
+
+def ref64(x, qw, qz, sc, g, bias=None):
+    w = awq_layout.unpack_int4(qw).double()
+    z = awq_layout.unpack_int4(qz).double().repeat_interleave(g, 0)
+    s = sc.double().repeat_interleave(g, 0)
+    y = x.double() @ ((w - z) * s)
+    return y if bias is None else y + bias.double()
+
+
+def rel(y, r):
+    return ((y.double() - r).norm() / r.norm()).item()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("group", list(GROUPS))
+@pytest.mark.parametrize("M", MS)
+def test_variant_matches_fp64(variant, group, M):
+    K = GROUPS[group]
+    N = ODD_NS[(MS.index(M) + list(GROUPS).index(group)) % len(ODD_NS)]
+    w = random_weights(K, N, group)
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    bias = torch.randn(N, dtype=torch.bfloat16) if M != 3 else None
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)  # poisoned: every element must be written
+    y = VARIANTS[variant](x, w, group, bias, out)
+    assert y.data_ptr() == out.data_ptr()
+    assert torch.isfinite(y).all(), "unwritten (NaN) outputs"
+    assert rel(y, ref64(x, *w, group, bias)) < 1e-2
+
+
+@pytest.mark.parametrize("variant", ["gemv", "splitk"])
+def test_fp16_and_strided_rows(variant):
+    K, N, g = 128, 40, 64
+    w = random_weights(K, N, g, torch.float16)
+    big = torch.randn(3, 2 * K, dtype=torch.float16)
+    x = big[:, :K]  # row stride 2K: the launchers take any row stride
+    out = torch.full((3, N), float("nan"), dtype=torch.float16)
+    y = VARIANTS[variant](x, w, g, None, out)
+    assert torch.isfinite(y).all()
+    assert rel(y, ref64(x, *w, g)) < 2e-3
+
+
+def test_split_k_counters_return_to_zero():
+    K, N, g = 256, 72, 64
+    w = random_weights(K, N, g)
+    x = torch.randn(5, K, dtype=torch.bfloat16)
+    at.gemv(x, *w, g, BLOCK_N=32, BLOCK_M=4, split_k=4)
+    at.dot(x, *w, g, BLOCK_M=16, BLOCK_N=32, split_k=3)
+    assert int(at.tile_counters(x.device, 1).abs().sum()) == 0
+
+
+def test_split_k_is_deterministic():
+    K, N, g = 256, 56, 32
+    w = random_weights(K, N, g)
+    x = torch.randn(2, K, dtype=torch.bfloat16)
+    a = at.gemv(x, *w, g, BLOCK_N=32, split_k=8)
+    b = at.gemv(x, *w, g, BLOCK_N=32, split_k=8)
+    assert torch.equal(a, b)
+
+
+def test_dequantize_kernel_matches_layout_module():
+    K, N, g = 128, 24, 32
+    qw, qz, sc = random_weights(K, N, g)
+    w = at.dequantize_triton(qw, qz, sc, g, torch.float32, BLOCK_N=32)
+    ref = awq_layout.dequantize(qw, qz, sc.float(), g)
+    assert torch.allclose(w, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("M", [1, 3, 16, 33, 300])
+def test_default_configs_run(M):
+    """Whatever the dispatcher picks for a shape it has never seen runs correctly (default launch params)."""
+    K, N, g = 256, 72, 128
+    w = random_weights(K, N, g)
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    dispatch.clear_cache()
+    cfg = dispatch.select_config(M, N, K, g, x.dtype, x.device)
+    assert cfg["kernel"] in dispatch.KERNEL_NAMES
+    y = dispatch.run_config(cfg, x, *w, g)
+    assert rel(y, ref64(x, *w, g)) < 1e-2
+
+
+def test_candidates_are_all_valid():
+    K, N, g = 256, 72, 128
+    w = random_weights(K, N, g)
+    for M in (1, 64, 256):
+        for cfg in dispatch.candidates(M, N, K, g, sms=4):
+            assert cfg["kernel"] in dispatch.KERNEL_NAMES
+    # one of each kernel really runs from the candidate list (M=64 offers splitk and gemm)
+    x = torch.randn(64, K, dtype=torch.bfloat16)
+    seen = set()
+    for cfg in dispatch.candidates(64, N, K, g, sms=4):
+        if cfg["kernel"] not in seen:
+            seen.add(cfg["kernel"])
+            assert rel(dispatch.run_config(cfg, x, *w, g), ref64(x, *w, g)) < 1e-2
+
+
+def test_awq_linear_cpu_uses_reference_any_leading_shape():
+    K, N, g = 128, 40, 32
+    w = random_weights(K, N, g)
+    x = torch.randn(2, 3, K, dtype=torch.bfloat16)
+    b = torch.randn(N, dtype=torch.bfloat16)
+    y = kernels.awq_linear(x, *w, g, b)
+    assert y.shape == (2, 3, N) and y.dtype == torch.bfloat16
+    assert torch.equal(y, kernels.awq_linear_reference(x, *w, g, b))
+    assert rel(y.reshape(6, N), ref64(x.reshape(6, K), *w, g, b)) < 1e-2
+
+
+@pytest.mark.parametrize("case", ["x_dtype", "qweight_dtype", "qzeros_dtype", "scales_dtype", "k_mismatch",
+                                  "k_not_multiple", "qzeros_shape", "scales_shape", "bias_shape", "group_type"])
+def test_bad_inputs_raise_before_launch(case):
+    K, N, g = 128, 40, 32
+    qw, qz, sc = random_weights(K, N, g)
+    x = torch.randn(2, K, dtype=torch.bfloat16)
+    bias = None
+    if case == "x_dtype":
+        x = x.to(torch.int32)
+    elif case == "qweight_dtype":
+        qw = qw.to(torch.int64)
+    elif case == "qzeros_dtype":
+        qz = qz.to(torch.int16)
+    elif case == "scales_dtype":
+        sc = sc.to(torch.int32)
+    elif case == "k_mismatch":
+        x = torch.randn(2, K + 8, dtype=torch.bfloat16)
+    elif case == "k_not_multiple":
+        g = 48
+    elif case == "qzeros_shape":
+        qz = qz[:-1]
+    elif case == "scales_shape":
+        sc = sc[:, :-8]
+    elif case == "bias_shape":
+        bias = torch.randn(N + 8, dtype=torch.bfloat16)
+    elif case == "group_type":
+        g = 32.0
+    with pytest.raises((TypeError, ValueError), match="awq_linear"):
+        kernels.awq_linear(x, qw, qz, sc, g, bias)
+
+
+def test_triton_only_checks():
+    K, N, g = 128, 40, 32
+    qw, qz, sc = random_weights(K, N, g)
+    x32 = torch.randn(2, K)
+    with pytest.raises(TypeError, match="x must be one of"):
+        dispatch.check_inputs(x32, qw, qz, sc, g, for_triton=True)
+    with pytest.raises(ValueError, match="group sizes"):
+        q2 = awq_layout.pack_int4(torch.randint(0, 16, (256, N), dtype=torch.int32))
+        dispatch.check_inputs(torch.randn(1, 256, dtype=torch.bfloat16), q2, qz[:1], sc[:1], 256, for_triton=True)
+    with pytest.raises(ValueError, match="contiguous"):
+        wide = random_weights(K, 2 * N, g)
+        dispatch.check_inputs(x32.bfloat16(), wide[0][:, : N // 8], wide[1][:, : N // 8], wide[2][:, :N], g,
+                              for_triton=True)
+
+
+def test_m_buckets():
+    assert [dispatch.m_bucket(m) for m in (1, 2, 3, 5, 9, 33, 100, 257, 5000)] == [1, 2, 4, 8, 16, 64, 128, 512, 4096]
+
+
+def test_tuned_table_is_consistent():
+    if not dispatch.TABLE_PATH.exists():
+        pytest.skip("no measured table yet")
+    t = json.loads(dispatch.TABLE_PATH.read_text())
+    assert set(t["bucket_kernels"]) == {str(b) for b in dispatch.M_BUCKETS}
+    assert set(t["bucket_kernels"].values()) <= set(dispatch.KERNEL_NAMES)
+    assert "device" in t["meta"] and "commit" in t["meta"]
+    for key, cfg in t["configs"].items():
+        assert cfg["kernel"] in dispatch.KERNEL_NAMES, key
+    from benchmarks.kernels import SHAPES
+
+    for K, N in SHAPES:
+        for b in dispatch.M_BUCKETS:
+            assert dispatch.key_str((b, N, K, 128, "bf16")) in t["configs"]
