@@ -22,6 +22,8 @@ sys.path.insert(0, str(ROOT))
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                       vocab_size=32000),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
+                 vocab_size=4096),
     "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                        vocab_size=32000),
 }
@@ -39,10 +41,11 @@ def make_random_model(out: Path, shape: str, layers: int, calib_text: Path) -> P
     cfg = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=4096, torch_dtype="bfloat16",
                       architectures=["LlamaForCausalLM"], **SHAPES[shape])
     h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
-    g = torch.Generator(device="cuda").manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(0)
 
     def rnd(*s):
-        return (torch.randn(*s, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02).cpu()
+        return (torch.randn(*s, generator=g, device=dev, dtype=torch.bfloat16) * 0.02).cpu()
 
     weight_map = {}
     for n in range(layers):
@@ -69,28 +72,21 @@ def make_random_model(out: Path, shape: str, layers: int, calib_text: Path) -> P
     return out
 
 
-def run_one(model: Path, work: Path, gpus: int, calib: Path) -> dict:
+def run_one(model: Path, work: Path, gpus: int, calib: Path, samples: int, seqlen: int) -> dict:
     import ray
 
     from cluster.quantize_job import run_distributed
     from quant.config import QuantConfig
 
-    cfg = QuantConfig(group_size=128, calib_dataset=str(calib), calib_samples=128, calib_seqlen=512, batch_size=16,
+    cfg = QuantConfig(group_size=128, calib_dataset=str(calib), calib_samples=samples, calib_seqlen=seqlen, batch_size=16,
                       dtype="bfloat16")
     t0 = time.perf_counter()
-    summary = run_distributed(str(model), str(work), cfg, num_gpus=gpus, workers=gpus, overwrite=True)
+    summary = run_distributed(str(model), str(work), cfg, num_gpus=gpus, workers=max(gpus, 1), overwrite=True)
     wall = time.perf_counter() - t0
-    peak_gpu = ray.get([_peak_gpu.options(num_gpus=1).remote() for _ in range(gpus)])
     return {"gpus": gpus, "wall_s": wall, "blocks": len(summary.blocks),
             "mean_block_s": sum(b.seconds for b in summary.blocks) / max(1, len(summary.blocks)),
             "peak_host_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
-            "peak_gpu_gb_tasks": max(peak_gpu) if peak_gpu else 0.0}
-
-
-def _peak_gpu_fn() -> float:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 1024**3
+            "peak_gpu_gb_tasks": max(b.peak_gpu_gb for b in summary.blocks)}
 
 
 def main() -> int:
@@ -103,29 +99,35 @@ def main() -> int:
     p.add_argument("--calib", default=str(ROOT / "quant" / "data" / "calib.txt"))
     p.add_argument("--model-dir", default="/tmp/rayawq-scaling-model")
     p.add_argument("--out", default=str(ROOT / "docs"))
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
     args = p.parse_args()
 
-    global _peak_gpu
     ray.init(include_dashboard=False)
-    _peak_gpu = ray.remote(_peak_gpu_fn)
     t0 = time.perf_counter()
     model = make_random_model(Path(args.model_dir), args.shape, args.layers, Path(args.calib))
     print(f"model written in {time.perf_counter() - t0:.0f}s", flush=True)
     rows = []
     for n in [int(x) for x in args.gpus.split(",")]:
-        if n > ray.cluster_resources().get("GPU", 0):
+        if n > ray.cluster_resources().get("GPU", 0) and n > 0:
             print(f"skip {n} GPUs: only {ray.cluster_resources().get('GPU', 0)} here", flush=True)
             continue
-        rows.append(run_one(model, Path("/tmp/rayawq-scaling-out"), n, Path(args.calib)))
+        rows.append(run_one(model, Path("/tmp/rayawq-scaling-out"), n, Path(args.calib), args.calib_samples,
+                            args.calib_seqlen))
         print(rows[-1], flush=True)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "quant_scaling.json").write_text(json.dumps(rows, indent=1))  # survives a cut-off run
     from benchmarks._report import stamp
 
     import torch
 
+    rows.sort(key=lambda r: r["gpus"])
     base = rows[0]["wall_s"] if rows else float("nan")
     md = ["## Distributed quantization scaling (`benchmarks/quant_scaling.py`)", "",
-          stamp(f"{torch.cuda.get_device_name()} x{int(ray.cluster_resources().get('GPU', 0))}"), "",
-          f"{args.shape} shape, {args.layers} layers, random weights; 128 × 512 calibration tokens, group 128, "
+          stamp(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'} "
+                f"x{int(ray.cluster_resources().get('GPU', 0))}"), "",
+          f"{args.shape} shape, {args.layers} layers, random weights; {args.calib_samples} × {args.calib_seqlen} "
+          "calibration tokens, group 128, "
           "scale search (20 ratios + duo) + clip.", "",
           "| GPUs | wall time (s) | speedup | mean block (s) | peak GPU memory per task (GB) | peak host RAM, driver (GB) |",
           "|---:|---:|---:|---:|---:|---:|"]

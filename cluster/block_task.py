@@ -31,8 +31,12 @@ def search_block(model_path: str, index: int, x: torch.Tensor, cfg: QuantConfig,
             open(marker + ".fired", "w").close()
             raise RuntimeError(f"injected failure in block {index}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     builder = _worker_builder(model_path, device, dtype)
     layer = builder.block(index)
     ctx = BlockContext.build(builder.rotary(), x.shape[1], dtype, torch.device(device))
     tensors, report = quantize_block(layer, index, x.to(dtype), ctx, builder.source.family, cfg)
+    if device == "cuda":
+        report.peak_gpu_gb = torch.cuda.max_memory_allocated() / 1024**3
     return tensors, report

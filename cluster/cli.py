@@ -18,8 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
         serving_cli = None
     if serving_cli is not None and hasattr(serving_cli, "register"):
         serving_cli.register(sub)
-    from cluster import demo
+    from cluster import demo, serve_cmd
 
+    serve_cmd.register(sub)
     demo.register(sub)
     return parser
 

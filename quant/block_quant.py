@@ -83,6 +83,7 @@ class BlockReport:
     mse_awq: float
     seconds: float = 0.0
     groups: list[dict] = field(default_factory=list)
+    peak_gpu_gb: float = 0.0  # filled by runners that own a GPU (the Ray task)
 
 
 def _inspect_fn(layer: nn.Module, group_inspect: str, first_linear: str, ctx: BlockContext):

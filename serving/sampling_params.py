@@ -25,6 +25,7 @@ class GenerationConfig:
     logprobs: int | None = None           # None: none; 0: the chosen token's; n: also the top n
     skip_special_tokens: bool = True
     min_new_tokens: int = 0
+    prompt_logprobs: bool = False         # log-probability of each prompt token (perplexity); no prefix cache
 
     @property
     def greedy(self) -> bool:

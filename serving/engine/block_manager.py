@@ -46,7 +46,7 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Blocks already holding this sequence's leading full blocks (never its very last token)."""
-        if not self.prefix_caching:
+        if not self.prefix_caching or seq.params.prompt_logprobs:
             return []
         hits, prev, bs = [], 0, self.block_size
         for i in range((len(seq) - 1) // bs):

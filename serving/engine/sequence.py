@@ -33,6 +33,7 @@ class Sequence:
     arrival: int = field(default_factory=lambda: next(_counter))
     logprobs: list = field(default_factory=list)           # per output token: {token_id: logprob}
     max_total_tokens: int = 0             # prompt + max_new_tokens, capped by the context
+    prompt_logprobs: list | None = None   # per prompt position (None for the first), when asked for
 
     def __post_init__(self):
         self.num_prompt_tokens = len(self.token_ids)

@@ -1,0 +1,112 @@
+"""An ``LLMEngine`` driven by a background thread, for servers: thread-safe submit and abort, streams of
+outputs for threads (``stream``) and for asyncio (``generate``). The engine itself stays single-threaded:
+only the loop thread touches it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from typing import AsyncIterator, Callable, Iterator
+
+from .llm_engine import LLMEngine, RequestOutput
+
+log = logging.getLogger(__name__)
+Sink = Callable[[RequestOutput], None]
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    # -- any thread --------------------------------------------------------------------------------
+    def submit(self, prompt, gen_config=None, sink: Sink | None = None, request_id: str | None = None) -> str:
+        """Queue a request; returns its id once the engine accepted it (or raises why it did not)."""
+        fut: Future = Future()
+        self._inbox.put(("add", (prompt, gen_config, request_id), sink or (lambda o: None), fut))
+        self._wake.set()
+        return fut.result()
+
+    def abort(self, request_id: str) -> None:
+        """Cancel; the request's KV blocks are freed before the next step."""
+        self._inbox.put(("abort", request_id, None, None))
+        self._wake.set()
+
+    def stream(self, prompt, gen_config=None) -> Iterator[RequestOutput]:
+        """Blocking iterator of outputs (for threads); leaving it early cancels the request."""
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        rid = self.submit(prompt, gen_config, q.put)
+        try:
+            while True:
+                out = q.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self.abort(rid)
+
+    async def generate(self, prompt, gen_config=None, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Async iterator of outputs; cancelling the consuming task cancels the request."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        rid = await loop.run_in_executor(
+            None, lambda: self.submit(prompt, gen_config, lambda o: loop.call_soon_threadsafe(q.put_nowait, o),
+                                      request_id))
+        try:
+            while True:
+                out = await q.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self.abort(rid)
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    # -- the loop thread ---------------------------------------------------------------------------
+    def _drain(self) -> None:
+        while True:
+            try:
+                kind, arg, sink, fut = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "abort":
+                self.engine.abort(arg)
+                self._sinks.pop(arg, None)
+                continue
+            prompt, gen, rid = arg
+            try:
+                rid = self.engine.add_request(prompt, gen, request_id=rid, stream=True)
+            except Exception as e:
+                fut.set_exception(e)
+                continue
+            self._sinks[rid] = sink
+            fut.set_result(rid)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._drain()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            for out in self.engine.step():
+                sink = self._sinks.get(out.request_id)
+                if out.finished:
+                    self._sinks.pop(out.request_id, None)
+                if sink is not None:
+                    try:
+                        sink(out)
+                    except Exception:  # a consumer's failure is not the engine's
+                        log.exception("output sink failed")

@@ -1,0 +1,258 @@
+"""The loop: take requests, schedule a step, run it, turn sampled tokens into outputs and stops."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ..config import EngineConfig, InvalidRequestError, ModelConfig
+from ..layers.parallel import SINGLE, TPContext
+from ..layers.sampler import SamplingBatch
+from ..loader import checkpoint_files
+from ..sampling_params import GenerationConfig
+from ..tokenizer import Detokenizer, apply_chat_template, encode_prompt, load_tokenizer
+from .block_manager import BlockManager
+from .model_runner import ForwardBatch, ModelRunner
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    token_ids: list[int]               # all output tokens so far
+    new_token_ids: list[int]           # tokens added by this step
+    text: str = ""                     # output text so far (final when finished)
+    delta_text: str = ""               # text not streamed before
+    finished: bool = False
+    finish_reason: str | None = None   # stop | length | abort | error
+    logprobs: list | None = None       # per output token {token_id: logprob}, when asked for
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+    prompt_logprobs: list | None = None  # when asked for: per prompt token (None for the first), at the end
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    stop_ids: set[int]
+    detok: Detokenizer | None
+    stream: bool
+    sent_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, model_path: str | Path | None = None, engine_config: EngineConfig | None = None, *,
+                 hf_config: dict | None = None, weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+                 tokenizer=None, tp: TPContext = SINGLE):
+        self.config = ecfg = engine_config or EngineConfig()
+        if ecfg.tp != tp.world_size:
+            raise ValueError(f"EngineConfig.tp={ecfg.tp} but this rank's TPContext has world_size={tp.world_size}: "
+                             "tensor parallelism runs one engine per GPU under cluster/'s worker group")
+        if hf_config is not None:
+            self.model_config = ModelConfig.from_dict(hf_config, ecfg.model_format, ecfg.dtype)
+        else:
+            self.model_config = ModelConfig.from_path(model_path, ecfg.model_format, ecfg.dtype)
+        if weights is None:
+            checkpoint_files(model_path)  # fail early, before the tokenizer, on a directory without weights
+        if tokenizer is None and model_path is not None:
+            tokenizer = load_tokenizer(model_path)
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(self.model_config, ecfg, model_path=model_path, weights=weights, tp=tp)
+        self.max_model_len = self.runner.max_model_len
+        self.eos_ids = set(self.model_config.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_ids.add(int(tokenizer.eos_token_id))
+        self.block_manager = BlockManager(self.runner.num_blocks, ecfg.block_size, ecfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, ecfg.max_num_seqs, ecfg.max_num_batched_tokens)
+        self.requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+
+    # -- requests ----------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int] | list[dict], chat: bool | None = None) -> list[int]:
+        """Token ids of a prompt: ids as they are, messages through the chat template, text as it is."""
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise InvalidRequestError("this engine has no tokenizer: pass token ids")
+        if isinstance(prompt, list):
+            return apply_chat_template(self.tokenizer, prompt)
+        if chat:
+            return apply_chat_template(self.tokenizer, [{"role": "user", "content": prompt}])
+        return encode_prompt(self.tokenizer, prompt)
+
+    def add_request(self, prompt: str | list[int] | list[dict], params: GenerationConfig | None = None,
+                    request_id: str | None = None, stream: bool = False) -> str:
+        """Queue a request; raises ``InvalidRequestError`` (and queues nothing) when it cannot be served."""
+        params = (params or GenerationConfig()).validate()
+        ids = self.encode(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len}"
+                                      " (prompt plus at least one new token)")
+        vocab = self.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidRequestError(f"token ids must lie in [0, {vocab})")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise InvalidRequestError(f"request id {rid!r} is already in use")
+        seq = Sequence(rid, ids, params)
+        seq.max_total_tokens = min(len(ids) + params.max_new_tokens, self.max_model_len)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        detok = None
+        if self.tokenizer is not None and (stream or params.stop_words):
+            detok = Detokenizer(self.tokenizer, params.skip_special_tokens, list(params.stop_words))
+        self.requests[rid] = _Request(seq, stop_ids, detok, stream)
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request: its blocks go back to the pool now."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        if not req.seq.is_finished:
+            self.scheduler.finish(req.seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        batch = ForwardBatch([], [], [], [], [])
+        sampled: list[Sequence] = []
+        for seq, n in scheduled:
+            start = seq.num_computed_tokens
+            score = seq.params.prompt_logprobs and start + 1 < seq.num_prompt_tokens
+            batch.score_targets.append(seq.token_ids[start + 1:min(start + n + 1, seq.num_prompt_tokens)]
+                                       if score else None)
+            batch.token_ids.append(seq.token_ids[start:start + n])
+            batch.start_positions.append(start)
+            batch.block_tables.append(seq.block_table)
+            wants = start + n == len(seq)
+            batch.sample.append(wants)
+            if wants:
+                sampled.append(seq)
+        if not any(batch.score_targets):
+            batch.score_targets = None
+        try:
+            result = self.runner.execute(batch, self._sampling_batch(sampled) if sampled else None)
+        except Exception as e:  # keep serving: fail this step's requests, not the engine
+            log.exception("step failed")
+            return [self._finish(seq, "error", error=f"{type(e).__name__}: {e}") for seq, _ in scheduled]
+        for row, (seq, n) in enumerate(scheduled):
+            if result is not None and result.scores and row in result.scores:
+                if seq.prompt_logprobs is None:
+                    seq.prompt_logprobs = [None] * seq.num_prompt_tokens
+                start = seq.num_computed_tokens + 1
+                seq.prompt_logprobs[start:start + len(result.scores[row])] = result.scores[row]
+            seq.num_computed_tokens += n
+            self.block_manager.register_computed(seq)
+        outputs = []
+        for i, seq in enumerate(sampled):
+            outputs.append(self._append(seq, result.token_ids[i], result.logprobs[i]))
+        return [o for o in outputs if o is not None]
+
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        ps = [s.params for s in seqs]
+        forbidden = []
+        for s in seqs:
+            r = self.requests[s.request_id]
+            forbidden.append(sorted(r.stop_ids | self.eos_ids) if s.num_output_tokens < s.params.min_new_tokens
+                             else [])
+        return SamplingBatch(
+            temperatures=[p.temperature for p in ps], top_ps=[p.top_p for p in ps], top_ks=[p.top_k for p in ps],
+            repetition_penalties=[p.repetition_penalty for p in ps], seeds=[p.random_seed for p in ps],
+            steps=[s.num_output_tokens for s in seqs], num_logprobs=[p.logprobs for p in ps],
+            histories=[s.token_ids if p.repetition_penalty != 1.0 else [] for s, p in zip(seqs, ps)],
+            forbidden=forbidden)
+
+    def _append(self, seq: Sequence, token: int, logprobs) -> RequestOutput | None:
+        req = self.requests[seq.request_id]
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        reason = None
+        if token in req.stop_ids:
+            reason = "stop"
+        elif len(seq) >= seq.max_total_tokens:
+            reason = "length"
+        if req.detok is not None:
+            ids = seq.output_ids[:-1] if reason == "stop" else seq.output_ids
+            if req.detok.update(ids):
+                reason = "stop"
+        if reason is not None:
+            return self._finish(seq, reason)
+        if not req.stream:
+            return None
+        return self._output(req, final=False)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
+        req = self.requests.pop(seq.request_id)
+        self.scheduler.finish(seq, reason)
+        return self._output(req, final=True, error=error)
+
+    def _output(self, req: _Request, final: bool, error: str | None = None) -> RequestOutput:
+        seq = req.seq
+        out_ids = seq.output_ids
+        new = out_ids[req.sent_tokens:]
+        req.sent_tokens = len(out_ids)
+        text = delta = ""
+        if self.tokenizer is not None:
+            visible = out_ids[:-1] if seq.finish_reason == "stop" and out_ids and out_ids[-1] in req.stop_ids \
+                else out_ids
+            if req.detok is not None:
+                if final and seq.finish_reason != "stop":
+                    req.detok.flush(visible)
+                text, delta = req.detok.text, req.detok.delta(final)
+            elif final:
+                text = delta = self.tokenizer.decode(visible, skip_special_tokens=seq.params.skip_special_tokens)
+        return RequestOutput(
+            request_id=seq.request_id, token_ids=list(out_ids), new_token_ids=new, text=text, delta_text=delta,
+            finished=final, finish_reason=seq.finish_reason if final else None,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens, error=error,
+            prompt_logprobs=seq.prompt_logprobs if final else None)
+
+    def get_ppl(self, input_ids: list[list[int]]) -> list[float]:
+        """Mean negative log-likelihood of tokens 1..n of each sequence given the ones before (LMDeploy's
+        ``get_ppl``); exponentiate for perplexity. Sequences run as one batch, chunked like any prefill."""
+        g = GenerationConfig(max_new_tokens=1, prompt_logprobs=True, ignore_eos=True)
+        outs = self.generate([list(ids) for ids in input_ids], g)
+        return [-sum(o.prompt_logprobs[1:]) / (len(o.prompt_logprobs) - 1) for o in outs]
+
+    # -- convenience -------------------------------------------------------------------------------
+    def generate(self, prompts: list, params: GenerationConfig | list[GenerationConfig] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run prompts to completion as one continuous batch; outputs in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        rids = [self.add_request(p, g) for p, g in zip(prompts, plist)]
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(rids), desc="Generating")
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [done[r] for r in rids]

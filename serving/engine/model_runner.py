@@ -1,0 +1,242 @@
+"""Tensors only: builds the model for one rank, owns the KV cache and the CUDA graphs, runs a step.
+
+A step arrives as a ``ForwardBatch`` of plain lists (tokens to compute per sequence, their first position,
+block tables, which rows want a next token); the runner knows nothing of requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from ..config import EngineConfig, ModelConfig
+from ..layers.context import AttentionContext, set_context
+from ..layers.parallel import SINGLE, TPContext
+from ..layers.sampler import SampleOutput, SamplingBatch, Sampler
+from ..loader import iter_checkpoint, load_weights
+from ..models import build_model
+
+log = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class ForwardBatch:
+    token_ids: list[list[int]]     # tokens whose K/V are computed this step, per sequence
+    start_positions: list[int]     # position of each sequence's first such token
+    block_tables: list[list[int]]
+    sample: list[bool]             # rows that want a next token (logits at their last token)
+    score_targets: list[list[int]] | None = None  # per row: next-token ids to score (prompt logprobs)
+
+    @property
+    def is_decode(self) -> bool:
+        return all(len(t) == 1 for t in self.token_ids)
+
+
+class ModelRunner:
+    def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, model_path=None,
+                 weights: Iterable[tuple[str, torch.Tensor]] | None = None, tp: TPContext = SINGLE,
+                 device: str | torch.device | None = None):
+        self.cfg, self.ecfg, self.tp = model_cfg, engine_cfg, tp
+        dev = device or engine_cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(dev)
+        if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(self.device)
+        self.block_size = engine_cfg.block_size
+        with torch.device(self.device):
+            self.model = build_model(model_cfg, tp).eval()
+        if weights is None:
+            weights = iter_checkpoint(model_path, progress=engine_cfg.progress and tp.rank == 0)
+        load_weights(self.model, weights)
+        self.sampler = Sampler()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.num_blocks = self._allocate_kv_cache()
+        self.max_model_len = min(engine_cfg.session_len or model_cfg.max_position_embeddings,
+                                 model_cfg.max_position_embeddings, self.num_blocks * self.block_size)
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if model_cfg.quant is not None and self.device.type == "cuda" and model_cfg.dtype == torch.float32:
+            raise ValueError("AWQ models run in float16 or bfloat16 on GPU (dtype float32 is for CPU)")
+        self._check_forward()
+        if self.device.type == "cuda" and not engine_cfg.enforce_eager:
+            try:
+                self._capture_graphs()
+            except Exception as e:  # a kernel that cannot be captured: serve eagerly rather than not at all
+                log.warning("CUDA graph capture failed (%s); decoding eagerly", e)
+                self.graphs = {}
+                torch.cuda.synchronize()
+
+    # -- KV cache ----------------------------------------------------------------------------------
+    def _kv_block_bytes(self) -> int:
+        attn = self.model.model.layers[0].self_attn
+        elem = torch.empty(0, dtype=self.cfg.dtype).element_size()
+        return 2 * self.cfg.num_layers * self.block_size * attn.num_kv_heads * attn.head_dim * elem
+
+    def _allocate_kv_cache(self) -> int:
+        per_block = self._kv_block_bytes()
+        if self.ecfg.num_kv_blocks:
+            n = self.ecfg.num_kv_blocks
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            n = int(free * self.ecfg.cache_max_entry_count) // per_block
+        else:
+            want = self.ecfg.max_num_seqs * (self.ecfg.session_len or self.cfg.max_position_embeddings)
+            n = min(-(-want // self.block_size), CPU_KV_CACHE_BYTES // per_block)
+        if n < 1:
+            raise RuntimeError("no memory left for the KV cache after the weights")
+        attn0 = self.model.model.layers[0].self_attn
+        shape = (2, self.cfg.num_layers, n, self.block_size, attn0.num_kv_heads, attn0.head_dim)
+        self.kv_cache = torch.empty(shape, dtype=self.cfg.dtype, device=self.device)
+        if self.device.type == "cpu":
+            self.kv_cache.zero_()
+        for i, layer in enumerate(self.model.model.layers):
+            layer.self_attn.attn.k_cache = self.kv_cache[0, i]
+            layer.self_attn.attn.v_cache = self.kv_cache[1, i]
+        log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", n, self.block_size, n * per_block / 2**30)
+        return n
+
+    @torch.inference_mode()
+    def _check_forward(self) -> None:
+        """One token through the model now, so that a layer the kernels cannot run fails at load, not later."""
+        t = lambda v, dt=torch.int32: torch.tensor(v, dtype=dt, device=self.device)  # noqa: E731
+        set_context(AttentionContext(t([-1], torch.int64), t([0, 1]), t([1]), t([[0]]), 1, [0, 1], [1]))
+        try:
+            self.model.compute_logits(self.model(t([0], torch.int64), t([0], torch.int64)))
+        finally:
+            set_context(None)
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _tensor(self, data, dtype=torch.int32) -> torch.Tensor:
+        pin = self.device.type == "cuda"
+        t = torch.tensor(data, dtype=dtype, pin_memory=pin)
+        return t.to(self.device, non_blocking=True) if pin else t
+
+    def _prepare(self, b: ForwardBatch):
+        bs = self.block_size
+        ids, pos, slots, cu, kv_lens, last = [], [], [], [0], [], []
+        for toks, start, table in zip(b.token_ids, b.start_positions, b.block_tables):
+            n = len(toks)
+            ids.extend(toks)
+            pos.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            cu.append(cu[-1] + n)
+            kv_lens.append(start + n)
+            last.append(cu[-1] - 1)
+        width = max(len(t) for t in b.block_tables)
+        tables = [t + [0] * (width - len(t)) for t in b.block_tables]
+        return ids, pos, slots, cu, kv_lens, tables, [i for i, s in zip(last, b.sample) if s]
+
+    @torch.inference_mode()
+    def execute(self, b: ForwardBatch, sampling: SamplingBatch | None) -> SampleOutput | None:
+        ids, pos, slots, cu, kv_lens, tables, logit_rows = self._prepare(b)
+        n_seqs = len(b.token_ids)
+        graph_bs = next((g for g in sorted(self.graphs) if g >= n_seqs), None) if b.is_decode else None
+        if graph_bs is not None:
+            hidden = self._replay(graph_bs, ids, pos, slots, kv_lens, tables)
+        else:
+            ctx = AttentionContext(
+                slot_mapping=self._tensor(slots, torch.int64), cu_seqlens_q=self._tensor(cu),
+                kv_lens=self._tensor(kv_lens), block_tables=self._tensor(tables),
+                max_q_len=max(len(t) for t in b.token_ids), cpu_cu_seqlens_q=cu, cpu_kv_lens=kv_lens)
+            set_context(ctx)
+            try:
+                hidden = self.model(self._tensor(ids, torch.int64), self._tensor(pos, torch.int64))
+            finally:
+                set_context(None)
+        scores = self._score(hidden, cu, b.score_targets) if b.score_targets else None
+        if not logit_rows:
+            return SampleOutput([], [], scores) if scores else None
+        rows = self._tensor(logit_rows, torch.int64)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        out = self.sampler(logits, sampling)
+        out.scores = scores
+        return out
+
+    def _score(self, hidden, cu, targets, chunk: int = 1024) -> dict[int, list[float]]:
+        """Log-probability of each given next token, from the hidden state of the token before it."""
+        rows, ids, owners = [], [], []
+        for i, tg in enumerate(targets):
+            if tg:
+                rows.extend(range(cu[i], cu[i] + len(tg)))
+                ids.extend(tg)
+                owners.append((i, len(tg)))
+        vals: list[float] = []
+        for s in range(0, len(rows), chunk):
+            r = self._tensor(rows[s:s + chunk], torch.int64)
+            t = self._tensor(ids[s:s + chunk], torch.int64)
+            lp = torch.log_softmax(self.model.compute_logits(hidden.index_select(0, r)).float(), dim=-1)
+            vals.extend(lp.gather(1, t[:, None]).squeeze(1).tolist())
+        out, pos = {}, 0
+        for i, n in owners:
+            out[i], pos = vals[pos:pos + n], pos + n
+        return out
+
+    # -- CUDA graphs (decode) ----------------------------------------------------------------------
+    def _graph_sizes(self) -> list[int]:
+        top = min(self.ecfg.cuda_graph_max_bs or self.ecfg.max_num_seqs, self.ecfg.max_num_seqs, 512)
+        sizes = [s for s in (1, 2, 4, 8) if s <= top] + list(range(16, top + 1, 16))
+        return sorted(set(sizes + [top]))
+
+    def _capture_graphs(self) -> None:
+        sizes = self._graph_sizes()
+        m, dev = max(sizes), self.device
+        self.g_ids = torch.zeros(m, dtype=torch.int64, device=dev)
+        self.g_pos = torch.zeros(m, dtype=torch.int64, device=dev)
+        self.g_slots = torch.full((m,), -1, dtype=torch.int64, device=dev)
+        self.g_kv = torch.zeros(m, dtype=torch.int32, device=dev)
+        self.g_cu = torch.arange(m + 1, dtype=torch.int32, device=dev)
+        self.g_tables = torch.zeros(m, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self._warmup_kernels(sizes)
+        pool = None
+        for bs in reversed(sizes):
+            set_context(AttentionContext(self.g_slots[:bs], self.g_cu[:bs + 1], self.g_kv[:bs],
+                                         self.g_tables[:bs], max_q_len=1))
+            self.model(self.g_ids[:bs], self.g_pos[:bs])  # warm-up: compiles and tunes kernels
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                out = self.model(self.g_ids[:bs], self.g_pos[:bs])
+            pool = graph.pool() if pool is None else pool
+            self.graphs[bs] = (graph, out)
+        set_context(None)
+        torch.cuda.synchronize()
+        log.info("captured CUDA graphs for decode batch sizes %s", sizes)
+
+    def _warmup_kernels(self, sizes: list[int]) -> None:
+        """Let kernels/ pick and compile its W4A16 configs (and make its workspaces) before any capture."""
+        q = self.cfg.quant
+        if q is None:
+            return
+        import kernels
+
+        if not hasattr(kernels, "warmup"):
+            return
+        from ..layers.linear import Linear
+
+        shapes = sorted({(m.in_local, m.out_local) for m in self.model.modules()
+                         if isinstance(m, Linear) and m.quant is not None})
+        kernels.warmup(shapes, group_size=q.group_size, dtype=self.cfg.dtype, device=self.device, m_values=sizes,
+                       tune=self.ecfg.tune_kernels)
+
+    def _replay(self, graph_bs, ids, pos, slots, kv_lens, tables) -> torch.Tensor:
+        n = len(ids)
+        pad = graph_bs - n
+        self.g_ids[:graph_bs].copy_(self._tensor(ids + [0] * pad, torch.int64), non_blocking=True)
+        self.g_pos[:graph_bs].copy_(self._tensor(pos + [0] * pad, torch.int64), non_blocking=True)
+        self.g_slots[:graph_bs].copy_(self._tensor(slots + [-1] * pad, torch.int64), non_blocking=True)
+        self.g_kv[:graph_bs].copy_(self._tensor(kv_lens + [0] * pad), non_blocking=True)
+        width = len(tables[0])
+        self.g_tables[:n, :width].copy_(self._tensor(tables), non_blocking=True)
+        graph, out = self.graphs[graph_bs]
+        graph.replay()
+        return out[:n]

@@ -1,0 +1,122 @@
+"""From logits to next tokens: repetition penalty, temperature, top-k, top-p, seeded sampling, logprobs.
+
+Works on a batch; the per-row settings come as plain lists (the sampler knows nothing of requests).
+A seeded row draws its noise from a generator seeded with (seed, step), so a request with a seed gives the
+same tokens whatever it is batched with, and again after a preemption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    temperatures: list[float]
+    top_ps: list[float]
+    top_ks: list[int]
+    repetition_penalties: list[float]
+    seeds: list[int | None]
+    steps: list[int]                          # output tokens so far (seeds advance with it)
+    num_logprobs: list[int | None]
+    histories: list[list[int]] = field(default_factory=list)  # tokens penalised, only where penalty != 1
+    forbidden: list[list[int]] = field(default_factory=list)  # tokens that may not be sampled (min_new_tokens)
+
+    @property
+    def all_greedy(self) -> bool:
+        return all(t == 0.0 or k == 1 for t, k in zip(self.temperatures, self.top_ks))
+
+
+@dataclass
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]   # chosen token first, then the top-n
+    scores: dict[int, list[float]] | None = None  # batch row -> prompt-token logprobs computed this step
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SampleOutput:
+        logits = logits.float()
+        want_lp = any(n is not None for n in b.num_logprobs)
+        raw_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
+        logits = self._penalise(logits, b)
+        if b.all_greedy:
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, b)
+        token_list = tokens.tolist()
+        return SampleOutput(token_list, self._logprobs(raw_lp, token_list, b) if want_lp else [None] * len(token_list))
+
+    @staticmethod
+    def _penalise(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        """HF repetition penalty on every token seen (prompt and output); forbidden tokens to -inf."""
+        rows = [i for i, p in enumerate(b.repetition_penalties) if p != 1.0 and b.histories and b.histories[i]]
+        forbid = [i for i, f in enumerate(b.forbidden) if f]
+        if not rows and not forbid:
+            return logits
+        dev = logits.device
+        logits = logits.clone()
+        if rows:
+            r_idx = [i for i in rows for _ in b.histories[i]]
+            t_idx = [t for i in rows for t in b.histories[i]]
+            seen = torch.zeros_like(logits, dtype=torch.bool)
+            seen[torch.tensor(r_idx, device=dev), torch.tensor(t_idx, device=dev)] = True
+            p = torch.tensor(b.repetition_penalties, device=dev, dtype=logits.dtype)[:, None]
+            logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+        if forbid:
+            r_idx = [i for i in forbid for _ in b.forbidden[i]]
+            t_idx = [t for i in forbid for t in b.forbidden[i]]
+            logits[torch.tensor(r_idx, device=dev), torch.tensor(t_idx, device=dev)] = float("-inf")
+        return logits
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        dev = logits.device
+        greedy = torch.tensor([t == 0.0 or k == 1 for t, k in zip(b.temperatures, b.top_ks)], device=dev)
+        temps = torch.tensor([t if t > 0 else 1.0 for t in b.temperatures], device=dev)
+        x = logits / temps[:, None]
+        vocab = x.shape[-1]
+        ks = [k if 0 < k < vocab else 0 for k in b.top_ks]
+        if any(ks):
+            kmax = max(ks)
+            kth = x.topk(kmax, dim=-1).values  # [B, kmax], descending
+            idx = torch.tensor([max(k, 1) - 1 if k else kmax - 1 for k in ks], device=dev)
+            thresh = kth.gather(1, idx[:, None])
+            use = torch.tensor([k > 0 for k in ks], device=dev)
+            x = torch.where(use[:, None] & (x < thresh), float("-inf"), x)
+        if any(p < 1.0 for p in b.top_ps):
+            ps = torch.tensor(b.top_ps, device=dev)
+            sorted_x, order = x.sort(dim=-1, descending=True)
+            probs = sorted_x.softmax(dim=-1)
+            before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
+            drop = before > ps[:, None]
+            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+            x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
+        probs = x.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_()
+        for i, seed in enumerate(b.seeds):
+            if seed is not None:
+                g = torch.Generator(device=dev).manual_seed((int(seed) * 1_000_003 + b.steps[i]) % (2**63))
+                noise[i].exponential_(generator=g)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    @staticmethod
+    def _logprobs(raw_lp: torch.Tensor, tokens: list[int], b: SamplingBatch) -> list:
+        out: list = []
+        n_max = max((n or 0) for n in b.num_logprobs)
+        top = raw_lp.topk(n_max, dim=-1) if n_max else None
+        chosen = raw_lp.gather(1, torch.tensor(tokens, device=raw_lp.device)[:, None]).squeeze(1).tolist()
+        top_v = top.values.tolist() if top is not None else None
+        top_i = top.indices.tolist() if top is not None else None
+        for i, n in enumerate(b.num_logprobs):
+            if n is None:
+                out.append(None)
+                continue
+            d = {tokens[i]: chosen[i]}
+            for j in range(n):
+                d.setdefault(top_i[i][j], top_v[i][j])
+            out.append(d)
+        return out

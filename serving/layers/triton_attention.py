@@ -1,0 +1,148 @@
+"""Triton kernels over the paged KV cache.
+
+* ``rope_and_store``: rotate q and k in place (RoPE) and write k, v into their cache slots, one launch.
+* ``paged_attention``: causal attention of a packed batch of query tokens (prefill chunks and decodes mixed)
+  against each sequence's K/V gathered through its block table. One program per (query tile, sequence,
+  KV head); the query heads that share a KV head are stacked into the tile's rows (GQA), so each K/V block
+  is read once for all of them. Online softmax in fp32.
+
+Cache layout per layer: ``[num_blocks, block_size, num_kv_heads, head_dim]`` (contiguous).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_utils import next_pow2
+
+
+@triton.jit
+def _rope_store_kernel(Q, K, V, Pos, CosSin, KC, VC, Slots, stride_qt, stride_kt, stride_vt,
+                       HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF_P2: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    half: tl.constexpr = D // 2
+    j = tl.arange(0, HALF_P2)
+    m = j < half
+    pos = tl.load(Pos + t).to(tl.int64)
+    cos = tl.load(CosSin + pos * D + j, mask=m, other=0.0)
+    sin = tl.load(CosSin + pos * D + half + j, mask=m, other=0.0)
+    if h < HQ:
+        base = Q + t * stride_qt + h * D
+        x1 = tl.load(base + j, mask=m, other=0.0)
+        x2 = tl.load(base + half + j, mask=m, other=0.0)
+        c, s = cos.to(x1.dtype), sin.to(x1.dtype)
+        tl.store(base + j, x1 * c - x2 * s, mask=m)
+        tl.store(base + half + j, x2 * c + x1 * s, mask=m)
+    else:
+        hk = h - HQ
+        base = K + t * stride_kt + hk * D
+        x1 = tl.load(base + j, mask=m, other=0.0)
+        x2 = tl.load(base + half + j, mask=m, other=0.0)
+        c, s = cos.to(x1.dtype), sin.to(x1.dtype)
+        y1 = x1 * c - x2 * s
+        y2 = x2 * c + x1 * s
+        tl.store(base + j, y1, mask=m)
+        tl.store(base + half + j, y2, mask=m)
+        slot = tl.load(Slots + t).to(tl.int64)
+        if slot >= 0:
+            dst = slot * (HKV * D) + hk * D
+            tl.store(KC + dst + j, y1.to(KC.dtype.element_ty), mask=m)
+            tl.store(KC + dst + half + j, y2.to(KC.dtype.element_ty), mask=m)
+            vb = V + t * stride_vt + hk * D
+            tl.store(VC + dst + j, tl.load(vb + j, mask=m, other=0.0), mask=m)
+            tl.store(VC + dst + half + j, tl.load(vb + half + j, mask=m, other=0.0), mask=m)
+
+
+def rope_and_store(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping):
+    """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` (views with unit stride inside a token); q, k rotated in place."""
+    T, hq, d = q.shape
+    hkv = k.shape[1]
+    if T == 0:
+        return
+    _rope_store_kernel[(T, hq + hkv)](
+        q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, q.stride(0), k.stride(0), v.stride(0),
+        HQ=hq, HKV=hkv, D=d, HALF_P2=next_pow2(d // 2), num_warps=1)
+
+
+@triton.jit
+def _paged_attn_kernel(Q, KC, VC, O, BlockTables, CuQ, KvLens, sm_scale,
+                       stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                       GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                       BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q_start = tl.load(CuQ + seq)
+    q_len = tl.load(CuQ + seq + 1) - q_start
+    if tile * BLOCK_Q >= q_len:
+        return
+    kv_len = tl.load(KvLens + seq)
+    ctx = kv_len - q_len
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
+    rows = tl.arange(0, BLOCK_M)
+    tok = tile * BLOCK_Q + rows // GROUP_P2
+    g = rows % GROUP_P2
+    head = kvh * GROUP + g
+    row_ok = (tok < q_len) & (g < GROUP)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q_ptr = Q + (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_pos = ctx + tok
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    kv_end = tl.minimum(kv_len, ctx + (tile + 1) * BLOCK_Q)
+    bt = BlockTables + seq.to(tl.int64) * stride_bt
+    for start in range(0, kv_end, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < kv_end
+        page = tl.load(bt + k_pos // PAGE, mask=k_ok, other=0).to(tl.int64)
+        off = (page * PAGE + k_pos % PAGE) * (HKV * D) + kvh * D
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_i[:, None]
+    o_ptr = O + (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, max_q_len, scale, out=None):
+    """q ``[T, Hq, D]`` packed by sequence (``cu_seqlens_q``); ``kv_lens`` count cached + new tokens.
+
+    ``max_q_len`` only sizes the grid: pass 1 for a decode-only batch (what CUDA graphs capture).
+    """
+    T, hq, d = q.shape
+    _, page, hkv, _ = k_cache.shape
+    group = hq // hkv
+    gp2 = next_pow2(group)
+    if out is None:
+        out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device)
+    if max_q_len <= 1:
+        block_q, block_n, warps = max(1, 16 // gp2), 64, 4
+    else:
+        block_q, block_n, warps = max(1, 64 // gp2), 64, 4
+    block_q = next_pow2(block_q)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (triton.cdiv(max_q_len, block_q), cu_seqlens_q.numel() - 1, hkv)
+    _paged_attn_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, kv_lens, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        GROUP=group, GROUP_P2=gp2, HKV=hkv, D=d, BLOCK_D=next_pow2(d), PAGE=page, BLOCK_Q=block_q,
+        BLOCK_N=block_n, PRECISION=precision, num_warps=warps, num_stages=2)
+    return out

@@ -1,0 +1,94 @@
+"""Engine on a GPU: Triton kernels natively, CUDA graphs vs eager, equality with transformers, AWQ.
+
+Run: ``PYTHONPATH=. python -m pytest tests/gpu/test_engine_gpu.py -q``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serving import EngineConfig, GenerationConfig, LLMEngine
+from tests.test_engine import make_awq_checkpoint, prompts
+from tests.test_engine_triton import check_kernels
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def gpu_engine(path, **kw):
+    kw.setdefault("block_size", 16)
+    kw.setdefault("progress", False)
+    kw.setdefault("num_kv_blocks", 256)
+    kw.setdefault("max_num_seqs", 16)
+    return LLMEngine(path, EngineConfig(device="cuda", **kw))
+
+
+def test_kernels_native_fp32_and_bf16():
+    check_kernels("cuda", torch.float32, atol=2e-4)
+    check_kernels("cuda", torch.bfloat16, atol=3e-2)
+
+
+def test_fp32_graphs_match_transformers(tiny_model_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_factory("llama")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    eng = gpu_engine(path, dtype="float32")
+    assert eng.runner.graphs, "CUDA graphs were not captured"
+    ps = prompts([3, 11, 29])
+    outs = eng.generate(ps, GenerationConfig(max_new_tokens=24))
+    for p, o in zip(ps, outs):
+        ids = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=24, do_sample=False)[0, len(p):].tolist()
+        eos = 4
+        ref = ids[: ids.index(eos) + 1] if eos in ids else ids
+        assert o.token_ids == ref
+    eager = gpu_engine(path, dtype="float32", enforce_eager=True)
+    assert [o.token_ids for o in eager.generate(ps, GenerationConfig(max_new_tokens=24))] == \
+        [o.token_ids for o in outs]
+
+
+def test_awq_fp16_graphs_match_eager_and_reference(tiny_model_factory, tmp_path):
+    from quant.awq_model import load_awq_model
+
+    awq = make_awq_checkpoint(tiny_model_factory("qwen2"), tmp_path / "awq", group_size=32)
+    g = GenerationConfig(max_new_tokens=16, ignore_eos=True)
+    ps = prompts([5, 21, 40], seed=1)
+    graphs = [o.token_ids for o in gpu_engine(awq, dtype="float16").generate(ps, g)]
+    eager = [o.token_ids for o in gpu_engine(awq, dtype="float16", enforce_eager=True).generate(ps, g)]
+    assert graphs == eager
+    ref = load_awq_model(awq, device="cuda", dtype=torch.float16)
+    same = total = 0
+    for p, o in zip(ps, graphs):
+        r = ref.generate(torch.tensor([p], device="cuda"), max_new_tokens=16, min_new_tokens=16,
+                         do_sample=False)[0, len(p):].tolist()
+        # fp16 on different kernels: count the common prefix
+        k = next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(o))
+        same, total = same + k, total + len(o)
+    assert same / total >= 0.6, (same, total)
+
+
+def test_continuous_batching_and_cancel_on_gpu(tiny_model_factory):
+    path = tiny_model_factory("llama")
+    ps = prompts([4, 37, 12, 23], seed=4)
+    g = GenerationConfig(max_new_tokens=20, ignore_eos=True)
+    solo = [gpu_engine(path, dtype="float32").generate([p], g)[0].token_ids for p in ps]
+    eng = gpu_engine(path, dtype="float32", max_num_batched_tokens=16, block_size=4, num_kv_blocks=40)
+    rid = {eng.add_request(ps[0], g): 0, eng.add_request(ps[1], g): 1}
+    doomed = None
+    done = {}
+    for step in range(300):
+        if step == 2:
+            rid[eng.add_request(ps[2], g)] = 2
+            doomed = eng.add_request(ps[3], GenerationConfig(max_new_tokens=200, ignore_eos=True))
+        if step == 5:
+            rid[eng.add_request(ps[3], g)] = 3
+        if step == 8:
+            assert eng.abort(doomed)
+        for o in eng.step():
+            if o.finished and o.request_id in rid:
+                done[rid[o.request_id]] = o.token_ids
+        if not eng.has_unfinished():
+            break
+    match = sum(done[i] == solo[i] for i in range(4))
+    assert match >= 3, [(done[i], solo[i]) for i in range(4)]
+    assert eng.block_manager.num_free_blocks == 40

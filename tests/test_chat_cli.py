@@ -1,0 +1,60 @@
+"""``rayawq chat`` driven through a pseudo-terminal, and ``rayawq generate`` as a script would call it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_chat_cli_in_a_pty(tiny_model_factory):
+    pexpect = pytest.importorskip("pexpect")
+    model = tiny_model_factory("llama")
+    child = pexpect.spawn(sys.executable, ["-m", "serving.cli", "chat", str(model), "--dtype", "float32",
+                                           "--max-tokens", "6", "--device", "cpu"],
+                          cwd=str(ROOT), env=ENV, encoding="utf-8", timeout=120)
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("hello there")
+        child.expect_exact(">>> ")
+        first = child.before
+        child.sendline("and again")
+        child.expect_exact(">>> ")
+        child.sendline("/reset")
+        child.expect_exact("(conversation reset)")
+        child.expect_exact(">>> ")
+        child.sendline("hello there")
+        child.expect_exact(">>> ")
+        # after /reset the same first turn gives the same (greedy) answer
+        assert child.before.strip() == first.strip()
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_generate_cli_prints_only_the_completion(tiny_model_factory):
+    from serving import EngineConfig, GenerationConfig
+    from serving.pipeline import pipeline
+
+    model = tiny_model_factory("llama")
+    pipe = pipeline(str(model), EngineConfig(dtype="float32", progress=False))
+    want = pipe("the city of", GenerationConfig(max_new_tokens=10), do_preprocess=False).text
+    want_chat = pipe("the city of", GenerationConfig(max_new_tokens=10)).text
+    base = [sys.executable, "-m", "serving.cli", "generate", str(model), "--prompt", "the city of",
+            "--max-tokens", "10", "--dtype", "float32"]
+    r = subprocess.run(base, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+    r = subprocess.run(base + ["--chat"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == want_chat + "\n"
+    r = subprocess.run(base + ["--temperature", "-2"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "temperature" in r.stderr and r.stdout == ""

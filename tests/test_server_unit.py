@@ -1,0 +1,269 @@
+"""The OpenAI layer without Ray: tool-call parsing, request validation, the app config, and the routes over
+in-process engines (ASGI) and a scripted backend (tool calls and JSON mode from known model outputs)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from serving import EngineConfig, GenerationConfig, LLMEngine
+from serving.app import AppConfig
+from serving.openai import tool_parser
+from serving.openai.engine_server import EngineServer, LocalBackend
+from serving.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from serving.openai.routes import _json_content, create_app
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+MSG = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+# -- tool-call parsing -----------------------------------------------------------------------------------
+def test_parse_hermes_and_llama3():
+    text = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>')
+    content, calls = tool_parser.parse(text)
+    assert content == "Let me look."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}),
+                                                                  ("get_weather", {"city": "Rome"})]
+    assert calls[0].id != calls[1].id and calls[0].id.startswith("call_")
+    content, calls = tool_parser.parse('{"name": "get_weather", "parameters": {"city": "Oslo"}}')
+    assert content == "" and calls[0].name == "get_weather" and json.loads(calls[0].arguments) == {"city": "Oslo"}
+    _, calls = tool_parser.parse('<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}')
+    assert [c.name for c in calls] == ["a", "b"]
+    # not calls: plain text, JSON without a name, malformed blocks
+    for t in ("The weather is fine.", '{"city": "Paris"}', "<tool_call>{not json</tool_call>", "{broken"):
+        content, calls = tool_parser.parse(t)
+        assert calls == [] and content == t
+    assert tool_parser.parse('{"name": "x", "arguments": {}}', "none") == ('{"name": "x", "arguments": {}}', [])
+
+
+def test_stream_splitter_holds_back_calls_only():
+    s = tool_parser.StreamSplitter("auto")
+    sent = "".join(s.feed(p) for p in ["Sure", ", checking <to", "ol_call>\n{\"name\": \"get_weather\", ",
+                                       "\"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"])
+    assert sent == "Sure, checking "
+    rest, calls = s.finish()
+    assert rest == "" and calls[0].name == "get_weather"
+    s = tool_parser.StreamSplitter("auto")
+    sent = "".join(s.feed(p) for p in ["Hello <", "b>world"])
+    rest, calls = s.finish()
+    assert sent + rest == "Hello <b>world" and not calls
+    s = tool_parser.StreamSplitter("auto")  # Llama-3 style: output starting with JSON is held
+    assert s.feed('{"name": "f", ') == "" and s.feed('"parameters": {}}') == ""
+    assert s.finish()[1][0].name == "f"
+    s = tool_parser.StreamSplitter("auto")
+    assert s.feed("{ not a call") == "" and s.finish() == ("{ not a call", [])
+
+
+def test_json_content_extraction():
+    assert json.loads(_json_content('Here: ```json\n{"a": 1}\n```')) == {"a": 1}
+    assert json.loads(_json_content('{"a": [1, 2]} trailing')) == {"a": [1, 2]}
+    assert _json_content("no json here") == "no json here"
+
+
+# -- validation and config -------------------------------------------------------------------------------
+def test_request_validation():
+    ok = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "stop": "x", "seed": 3})
+    assert ok.stop == ["x"] and ok.sampling(5)["random_seed"] == 3 and ok.sampling(5)["temperature"] == 1.0
+    assert ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "max_completion_tokens": 7,
+                                                 "max_tokens": 3}).max_new == 7
+    with pytest.raises(OpenAIError) as e:
+        ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "frequency_penalty": 0.5})
+    assert e.value.param == "frequency_penalty" and e.value.status == 400
+    with pytest.raises(OpenAIError):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "tool_choice": "auto"})
+    with pytest.raises(OpenAIError):
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "max_tokens": 0})
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2]}).prompts == [[1, 2]]
+    assert CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"]}).prompts == ["a", "b"]
+
+
+def test_app_config():
+    cfg = AppConfig.from_args({"model": "/x/my-model", "api_keys": "k1, k2", "autoscale": "1,4",
+                               "max_batch_size": "16"})
+    m = cfg.models[0]
+    assert m.name == "my-model" and cfg.api_keys == ["k1", "k2"] and m.autoscale == (1, 4)
+    assert m.engine_config().max_num_seqs == 16
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        AppConfig.from_args({"model": "/x", "tp": 2})
+    with pytest.raises(ValueError):
+        AppConfig.from_args({"model": "/x", "autoscale": "3,1"})
+
+
+# -- the routes over a real in-process engine ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tiny_model_factory):
+    eng = LLMEngine(tiny_model_factory("qwen2"), EngineConfig(dtype="float32", block_size=8, num_kv_blocks=256,
+                                                              session_len=512, progress=False))
+    srv = EngineServer(eng, "tiny")
+    yield srv
+    srv.shutdown()
+
+
+def _client(app):
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    return openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", http_client=http, max_retries=0), http
+
+
+def test_routes_in_process(server):
+    async def main():
+        c, http = _client(create_app(LocalBackend({"tiny": server})))
+        r = await c.chat.completions.create(model="tiny", messages=MSG, max_tokens=5, n=3, temperature=0.8,
+                                            seed=7, logprobs=True, top_logprobs=2)
+        assert len(r.choices) == 3 and r.usage.completion_tokens == sum(len(ch.logprobs.content) for ch in r.choices)
+        assert all(len(t.top_logprobs) == 2 for ch in r.choices for t in ch.logprobs.content)
+        # echo + logprobs + max_tokens 0: prompt scoring (lm-eval's loglikelihood requests)
+        r = await c.completions.create(model="tiny", prompt="the quick brown fox", max_tokens=0, echo=True,
+                                       logprobs=1, temperature=0)
+        lp = r.choices[0].logprobs
+        assert r.choices[0].text == "the quick brown fox" and r.usage.completion_tokens == 0
+        assert lp.token_logprobs[0] is None and all(x < 0 for x in lp.token_logprobs[1:])
+        assert len(lp.tokens) == r.usage.prompt_tokens
+        # the same scores as the engine's own prompt log-probabilities
+        ids = server.tokenizer.encode("the quick brown fox")
+        g = GenerationConfig(max_new_tokens=1, prompt_logprobs=True, ignore_eos=True)
+        want = list(server.async_engine.stream(ids, g))[-1].prompt_logprobs  # only the loop thread steps
+        assert lp.token_logprobs[1:] == pytest.approx(want[1:], abs=1e-4)
+        r = await c.completions.create(model="tiny", prompt=[[5, 6, 7], [8, 9]], max_tokens=3, n=2, temperature=0,
+                                       echo=True, logprobs=0)
+        assert len(r.choices) == 4 and r.usage.prompt_tokens == 5 and r.usage.completion_tokens == 12
+        assert r.choices[0].text == r.choices[1].text  # greedy: both samples agree
+        # tokenize helpers
+        t = (await http.post("/v1/tokenize", json={"model": "tiny", "prompt": "hello"})).json()
+        d = (await http.post("/v1/detokenize", json={"model": "tiny", "tokens": t["tokens"]})).json()
+        assert d["prompt"] == "hello" and t["max_model_len"] == 512
+        # tools reach the prompt (this template has no tools: the server's system prompt carries them)
+        plain = await c.chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
+        tooled = await c.chat.completions.create(model="tiny", messages=MSG, max_tokens=2, tools=TOOLS)
+        assert tooled.usage.prompt_tokens > plain.usage.prompt_tokens + 20
+        # multi-turn with a tool result
+        r = await c.chat.completions.create(model="tiny", max_tokens=2, tools=TOOLS, messages=MSG + [
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}])
+        assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+        # errors
+        with pytest.raises(openai.BadRequestError) as e:
+            await c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi " * 700}])
+        assert e.value.body["code"] == "context_length_exceeded"
+        with pytest.raises(openai.BadRequestError) as e:
+            await c.completions.create(model="tiny", prompt="hi", max_tokens=600)
+        assert e.value.body["param"] == "max_tokens"
+        with pytest.raises(openai.BadRequestError):
+            await c.completions.create(model="tiny", prompt=[1, 100000], max_tokens=2)
+        bad = await http.post("/v1/chat/completions", content=b"{not json",
+                              headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+        bad = await http.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG, "n": 0})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
+        assert server.engine_stats()["running"] == 0
+    asyncio.run(main())
+
+
+def test_auth(server):
+    async def main():
+        app = create_app(LocalBackend({"tiny": server}), api_keys=["sekret"])
+        c, http = _client(app)
+        assert (await http.get("/health")).status_code == 200  # health, metrics and the page stay open
+        assert (await http.get("/")).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = await http.get("/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            await c.models.list()
+        ok = openai.AsyncOpenAI(base_url="http://test/v1", api_key="sekret", http_client=http)
+        assert [m.id for m in (await ok.models.list()).data] == ["tiny"]
+        assert "rayawq_requests_total" in (await http.get("/metrics")).text
+    asyncio.run(main())
+
+
+def test_health_detects_a_stuck_engine(server):
+    server.healthy(60)
+    server.stats.in_flight += 1
+    server.stats.last_progress = time.monotonic() - 120
+    try:
+        with pytest.raises(RuntimeError, match="no progress"):
+            server.healthy(60)
+    finally:
+        server.stats.in_flight -= 1
+        server.stats.last_progress = time.monotonic()
+
+
+# -- scripted model outputs: tool calls and JSON mode ----------------------------------------------------
+class ScriptedBackend:
+    """Answers every request with a fixed output text, in pieces, like an engine would stream it."""
+
+    def __init__(self, text: str, tool_format: str = "hermes"):
+        self.text, self.tool_format = text, tool_format
+
+    def model_names(self):
+        return ["m"]
+
+    async def info(self, model):
+        return {"tool_format": self.tool_format, "max_model_len": 4096}
+
+    async def call(self, model, method, *args):
+        return {"running": 0}
+
+    async def generate(self, model, req):
+        pieces = [self.text[i:i + 7] for i in range(0, len(self.text), 7)]
+        for k in range(req["n"]):
+            for p in pieces:
+                yield [{"type": "delta", "index": k, "text": p, "token_ids": [1], "logprobs": None}]
+            yield [{"type": "finish", "index": k, "finish_reason": "stop", "text": self.text,
+                    "num_prompt_tokens": 10, "num_output_tokens": len(pieces), "num_cached_tokens": 0,
+                    "prompt": None}]
+
+
+def test_tool_call_round_trip_on_scripted_output():
+    out = 'I will check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+    async def main():
+        c, _ = _client(create_app(ScriptedBackend(out)))
+        r = await c.chat.completions.create(model="m", messages=MSG, tools=TOOLS)
+        ch = r.choices[0]
+        assert ch.finish_reason == "tool_calls" and ch.message.content == "I will check."
+        call = ch.message.tool_calls[0]
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+        # streamed: content first, then one tool_calls delta, then finish_reason tool_calls
+        s = await c.chat.completions.create(model="m", messages=MSG, tools=TOOLS, stream=True,
+                                            stream_options={"include_usage": True})
+        content, calls, reasons, usage = "", [], [], None
+        async for chunk in s:
+            if chunk.usage:
+                usage = chunk.usage
+            for chc in chunk.choices:
+                content += chc.delta.content or ""
+                calls += chc.delta.tool_calls or []
+                if chc.finish_reason:
+                    reasons.append(chc.finish_reason)
+        assert content == "I will check." and reasons == ["tool_calls"] and usage.prompt_tokens == 10
+        assert calls[0].function.name == "get_weather" and calls[0].index == 0
+        # tool_choice none: the text stays text
+        r = await c.chat.completions.create(model="m", messages=MSG, tools=TOOLS, tool_choice="none")
+        assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == out
+        # the follow-up turn with the tool result is accepted
+        r = await c.chat.completions.create(model="m", tools=TOOLS, messages=MSG + [
+            {"role": "assistant", "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny"}])
+        assert r.choices[0].message.tool_calls
+    asyncio.run(main())
+
+
+def test_llama3_tool_calls_and_json_mode_on_scripted_output():
+    async def main():
+        c, _ = _client(create_app(ScriptedBackend('{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+                                                  "llama3")))
+        r = await c.chat.completions.create(model="m", messages=MSG, tools=TOOLS)
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        c, _ = _client(create_app(ScriptedBackend('Sure! ```json\n{"answer": 42}\n```')))
+        r = await c.chat.completions.create(model="m", messages=MSG, response_format={"type": "json_object"})
+        assert json.loads(r.choices[0].message.content) == {"answer": 42}
+    asyncio.run(main())
