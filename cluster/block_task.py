@@ -36,7 +36,10 @@ def search_block(model_path: str, index: int, x: torch.Tensor, cfg: QuantConfig,
     builder = _worker_builder(model_path, device, dtype)
     layer = builder.block(index)
     ctx = BlockContext.build(builder.rotary(), x.shape[1], dtype, torch.device(device))
-    tensors, report = quantize_block(layer, index, x.to(dtype), ctx, builder.source.family, cfg)
+    # The inputs arrive in host memory from the object store; searching them there would copy every chunk
+    # to the GPU for each of the ~40 scale candidates.
+    x = x.to(device=device, dtype=dtype)
+    tensors, report = quantize_block(layer, index, x, ctx, builder.source.family, cfg)
     if device == "cuda":
         report.peak_gpu_gb = torch.cuda.max_memory_allocated() / 1024**3
     return tensors, report

@@ -68,7 +68,7 @@ def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int =
                 plan.summary.skipped.append(i)
                 print(f"[rayawq] block {i + 1}/{total} already done, skipped", flush=True)
                 continue
-            while len(in_flight) >= 2 * workers:  # bound what waits in the object store
+            while len(in_flight) >= workers:  # at most `workers` blocks (GPUs) at once
                 collect(block=True)
             in_flight[task.remote(str(plan.source.path), i, x.cpu(), cfg, plan.cdtype)] = i
             collect(block=False)

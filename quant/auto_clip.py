@@ -25,8 +25,26 @@ def subsample_tokens(x: torch.Tensor, n_tokens: int = N_TOKENS) -> torch.Tensor:
 
 
 @torch.no_grad()
-def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, oc_batch: int = 256) -> torch.Tensor:
-    """Best clamp value ``[out, in // group_size]`` for weight ``w`` ``[out, in]`` given inputs ``x`` ``[tokens, in]``."""
+def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, oc_batch: int | None = None) -> torch.Tensor:
+    """Best clamp value ``[out, in // group_size]`` for weight ``w`` ``[out, in]`` given inputs ``x`` ``[tokens, in]``.
+
+    On GPU the per-group products run as TF32 matmuls (the errors only rank 10 candidates) over large channel
+    batches; on CPU in fp32, 256 channels at a time.
+    """
+    out_f, in_f = w.shape
+    if oc_batch is None:
+        oc_batch = 2048 if w.is_cuda else 256
+    if w.is_cuda:
+        prev = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            return _search_clip(w, x, bits, group_size, oc_batch)
+        finally:
+            torch.set_float32_matmul_precision(prev)
+    return _search_clip(w, x, bits, group_size, oc_batch)
+
+
+def _search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, oc_batch: int) -> torch.Tensor:
     out_f, in_f = w.shape
     n_groups = in_f // group_size
     xg = x.float().reshape(-1, n_groups, group_size)

@@ -28,6 +28,8 @@ def cluster(tmp_path_factory):
     import ray
 
     fail_dir = tmp_path_factory.mktemp("faults")
+    # A loopback test cluster: no token auth, whatever ~/.ray holds (Ray 2.60 turns it on for new clusters).
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAYAWQ_FAIL_ONCE_DIR": str(fail_dir), "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
     subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env)
     subprocess.run(["ray", "start", "--head", f"--port={PORT}", "--num-cpus=2", "--include-dashboard=true",
