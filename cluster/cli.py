@@ -18,8 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
         serving_cli = None
     if serving_cli is not None and hasattr(serving_cli, "register"):
         serving_cli.register(sub)
-    from cluster import demo, serve_cmd
+    from cluster import demo, eval_cmd, serve_cmd
 
+    eval_cmd.register(sub)
     serve_cmd.register(sub)
     demo.register(sub)
     return parser

@@ -1,4 +1,4 @@
-"""``rayawq quantize`` and ``rayawq eval``."""
+"""``rayawq quantize``: flags and the single-process entry (the Ray job shares the flags)."""
 
 from __future__ import annotations
 
@@ -57,22 +57,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoTokenizer
-
-    from .evaluate import load_for_eval, perplexity
-    from .pipeline import pick_device
-
-    device = pick_device(args.device)
-    dtype = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    model = load_for_eval(args.model, device, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    res = perplexity(model, tokenizer, args.dataset, args.seqlen, args.max_windows)
-    print(f"perplexity {res.ppl:.4f}  ({res.windows} windows of {res.seqlen} tokens, {args.dataset})")
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("quantize", help="AWQ-quantize a model into an AutoAWQ-layout checkpoint")
     add_quant_args(q)
@@ -82,14 +66,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--workers", type=int, default=None, help="with --ray-address: blocks searched at once")
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("eval", help="WikiText-style perplexity of a model or AWQ checkpoint")
-    e.add_argument("model", help="FP model directory or AWQ checkpoint")
-    e.add_argument("--dataset", default="builtin", help="text file (.txt/.raw/.jsonl/.parquet) or builtin")
-    e.add_argument("--seqlen", type=int, default=2048)
-    e.add_argument("--max-windows", type=int, default=None)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
-    e.set_defaults(func=cmd_eval)
 
 
 def run(func, args) -> int:

@@ -42,9 +42,9 @@ def load_for_eval(model: str | Path, device: torch.device, dtype: torch.dtype | 
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
-@torch.no_grad()
-def perplexity(model, tokenizer, dataset: str | Path, seqlen: int = 2048, max_windows: int | None = None,
-               progress: bool = True) -> Perplexity:
+def eval_windows(tokenizer, dataset: str | Path, seqlen: int = 2048, max_windows: int | None = None) -> torch.Tensor:
+    """``[n, seqlen]`` non-overlapping windows of the joined text (lines joined by blank lines, as the
+    GPTQ/AWQ evaluation scripts join WikiText rows); the first ``max_windows`` if given."""
     path = BUILTIN_EVAL if str(dataset) == "builtin" else Path(dataset)
     text = "\n\n".join(read_texts(path))
     ids = token_stream([text], tokenizer)
@@ -53,11 +53,19 @@ def perplexity(model, tokenizer, dataset: str | Path, seqlen: int = 2048, max_wi
         n = min(n, max_windows)
     if n == 0:
         raise QuantError(f"{path} has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, dataset: str | Path, seqlen: int = 2048, max_windows: int | None = None,
+               progress: bool = True) -> Perplexity:
+    """Perplexity of a transformers model (FP, or AWQ through the reference loader)."""
+    windows = eval_windows(tokenizer, dataset, seqlen, max_windows)
     device = next(model.parameters()).device
     nll = 0.0
-    for w in tqdm(range(n), desc="perplexity", unit="window", disable=not progress):
-        window = ids[w * seqlen : (w + 1) * seqlen][None].to(device)
+    for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
+        window = window[None].to(device)
         logits = model(window).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1], window[0, 1:])
-        nll += loss.item()
+        nll += torch.nn.functional.cross_entropy(logits[0, :-1], window[0, 1:]).item()
+    n = windows.shape[0]
     return Perplexity(math.exp(nll / n), n, seqlen, n * seqlen)

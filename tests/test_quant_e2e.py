@@ -83,8 +83,12 @@ def test_console_script_and_eval(tiny_model_factory, calib_file, eval_file, tmp_
     assert r.returncode == 0, r.stderr
     assert "mse(RTN)" in r.stdout and "AWQ blocks" in r.stderr  # summary table and per-block progress
     for m in (src, out):
-        e = subprocess.run([sys.executable, "-m", "cluster.cli", "eval", str(m), "--dataset", str(eval_file),
-                            "--seqlen", "128", "--max-windows", "2"], capture_output=True, text=True, timeout=300)
-        assert e.returncode == 0, e.stderr
-        ppl = float(e.stdout.split("perplexity")[1].split()[0])
-        assert 1.0 < ppl < 1e4
+        ppls = []
+        for backend in ("engine", "reference"):  # the serving engine and transformers agree
+            e = subprocess.run([sys.executable, "-m", "cluster.cli", "eval", str(m), "--dataset", str(eval_file),
+                                "--seqlen", "128", "--max-windows", "2", "--backend", backend],
+                               capture_output=True, text=True, timeout=300)
+            assert e.returncode == 0, e.stderr
+            ppls.append(float(e.stdout.split("perplexity")[1].split()[0]))
+        assert 1.0 < ppls[0] < 1e4
+        assert abs(ppls[0] - ppls[1]) / ppls[1] < 1e-3
