@@ -18,6 +18,8 @@ class GenerationConfig:
     top_p: float = 1.0
     top_k: int = 0                        # 0 or -1: no top-k
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0         # OpenAI's: subtract this once from every token already generated
+    frequency_penalty: float = 0.0        # OpenAI's: subtract this times the token's count in the output
     random_seed: int | None = None
     stop_words: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -45,6 +47,10 @@ class GenerationConfig:
             bad(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
         if not 0.0 < self.repetition_penalty <= 10.0:
             bad(f"repetition_penalty must lie in (0, 10], got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2.0 <= v <= 2.0:
+                bad(f"{name} must lie in [-2, 2], got {v}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             bad(f"logprobs must lie in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:

@@ -89,7 +89,7 @@ def test_models_health_auth_and_errors(server, client):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
     for bad in ({"temperature": 3.0}, {"top_p": 0}, {"n": 0}, {"max_tokens": -1}, {"top_logprobs": 3},
-                {"presence_penalty": 1.0}, {"stop": [""]}):
+                {"presence_penalty": 2.5}, {"stop": [""]}):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], **bad)
         assert set(e.value.body) == {"message", "type", "param", "code"} and e.value.body["param"]

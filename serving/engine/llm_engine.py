@@ -179,7 +179,9 @@ class LLMEngine:
             repetition_penalties=[p.repetition_penalty for p in ps], seeds=[p.random_seed for p in ps],
             steps=[s.num_output_tokens for s in seqs], num_logprobs=[p.logprobs for p in ps],
             histories=[s.token_ids if p.repetition_penalty != 1.0 else [] for s, p in zip(seqs, ps)],
-            forbidden=forbidden)
+            forbidden=forbidden,
+            presence_penalties=[p.presence_penalty for p in ps], frequency_penalties=[p.frequency_penalty for p in ps],
+            outputs=[s.output_ids if (p.presence_penalty or p.frequency_penalty) else [] for s, p in zip(seqs, ps)])
 
     def _append(self, seq: Sequence, token: int, logprobs) -> RequestOutput | None:
         req = self.requests[seq.request_id]

@@ -1,4 +1,4 @@
-"""From logits to next tokens: repetition penalty, temperature, top-k, top-p, seeded sampling, logprobs.
+"""From logits to next tokens: repetition, presence and frequency penalties, temperature, top-k, top-p, seeded sampling, logprobs.
 
 Works on a batch; the per-row settings come as plain lists (the sampler knows nothing of requests).
 A seeded row draws its noise from a generator seeded with (seed, step), so a request with a seed gives the
@@ -23,6 +23,9 @@ class SamplingBatch:
     num_logprobs: list[int | None]
     histories: list[list[int]] = field(default_factory=list)  # tokens penalised, only where penalty != 1
     forbidden: list[list[int]] = field(default_factory=list)  # tokens that may not be sampled (min_new_tokens)
+    presence_penalties: list[float] = field(default_factory=list)   # OpenAI's additive penalties, over the
+    frequency_penalties: list[float] = field(default_factory=list)  # output tokens only (empty: none)
+    outputs: list[list[int]] = field(default_factory=list)  # output tokens, only where an additive penalty is set
 
     @property
     def all_greedy(self) -> bool:
@@ -54,10 +57,19 @@ class Sampler:
         """HF repetition penalty on every token seen (prompt and output); forbidden tokens to -inf."""
         rows = [i for i, p in enumerate(b.repetition_penalties) if p != 1.0 and b.histories and b.histories[i]]
         forbid = [i for i, f in enumerate(b.forbidden) if f]
-        if not rows and not forbid:
+        additive = [i for i, out in enumerate(b.outputs) if out]
+        if not rows and not forbid and not additive:
             return logits
         dev = logits.device
         logits = logits.clone()
+        if additive:  # logit -= frequency * count + presence * (count > 0), as OpenAI defines them
+            r_idx = torch.tensor([i for i in additive for _ in b.outputs[i]], device=dev)
+            t_idx = torch.tensor([t for i in additive for t in b.outputs[i]], device=dev)
+            counts = torch.zeros_like(logits)
+            counts.index_put_((r_idx, t_idx), torch.ones(len(r_idx), device=dev), accumulate=True)
+            freq = torch.tensor(b.frequency_penalties, device=dev, dtype=logits.dtype)[:, None]
+            pres = torch.tensor(b.presence_penalties, device=dev, dtype=logits.dtype)[:, None]
+            logits = logits - freq * counts - pres * (counts > 0).to(logits.dtype)
         if rows:
             r_idx = [i for i in rows for _ in b.histories[i]]
             t_idx = [t for i in rows for t in b.histories[i]]

@@ -168,10 +168,6 @@ class _Sampling(_Model):
 
     @model_validator(mode="after")
     def _no_penalties(self):
-        # The engine has repetition_penalty only; OpenAI's additive penalties are not the same function.
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise unsupported(name, "not supported by this server (0 only); use repetition_penalty")
         if self.logit_bias:
             raise unsupported("logit_bias", "not supported by this server")
         return self
@@ -189,6 +185,9 @@ class _Sampling(_Model):
             g["top_k"] = int(self.top_k)
         if self.repetition_penalty is not None:
             g["repetition_penalty"] = float(self.repetition_penalty)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                g[name] = float(getattr(self, name))
         if self.seed is not None:
             g["random_seed"] = int(self.seed) % (2**63)
         return g
