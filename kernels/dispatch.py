@@ -28,7 +28,7 @@ Key = tuple[int, int, int, int, str]
 TABLE_PATH = Path(os.environ.get("RAYAWQ_KERNEL_TABLE", Path(__file__).with_name("tuned_h100.json")))
 M_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
-KERNEL_NAMES: tuple[str, ...] = ("gemv", "splitk", "gemm", "dequant")
+KERNEL_NAMES: tuple[str, ...] = ("gemv", "lanes", "splitk", "gemm", "dequant")
 
 # Used only when no table is present (e.g. another card with RAYAWQ_KERNEL_TABLE pointing nowhere); copied from
 # the H100 measurement (tuned_h100.json, bucket_kernels), which overrides it whenever it is present.
@@ -158,6 +158,10 @@ def default_config(kernel: str, M: int, N: int, K: int, group: int, sms: int) ->
         bn = 128
         tiles = -(-N // bn) * M
         return {"kernel": "gemv", "BLOCK_N": bn, "split_k": split_for(tiles, G, sms, 4), "num_warps": 8}
+    if kernel == "lanes":
+        tiles = -(-N // 256)
+        return {"kernel": "lanes", "BLOCK_J": 32, "BLOCK_K": 16, "split_k": split_for(tiles, G, sms, 4),
+                "num_warps": 4}
     if kernel == "splitk":
         bm = min(64, max(16, mb))
         bn = 128
@@ -189,6 +193,13 @@ def candidates(M: int, N: int, K: int, group: int, sms: int) -> list[Config]:
             tiles = -(-N // bn) * M
             for waves in ((2,) if bn == 64 else (4,)):
                 out.append({"kernel": "gemv", "BLOCK_N": bn, "split_k": split_for(tiles, G, sms, waves),
+                            "num_warps": warps})
+    if mb <= 8:
+        # the lane-layout GEMV (awq_gemv_lanes): not yet measured on the H100; offered so the tuner does
+        for bj, bk, warps in ((32, 16, 4), (16, 32, 4), (64, 8, 8)):
+            tiles = -(-N // (8 * bj))
+            for waves in (2, 4):
+                out.append({"kernel": "lanes", "BLOCK_J": bj, "BLOCK_K": bk, "split_k": split_for(tiles, G, sms, waves),
                             "num_warps": warps})
     if mb <= 128:
         bm = min(64, max(16, mb))
@@ -257,6 +268,10 @@ def run_config(cfg: Config, x2: torch.Tensor, qweight: torch.Tensor, qzeros: tor
     kernel = cfg["kernel"]
     if kernel == "gemv":
         return at.gemv(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
+    if kernel == "lanes":
+        from .awq_gemv_lanes import lanes
+
+        return lanes(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
     if kernel in ("splitk", "gemm"):
         return at.dot(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
     if kernel == "dequant":

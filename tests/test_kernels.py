@@ -90,6 +90,31 @@ def rel(y, r):
     return ((y.double() - r).norm() / r.norm()).item()
 
 
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("group", list(GROUPS))
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_lanes_gemv_matches_fp64(M, group, split_k):
+    from kernels.awq_gemv_lanes import lanes
+
+    K = GROUPS[group]
+    N = ODD_NS[(M + list(GROUPS).index(group)) % len(ODD_NS)]
+    w = random_weights(K, N, group)
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    bias = torch.randn(N, dtype=torch.bfloat16) if M != 3 else None
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+    y = lanes(x, *w, group, bias, out=out, BLOCK_J=8, BLOCK_K=16, split_k=split_k)
+    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
+    assert rel(y, ref64(x, *w, group, bias)) < 1e-2
+
+
+def test_lanes_gemv_refuses_more_than_8_rows():
+    from kernels.awq_gemv_lanes import lanes
+
+    w = random_weights(128, 24, 32)
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        lanes(torch.randn(9, 128, dtype=torch.bfloat16), *w, 32)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("group", list(GROUPS))
 @pytest.mark.parametrize("M", MS)
