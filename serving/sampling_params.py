@@ -28,6 +28,7 @@ class GenerationConfig:
     skip_special_tokens: bool = True
     min_new_tokens: int = 0
     prompt_logprobs: bool = False         # log-probability of each prompt token (perplexity); no prefix cache
+    prompt_top_logprobs: int = 0          # with prompt_logprobs: also the top n at each prompt position
 
     @property
     def greedy(self) -> bool:
@@ -51,6 +52,8 @@ class GenerationConfig:
             v = getattr(self, name)
             if not -2.0 <= v <= 2.0:
                 bad(f"{name} must lie in [-2, 2], got {v}")
+        if not isinstance(self.prompt_top_logprobs, int) or not 0 <= self.prompt_top_logprobs <= MAX_LOGPROBS:
+            bad(f"prompt_top_logprobs must lie in [0, {MAX_LOGPROBS}], got {self.prompt_top_logprobs!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             bad(f"logprobs must lie in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:

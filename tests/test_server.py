@@ -142,6 +142,10 @@ def test_completions_echo_logprobs_for_scoring(client):
                                   temperature=0)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == 6 and len(lp.top_logprobs[-1]) == 2
+    for i in (1, 2, 3):  # echoed prompt positions carry the top 2 as well (lm-eval's is_greedy needs them)
+        top = lp.top_logprobs[i]
+        assert 2 <= len(top) <= 3 and lp.tokens[i] in top
+        assert max(top.values()) >= lp.token_logprobs[i] - 1e-6
 
 
 def test_tools_and_json_mode(client):

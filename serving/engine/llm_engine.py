@@ -38,6 +38,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     prompt_logprobs: list | None = None  # when asked for: per prompt token (None for the first), at the end
+    prompt_top_logprobs: list | None = None  # when asked for: per prompt token {token_id: logprob} top n
 
 
 @dataclass
@@ -133,13 +134,14 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        batch = ForwardBatch([], [], [], [], [])
+        batch = ForwardBatch([], [], [], [], [], [])
         sampled: list[Sequence] = []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
             score = seq.params.prompt_logprobs and start + 1 < seq.num_prompt_tokens
             batch.score_targets.append(seq.token_ids[start + 1:min(start + n + 1, seq.num_prompt_tokens)]
                                        if score else None)
+            batch.score_topn.append(seq.params.prompt_top_logprobs if score else 0)
             batch.token_ids.append(seq.token_ids[start:start + n])
             batch.start_positions.append(start)
             batch.block_tables.append(seq.block_table)
@@ -148,7 +150,7 @@ class LLMEngine:
             if wants:
                 sampled.append(seq)
         if not any(batch.score_targets):
-            batch.score_targets = None
+            batch.score_targets = batch.score_topn = None
         try:
             result = self.runner.execute(batch, self._sampling_batch(sampled) if sampled else None)
         except Exception as e:  # keep serving: fail this step's requests, not the engine
@@ -159,7 +161,13 @@ class LLMEngine:
                 if seq.prompt_logprobs is None:
                     seq.prompt_logprobs = [None] * seq.num_prompt_tokens
                 start = seq.num_computed_tokens + 1
-                seq.prompt_logprobs[start:start + len(result.scores[row])] = result.scores[row]
+                scores = result.scores[row]
+                if scores and isinstance(scores[0], tuple):  # (logprob, top-n) pairs
+                    if seq.prompt_top_logprobs is None:
+                        seq.prompt_top_logprobs = [None] * seq.num_prompt_tokens
+                    seq.prompt_top_logprobs[start:start + len(scores)] = [t for _, t in scores]
+                    scores = [v for v, _ in scores]
+                seq.prompt_logprobs[start:start + len(scores)] = scores
             seq.num_computed_tokens += n
             self.block_manager.register_computed(seq)
         outputs = []
@@ -228,7 +236,8 @@ class LLMEngine:
             finished=final, finish_reason=seq.finish_reason if final else None,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens, error=error,
-            prompt_logprobs=seq.prompt_logprobs if final else None)
+            prompt_logprobs=seq.prompt_logprobs if final else None,
+            prompt_top_logprobs=seq.prompt_top_logprobs if final else None)
 
     def get_ppl(self, input_ids: list[list[int]]) -> list[float]:
         """Mean negative log-likelihood of tokens 1..n of each sequence given the ones before (LMDeploy's

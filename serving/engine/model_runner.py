@@ -31,6 +31,7 @@ class ForwardBatch:
     block_tables: list[list[int]]
     sample: list[bool]             # rows that want a next token (logits at their last token)
     score_targets: list[list[int]] | None = None  # per row: next-token ids to score (prompt logprobs)
+    score_topn: list[int] | None = None  # per row: how many top alternatives to report with each score
 
     @property
     def is_decode(self) -> bool:
@@ -153,7 +154,7 @@ class ModelRunner:
                 hidden = self.model(self._tensor(ids, torch.int64), self._tensor(pos, torch.int64))
             finally:
                 set_context(None)
-        scores = self._score(hidden, cu, b.score_targets) if b.score_targets else None
+        scores = self._score(hidden, cu, b.score_targets, b.score_topn) if b.score_targets else None
         if not logit_rows:
             return SampleOutput([], [], scores) if scores else None
         rows = self._tensor(logit_rows, torch.int64)
@@ -162,23 +163,37 @@ class ModelRunner:
         out.scores = scores
         return out
 
-    def _score(self, hidden, cu, targets, chunk: int = 1024) -> dict[int, list[float]]:
-        """Log-probability of each given next token, from the hidden state of the token before it."""
+    def _score(self, hidden, cu, targets, topn: list[int] | None = None, chunk: int = 1024) -> dict[int, list]:
+        """Log-probability of each given next token, from the hidden state of the token before it.
+
+        Per row a list of floats, or, where ``topn[row] > 0``, of ``(logprob, {token: logprob} top n)``.
+        """
         rows, ids, owners = [], [], []
         for i, tg in enumerate(targets):
             if tg:
                 rows.extend(range(cu[i], cu[i] + len(tg)))
                 ids.extend(tg)
                 owners.append((i, len(tg)))
+        k = max(topn or [0])
         vals: list[float] = []
+        tops: list = []
         for s in range(0, len(rows), chunk):
             r = self._tensor(rows[s:s + chunk], torch.int64)
             t = self._tensor(ids[s:s + chunk], torch.int64)
             lp = torch.log_softmax(self.model.compute_logits(hidden.index_select(0, r)).float(), dim=-1)
             vals.extend(lp.gather(1, t[:, None]).squeeze(1).tolist())
+            if k:
+                top = lp.topk(k, dim=-1)
+                tops.extend(zip(top.indices.tolist(), top.values.tolist()))
         out, pos = {}, 0
         for i, n in owners:
-            out[i], pos = vals[pos:pos + n], pos + n
+            want = topn[i] if topn else 0
+            if want:
+                out[i] = [(v, dict(zip(ti[:want], tv[:want]))) for v, (ti, tv) in zip(vals[pos:pos + n],
+                                                                                     tops[pos:pos + n])]
+            else:
+                out[i] = vals[pos:pos + n]
+            pos += n
         return out
 
     # -- CUDA graphs (decode) ----------------------------------------------------------------------

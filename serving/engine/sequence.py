@@ -34,6 +34,7 @@ class Sequence:
     logprobs: list = field(default_factory=list)           # per output token: {token_id: logprob}
     max_total_tokens: int = 0             # prompt + max_new_tokens, capped by the context
     prompt_logprobs: list | None = None   # per prompt position (None for the first), when asked for
+    prompt_top_logprobs: list | None = None  # per prompt position {token_id: logprob}, when a top n is asked for
 
     def __post_init__(self):
         self.num_prompt_tokens = len(self.token_ids)

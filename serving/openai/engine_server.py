@@ -199,6 +199,8 @@ class EngineServer:
                 if want_lp is not None:
                     g["logprobs"] = int(want_lp)
                 g["prompt_logprobs"] = bool(echo and want_lp is not None)
+                if echo and want_lp:
+                    g["prompt_top_logprobs"] = int(want_lp)
                 try:
                     cfg = GenerationConfig(**g).validate()
                 except InvalidRequestError as e:
@@ -305,7 +307,8 @@ class EngineServer:
               "num_cached_tokens": out.num_cached_tokens if out else 0, "prompt": None,
               "error": out.error if out else None}
         if extra["echo"]:
-            ev["prompt"] = self._echo(ids, extra["prompt"], out.prompt_logprobs if out else None)
+            ev["prompt"] = self._echo(ids, extra["prompt"], out.prompt_logprobs if out else None,
+                                      out.prompt_top_logprobs if out else None)
         queue.put_nowait(ev)
 
     def _lps(self, out, n_new: int, cfg: GenerationConfig):
@@ -318,13 +321,18 @@ class EngineServer:
                         "top": [(self.token_str(t), float(lp)) for t, lp in top]})
         return res
 
-    def _echo(self, ids: list[int], prompt, plps) -> dict:
+    def _echo(self, ids: list[int], prompt, plps, tops=None) -> dict:
         text = prompt if isinstance(prompt, str) else (
             self.tokenizer.decode(ids) if self.tokenizer is not None else "")
-        res = {"text": text, "tokens": None, "token_logprobs": None}
+        res = {"text": text, "tokens": None, "token_logprobs": None, "top_logprobs": None}
         if plps is not None:
             res["tokens"] = [self.token_str(t) for t in ids]
             res["token_logprobs"] = [None if lp is None else float(lp) for lp in plps]
+        if tops is not None:  # the prompt token itself, then the top n (OpenAI's shape)
+            res["top_logprobs"] = [
+                None if d is None or lp is None else
+                {res["tokens"][i]: float(lp), **{self.token_str(t): float(v) for t, v in d.items()}}
+                for i, (d, lp) in enumerate(zip(tops, plps))]
         return res
 
 

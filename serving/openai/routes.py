@@ -454,8 +454,8 @@ def _echo_lp(prompt: dict) -> dict:
     for t in toks:
         offs.append(off)
         off += len(t)
-    # Prompt positions carry the logprob of the prompt token only (the engine computes no top-n there).
-    tops = [None if lp is None else {t: lp} for t, lp in zip(toks, lps)]
+    # Prompt positions carry the prompt token's logprob and, when logprobs > 0, the top n alternatives.
+    tops = prompt.get("top_logprobs") or [None if lp is None else {t: lp} for t, lp in zip(toks, lps)]
     return {"tokens": list(toks), "token_logprobs": list(lps), "top_logprobs": tops, "text_offset": offs}
 
 
