@@ -360,24 +360,31 @@ def _message(m) -> dict:
 
 
 # -- chat ----------------------------------------------------------------------------------------------
-async def _chat_full(req: ChatCompletionRequest, ereq: dict, events, fmt: str):
-    n = ereq["n"]
-    lps: dict[int, list] = {i: [] for i in range(n)}
+async def _collect(events, total: int, n: int, lp_of) -> tuple[dict[int, list], dict[int, dict], "_Usage"]:
+    """Drain a non-streaming request's events: logprob entries and the finish event of each choice, usage.
+    An engine error, or a choice that failed, raises."""
+    lps: dict[int, list] = {i: [] for i in range(total)}
     fin: dict[int, dict] = {}
     usage = _Usage(n)
     async for ev in events:
         if ev["type"] == "error":
             raise _event_error(ev)
         if ev["type"] == "delta":
-            lps[ev["index"]] += _chat_lp(ev.get("logprobs"))
+            lps[ev["index"]] += lp_of(ev.get("logprobs"))
         elif ev["type"] == "finish":
+            if ev["finish_reason"] == "error":
+                raise OpenAIError(f"generation failed: {ev.get('error')}", 500, "server_error")
             fin[ev["index"]] = ev
             usage.add(ev)
+    return lps, fin, usage
+
+
+async def _chat_full(req: ChatCompletionRequest, ereq: dict, events, fmt: str):
+    n = ereq["n"]
+    lps, fin, usage = await _collect(events, n, n, _chat_lp)
     choices = []
     for i in range(n):
         ev = fin[i]
-        if ev["finish_reason"] == "error":
-            raise OpenAIError(f"generation failed: {ev.get('error')}", 500, "server_error")
         text, reason = ev["text"], ev["finish_reason"]
         msg: dict = {"role": "assistant", "content": text}
         if fmt != "none":
@@ -461,22 +468,10 @@ def _echo_lp(prompt: dict) -> dict:
 
 async def _completion_full(req: CompletionRequest, ereq: dict, events):
     total = len(ereq["prompts"]) * ereq["n"]
-    entries: dict[int, list] = {i: [] for i in range(total)}
-    fin: dict[int, dict] = {}
-    usage = _Usage(ereq["n"])
-    async for ev in events:
-        if ev["type"] == "error":
-            raise _event_error(ev)
-        if ev["type"] == "delta":
-            entries[ev["index"]] += ev.get("logprobs") or []
-        elif ev["type"] == "finish":
-            fin[ev["index"]] = ev
-            usage.add(ev)
+    entries, fin, usage = await _collect(events, total, ereq["n"], lambda lp: lp or [])
     choices = []
     for i in range(total):
         ev = fin[i]
-        if ev["finish_reason"] == "error":
-            raise OpenAIError(f"generation failed: {ev.get('error')}", 500, "server_error")
         text, lp = ev["text"], None
         prompt = ev.get("prompt")
         if ereq["logprobs"] is not None:
