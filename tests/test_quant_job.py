@@ -145,3 +145,15 @@ def test_ray_cluster_yaml_validates_against_rays_schema():
     broken = {**config, "max_workers": "many"}
     with pytest.raises(Exception):
         validate_config(prepare_config(broken))
+
+
+def test_cli_quantize_with_ray_address(cluster, tiny_model_factory, calib_file, tmp_path):
+    src = tiny_model_factory("mistral", num_hidden_layers=2)
+    out = tmp_path / "cli"
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "quantize", str(src), "--work-dir", str(out),
+                        "--calib-dataset", str(calib_file), "--calib-samples", "4", "--calib-seqlen", "64",
+                        "--w-group-size", "64", "--ray-address", cluster["address"], "--num-gpus", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=cluster["env"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count(" done in ") == 2 and "mse(RTN)" in r.stdout
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 64
