@@ -73,8 +73,6 @@ def make_random_model(out: Path, shape: str, layers: int, calib_text: Path) -> P
 
 
 def run_one(model: Path, work: Path, gpus: int, calib: Path, samples: int, seqlen: int) -> dict:
-    import ray
-
     from cluster.quantize_job import run_distributed
     from quant.config import QuantConfig
 

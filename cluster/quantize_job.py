@@ -18,7 +18,6 @@ import sys
 import time
 
 import ray
-import torch
 
 from cluster.block_task import search_block
 from quant.cli import add_quant_args, config_from_args

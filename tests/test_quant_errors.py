@@ -3,8 +3,6 @@
 import json
 import shutil
 
-import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from cluster.cli import main
