@@ -163,10 +163,17 @@ def test_tools_and_json_mode(client):
             "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}])
     assert follow.usage.prompt_tokens > r.usage.prompt_tokens
-    j = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4,
+    j = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12,
                                        response_format={"type": "json_object"})
     assert j.choices[0].message.role == "assistant" and isinstance(j.choices[0].message.content, str)
     assert j.usage.prompt_tokens > plain.usage.prompt_tokens  # the JSON instruction reached the prompt
+    # constrained decoding: even a random model writes (the start of) one JSON object
+    from serving.constrain.json_prefix import JsonState
+
+    content = j.choices[0].message.content
+    assert content.startswith("{") and JsonState().feed(content) is not None, content
+    if j.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
 
 
 def test_mixed_load_no_lost_or_duplicated_responses(server):

@@ -10,6 +10,7 @@ from typing import Iterable
 
 import torch
 
+from ..constrain.json_mode import JsonObjectConstraint
 from ..config import EngineConfig, InvalidRequestError, ModelConfig
 from ..layers.parallel import SINGLE, TPContext
 from ..layers.sampler import SamplingBatch
@@ -77,6 +78,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, ecfg.max_num_seqs, ecfg.max_num_batched_tokens)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
+        self._token_texts: dict[int, str] = {}
 
     # -- requests ----------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int] | list[dict], chat: bool | None = None) -> list[int]:
@@ -114,6 +116,11 @@ class LLMEngine:
         if self.tokenizer is not None and (stream or params.stop_words):
             detok = Detokenizer(self.tokenizer, params.skip_special_tokens, list(params.stop_words))
         self.requests[rid] = _Request(seq, stop_ids, detok, stream)
+        if params.json_mode:
+            if self.tokenizer is None:
+                raise InvalidRequestError("json_mode needs the model's tokenizer")
+            self.requests[rid].extra["constraint"] = JsonObjectConstraint(
+                self._token_text, stop_ids or self.eos_ids, set(self.tokenizer.all_special_ids))
         self.scheduler.add(seq)
         return rid
 
@@ -189,11 +196,21 @@ class LLMEngine:
             histories=[s.token_ids if p.repetition_penalty != 1.0 else [] for s, p in zip(seqs, ps)],
             forbidden=forbidden,
             presence_penalties=[p.presence_penalty for p in ps], frequency_penalties=[p.frequency_penalty for p in ps],
-            outputs=[s.output_ids if (p.presence_penalty or p.frequency_penalty) else [] for s, p in zip(seqs, ps)])
+            outputs=[s.output_ids if (p.presence_penalty or p.frequency_penalty) else [] for s, p in zip(seqs, ps)],
+            constraints=[self.requests[s.request_id].extra.get("constraint") for s in seqs])
+
+    def _token_text(self, token_id: int) -> str:
+        """A token's text alone (cached): what the JSON constraint checks a candidate with."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
 
     def _append(self, seq: Sequence, token: int, logprobs) -> RequestOutput | None:
         req = self.requests[seq.request_id]
         seq.token_ids.append(token)
+        if "constraint" in req.extra:
+            req.extra["constraint"].advance(token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         reason = None

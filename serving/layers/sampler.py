@@ -26,6 +26,7 @@ class SamplingBatch:
     presence_penalties: list[float] = field(default_factory=list)   # OpenAI's additive penalties, over the
     frequency_penalties: list[float] = field(default_factory=list)  # output tokens only (empty: none)
     outputs: list[list[int]] = field(default_factory=list)  # output tokens, only where an additive penalty is set
+    constraints: list = field(default_factory=list)  # per row None or an object with allows(token_id) -> bool
 
     @property
     def all_greedy(self) -> bool:
@@ -45,11 +46,13 @@ class Sampler:
         want_lp = any(n is not None for n in b.num_logprobs)
         raw_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
         logits = self._penalise(logits, b)
-        if b.all_greedy:
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = self._sample(logits, b)
-        token_list = tokens.tolist()
+        # Per row, the token with the highest score is the choice: the logits for greedy rows, and for sampled
+        # rows probs / Exp(1) noise (an exponential race, so the best-ranked token is a draw from the row's
+        # distribution, and the best-ranked *allowed* token a draw from it restricted to the allowed ones).
+        scores = logits if b.all_greedy else self._sample_scores(logits, b)
+        token_list = scores.argmax(dim=-1).tolist()
+        if any(b.constraints):
+            token_list = self._constrain(scores, token_list, b.constraints)
         return SampleOutput(token_list, self._logprobs(raw_lp, token_list, b) if want_lp else [None] * len(token_list))
 
     @staticmethod
@@ -84,7 +87,22 @@ class Sampler:
         return logits
 
     @staticmethod
-    def _sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    def _constrain(scores: torch.Tensor, tokens: list[int], constraints: list, first: int = 64) -> list[int]:
+        """Replace each constrained row's choice by its best-ranked allowed token."""
+        out = list(tokens)
+        for i, c in enumerate(constraints):
+            if c is None or c.allows(out[i]):
+                continue
+            row = scores[i]
+            ranked = row.topk(min(first, row.numel())).indices.tolist()
+            pick = next((t for t in ranked if c.allows(t)), None)
+            if pick is None:  # rare: scan the whole vocabulary in rank order
+                pick = next((t for t in row.argsort(descending=True).tolist() if c.allows(t)), out[i])
+            out[i] = pick
+        return out
+
+    @staticmethod
+    def _sample_scores(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         dev = logits.device
         greedy = torch.tensor([t == 0.0 or k == 1 for t, k in zip(b.temperatures, b.top_ks)], device=dev)
         temps = torch.tensor([t if t > 0 else 1.0 for t in b.temperatures], device=dev)
@@ -112,8 +130,7 @@ class Sampler:
             if seed is not None:
                 g = torch.Generator(device=dev).manual_seed((int(seed) * 1_000_003 + b.steps[i]) % (2**63))
                 noise[i].exponential_(generator=g)
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+        return torch.where(greedy[:, None], logits, probs / noise)
 
     @staticmethod
     def _logprobs(raw_lp: torch.Tensor, tokens: list[int], b: SamplingBatch) -> list:

@@ -192,6 +192,8 @@ class EngineServer:
             new = 1 if score_only else (max_tokens if max_tokens is not None else room)
             for j in range(n):
                 g = dict(req["sampling"], max_new_tokens=new)
+                if req.get("json_mode"):
+                    g["json_mode"] = True  # constrained decoding: the output is one JSON object
                 if g.get("random_seed") is not None and j:
                     g["random_seed"] = (g["random_seed"] + j) % (2**63)
                 if score_only:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -69,22 +68,6 @@ def _chat_lp(entries: list[dict] | None) -> list[dict]:
         out.append({"token": e["token"], "logprob": e["logprob"], "bytes": _tok_bytes(e["token"]),
                     "top_logprobs": [{"token": t, "logprob": lp, "bytes": _tok_bytes(t)} for t, lp in e["top"]]})
     return out
-
-
-def _json_content(text: str) -> str:
-    """JSON mode without constrained decoding: the first JSON object in the text, when there is one."""
-    s = text.strip()
-    fence = re.search(r"```(?:json)?\s*(.*?)```", s, re.S)
-    if fence:
-        s = fence.group(1).strip()
-    start = s.find("{")
-    if start < 0:
-        return text
-    try:
-        obj, _ = json.JSONDecoder().raw_decode(s, start)
-        return json.dumps(obj, ensure_ascii=False)
-    except json.JSONDecodeError:
-        return text
 
 
 class _Usage:
@@ -393,8 +376,6 @@ async def _chat_full(req: ChatCompletionRequest, ereq: dict, events, fmt: str):
                 msg = {"role": "assistant", "content": content or None,
                        "tool_calls": [c.to_openai() for c in calls]}
                 reason = "tool_calls"
-        elif ereq.get("json_mode"):
-            msg["content"] = _json_content(text)
         choices.append({"index": i, "message": msg, "logprobs": {"content": lps[i]} if ereq["logprobs"] is not None
                         else None, "finish_reason": reason})
     return {"id": ereq["request_id"], "object": "chat.completion", "created": now(), "model": req.model,

@@ -1,0 +1,72 @@
+"""response_format json_object as constrained decoding: the recogniser, the sampler, the engine, the API."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from serving.constrain.json_mode import JsonObjectConstraint
+from serving.constrain.json_prefix import JsonState
+from serving.layers.sampler import Sampler, SamplingBatch
+
+VALID = ['{}', '{"a": 1}', '{"a": [1, 2.5, -3e4, true, null, "x\\n\\u00e9"], "b": {"c": false}} ',
+         '{"a":-0.5E+3}', '{"k":"v","l":[[],{}]}']
+INVALID = [' {}', '{' + ' ' * 17 + '}', '[]', '1', '"s"', '{"a"}', '{"a":}', '{a:1}', '{"a":01}', '{"a":1,}', '{"a":tru}', '{"a":1}}',
+           '{"a":"\x01"}', '{"a":1.}', '{"a" 1}', '{} x']
+
+
+@pytest.mark.parametrize("text", VALID)
+def test_every_prefix_of_an_object_is_accepted(text):
+    for i in range(len(text)):
+        assert JsonState().feed(text[:i]) is not None, text[:i]
+    assert JsonState().feed(text).complete
+
+
+@pytest.mark.parametrize("text", INVALID)
+def test_non_objects_are_refused(text):
+    st = JsonState().feed(text)
+    assert st is None or not st.complete
+
+
+def test_agrees_with_json_loads_on_random_strings():
+    rnd = random.Random(0)
+    alphabet = '{}[]":,0123456789-.eE truefalsnul\\a'
+    for _ in range(5000):
+        s = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 12)))
+        if s[0] == " ":  # leading whitespace is refused on purpose (json.loads takes it)
+            continue
+        try:
+            good = isinstance(json.loads(s), dict)
+        except ValueError:
+            good = False
+        st = JsonState().feed(s)
+        assert (st is not None and st.complete) == good, s
+
+
+def test_sampler_takes_the_best_allowed_token():
+    vocab = ["{", "}", '"', "a", ":", "1", "x", "<eos>"]
+    c = JsonObjectConstraint(lambda t: vocab[t], end_ids={7}, special_ids={7})
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 4.0]])  # prefers "x", then <eos>: both refused
+    b = SamplingBatch([0.0], [1.0], [0], [1.0], [None], [0], [None], constraints=[c])
+    assert Sampler()(logits, b).token_ids == [0]  # "{" is the best allowed start
+    for t in (0, 1):
+        c.advance(t)
+    assert c.state.complete and c.allows(7) and not c.allows(1)
+    assert Sampler()(logits, b).token_ids == [7]  # once complete, only end-of-sequence
+
+
+def test_engine_json_mode_output_is_always_a_json_prefix(tiny_model_factory):
+    from serving.config import EngineConfig
+    from serving.engine.llm_engine import LLMEngine
+    from serving.sampling_params import GenerationConfig
+
+    eng = LLMEngine(str(tiny_model_factory("qwen3")), EngineConfig(device="cpu", dtype="float32", progress=False))
+    prompt = eng.encode("Reply in JSON:")
+    for cfg in (GenerationConfig(max_new_tokens=40, json_mode=True),
+                GenerationConfig(max_new_tokens=40, json_mode=True, temperature=1.0, random_seed=3)):
+        out = eng.generate([prompt], cfg)[0]
+        st = JsonState().feed(out.text)
+        assert st is not None, out.text
+        if out.finish_reason == "stop":
+            assert isinstance(json.loads(out.text), dict)
