@@ -29,7 +29,9 @@ class GenerationConfig:
     min_new_tokens: int = 0
     prompt_logprobs: bool = False         # log-probability of each prompt token (perplexity); no prefix cache
     prompt_top_logprobs: int = 0          # with prompt_logprobs: also the top n at each prompt position
-    json_mode: bool = False               # the output is one JSON object (constrained decoding)
+    json_mode: bool = False               # the output is json_prefix + one JSON object + json_suffix (constrained)
+    json_prefix: str | tuple[str, ...] = ""  # a forced tool call's opening literal (or alternatives)
+    json_suffix: str = ""
 
     @property
     def greedy(self) -> bool:

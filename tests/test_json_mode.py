@@ -52,7 +52,7 @@ def test_sampler_takes_the_best_allowed_token():
     assert Sampler()(logits, b).token_ids == [0]  # "{" is the best allowed start
     for t in (0, 1):
         c.advance(t)
-    assert c.state.complete and c.allows(7) and not c.allows(1)
+    assert c.complete and c.allows(7) and not c.allows(1)
     assert Sampler()(logits, b).token_ids == [7]  # once complete, only end-of-sequence
 
 
@@ -70,3 +70,31 @@ def test_engine_json_mode_output_is_always_a_json_prefix(tiny_model_factory):
         assert st is not None, out.text
         if out.finish_reason == "stop":
             assert isinstance(json.loads(out.text), dict)
+
+
+def test_forced_tool_call_literals_around_the_object():
+    text = {i: ch for i, ch in enumerate('<>tolcaf_{}":n \n/1mesrgu,')}
+    inv = {v: k for k, v in text.items()}
+    prefix, suffix = '<tool_call>\n{"name": "f", "arguments": ', '}\n</tool_call>'
+    c = JsonObjectConstraint(lambda t: text[t], end_ids={99}, special_ids=set(), prefix=prefix, suffix=suffix)
+    assert [t for t in text if c.allows(t)] == [inv["<"]]  # the literal is forced, character by character
+    for ch in prefix + '{"a": 1}' + suffix:
+        assert c.allows(inv[ch]) and not c.allows(99), ch
+        c.advance(inv[ch])
+    assert c.complete and c.allows(99) and not any(c.allows(t) for t in text)
+    # the object may not be left early: '}' closes the arguments, then only the suffix's '}' may follow
+    c2 = JsonObjectConstraint(lambda t: text[t], end_ids={99}, special_ids=set(), prefix=prefix, suffix=suffix)
+    for ch in prefix + "{}":
+        c2.advance(inv[ch])
+    assert [t for t in text if c2.allows(t)] == [inv["}"]]
+
+
+def test_prefix_alternatives_pick_one_tool():
+    text = {i: ch for i, ch in enumerate('fgx{}')}
+    inv = {v: k for k, v in text.items()}
+    c = JsonObjectConstraint(lambda t: text[t], end_ids={9}, special_ids=set(), prefix=("fx", "gx"), suffix="")
+    assert sorted(text[t] for t in text if c.allows(t)) == ["f", "g"]
+    c.advance(inv["g"])
+    assert [text[t] for t in text if c.allows(t)] == ["x"]
+    c.advance(inv["x"])
+    assert [text[t] for t in text if c.allows(t)] == ["{"]

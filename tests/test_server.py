@@ -176,6 +176,19 @@ def test_tools_and_json_mode(client):
         assert isinstance(json.loads(content), dict)
 
 
+def test_named_tool_choice_forces_the_call(client):
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+        r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=64, tools=TOOLS,
+                                           tool_choice=choice)
+        ch = r.choices[0]
+        if ch.finish_reason == "tool_calls":  # the model closed the call within max_tokens
+            assert [c.function.name for c in ch.message.tool_calls] == ["get_weather"]
+        else:  # cut by max_tokens: the text is the start of the forced call, nothing else
+            head = '<tool_call>\n{"name": "get_weather", "arguments": {'
+            assert ch.finish_reason == "length" and ch.message.content.startswith(head), ch.message.content
+
+
 def test_mixed_load_no_lost_or_duplicated_responses(server):
     prompts = [f"Story number {i} begins" for i in range(8)]
     c = openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, timeout=300, max_retries=0)

@@ -120,7 +120,8 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise InvalidRequestError("json_mode needs the model's tokenizer")
             self.requests[rid].extra["constraint"] = JsonObjectConstraint(
-                self._token_text, stop_ids or self.eos_ids, set(self.tokenizer.all_special_ids))
+                self._token_text, stop_ids or self.eos_ids, set(self.tokenizer.all_special_ids),
+                params.json_prefix, params.json_suffix)
         self.scheduler.add(seq)
         return rid
 

@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 JSON_INSTRUCTION = "Answer with a single JSON object and nothing else."
 
 
+def forced_call(fmt: str, names: list[str]) -> tuple[tuple[str, ...], str]:
+    """The literals around the arguments object of one forced tool call (``tool_choice`` required: any of
+    ``names``; named: one name): the prefix alternatives, one per name, and the suffix."""
+    key = "parameters" if fmt == "llama3" else "arguments"
+    heads = tuple(f'{{"name": {json.dumps(n)}, "{key}": ' for n in names)
+    if fmt == "llama3":
+        return heads, "}"
+    return tuple("<tool_call>\n" + h for h in heads), "}\n</tool_call>"
+
+
 def tool_instruction(tools: list[dict]) -> str:
     """A system-prompt description of the tools for chat templates that do not render ``tools`` themselves;
     it teaches the Hermes/Qwen format that ``tool_parser`` reads."""
@@ -194,6 +204,9 @@ class EngineServer:
                 g = dict(req["sampling"], max_new_tokens=new)
                 if req.get("json_mode"):
                     g["json_mode"] = True  # constrained decoding: the output is one JSON object
+                if req.get("tool_call"):  # tool_choice required or named: exactly one call, in the model's format
+                    g["json_mode"] = True
+                    g["json_prefix"], g["json_suffix"] = forced_call(**req["tool_call"])
                 if g.get("random_seed") is not None and j:
                     g["random_seed"] = (g["random_seed"] + j) % (2**63)
                 if score_only:

@@ -20,7 +20,8 @@ from pydantic import ValidationError
 
 from ..metrics import CONTENT_TYPE_LATEST, IngressMetrics
 from . import tool_parser
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, OpenAIError, TokenizeRequest,
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, NamedToolChoice, OpenAIError,
+                       TokenizeRequest,
                        new_id, now)
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,11 @@ def create_app(backend, api_keys: list[str] | tuple = (), metrics: IngressMetric
             "request_id": new_id("chatcmpl"),
         }
         fmt = info.get("tool_format", "auto") if req.tools_enabled else "none"
+        if req.tools_enabled and (req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)):
+            # forced: decoding is constrained to one call in the model's format (engine_server.forced_call)
+            names = [req.tool_choice.function.name] if isinstance(req.tool_choice, NamedToolChoice) else \
+                [t.function.name for t in req.tools]
+            ereq["tool_call"] = {"fmt": "llama3" if fmt == "llama3" else "hermes", "names": names}
         return await _respond(req, ereq, lambda ev, usage: _chat_stream(req, ereq, ev, fmt, usage),
                               lambda ev: _chat_full(req, ereq, ev, fmt))
 
