@@ -9,6 +9,7 @@ whitespace around it allowed).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 WS = " \t\n\r"
@@ -141,40 +142,15 @@ class JsonState:
         return None
 
 
+# A JSON number, and every prefix of one (for a number still being written).
+NUMBER_RE = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
+NUMBER_PREFIX_RE = re.compile(r"-?(?:(?:0|[1-9]\d*)(?:\.(?:\d+(?:[eE][+-]?\d*)?)?|[eE][+-]?\d*)?)?")
+
+
 def _number_prefix(s: str) -> bool:
     """Can ``s`` still grow into a JSON number?"""
-    i, n = 0, len(s)
-    if i < n and s[i] == "-":
-        i += 1
-    if i == n:
-        return True
-    if s[i] == "0":
-        i += 1
-    elif s[i].isdigit():
-        while i < n and s[i].isdigit():
-            i += 1
-    else:
-        return False
-    if i < n and s[i] == ".":
-        i += 1
-        if i == n:
-            return True
-        if not s[i].isdigit():
-            return False
-        while i < n and s[i].isdigit():
-            i += 1
-    if i < n and s[i] in "eE":
-        i += 1
-        if i < n and s[i] in "+-":
-            i += 1
-        if i == n:
-            return True
-        if not s[i].isdigit():
-            return False
-        while i < n and s[i].isdigit():
-            i += 1
-    return i == n
+    return NUMBER_PREFIX_RE.fullmatch(s) is not None
 
 
 def _number_complete(s: str) -> bool:
-    return _number_prefix(s) and s[-1:].isdigit()
+    return NUMBER_RE.fullmatch(s) is not None
