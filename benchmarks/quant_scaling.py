@@ -5,6 +5,7 @@ calibration is 128 x 512 tokens, group 128, scale search + clip. Each GPU count 
 same local Ray cluster. Peak GPU memory is read from every task; peak host RAM from the driver.
 
     source .devbundle/setup.sh && python3 benchmarks/quant_scaling.py --gpus 1,2,4 --out $OUT/scaling
+    python benchmarks/quant_scaling.py --report quant_scaling.json   # writes the docs section from that run
 """
 
 from __future__ import annotations
@@ -87,9 +88,55 @@ def run_one(model: Path, work: Path, gpus: int, calib: Path, samples: int, seqle
             "peak_gpu_gb_tasks": max(b.peak_gpu_gb for b in summary.blocks)}
 
 
-def main() -> int:
-    import ray
+def plot(rows: list, meta: dict, path: Path) -> None:
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["gpus"])
+    g = [r["gpus"] for r in rows]
+    g0 = max(g[0], 1)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.4))
+    bars = a.bar([str(n) for n in g], [r["wall_s"] for r in rows], color="#4c72b0")
+    a.bar_label(bars, fmt="%.0f s", fontsize=8)
+    a.set(xlabel="GPUs", ylabel="wall time (s)", title="quantization wall time")
+    b.plot(g, [rows[0]["wall_s"] / r["wall_s"] for r in rows], "o-", label="measured")
+    b.plot(g, [n / g0 for n in g], "--", color="#999999", label="ideal linear")
+    b.set(xlabel="GPUs", ylabel=f"speedup vs {g[0]} GPU", title="speedup", xticks=g)
+    b.legend(fontsize=8)
+    fig.suptitle(f"{meta['shape']} shape, {meta['layers']} layers, AWQ search + clip, {meta['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(rows: list, meta: dict, note: str | None = None) -> str:
+    """The docs section (``meta``: device, gpus, commit, date and the run's settings, as main() stores them)."""
+    rows = sorted(rows, key=lambda r: r["gpus"])
+    base = rows[0]["wall_s"] if rows else float("nan")
+    md = ["## Distributed quantization scaling (`benchmarks/quant_scaling.py`)", "",
+          f"Device: {meta['device']} x{meta['gpus']} · date: {meta['date']} · commit: `{meta['commit']}`", "",
+          f"{meta['shape']} shape, {meta['layers']} layers, random weights; {meta['calib_samples']} × "
+          f"{meta['calib_seqlen']} calibration tokens, group 128, scale search (20 ratios + duo) + clip. "
+          "Speedup is against the smallest GPU count measured.", "",
+          "| GPUs | wall time (s) | speedup | mean block (s) | peak GPU memory per task (GB) | peak host RAM, driver (GB) |",
+          "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        md.append(f"| {r['gpus']} | {r['wall_s']:.1f} | {base / r['wall_s']:.2f}× | {r['mean_block_s']:.1f} | "
+                  f"{r['peak_gpu_gb_tasks']:.1f} | {r['peak_host_gb']:.1f} |")
+    by = {r["gpus"]: r["wall_s"] for r in rows}
+    if 1 in by:
+        t4 = f"{by[1] / by[4]:.2f}× ({'met' if by[1] / by[4] >= 3 else '**not met**'})" if 4 in by else "not measured"
+        md += ["", f"Targets: 1 GPU ≤ 180 s: {by[1]:.0f} s ({'met' if by[1] <= 180 else '**not met**'}); "
+                   f"4 GPUs ≥ 3× faster than 1: {t4}."]
+    md += (["", note] if note else []) + ["", "![scaling](quant_scaling.png)", "",
+           "Raw numbers: `benchmarks/results/quant_scaling.json`. Reproduce: `bash benchmarks/gpu_session.sh x4 <commit>` "
+           "on 4 GPUs, then `python benchmarks/quant_scaling.py --report quant_scaling.json`."]
+    return "\n".join(md) + "\n"
+
+
+def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama2-7b", choices=list(SHAPES))
     p.add_argument("--layers", type=int, default=32)
@@ -99,44 +146,50 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "docs"))
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--report", default=None, help="write the docs section from this quant_scaling.json and exit")
+    p.add_argument("--note", default=None, help="with --report: a paragraph added to the section")
     args = p.parse_args()
+    if args.report:
+        from benchmarks._report import write_section
+
+        res = json.loads(Path(args.report).read_text())
+        write_section("quant_scaling", report(res["rows"], res["meta"], args.note))
+        return 0
+
+    import datetime
+
+    import ray
+    import torch
+
+    from benchmarks._report import git_commit
 
     ray.init(include_dashboard=False)
+    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+            "gpus": int(ray.cluster_resources().get("GPU", 0)), "commit": git_commit(),
+            "date": datetime.date.today().isoformat(), "shape": args.shape, "layers": args.layers,
+            "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen}
     t0 = time.perf_counter()
     model = make_random_model(Path(args.model_dir), args.shape, args.layers, Path(args.calib))
     print(f"model written in {time.perf_counter() - t0:.0f}s", flush=True)
+    out = Path(args.out)
     rows = []
     for n in [int(x) for x in args.gpus.split(",")]:
-        if n > ray.cluster_resources().get("GPU", 0) and n > 0:
-            print(f"skip {n} GPUs: only {ray.cluster_resources().get('GPU', 0)} here", flush=True)
+        if n > meta["gpus"] and n > 0:
+            print(f"skip {n} GPUs: only {meta['gpus']} here", flush=True)
             continue
         rows.append(run_one(model, Path("/tmp/rayawq-scaling-out"), n, Path(args.calib), args.calib_samples,
                             args.calib_seqlen))
         print(rows[-1], flush=True)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "quant_scaling.json").write_text(json.dumps(rows, indent=1))  # survives a cut-off run
-    from benchmarks._report import stamp
-
-    import torch
-
-    rows.sort(key=lambda r: r["gpus"])
-    base = rows[0]["wall_s"] if rows else float("nan")
-    md = ["## Distributed quantization scaling (`benchmarks/quant_scaling.py`)", "",
-          stamp(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'} "
-                f"x{int(ray.cluster_resources().get('GPU', 0))}"), "",
-          f"{args.shape} shape, {args.layers} layers, random weights; {args.calib_samples} × {args.calib_seqlen} "
-          "calibration tokens, group 128, "
-          "scale search (20 ratios + duo) + clip.", "",
-          "| GPUs | wall time (s) | speedup | mean block (s) | peak GPU memory per task (GB) | peak host RAM, driver (GB) |",
-          "|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        md.append(f"| {r['gpus']} | {r['wall_s']:.1f} | {base / r['wall_s']:.2f}× | {r['mean_block_s']:.1f} | "
-                  f"{r['peak_gpu_gb_tasks']:.1f} | {r['peak_host_gb']:.1f} |")
-    out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quant_scaling.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # survives a cut-off run
+        try:
+            plot(rows, meta, out / "quant_scaling.png")
+        except Exception as e:  # matplotlib only where it is installed; never lose the numbers to the figure
+            print(f"no plot: {e!r}", flush=True)
+    md = report(rows, meta)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quant_scaling_section.md").write_text("\n".join(md))
-    (out / "quant_scaling.json").write_text(json.dumps(rows, indent=1))
-    print("\n".join(md))
+    (out / "quant_scaling_section.md").write_text(md)
+    print(md)
     return 0
 
 

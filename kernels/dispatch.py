@@ -28,7 +28,7 @@ Key = tuple[int, int, int, int, str]
 TABLE_PATH = Path(os.environ.get("RAYAWQ_KERNEL_TABLE", Path(__file__).with_name("tuned_h100.json")))
 M_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
-KERNEL_NAMES: tuple[str, ...] = ("gemv", "lanes", "splitk", "gemm", "dequant")
+KERNEL_NAMES: tuple[str, ...] = ("gemv", "lanes", "decode", "splitk", "gemm", "dequant")
 
 # Used only when no table is present (e.g. another card with RAYAWQ_KERNEL_TABLE pointing nowhere); copied from
 # the H100 measurement (tuned_h100.json, bucket_kernels), which overrides it whenever it is present.
@@ -162,6 +162,10 @@ def default_config(kernel: str, M: int, N: int, K: int, group: int, sms: int) ->
         tiles = -(-N // 256)
         return {"kernel": "lanes", "BLOCK_J": 32, "BLOCK_K": 16, "split_k": split_for(tiles, G, sms, 4),
                 "num_warps": 4}
+    if kernel == "decode":
+        tiles = -(-N // 1024) * M
+        return {"kernel": "decode", "BLOCK_J": 128, "BLOCK_K": 8, "ACC2D": True, "PREFETCH": True,
+                "split_k": split_for(tiles, G, sms, 4), "num_warps": 4}
     if kernel == "splitk":
         bm = min(64, max(16, mb))
         bn = 128
@@ -194,11 +198,23 @@ def candidates(M: int, N: int, K: int, group: int, sms: int) -> list[Config]:
             for waves in ((2,) if bn == 64 else (4,)):
                 out.append({"kernel": "gemv", "BLOCK_N": bn, "split_k": split_for(tiles, G, sms, waves),
                             "num_warps": warps})
-    if mb <= 8:
-        # the lane-layout GEMV (awq_gemv_lanes): not yet measured on the H100; offered so the tuner does
-        for bj, bk, warps in ((32, 16, 4), (16, 32, 4), (64, 8, 8)):
-            tiles = -(-N // (8 * bj))
+    if mb <= 4:
+        # the register-only decode GEMV (awq_gemv_decode): one packed word per thread, K down the rows
+        # (BLOCK_J = 32 x num_warps); variants: per-row FMA sums (ACC2D) or per-step reductions, one step of
+        # loads prefetched or not. Not yet measured on the H100.
+        # (each config compiles once per N: N8 is a compile-time constant, for immediate row offsets)
+        for bj, bk, acc2d, pf, warps in ((128, 8, True, True, 4), (128, 8, True, False, 4), (128, 16, False, True, 4),
+                                         (64, 8, True, True, 2)):
+            tiles = -(-N // (8 * bj)) * M
             for waves in (2, 4):
+                out.append({"kernel": "decode", "BLOCK_J": bj, "BLOCK_K": bk, "ACC2D": acc2d, "PREFETCH": pf,
+                            "split_k": split_for(tiles, G, sms, waves), "num_warps": warps})
+    if mb <= 8:
+        # the 3-D lane-layout GEMV (awq_gemv_lanes): its sm_90 build converts layouts through shared memory
+        # (see docs/kernels_notes.md); one config kept as a measured reference
+        for bj, bk, warps in ((32, 16, 4),):
+            tiles = -(-N // (8 * bj))
+            for waves in (4,):
                 out.append({"kernel": "lanes", "BLOCK_J": bj, "BLOCK_K": bk, "split_k": split_for(tiles, G, sms, waves),
                             "num_warps": warps})
     if mb <= 128:
@@ -272,6 +288,10 @@ def run_config(cfg: Config, x2: torch.Tensor, qweight: torch.Tensor, qzeros: tor
         from .awq_gemv_lanes import lanes
 
         return lanes(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
+    if kernel == "decode":
+        from .awq_gemv_decode import gemv_decode
+
+        return gemv_decode(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
     if kernel in ("splitk", "gemm"):
         return at.dot(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
     if kernel == "dequant":

@@ -107,6 +107,25 @@ def test_lanes_gemv_matches_fp64(M, group, split_k):
     assert rel(y, ref64(x, *w, group, bias)) < 1e-2
 
 
+@pytest.mark.parametrize("split_k,acc2d,prefetch", [(1, True, True), (3, True, False), (3, False, True),
+                                                    (1, False, False)])
+@pytest.mark.parametrize("group", list(GROUPS))
+@pytest.mark.parametrize("M", [1, 3])
+def test_decode_gemv_matches_fp64(M, group, split_k, acc2d, prefetch):
+    from kernels.awq_gemv_decode import gemv_decode
+
+    K = GROUPS[group]
+    N = ODD_NS[(M + 1 + list(GROUPS).index(group)) % len(ODD_NS)]
+    w = random_weights(K, N, group)
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    bias = torch.randn(N, dtype=torch.bfloat16) if M != 3 else None
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+    y = gemv_decode(x, *w, group, bias, out=out, BLOCK_J=8, BLOCK_K=16, split_k=split_k, num_warps=1,
+                    ACC2D=acc2d, PREFETCH=prefetch)
+    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
+    assert rel(y, ref64(x, *w, group, bias)) < 1e-2
+
+
 def test_lanes_gemv_refuses_more_than_8_rows():
     from kernels.awq_gemv_lanes import lanes
 

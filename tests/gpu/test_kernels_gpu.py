@@ -67,6 +67,9 @@ VARIANTS = {
                        num_warps=8, num_stages=3),
     "dequant": dict(kernel="dequant", BLOCK_N=128, num_warps=4),
     "lanes": dict(kernel="lanes", BLOCK_J=32, BLOCK_K=16, split_k=4, num_warps=4),
+    "decode": dict(kernel="decode", BLOCK_J=128, BLOCK_K=8, ACC2D=True, PREFETCH=True, split_k=4, num_warps=4),
+    "decode_tree": dict(kernel="decode", BLOCK_J=64, BLOCK_K=16, ACC2D=False, PREFETCH=False, split_k=1,
+                        num_warps=2),
 }
 
 
@@ -77,7 +80,7 @@ def test_every_variant_poisoned_output(variant, g, dtype):
     K, N = 1024, 1032  # N = 8 * 129: partial tiles
     w = weights(K, N, g, dtype)
     bias = torch.randn(N, device="cuda", dtype=dtype)
-    for M in ((1, 3, 8) if variant == "lanes" else (1, 3, 16, 33, 200)):  # lanes: decode rows only
+    for M in ((1, 3, 8) if variant.startswith(("lanes", "decode")) else (1, 3, 16, 33, 200)):  # decode rows only
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
         y = dispatch.run_config(VARIANTS[variant], x, *w, g, bias, out=out)

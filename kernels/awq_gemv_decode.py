@@ -1,0 +1,233 @@
+"""Decode GEMV (M = 1..4) with every reduction in registers: one packed column word per thread, K down the rows.
+
+Layout. A program owns ``BLOCK_J`` packed words (``8 * BLOCK_J`` output columns) and a slice of K groups; its
+``[BLOCK_K, BLOCK_J]`` tile of int32 words is spread over the threads along J only (``BLOCK_J`` = 32 lanes x
+``num_warps`` x words per thread), so each thread holds whole columns of the tile and the sum over K is a chain
+of FMAs in its own registers: no shuffles, no shared memory, no barriers in the loop. The eight columns of a
+word are unpacked with constant shifts (eight ``[BLOCK_K, BLOCK_J]`` tensors in the word's own layout), so
+nothing is reordered either.
+
+Arithmetic per weight, about three instructions: ``(w >> 16*(c&1)) & (0xF << 4*p) | 0x4B000000`` read as
+fp32 is ``2**23 + q * 16**p`` exactly (one ``lop3``; the shift is shared by four columns), minus the zero
+point made the same way (one ``fadd``, exact: ``(q - z) * 16**p``), times ``x`` into the group's partial sum
+(one ``ffma``). Per group and column, the partial sum is scaled once by ``scale * 16**-p``.
+
+Rows: one program per row of x (grid axis 2); rows re-read the weights from L2. Split-K partials are reduced in
+the same launch by the counter scheme of :mod:`kernels.awq_triton` (deterministic order).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .awq_triton import _out_and_ws, _split_args, tile_counters
+
+@triton.jit
+def _col(w, HALF: tl.constexpr, POS: tl.constexpr, magic):
+    """fp32 ``2**23 + code * 16**POS`` of the column stored in (``HALF``, ``POS``) of each word of ``w``.
+
+    ``magic`` (``0x4B000000``) comes in as a run-time argument so that it sits in one register and the mask is
+    the ``lop3``'s immediate; as two literals the compiler re-materialises a mask register for every weight.
+    """
+    if HALF == 1:
+        w = (w.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)  # logical: no sign extension
+    return ((w & (0xF << (4 * POS))) | magic).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _part_init(like, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr, ACC2D: tl.constexpr):
+    """A group's running sum for one column position: ``[BLOCK_J]``, or ``[BLOCK_K, BLOCK_J]`` with ``ACC2D``."""
+    if ACC2D:
+        return tl.zeros((BLOCK_K, BLOCK_J), dtype=tl.float32)
+    else:
+        return tl.zeros_like(like)
+
+
+@triton.jit
+def _part_add(p, xv, wc, zc, ACC2D: tl.constexpr):
+    """``p += x * (q - z) * 16**pos``; ``ACC2D`` keeps one sum per row (a single FMA per weight) and
+    reduces over the rows once per group, otherwise each step's rows are reduced at once."""
+    t = xv * (wc - zc[None, :])
+    if ACC2D:
+        return p + t
+    else:
+        return p + tl.sum(t, axis=0)
+
+
+@triton.jit
+def _part_sum(p, ACC2D: tl.constexpr):
+    if ACC2D:
+        return tl.sum(p, axis=0)
+    else:
+        return p
+
+
+@triton.jit(do_not_specialize=["magic"])
+def _awq_gemv_decode_kernel(
+    x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split, magic,
+    N8: tl.constexpr, GROUP: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC2D: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    pid_j = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_kk = tl.arange(0, BLOCK_K)
+    jmask = offs_j < N8
+    offs_jl = tl.minimum(offs_j, N8 - 1)  # tail lanes re-read the last word: weight loads need no mask
+    row_x = x_ptr + m * stride_xm
+    num_groups = K // GROUP
+    g0 = pid_k * groups_per_split
+    g1 = tl.minimum(g0 + groups_per_split, num_groups)
+
+    a0 = tl.zeros((BLOCK_J,), dtype=tl.float32)
+    a1 = tl.zeros_like(a0)
+    a2 = tl.zeros_like(a0)
+    a3 = tl.zeros_like(a0)
+    a4 = tl.zeros_like(a0)
+    a5 = tl.zeros_like(a0)
+    a6 = tl.zeros_like(a0)
+    a7 = tl.zeros_like(a0)
+    k_last = g1 * GROUP - BLOCK_K
+    k_0 = g0 * GROUP + offs_kk
+    w_nx = tl.load(qw_ptr + k_0[:, None] * N8 + offs_jl[None, :])
+    x_nx = tl.load(row_x + tl.broadcast_to(k_0[:, None], (BLOCK_K, BLOCK_J)))
+    for g in range(g0, g1):
+        z = tl.load(qz_ptr + g * N8 + offs_jl)
+        z0 = _col(z, 0, 0, magic)
+        z1 = _col(z, 0, 1, magic)
+        z2 = _col(z, 0, 2, magic)
+        z3 = _col(z, 0, 3, magic)
+        z4 = _col(z, 1, 0, magic)
+        z5 = _col(z, 1, 1, magic)
+        z6 = _col(z, 1, 2, magic)
+        z7 = _col(z, 1, 3, magic)
+        p0 = _part_init(a0, BLOCK_K, BLOCK_J, ACC2D)
+        p1 = _part_init(a0, BLOCK_K, BLOCK_J, ACC2D)
+        p2 = _part_init(a0, BLOCK_K, BLOCK_J, ACC2D)
+        p3 = _part_init(a0, BLOCK_K, BLOCK_J, ACC2D)
+        p4 = _part_init(a0, BLOCK_K, BLOCK_J, ACC2D)
+        p5 = _part_init(a0, BLOCK_K, BLOCK_J, ACC2D)
+        p6 = _part_init(a0, BLOCK_K, BLOCK_J, ACC2D)
+        p7 = _part_init(a0, BLOCK_K, BLOCK_J, ACC2D)
+        # every loaded tile feeds all eight column sums; the K steps are a loop, not unrolled (unrolled, the
+        # compiler hoists every load of the group into registers and spills)
+        for kk in range(0, GROUP // BLOCK_K):
+            if PREFETCH:  # this step's tiles were loaded one step ago; issue the next step's now
+                w = w_nx
+                xv = x_nx.to(tl.float32)
+                k_n = tl.minimum(g * GROUP + (kk + 1) * BLOCK_K, k_last) + offs_kk  # the last step re-reads itself
+                w_nx = tl.load(qw_ptr + k_n[:, None] * N8 + offs_jl[None, :])
+                # x loaded in the tile's own layout (every lane reads the same BLOCK_K values): no conversion
+                x_nx = tl.load(row_x + tl.broadcast_to(k_n[:, None], (BLOCK_K, BLOCK_J)))
+            else:
+                k = g * GROUP + kk * BLOCK_K + offs_kk
+                w = tl.load(qw_ptr + k[:, None] * N8 + offs_jl[None, :])
+                xv = tl.load(row_x + k).to(tl.float32)[:, None]
+            wh = (w.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)
+            p0 = _part_add(p0, xv, _col(w, 0, 0, magic), z0, ACC2D)
+            p1 = _part_add(p1, xv, _col(w, 0, 1, magic), z1, ACC2D)
+            p2 = _part_add(p2, xv, _col(w, 0, 2, magic), z2, ACC2D)
+            p3 = _part_add(p3, xv, _col(w, 0, 3, magic), z3, ACC2D)
+            p4 = _part_add(p4, xv, _col(wh, 0, 0, magic), z4, ACC2D)
+            p5 = _part_add(p5, xv, _col(wh, 0, 1, magic), z5, ACC2D)
+            p6 = _part_add(p6, xv, _col(wh, 0, 2, magic), z6, ACC2D)
+            p7 = _part_add(p7, xv, _col(wh, 0, 3, magic), z7, ACC2D)
+        p0 = _part_sum(p0, ACC2D)
+        p1 = _part_sum(p1, ACC2D)
+        p2 = _part_sum(p2, ACC2D)
+        p3 = _part_sum(p3, ACC2D)
+        p4 = _part_sum(p4, ACC2D)
+        p5 = _part_sum(p5, ACC2D)
+        p6 = _part_sum(p6, ACC2D)
+        p7 = _part_sum(p7, ACC2D)
+        # nibble n = 4*half + pos holds column AWQ_ORDER[n]; its scale, times 16**-pos
+        sb = s_ptr + g * N + offs_j * 8
+        a0 += p0 * tl.load(sb + 0, mask=jmask, other=0.0).to(tl.float32)
+        a1 += p1 * (tl.load(sb + 2, mask=jmask, other=0.0).to(tl.float32) * (1.0 / 16))
+        a2 += p2 * (tl.load(sb + 4, mask=jmask, other=0.0).to(tl.float32) * (1.0 / 256))
+        a3 += p3 * (tl.load(sb + 6, mask=jmask, other=0.0).to(tl.float32) * (1.0 / 4096))
+        a4 += p4 * tl.load(sb + 1, mask=jmask, other=0.0).to(tl.float32)
+        a5 += p5 * (tl.load(sb + 3, mask=jmask, other=0.0).to(tl.float32) * (1.0 / 16))
+        a6 += p6 * (tl.load(sb + 5, mask=jmask, other=0.0).to(tl.float32) * (1.0 / 256))
+        a7 += p7 * (tl.load(sb + 7, mask=jmask, other=0.0).to(tl.float32) * (1.0 / 4096))
+
+    # the eight accumulators hold columns 8j + AWQ_ORDER[n] for nibble n = 0..7, i.e. 0, 2, 4, 6, 1, 3, 5, 7
+    _finish8(a0, a1, a2, a3, a4, a5, a6, a7, y_ptr, ws_ptr, cnt_ptr, b_ptr, m, offs_j, jmask, pid_j, pid_k,
+             M, N, stride_ym, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _store_col(acc, c: tl.constexpr, dst, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N,
+               HAS_BIAS: tl.constexpr, LAST: tl.constexpr):
+    n = offs_j * 8 + c
+    if LAST:
+        tot = tl.zeros_like(acc)
+        for s in range(0, SPLIT_K):
+            tot += tl.load(ws_ptr + s * M * N + row_ws + n, mask=jmask, other=0.0, cache_modifier=".cg")
+        acc = tot
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=jmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row_y + n, acc.to(y_ptr.dtype.element_ty), mask=jmask)
+
+
+@triton.jit
+def _finish8(a0, a1, a2, a3, a4, a5, a6, a7, y_ptr, ws_ptr, cnt_ptr, b_ptr, m, offs_j, jmask, pid_j, pid_k,
+             M, N, stride_ym, SPLIT_K, HAS_BIAS: tl.constexpr):
+    """Write the eight column accumulators; with split-K, the last program of the tile sums the partials."""
+    row_y = m * stride_ym
+    row_ws = m * N
+    if SPLIT_K == 1:
+        _store_col(a0, 0, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS, False)
+        _store_col(a1, 2, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS, False)
+        _store_col(a2, 4, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS, False)
+        _store_col(a3, 6, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS, False)
+        _store_col(a4, 1, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS, False)
+        _store_col(a5, 3, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS, False)
+        _store_col(a6, 5, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS, False)
+        _store_col(a7, 7, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS, False)
+    else:
+        base = ws_ptr + pid_k * M * N + row_ws + offs_j * 8
+        tl.store(base + 0, a0, mask=jmask)
+        tl.store(base + 2, a1, mask=jmask)
+        tl.store(base + 4, a2, mask=jmask)
+        tl.store(base + 6, a3, mask=jmask)
+        tl.store(base + 1, a4, mask=jmask)
+        tl.store(base + 3, a5, mask=jmask)
+        tl.store(base + 5, a6, mask=jmask)
+        tl.store(base + 7, a7, mask=jmask)
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        tile_id = m * tl.num_programs(0) + pid_j
+        prev = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+        if prev == SPLIT_K - 1:
+            for c in tl.static_range(8):
+                _store_col(a0, c, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS,
+                           True)
+            tl.atomic_xchg(cnt_ptr + tile_id, 0)  # ready for the next launch (and the next graph replay)
+
+
+def gemv_decode(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+                BLOCK_J: int = 128, BLOCK_K: int = 16, split_k: int = 1, num_warps: int = 4,
+                num_stages: int = 1, ACC2D: bool = False, PREFETCH: bool = False) -> torch.Tensor:
+    """``x2 [M, K] @ W`` for decode-sized ``M`` (one program per row); ``x2`` has unit column stride.
+
+    ``BLOCK_J`` should be a multiple of ``32 * num_warps`` so that the layout puts K entirely inside threads.
+    """
+    M, K = x2.shape
+    N = scales.shape[1]
+    block_k = min(BLOCK_K, group_size)
+    split_k, gps = _split_args(K // group_size, split_k)
+    y, ws = _out_and_ws(x2, N, out, split_k)
+    grid = (triton.cdiv(N // 8, BLOCK_J), split_k, M)
+    cnt = tile_counters(x2.device, grid[0] * M) if split_k > 1 else y
+    _awq_gemv_decode_kernel[grid](
+        x2, qweight, qzeros, scales, bias if bias is not None else y, y, ws, cnt,
+        M, N, K, x2.stride(0), y.stride(0), split_k, gps, 0x4B000000,
+        N8=N // 8, GROUP=group_size, BLOCK_J=BLOCK_J, BLOCK_K=block_k, HAS_BIAS=bias is not None, ACC2D=ACC2D, PREFETCH=PREFETCH,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return y
