@@ -5,7 +5,7 @@
 # Everything lands under $OUT/<name>/; write the docs sections here afterwards from the JSON files
 # (each benchmark's --report, or benchmarks/_report.py:write_section with its *_section.md).
 set -uo pipefail
-kind=${1:?x1, kx or x4}
+kind=${1:?x1, x1a, x1b, kx or x4}
 export RAYAWQ_COMMIT=${2:?commit} PYTHONUNBUFFERED=1
 out=${OUT:?run this through the device tool}
 source .devbundle/setup.sh || exit 1
@@ -17,6 +17,21 @@ case $kind in
     timeout 200 python3 benchmarks/kernels.py --out "$out/kernels" --budget-s 170 2>&1 | tail -25
     timeout 150 python3 benchmarks/engine.py --out "$out/engine" --skip-hf 2>&1 | tail -15
     timeout 200 python3 benchmarks/serve.py --out "$out/serve" --no-docs 2>&1 | tail -15
+    ;;
+  x1a)
+    # first half of x1 (one call each fits the 600 s limit): kernel tests, kernel benchmark + table; the table is
+    # also left in /tmp for x1b on the same warm machine
+    timeout 120 python3 -m pytest -q tests/gpu/test_kernels_gpu.py 2>&1 | tail -4
+    timeout 330 python3 benchmarks/kernels.py --out "$out/kernels" --budget-s 290 2>&1 | tail -40
+    cp "$out/kernels/tuned_h100.json" /tmp/rayawq_tuned_h100.json && echo "table left in /tmp"
+    ;;
+  x1b)
+    # second half: engine GPU tests, engine and serve benchmarks with x1a's table when this machine has it
+    [ -f /tmp/rayawq_tuned_h100.json ] && export RAYAWQ_KERNEL_TABLE=/tmp/rayawq_tuned_h100.json
+    echo "kernel table: ${RAYAWQ_KERNEL_TABLE:-repo}"
+    timeout 100 python3 -m pytest -q tests/gpu/test_engine_gpu.py 2>&1 | tail -4
+    timeout 170 python3 benchmarks/engine.py --out "$out/engine" --skip-hf 2>&1 | tail -15
+    timeout 280 python3 benchmarks/serve.py --out "$out/serve" --no-docs --requests-per-client 2 2>&1 | tail -20
     ;;
   kx)
     # kernel experiment: correctness of every variant on the GPU, then the decode-sized rows of the target shapes
