@@ -87,6 +87,7 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 class Result:
     def __init__(self):
         self.ttft, self.latency, self.itl, self.tokens, self.ok, self.error = None, None, [], 0, False, None
+        self.chunks = 0  # streamed messages that carried output (several tokens each when coalesced)
 
 
 async def closed_loop(send, reqs: list, concurrency: int) -> tuple[list[Result], float]:
@@ -117,10 +118,12 @@ def summarize(results: list[Result], wall: float) -> dict:
     itl = sorted(x for r in ok for x in r.itl)
     out_tokens = sum(r.tokens for r in ok)
     errors = sorted({r.error for r in results if not r.ok})
+    chunks = sum(r.chunks for r in ok)
     return {"requests": len(results), "failed": len(results) - len(ok), "wall_s": wall,
             "ttft_p50_ms": 1e3 * q(ttft, 50), "ttft_p99_ms": 1e3 * q(ttft, 99),
             "tpot_p50_ms": 1e3 * q(tpot, 50), "itl_p50_ms": 1e3 * q(itl, 50),
-            "output_tok_s": out_tokens / wall, "req_s": len(ok) / wall, "errors": errors[:3]}
+            "output_tok_s": out_tokens / wall, "req_s": len(ok) / wall,
+            "tokens_per_chunk": out_tokens / chunks if chunks else float("nan"), "errors": errors[:3]}
 
 
 def engine_sender(ae, output_len: int):
@@ -134,6 +137,7 @@ def engine_sender(ae, output_len: int):
         async for out in ae.generate(ids, g):
             now = time.perf_counter()
             if out.new_token_ids:
+                r.chunks += 1
                 if r.ttft is None:
                     r.ttft = now - t0
                 elif last is not None:
@@ -178,6 +182,7 @@ def http_sender(session, url: str, model: str, output_len: int):
                     if obj.get("usage"):
                         r.tokens = obj["usage"]["completion_tokens"]
                     if obj.get("choices") and obj["choices"][0].get("finish_reason") is None:
+                        r.chunks += 1
                         if r.ttft is None:
                             r.ttft = now - t0
                         elif last is not None:
@@ -242,6 +247,7 @@ def bench_serve(model: Path, args, vocab: int) -> dict:
     server = run_local(model, port=args.port, name="bench", device=cfg.device,
                        max_batch_size=cfg.max_num_seqs, cache_max_entry_count=cfg.cache_max_entry_count,
                        session_len=cfg.session_len, num_cpus=1 if not args.small else 0.5,
+                       stream_messages_per_s=args.stream_messages_per_s,
                        ready_timeout_s=1800)
     url = server.base_url + "/completions"
     res = {}
@@ -307,6 +313,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-requests", type=int, default=16)
     p.add_argument("--cache-max-entry-count", type=float, default=0.8)
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--stream-messages-per-s", type=float, default=1000.0,
+                   help="the engine replica's message budget (ModelConfig.stream_messages_per_s; 0: per token)")
     p.add_argument("--paths", nargs="+", default=["engine", "serve"], choices=["engine", "serve"])
     p.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     args = p.parse_args(argv)

@@ -2,18 +2,52 @@
 
 Kept apart from the job's entry module so the task pickles by reference to an importable module
 (``python -m cluster.quantize_job`` runs that module as ``__main__``).
+
+Inputs and results cross the object store as numpy arrays: Ray stores those zero-copy (a worker on the
+same node maps the driver's bytes), while a torch tensor is pickled, which copies it on both sides.
 """
 
 from __future__ import annotations
 
 import os
+import time
+import warnings
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from quant.block_quant import BlockContext, quantize_block
 from quant.config import QuantConfig
 from quant.model_io import BlockBuilder, ModelSource
+
+# Same-width integer views: numpy has no bfloat16, and a view keeps the bits exactly.
+_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def to_array(t: torch.Tensor) -> np.ndarray:
+    """A host numpy view of ``t``'s bits (a copy only where ``t`` is on a GPU or not contiguous)."""
+    t = t.detach().contiguous().cpu()
+    return t.view(_INT_OF_WIDTH[t.element_size()]).numpy()
+
+
+def from_array(a: np.ndarray, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Tensor of ``dtype`` on ``device`` from ``to_array``'s bits; never aliases ``a``.
+
+    An array from the object store is read-only shared memory: it is copied, never written.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        t = torch.from_numpy(a).view(dtype)
+    return t.to(device, copy=True)
+
+
+def pack_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, torch.dtype]]:
+    return {k: (to_array(t), t.dtype) for k, t in tensors.items()}
+
+
+def unpack_tensors(packed: dict[str, tuple[np.ndarray, torch.dtype]]) -> dict[str, torch.Tensor]:
+    return {k: from_array(a, dtype) for k, (a, dtype) in packed.items()}
 
 
 @lru_cache(maxsize=2)
@@ -22,24 +56,50 @@ def _worker_builder(model_path: str, device: str, dtype: torch.dtype) -> BlockBu
     return BlockBuilder(ModelSource(model_path), torch.device(device), dtype)
 
 
-def search_block(model_path: str, index: int, x: torch.Tensor, cfg: QuantConfig, dtype: torch.dtype):
-    """Body of the Ray task: rebuild block ``index`` from the files and run AWQ on it."""
+def _maybe_inject_failure(index: int) -> None:
+    """Fault injection for tests: the first attempt at each block listed in RAYAWQ_FAIL_ONCE_DIR dies."""
     fail_marker = os.environ.get("RAYAWQ_FAIL_ONCE_DIR")
-    if fail_marker:  # fault injection for tests: the first attempt at each listed block dies
+    if fail_marker:
         marker = os.path.join(fail_marker, f"block-{index}")
         if os.path.exists(marker + ".armed") and not os.path.exists(marker + ".fired"):
             open(marker + ".fired", "w").close()
             raise RuntimeError(f"injected failure in block {index}")
+
+
+def search_block(model_path: str, index: int, x: np.ndarray | torch.Tensor, cfg: QuantConfig, dtype: torch.dtype):
+    """Body of the Ray task: rebuild block ``index`` from the files and run AWQ on it.
+
+    ``x`` is the block's inputs (``to_array`` of a ``dtype`` tensor, or the tensor itself). Returns
+    ``(pack_tensors(tensors), report, timings)``; ``timings`` are seconds per step plus ``start``/``end``
+    wall-clock stamps, so the driver can tell queueing and transfer from work.
+    """
+    timings = {"start": time.time()}
+    _maybe_inject_failure(index)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    # The inputs arrive in host memory from the object store; searching them there would copy every chunk
+    # to the GPU for each of the ~40 scale candidates.
+    x = from_array(x, dtype, device) if isinstance(x, np.ndarray) else x.to(device=device, dtype=dtype)
+    timings["x_to_device"] = _lap(t, device)
+    t = time.perf_counter()
     builder = _worker_builder(model_path, device, dtype)
     layer = builder.block(index)
     ctx = BlockContext.build(builder.rotary(), x.shape[1], dtype, torch.device(device))
-    # The inputs arrive in host memory from the object store; searching them there would copy every chunk
-    # to the GPU for each of the ~40 scale candidates.
-    x = x.to(device=device, dtype=dtype)
+    timings["rebuild"] = _lap(t, device)
     tensors, report = quantize_block(layer, index, x, ctx, builder.source.family, cfg)
+    timings["search_pack"] = report.seconds
     if device == "cuda":
         report.peak_gpu_gb = torch.cuda.max_memory_allocated() / 1024**3
-    return tensors, report
+    t = time.perf_counter()
+    packed = pack_tensors(tensors)
+    timings["to_array"] = time.perf_counter() - t
+    timings["end"] = time.time()
+    return packed, report, timings
+
+
+def _lap(t0: float, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()  # time the copy, not its launch
+    return time.perf_counter() - t0

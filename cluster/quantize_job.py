@@ -18,12 +18,15 @@ import sys
 import time
 
 import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.block_task import search_block
+from cluster.block_task import search_block, to_array, unpack_tensors
 from quant.cli import add_quant_args, config_from_args
 from quant.config import QuantConfig
 from quant.errors import QuantError
-from quant.pipeline import QuantPlan, QuantSummary
+from quant.pipeline import BlockWriter, QuantPlan, QuantSummary
 
 log = logging.getLogger("rayawq.job")
 
@@ -35,44 +38,126 @@ def resources(num_gpus: int) -> dict:
     return {"num_gpus": 1, "num_cpus": 1} if num_gpus > 0 else {"num_cpus": 1}
 
 
+def reserve(num_gpus: int, workers: int) -> PlacementGroup:
+    """One bundle per worker: tasks scheduled into it run at most ``workers`` at once, however many are
+    submitted, so tasks queued ahead wait for this job's own GPUs instead of taking other ones."""
+    bundle = {"GPU": 1, "CPU": 1} if num_gpus > 0 else {"CPU": 1}
+    pg = placement_group([bundle] * workers, strategy="PACK")
+    log.info("waiting for %d x %s", workers, bundle)
+    ray.get(pg.ready())
+    return pg
+
+
+class _Dispatch:
+    """The driver's side of the pipeline: inputs into the object store, tasks out, results to the writer.
+
+    Up to ``limit`` tasks are in flight; with ``limit`` above the worker count Ray holds the extra ones and
+    starts them the moment a worker frees, their inputs already in the object store, so a GPU does not idle
+    while the driver collects, saves and submits. Finished blocks go to a ``BlockWriter`` thread.
+    """
+
+    def __init__(self, plan: QuantPlan, task, limit: int):
+        self.plan, self.task, self.limit = plan, task, limit
+        self.in_flight: dict[ray.ObjectRef, int] = {}
+        self.submitted: dict[int, float] = {}
+        self.writer = BlockWriter(self._save)
+        self.t0 = time.perf_counter()
+
+    def timing(self, i: int) -> dict[str, float]:
+        return self.plan.summary.timings.setdefault(i, {})
+
+    def submit(self, i: int, x: torch.Tensor) -> None:
+        """Put block ``i``'s inputs now (while earlier blocks run), then wait for room and submit."""
+        t = time.perf_counter()
+        x_ref = ray.put(to_array(x))
+        self.timing(i)["put"] = time.perf_counter() - t
+        t = time.perf_counter()
+        while len(self.in_flight) >= self.limit:
+            self.collect(block=True)
+        self.timing(i)["wait_slot"] = time.perf_counter() - t
+        self.submitted[i] = time.time()
+        self.in_flight[self.task.remote(str(self.plan.source.path), i, x_ref, self.plan.cfg, self.plan.cdtype)] = i
+        self.collect(block=False)
+
+    def collect(self, block: bool) -> None:
+        ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=None if block else 0)
+        for ref in ready:
+            i = self.in_flight.pop(ref)
+            t = time.perf_counter()
+            packed, report, task_timings = ray.get(ref)
+            got = time.time()
+            tm = self.timing(i)
+            tm["get"] = time.perf_counter() - t
+            tm["submit_to_start"] = task_timings.pop("start") - self.submitted.pop(i)
+            tm["end_to_got"] = got - task_timings.pop("end")
+            tm.update(task_timings)
+            self.writer.submit(packed, report)
+
+    def drain(self) -> None:
+        while self.in_flight:
+            self.collect(block=True)
+        t = time.perf_counter()
+        self.writer.close()
+        self.plan.summary.job_timings["writer_drain"] = time.perf_counter() - t
+
+    def _save(self, packed: dict, report) -> None:
+        """On the writer thread: save the part, then report progress (so "done" means on disk)."""
+        t = time.perf_counter()
+        self.plan.save_block(unpack_tensors(packed), report)
+        self.timing(report.index)["save"] = time.perf_counter() - t
+        plan, total = self.plan, self.plan.num_blocks
+        tm = self.timing(report.index)
+        steps = " ".join(f"{k} {v:.2f}" for k, v in tm.items())
+        print(f"[rayawq] block {report.index + 1}/{total} done in {report.seconds:.1f}s "
+              f"(mse rtn {report.mse_rtn:.3e} -> awq {report.mse_awq:.3e}); "
+              f"{len(plan.summary.blocks) + len(plan.summary.skipped)}/{total} finished, "
+              f"{time.perf_counter() - self.t0:.0f}s elapsed [s: {steps}]", flush=True)
+
+
+def _fp_blocks(plan: QuantPlan):
+    """``plan.fp_pass()`` with the seconds each block's FP step took (the driver's own compute)."""
+    it = plan.fp_pass()
+    while True:
+        t = time.perf_counter()
+        try:
+            i, _layer, x, _ctx = next(it)
+        except StopIteration:
+            return
+        yield i, x, time.perf_counter() - t
+
+
 def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int = 0, workers: int | None = None,
-                    overwrite: bool = False, act_budget_gb: float = 8.0, max_retries: int = 3) -> QuantSummary:
-    """Quantize with one Ray task per block; ``num_gpus`` > 0 gives each task a GPU."""
+                    overwrite: bool = False, act_budget_gb: float = 8.0, max_retries: int = 3,
+                    prefetch: int = 1) -> QuantSummary:
+    """Quantize with one Ray task per block; ``num_gpus`` > 0 gives each task a GPU.
+
+    ``workers`` blocks are searched at once (default: ``num_gpus``, or the CPUs); ``prefetch`` more wait
+    in Ray's queue with their inputs already in the object store (one block's n x seq x hidden each).
+    """
     compute = "cuda" if num_gpus > 0 else "cpu"
     plan = QuantPlan(model, work_dir, cfg, device="auto" if num_gpus > 0 else "cpu", overwrite=overwrite,
                      act_budget_gb=act_budget_gb, compute_device=compute)
     workers = workers or max(1, num_gpus or int(ray.available_resources().get("CPU", 1)))
+    pg = reserve(num_gpus, workers)
     task = ray.remote(search_block).options(max_retries=max_retries, retry_exceptions=RETRYABLE,
+                                            scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
                                             **resources(num_gpus))
-    in_flight: dict[ray.ObjectRef, int] = {}
-    total, done = plan.num_blocks, 0
-    t0 = time.perf_counter()
-
-    def collect(block: bool) -> None:
-        nonlocal done
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=None if block else 0)
-        for ref in ready:
-            in_flight.pop(ref)
-            tensors, report = ray.get(ref)
-            plan.save_block(tensors, report)
-            done += 1
-            print(f"[rayawq] block {report.index + 1}/{total} done in {report.seconds:.1f}s "
-                  f"(mse rtn {report.mse_rtn:.3e} -> awq {report.mse_awq:.3e}); "
-                  f"{len(plan.summary.blocks) + len(plan.summary.skipped)}/{total} finished, "
-                  f"{time.perf_counter() - t0:.0f}s elapsed", flush=True)
-
+    total = plan.num_blocks
+    plan.summary.job_timings["setup"] = time.perf_counter() - plan.t0
+    run = _Dispatch(plan, task, workers + max(0, prefetch))
     try:
-        for i, _layer, x, _ctx in plan.fp_pass():
-            if plan.staging.done(plan.block_name(i)):
-                plan.summary.skipped.append(i)
-                print(f"[rayawq] block {i + 1}/{total} already done, skipped", flush=True)
-                continue
-            while len(in_flight) >= workers:  # at most `workers` blocks (GPUs) at once
-                collect(block=True)
-            in_flight[task.remote(str(plan.source.path), i, x.cpu(), cfg, plan.cdtype)] = i
-            collect(block=False)
-        while in_flight:
-            collect(block=True)
+        try:
+            for i, x, fp_s in _fp_blocks(plan):
+                if plan.staging.done(plan.block_name(i)):
+                    plan.summary.skipped.append(i)
+                    print(f"[rayawq] block {i + 1}/{total} already done, skipped", flush=True)
+                    continue
+                run.timing(i)["fp"] = fp_s
+                run.submit(i, x)
+            run.drain()
+        finally:
+            run.writer.close(raise_error=False)  # on an error above: keep what finished (it resumes)
+            remove_placement_group(pg)
     except ray.exceptions.RayTaskError as exc:
         cause = exc.as_instanceof_cause()
         if isinstance(cause, QuantError):
@@ -82,7 +167,10 @@ def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int =
     except QuantError:
         plan.staging.remove()
         raise
-    return plan.finish()
+    t = time.perf_counter()
+    summary = plan.finish()
+    summary.job_timings["finish"] = time.perf_counter() - t
+    return summary
 
 
 def run_job(args: argparse.Namespace) -> int:
@@ -94,6 +182,7 @@ def run_job(args: argparse.Namespace) -> int:
     summary = run_distributed(args.model, args.work_dir, config_from_args(args), num_gpus=num_gpus,
                               workers=args.workers, overwrite=args.overwrite)
     print(summary.table(), flush=True)
+    print(summary.timing_table(), flush=True)
     return 0
 
 

@@ -156,78 +156,260 @@ def _awq_gemv_decode_kernel(
         a7 += p7 * (tl.load(sb + 7, mask=jmask, other=0.0).to(tl.float32) * (1.0 / 4096))
 
     # the eight accumulators hold columns 8j + AWQ_ORDER[n] for nibble n = 0..7, i.e. 0, 2, 4, 6, 1, 3, 5, 7
-    _finish8(a0, a1, a2, a3, a4, a5, a6, a7, y_ptr, ws_ptr, cnt_ptr, b_ptr, m, offs_j, jmask, pid_j, pid_k,
-             M, N, stride_ym, SPLIT_K, HAS_BIAS)
+    n8 = offs_j[None, :] * 8
+    _finish8(a0[None, :], a1[None, :], a2[None, :], a3[None, :], a4[None, :], a5[None, :], a6[None, :], a7[None, :],
+             y_ptr, ws_ptr, cnt_ptr, b_ptr, m * stride_ym, m * N, n8, jmask[None, :], m * tl.num_programs(0) + pid_j,
+             pid_k, M, N, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
-def _store_col(acc, c: tl.constexpr, dst, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N,
-               HAS_BIAS: tl.constexpr, LAST: tl.constexpr):
-    n = offs_j * 8 + c
-    if LAST:
-        tot = tl.zeros_like(acc)
-        for s in range(0, SPLIT_K):
-            tot += tl.load(ws_ptr + s * M * N + row_ws + n, mask=jmask, other=0.0, cache_modifier=".cg")
-        acc = tot
+def _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, w, xr, z0, z1, z2, z3, z4, z5, z6, z7, magic):
+    """One K row: ``p_c += x * (q_c - z_c) * 16**pos`` for the eight columns of each thread's word, every row
+    of x (``xr`` is ``[BLOCK_M, 1]``, the words ``[BLOCK_J]``): the unpack is shared by the rows."""
+    xr = xr.to(tl.float32)
+    wh = (w.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)
+    p0 += xr * (_col(w, 0, 0, magic) - z0)[None, :]
+    p1 += xr * (_col(w, 0, 1, magic) - z1)[None, :]
+    p2 += xr * (_col(w, 0, 2, magic) - z2)[None, :]
+    p3 += xr * (_col(w, 0, 3, magic) - z3)[None, :]
+    p4 += xr * (_col(wh, 0, 0, magic) - z4)[None, :]
+    p5 += xr * (_col(wh, 0, 1, magic) - z5)[None, :]
+    p6 += xr * (_col(wh, 0, 2, magic) - z6)[None, :]
+    p7 += xr * (_col(wh, 0, 3, magic) - z7)[None, :]
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+@triton.jit(do_not_specialize=["magic"])
+def _awq_gemv_rows_kernel(
+    x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split, magic,
+    N8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """Like ``_awq_gemv_decode_kernel``, but each K row is its own 1-D load (one word per thread) and its
+    ``BLOCK_M`` x values a ``[BLOCK_M, 1]`` column, so each sum is a plain FMA chain: no 2-D weight tile, no
+    per-row accumulators, few registers, many warps per SM; a word is unpacked once for all rows of x.
+    Software-pipelined by hand, 8 rows per step: the next step's words and x values are loaded
+    before this step's are used (Triton pipelines only loads that feed ``tl.dot``)."""
+    pid_j = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    jmask = offs_j < N8
+    mmask = offs_m < M
+    offs_jl = tl.minimum(offs_j, N8 - 1)  # tail lanes re-read the last word: weight loads need no mask
+    # x in the accumulators' own [BLOCK_M, BLOCK_J] layout (each lane reads the rows' values; L1 broadcasts):
+    # a [BLOCK_M, 1] load would be converted through shared memory every row
+    xp = x_ptr + tl.broadcast_to(offs_m[:, None] * stride_xm, (BLOCK_M, BLOCK_J))
+    xm = tl.broadcast_to(mmask[:, None], (BLOCK_M, BLOCK_J))
+    num_groups = K // GROUP
+    g0 = pid_k * groups_per_split
+    g1 = tl.minimum(g0 + groups_per_split, num_groups)
+    k_last = g1 * GROUP - 8
+
+    kn = g0 * GROUP
+    wp = qw_ptr + offs_jl
+    n0 = tl.load(wp + (kn + 0) * N8)
+    n1 = tl.load(wp + (kn + 1) * N8)
+    n2 = tl.load(wp + (kn + 2) * N8)
+    n3 = tl.load(wp + (kn + 3) * N8)
+    n4 = tl.load(wp + (kn + 4) * N8)
+    n5 = tl.load(wp + (kn + 5) * N8)
+    n6 = tl.load(wp + (kn + 6) * N8)
+    n7 = tl.load(wp + (kn + 7) * N8)
+    y0 = tl.load(xp + kn + 0, mask=xm, other=0.0)
+    y1 = tl.load(xp + kn + 1, mask=xm, other=0.0)
+    y2 = tl.load(xp + kn + 2, mask=xm, other=0.0)
+    y3 = tl.load(xp + kn + 3, mask=xm, other=0.0)
+    y4 = tl.load(xp + kn + 4, mask=xm, other=0.0)
+    y5 = tl.load(xp + kn + 5, mask=xm, other=0.0)
+    y6 = tl.load(xp + kn + 6, mask=xm, other=0.0)
+    y7 = tl.load(xp + kn + 7, mask=xm, other=0.0)
+    a0 = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    a1 = tl.zeros_like(a0)
+    a2 = tl.zeros_like(a0)
+    a3 = tl.zeros_like(a0)
+    a4 = tl.zeros_like(a0)
+    a5 = tl.zeros_like(a0)
+    a6 = tl.zeros_like(a0)
+    a7 = tl.zeros_like(a0)
+    for g in range(g0, g1):
+        z = tl.load(qz_ptr + g * N8 + offs_jl)
+        z0 = _col(z, 0, 0, magic)
+        z1 = _col(z, 0, 1, magic)
+        z2 = _col(z, 0, 2, magic)
+        z3 = _col(z, 0, 3, magic)
+        z4 = _col(z, 1, 0, magic)
+        z5 = _col(z, 1, 1, magic)
+        z6 = _col(z, 1, 2, magic)
+        z7 = _col(z, 1, 3, magic)
+        p0 = tl.zeros_like(a0)
+        p1 = tl.zeros_like(a0)
+        p2 = tl.zeros_like(a0)
+        p3 = tl.zeros_like(a0)
+        p4 = tl.zeros_like(a0)
+        p5 = tl.zeros_like(a0)
+        p6 = tl.zeros_like(a0)
+        p7 = tl.zeros_like(a0)
+        for kk in range(0, GROUP // 8):
+            c0, c1, c2, c3, c4, c5, c6, c7 = n0, n1, n2, n3, n4, n5, n6, n7
+            x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
+            kn = tl.minimum(g * GROUP + (kk + 1) * 8, k_last)  # the last step re-reads itself (cached)
+            n0 = tl.load(wp + (kn + 0) * N8)
+            n1 = tl.load(wp + (kn + 1) * N8)
+            n2 = tl.load(wp + (kn + 2) * N8)
+            n3 = tl.load(wp + (kn + 3) * N8)
+            n4 = tl.load(wp + (kn + 4) * N8)
+            n5 = tl.load(wp + (kn + 5) * N8)
+            n6 = tl.load(wp + (kn + 6) * N8)
+            n7 = tl.load(wp + (kn + 7) * N8)
+            y0 = tl.load(xp + kn + 0, mask=xm, other=0.0)
+            y1 = tl.load(xp + kn + 1, mask=xm, other=0.0)
+            y2 = tl.load(xp + kn + 2, mask=xm, other=0.0)
+            y3 = tl.load(xp + kn + 3, mask=xm, other=0.0)
+            y4 = tl.load(xp + kn + 4, mask=xm, other=0.0)
+            y5 = tl.load(xp + kn + 5, mask=xm, other=0.0)
+            y6 = tl.load(xp + kn + 6, mask=xm, other=0.0)
+            y7 = tl.load(xp + kn + 7, mask=xm, other=0.0)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c0, x0,
+                                                      z0, z1, z2, z3, z4, z5, z6, z7, magic)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c1, x1,
+                                                      z0, z1, z2, z3, z4, z5, z6, z7, magic)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c2, x2,
+                                                      z0, z1, z2, z3, z4, z5, z6, z7, magic)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c3, x3,
+                                                      z0, z1, z2, z3, z4, z5, z6, z7, magic)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c4, x4,
+                                                      z0, z1, z2, z3, z4, z5, z6, z7, magic)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c5, x5,
+                                                      z0, z1, z2, z3, z4, z5, z6, z7, magic)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c6, x6,
+                                                      z0, z1, z2, z3, z4, z5, z6, z7, magic)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c7, x7,
+                                                      z0, z1, z2, z3, z4, z5, z6, z7, magic)
+        sb = s_ptr + g * N + offs_jl * 8
+        a0 += p0 * tl.load(sb + 0).to(tl.float32)[None, :]
+        a1 += p1 * (tl.load(sb + 2).to(tl.float32) * (1.0 / 16))[None, :]
+        a2 += p2 * (tl.load(sb + 4).to(tl.float32) * (1.0 / 256))[None, :]
+        a3 += p3 * (tl.load(sb + 6).to(tl.float32) * (1.0 / 4096))[None, :]
+        a4 += p4 * tl.load(sb + 1).to(tl.float32)[None, :]
+        a5 += p5 * (tl.load(sb + 3).to(tl.float32) * (1.0 / 16))[None, :]
+        a6 += p6 * (tl.load(sb + 5).to(tl.float32) * (1.0 / 256))[None, :]
+        a7 += p7 * (tl.load(sb + 7).to(tl.float32) * (1.0 / 4096))[None, :]
+
+    n8 = offs_j[None, :] * 8
+    mask = mmask[:, None] & jmask[None, :]
+    _finish8(a0, a1, a2, a3, a4, a5, a6, a7, y_ptr, ws_ptr, cnt_ptr, b_ptr, offs_m[:, None] * stride_ym,
+             offs_m[:, None] * N, n8, mask, pid_m * tl.num_programs(0) + pid_j, pid_k, M, N, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _store_col(acc, c: tl.constexpr, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS: tl.constexpr):
+    """Column ``8j + c`` of the output rows (+ bias); ``n8`` holds ``8j``."""
     if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=jmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row_y + n, acc.to(y_ptr.dtype.element_ty), mask=jmask)
+        acc += tl.load(b_ptr + n8 + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + y_offs + n8 + c, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _finish8(a0, a1, a2, a3, a4, a5, a6, a7, y_ptr, ws_ptr, cnt_ptr, b_ptr, m, offs_j, jmask, pid_j, pid_k,
-             M, N, stride_ym, SPLIT_K, HAS_BIAS: tl.constexpr):
-    """Write the eight column accumulators; with split-K, the last program of the tile sums the partials."""
-    row_y = m * stride_ym
-    row_ws = m * N
+def _sum_partials(ws_ptr, ws_offs, n8, mask, SPLIT_K, M, N):
+    """Sum the split-K partials of the tile's eight column sets, in split order (deterministic).
+
+    Four splits x eight columns = 32 independent loads per round: a loop of one load per step waits a full L2
+    round trip for each of the ``8 * SPLIT_K`` partials (at split 33 that tail is most of a 40 us GEMV).
+    """
+    t0 = tl.zeros_like(mask.to(tl.float32))
+    t1 = tl.zeros_like(t0)
+    t2 = tl.zeros_like(t0)
+    t3 = tl.zeros_like(t0)
+    t4 = tl.zeros_like(t0)
+    t5 = tl.zeros_like(t0)
+    t6 = tl.zeros_like(t0)
+    t7 = tl.zeros_like(t0)
+    for s0 in range(0, SPLIT_K, 4):
+        for ds in tl.static_range(4):
+            ok = mask & (tl.zeros_like(n8) + s0 + ds < SPLIT_K)
+            base = ws_ptr + (s0 + ds) * M * N + ws_offs + n8
+            t0 += tl.load(base + 0, mask=ok, other=0.0, cache_modifier=".cg")
+            t1 += tl.load(base + 1, mask=ok, other=0.0, cache_modifier=".cg")
+            t2 += tl.load(base + 2, mask=ok, other=0.0, cache_modifier=".cg")
+            t3 += tl.load(base + 3, mask=ok, other=0.0, cache_modifier=".cg")
+            t4 += tl.load(base + 4, mask=ok, other=0.0, cache_modifier=".cg")
+            t5 += tl.load(base + 5, mask=ok, other=0.0, cache_modifier=".cg")
+            t6 += tl.load(base + 6, mask=ok, other=0.0, cache_modifier=".cg")
+            t7 += tl.load(base + 7, mask=ok, other=0.0, cache_modifier=".cg")
+    return t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@triton.jit
+def _finish8(a0, a1, a2, a3, a4, a5, a6, a7, y_ptr, ws_ptr, cnt_ptr, b_ptr, y_offs, ws_offs, n8, mask, tile_id,
+             pid_k, M, N, SPLIT_K, HAS_BIAS: tl.constexpr):
+    """Write the eight column accumulators (nibble order: columns 0, 2, 4, 6, 1, 3, 5, 7 of each word); with
+    split-K the partials go to the workspace and the last program of the tile sums them."""
     if SPLIT_K == 1:
-        _store_col(a0, 0, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS, False)
-        _store_col(a1, 2, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS, False)
-        _store_col(a2, 4, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS, False)
-        _store_col(a3, 6, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS, False)
-        _store_col(a4, 1, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS, False)
-        _store_col(a5, 3, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS, False)
-        _store_col(a6, 5, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS, False)
-        _store_col(a7, 7, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS, False)
+        _store_col(a0, 0, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+        _store_col(a1, 2, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+        _store_col(a2, 4, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+        _store_col(a3, 6, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+        _store_col(a4, 1, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+        _store_col(a5, 3, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+        _store_col(a6, 5, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+        _store_col(a7, 7, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
     else:
-        base = ws_ptr + pid_k * M * N + row_ws + offs_j * 8
-        tl.store(base + 0, a0, mask=jmask)
-        tl.store(base + 2, a1, mask=jmask)
-        tl.store(base + 4, a2, mask=jmask)
-        tl.store(base + 6, a3, mask=jmask)
-        tl.store(base + 1, a4, mask=jmask)
-        tl.store(base + 3, a5, mask=jmask)
-        tl.store(base + 5, a6, mask=jmask)
-        tl.store(base + 7, a7, mask=jmask)
+        base = ws_ptr + pid_k * M * N + ws_offs + n8
+        tl.store(base + 0, a0, mask=mask)
+        tl.store(base + 2, a1, mask=mask)
+        tl.store(base + 4, a2, mask=mask)
+        tl.store(base + 6, a3, mask=mask)
+        tl.store(base + 1, a4, mask=mask)
+        tl.store(base + 3, a5, mask=mask)
+        tl.store(base + 5, a6, mask=mask)
+        tl.store(base + 7, a7, mask=mask)
         tl.debug_barrier()  # every thread's partial is stored before the release below
-        tile_id = m * tl.num_programs(0) + pid_j
         prev = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
         if prev == SPLIT_K - 1:
-            for c in tl.static_range(8):
-                _store_col(a0, c, 0, ws_ptr, b_ptr, y_ptr, row_y, row_ws, offs_j, jmask, SPLIT_K, M, N, HAS_BIAS,
-                           True)
+            t0, t1, t2, t3, t4, t5, t6, t7 = _sum_partials(ws_ptr, ws_offs, n8, mask, SPLIT_K, M, N)
+            _store_col(t0, 0, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+            _store_col(t1, 1, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+            _store_col(t2, 2, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+            _store_col(t3, 3, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+            _store_col(t4, 4, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+            _store_col(t5, 5, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+            _store_col(t6, 6, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+            _store_col(t7, 7, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
             tl.atomic_xchg(cnt_ptr + tile_id, 0)  # ready for the next launch (and the next graph replay)
 
 
 def gemv_decode(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                 group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                 BLOCK_J: int = 128, BLOCK_K: int = 16, split_k: int = 1, num_warps: int = 4,
-                num_stages: int = 1, ACC2D: bool = False, PREFETCH: bool = False) -> torch.Tensor:
-    """``x2 [M, K] @ W`` for decode-sized ``M`` (one program per row); ``x2`` has unit column stride.
+                num_stages: int = 1, ACC2D: bool = False, PREFETCH: bool = False, ROWS: bool = False,
+                BLOCK_M: int = 1) -> torch.Tensor:
+    """``x2 [M, K] @ W`` for decode-sized ``M``; ``x2`` has unit column stride.
 
-    ``BLOCK_J`` should be a multiple of ``32 * num_warps`` so that the layout puts K entirely inside threads.
+    ``BLOCK_J`` should be ``32 * num_warps`` (one word per thread) so that K lies entirely inside threads.
+    ``ROWS`` selects the row-load kernel, which takes ``BLOCK_M`` rows of x per program (the others: one row).
     """
     M, K = x2.shape
     N = scales.shape[1]
-    block_k = min(BLOCK_K, group_size)
     split_k, gps = _split_args(K // group_size, split_k)
     y, ws = _out_and_ws(x2, N, out, split_k)
-    grid = (triton.cdiv(N // 8, BLOCK_J), split_k, M)
-    cnt = tile_counters(x2.device, grid[0] * M) if split_k > 1 else y
+    block_m = min(triton.next_power_of_2(M), BLOCK_M) if ROWS else 1
+    grid = (triton.cdiv(N // 8, BLOCK_J), split_k, triton.cdiv(M, block_m))
+    cnt = tile_counters(x2.device, grid[0] * grid[2]) if split_k > 1 else y
+    bias_arg = bias if bias is not None else y
+    if ROWS:
+        _awq_gemv_rows_kernel[grid](
+            x2, qweight, qzeros, scales, bias_arg, y, ws, cnt,
+            M, N, K, x2.stride(0), y.stride(0), split_k, gps, 0x4B000000,
+            N8=N // 8, GROUP=group_size, BLOCK_M=block_m, BLOCK_J=BLOCK_J, HAS_BIAS=bias is not None,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return y
     _awq_gemv_decode_kernel[grid](
-        x2, qweight, qzeros, scales, bias if bias is not None else y, y, ws, cnt,
+        x2, qweight, qzeros, scales, bias_arg, y, ws, cnt,
         M, N, K, x2.stride(0), y.stride(0), split_k, gps, 0x4B000000,
-        N8=N // 8, GROUP=group_size, BLOCK_J=BLOCK_J, BLOCK_K=block_k, HAS_BIAS=bias is not None, ACC2D=ACC2D, PREFETCH=PREFETCH,
-        num_warps=num_warps, num_stages=num_stages,
+        N8=N // 8, GROUP=group_size, BLOCK_J=BLOCK_J, BLOCK_K=min(BLOCK_K, group_size), HAS_BIAS=bias is not None,
+        ACC2D=ACC2D, PREFETCH=PREFETCH, num_warps=num_warps, num_stages=num_stages,
     )
     return y

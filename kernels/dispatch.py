@@ -163,9 +163,9 @@ def default_config(kernel: str, M: int, N: int, K: int, group: int, sms: int) ->
         return {"kernel": "lanes", "BLOCK_J": 32, "BLOCK_K": 16, "split_k": split_for(tiles, G, sms, 4),
                 "num_warps": 4}
     if kernel == "decode":
-        tiles = -(-N // 1024) * M
-        return {"kernel": "decode", "BLOCK_J": 128, "BLOCK_K": 8, "ACC2D": True, "PREFETCH": True,
-                "split_k": split_for(tiles, G, sms, 4), "num_warps": 4}
+        tiles = -(-N // 512) * M
+        return {"kernel": "decode", "ROWS": True, "BLOCK_M": min(2, M), "BLOCK_J": 64,
+                "split_k": split_for(tiles, G, sms, 8), "num_warps": 2}
     if kernel == "splitk":
         bm = min(64, max(16, mb))
         bn = 128
@@ -200,11 +200,17 @@ def candidates(M: int, N: int, K: int, group: int, sms: int) -> list[Config]:
                             "num_warps": warps})
     if mb <= 4:
         # the register-only decode GEMV (awq_gemv_decode): one packed word per thread, K down the rows
-        # (BLOCK_J = 32 x num_warps); variants: per-row FMA sums (ACC2D) or per-step reductions, one step of
-        # loads prefetched or not. Not yet measured on the H100.
-        # (each config compiles once per N: N8 is a compile-time constant, for immediate row offsets)
-        for bj, bk, acc2d, pf, warps in ((128, 8, True, True, 4), (128, 8, True, False, 4), (128, 16, False, True, 4),
-                                         (64, 8, True, True, 2)):
+        # (BLOCK_J = 32 x num_warps). ROWS: one 1-D load per K row, FMA chains, ~64 registers (many warps per
+        # SM); otherwise a [BLOCK_K, BLOCK_J] tile per step, per-row FMA sums (ACC2D) or a per-step reduction.
+        # Each config compiles once per N (N8 is a compile-time constant, for immediate row offsets).
+        # BLOCK_M rows of x per program share each unpacked word (M = 2, 4).
+        for bm in sorted({1, min(M, 2), min(M, 4)} if M > 1 else {1}):
+            for bj, warps in ((128, 4), (64, 2), (32, 1)):
+                tiles = -(-N // (8 * bj)) * -(-M // bm)
+                for waves in (4, 8):
+                    out.append({"kernel": "decode", "ROWS": True, "BLOCK_M": bm, "BLOCK_J": bj,
+                                "split_k": split_for(tiles, G, sms, waves), "num_warps": warps})
+        for bj, bk, acc2d, pf, warps in ((128, 8, True, True, 4), (128, 16, False, True, 4)):
             tiles = -(-N // (8 * bj)) * M
             for waves in (2, 4):
                 out.append({"kernel": "decode", "BLOCK_J": bj, "BLOCK_K": bk, "ACC2D": acc2d, "PREFETCH": pf,

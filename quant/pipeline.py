@@ -9,11 +9,13 @@ same ``quantize_block`` calls to Ray tasks.
 from __future__ import annotations
 
 import logging
+import queue
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -34,6 +36,8 @@ class QuantSummary:
     seconds: float
     blocks: list[BlockReport] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    timings: dict[int, dict[str, float]] = field(default_factory=dict)  # block -> step -> seconds (runner's)
+    job_timings: dict[str, float] = field(default_factory=dict)  # once-per-job steps (setup, finish, ...)
 
     def table(self) -> str:
         rows = ["block  mse(RTN)    mse(AWQ)    gain    seconds"]
@@ -43,6 +47,17 @@ class QuantSummary:
         if self.skipped:
             rows.append(f"resumed: blocks {self.skipped} were already done")
         rows.append(f"total {self.seconds:.1f} s -> {self.work_dir}")
+        return "\n".join(rows)
+
+    def timing_table(self) -> str:
+        """Mean seconds per block of each step the runner timed (where the time around the search goes)."""
+        if not self.timings:
+            return ""
+        steps = list(dict.fromkeys(k for t in self.timings.values() for k in t))
+        n = len(self.timings)
+        rows = [f"mean per block over {n} blocks (s):"]
+        rows += [f"  {k:<16s} {sum(t.get(k, 0.0) for t in self.timings.values()) / n:8.3f}" for k in steps]
+        rows += ["once per job (s):"] + [f"  {k:<16s} {v:8.3f}" for k, v in self.job_timings.items()]
         return "\n".join(rows)
 
 
@@ -154,6 +169,52 @@ class QuantPlan:
         self.summary.blocks.sort(key=lambda b: b.index)
         self.summary.seconds = time.perf_counter() - self.t0
         return self.summary
+
+
+class BlockWriter:
+    """Saves finished blocks on one background thread, in the order they are handed over.
+
+    Hashing, writing and fsync-ing a part then overlap the next searches instead of delaying them. The
+    staging guarantees are ``save`` 's own (temp file, rename, then the manifest entry), so a part is either
+    complete and listed or absent. The first failure is re-raised by ``check`` or ``close``; after it, the
+    rest are dropped (they are redone on resume).
+    """
+
+    def __init__(self, save: Callable[..., None], max_pending: int = 4):
+        self._save = save
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)  # bounds the host RAM of queued results
+        self._error: BaseException | None = None
+        self.seconds = 0.0  # spent saving, on the writer thread
+        self._thread = threading.Thread(target=self._run, name="rayawq-block-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                t0 = time.perf_counter()
+                try:
+                    self._save(*item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the driver thread
+                    self._error = exc
+                self.seconds += time.perf_counter() - t0
+
+    def submit(self, *args) -> None:
+        """Queue one ``save(*args)``; blocks while ``max_pending`` are waiting."""
+        self.check()
+        self._queue.put(args)
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self, raise_error: bool = True) -> BaseException | None:
+        """Wait until everything queued is saved (or dropped after a failure); re-raise or return the failure."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if raise_error:
+            self.check()
+        return self._error
 
 
 def quantize_model(model: str, work_dir: str | Path, cfg: QuantConfig, device: str = "auto",

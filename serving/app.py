@@ -59,6 +59,9 @@ class ModelConfig(BaseModel):
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(60.0, gt=0)
     stuck_timeout_s: float = Field(300.0, gt=0)               # no engine progress with requests in flight
+    # streamed messages per second per replica, shared by its streams (several tokens per message under
+    # load; 0: one message per decode step and stream)
+    stream_messages_per_s: float = Field(1000.0, ge=0)
     runtime_env: dict[str, Any] | None = None
 
     @field_validator("autoscale", mode="before")
@@ -164,7 +167,7 @@ class LLMServer:
 
         self.cfg = ModelConfig.model_validate(mcfg)
         engine = LLMEngine(self.cfg.model, self.cfg.engine_config())
-        self.server = EngineServer(engine, self.cfg.name, self.cfg.tool_parser)
+        self.server = EngineServer(engine, self.cfg.name, self.cfg.tool_parser, self.cfg.stream_messages_per_s)
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:
@@ -185,6 +188,10 @@ class LLMServer:
     async def generate(self, req: dict):
         async for batch in self.server.generate(req):
             yield batch
+
+    async def complete(self, req: dict) -> list[dict]:
+        """A non-streaming request: one reply, no per-token messages."""
+        return await self.server.complete(req)
 
     def info(self) -> dict:
         return {**self.server.info(), "root": self.cfg.model, "created": self.created}
@@ -246,6 +253,9 @@ class ServeBackend:
                 yield batch
         finally:
             gen.cancel()  # a no-op when finished; frees the engine's request when the client went away
+
+    async def complete(self, model: str, req: dict) -> list[dict]:
+        return await self.handles[model].complete.remote(req)
 
 
 @serve.ingress()

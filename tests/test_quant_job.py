@@ -157,3 +157,69 @@ def test_cli_quantize_with_ray_address(cluster, tiny_model_factory, calib_file, 
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert r.stdout.count(" done in ") == 2 and "mse(RTN)" in r.stdout
     assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 64
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int32])
+def test_array_round_trip_is_bit_exact_and_copies(dtype):
+    from cluster.block_task import from_array, to_array
+
+    t = (torch.randn(3, 5, 8) * 100).to(dtype)
+    a = to_array(t)
+    a.flags.writeable = False  # as the object store hands it over
+    back = from_array(a, dtype)
+    assert back.dtype == dtype and torch.equal(back.view(torch.uint8), t.view(torch.uint8))
+    back.zero_()  # a copy: the read-only source is untouched
+    assert torch.equal(from_array(a, dtype), t)
+
+
+def test_block_writer_saves_in_order_and_surfaces_the_first_failure():
+    from quant.pipeline import BlockWriter
+
+    saved = []
+
+    def save(i):
+        if i == 2:
+            raise OSError("disk full")
+        saved.append(i)
+
+    w = BlockWriter(save, max_pending=1)
+    for i in range(2):
+        w.submit(i)
+    w.close()
+    assert saved == [0, 1]
+
+    w = BlockWriter(save, max_pending=1)
+    with pytest.raises(OSError, match="disk full"):
+        for i in range(2, 6):
+            w.submit(i)
+            time.sleep(0.05)
+        w.close()
+    assert saved == [0, 1]  # after the failure the rest are dropped, not saved out of order
+    assert isinstance(w.close(raise_error=False), OSError)
+
+
+def test_failed_save_keeps_finished_blocks_and_resumes(cluster, tiny_model_factory, calib_file, tmp_path,
+                                                      monkeypatch):
+    from cluster.quantize_job import run_distributed
+    from quant.pipeline import QuantPlan
+
+    src = str(tiny_model_factory("llama", num_hidden_layers=3))
+    real_save = QuantPlan.save_block
+
+    def flaky_save(self, tensors, report):
+        if report.index == 2:
+            raise OSError("injected write failure")
+        real_save(self, tensors, report)
+
+    monkeypatch.setattr(QuantPlan, "save_block", flaky_save)
+    with pytest.raises(OSError, match="injected write failure"):
+        run_distributed(src, str(tmp_path / "dist"), cfg(calib_file), num_gpus=0, workers=1)
+    parts = json.loads((tmp_path / "dist.partial" / "manifest.json").read_text())["parts"]
+    assert {"block-00000", "block-00001"} <= set(parts) and "block-00002" not in parts
+
+    monkeypatch.setattr(QuantPlan, "save_block", real_save)
+    summary = run_distributed(src, str(tmp_path / "dist"), cfg(calib_file), num_gpus=0, workers=1)
+    assert summary.skipped == [0, 1] and [b.index for b in summary.blocks] == [2]
+    assert set(summary.timings[2]) >= {"fp", "put", "rebuild", "search_pack", "save"}
+    quantize_model(src, tmp_path / "single", cfg(calib_file), device="cpu", progress=False)
+    assert_same_checkpoint(tmp_path / "single", tmp_path / "dist")

@@ -267,3 +267,90 @@ def test_llama3_tool_calls_and_json_mode_on_scripted_output():
         r = await c.chat.completions.create(model="m", messages=MSG, response_format={"type": "json_object"})
         assert json.loads(r.choices[0].message.content) == {"answer": 42}
     asyncio.run(main())
+
+
+# -- token coalescing (issue #5): a consumer that falls behind gets several tokens per message -------------
+def _completion_req(**kw) -> dict:
+    req = {"kind": "completion", "n": 2, "max_tokens": 24, "prompts": ["the quick brown fox"], "echo": False,
+           "logprobs": 1, "sampling": {"temperature": 0.0, "ignore_eos": True}}
+    req.update(kw)
+    return req
+
+
+def test_slow_consumer_gets_multi_token_messages_with_the_same_text(server):
+    from serving.openai.streaming import read_ahead
+
+    async def streamed(req):
+        batches, text, ids, lps, fin = 0, {}, {}, {}, {}
+        async for batch in read_ahead(server.generate(req)):
+            batches += 1
+            deltas = [ev["index"] for ev in batch if ev["type"] == "delta"]
+            assert len(deltas) == len(set(deltas))  # at most one delta per choice per message
+            for ev in batch:
+                i = ev["index"]
+                if ev["type"] == "delta":
+                    text[i] = text.get(i, "") + ev["text"]
+                    ids[i] = ids.get(i, []) + ev["token_ids"]
+                    lps[i] = lps.get(i, []) + (ev["logprobs"] or [])
+                elif ev["type"] == "finish":
+                    fin[i] = ev
+            await asyncio.sleep(0.05)  # a slow consumer: the engine runs ahead meanwhile
+        return batches, text, ids, lps, fin
+
+    async def main():
+        full = {ev["index"]: ev for ev in await server.complete(_completion_req()) if ev["type"] == "finish"}
+        batches, text, ids, lps, fin = await streamed(_completion_req())
+        assert batches < 2 * 24  # fewer messages than tokens
+        for i in (0, 1):
+            assert fin[i]["num_output_tokens"] == len(ids[i]) == len(lps[i]) == 24
+            assert text[i] == fin[i]["text"] == full[i]["text"]
+        # a stop string still cuts the text where it first appears, whatever the chunking
+        stop = full[0]["text"][8:11]
+        want = full[0]["text"][:full[0]["text"].index(stop)]
+        _, text, ids, _, fin = await streamed(_completion_req(n=1, sampling={"temperature": 0.0, "stop_words": [stop]}))
+        assert fin[0]["finish_reason"] == "stop" and text.get(0, "") == fin[0]["text"] == want
+        assert fin[0]["num_output_tokens"] == len(ids.get(0, []))
+    asyncio.run(main())
+
+
+class BurstBackend(ScriptedBackend):
+    """Streams one token per event, all ready at once (an engine well ahead of its SSE writer)."""
+
+    async def generate(self, model, req):
+        for k in range(req["n"]):
+            for ch in self.text:
+                yield [{"type": "delta", "index": k, "text": ch, "token_ids": [7],
+                        "logprobs": [{"token": ch, "id": 7, "logprob": -0.5, "top": [(ch, -0.5)]}]}]
+            yield [{"type": "finish", "index": k, "finish_reason": "length", "text": self.text,
+                    "num_prompt_tokens": 3, "num_output_tokens": len(self.text), "num_cached_tokens": 0,
+                    "prompt": None}]
+
+
+def test_sse_chunks_carry_several_tokens_when_the_writer_is_behind():
+    text = "Hello there, general Kenobi."
+
+    async def main():
+        c, _ = _client(create_app(BurstBackend(text)))
+        s = await c.completions.create(model="m", prompt="x", stream=True, logprobs=1, n=2,
+                                       stream_options={"include_usage": True})
+        got, chunks, tokens, usage = {0: "", 1: ""}, 0, {0: [], 1: []}, None
+        async for chunk in s:
+            usage = chunk.usage or usage
+            for ch in chunk.choices:
+                if ch.finish_reason is None:
+                    chunks += 1
+                    got[ch.index] += ch.text
+                    tokens[ch.index] += ch.logprobs.tokens
+        assert got == {0: text, 1: text} and tokens[0] == list(text)
+        assert chunks < 2 * len(text)
+        assert usage.completion_tokens == 2 * len(text) and usage.prompt_tokens == 3
+        s = await c.chat.completions.create(model="m", messages=MSG, stream=True, logprobs=True)
+        content, n = "", 0
+        async for chunk in s:
+            for ch in chunk.choices:
+                if ch.delta.content:
+                    n += 1
+                    content += ch.delta.content
+                    assert len(ch.logprobs.content) == len(ch.delta.content)
+        assert content == text and n < len(text)
+    asyncio.run(main())

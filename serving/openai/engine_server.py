@@ -8,6 +8,9 @@ events are plain dicts (they cross process boundaries). Events, sent in lists (s
 * ``{"type": "finish", "index", "finish_reason", "text", "num_prompt_tokens", "num_output_tokens",
   "num_cached_tokens", "prompt": {...} | None}``: the last event of a choice (``prompt`` with echo);
 * ``{"type": "error", ...OpenAIError fields}``: the request was refused; nothing else follows.
+
+A list holds at most one delta per choice: all the tokens a choice made since the last list (``streaming``).
+Non-streaming requests use ``complete``: every event in one list.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..config import InvalidRequestError
 from ..engine.async_engine import AsyncEngine
 from ..sampling_params import GenerationConfig
 from .protocol import OpenAIError
+from .streaming import coalesce
 from .tool_parser import HERMES_CLOSE, HERMES_OPEN, format_for_template
 
 log = logging.getLogger(__name__)
@@ -63,8 +67,10 @@ class Stats:
 
 
 class EngineServer:
-    def __init__(self, engine, model_name: str, tool_format: str = "auto"):
+    def __init__(self, engine, model_name: str, tool_format: str = "auto", stream_messages_per_s: float = 0.0):
         self.engine = engine
+        # the replica's budget of streamed messages per second, shared by its streams (0: one per step)
+        self.stream_messages_per_s = float(stream_messages_per_s)
         self.async_engine = AsyncEngine(engine)
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
@@ -225,8 +231,8 @@ class EngineServer:
                                                      else None}))
         return plan
 
-    async def generate(self, req: dict):
-        """Async generator of event lists (see the module doc)."""
+    async def generate(self, req: dict, paced: bool = True):
+        """Async generator of event lists (see the module doc); ``paced``: keep to the message budget."""
         try:
             plan = self._plan(req)
         except OpenAIError as e:
@@ -241,9 +247,12 @@ class EngineServer:
                  for idx, ids, cfg, extra in plan]
         left = len(tasks)
         started = False
+        sent = 0.0
         try:
             while left:
                 batch = [await queue.get()]
+                if started and paced and batch[0]["type"] == "delta":
+                    await self._keep_to_budget(sent)
                 while not queue.empty():
                     batch.append(queue.get_nowait())
                 errors = [e for e in batch if e["type"] == "error"]
@@ -254,7 +263,8 @@ class EngineServer:
                     if e["type"] in ("finish", "error"):
                         left -= 1
                 started = True
-                yield batch
+                yield coalesce(batch)  # one message per choice, however many tokens it made meanwhile
+                sent = time.monotonic()
         finally:
             self.stats.in_flight -= 1
             for t in tasks:
@@ -262,6 +272,29 @@ class EngineServer:
                     t.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _keep_to_budget(self, sent: float) -> None:
+        """Wait until this stream's share of the message budget allows its next message (sent at ``sent``).
+
+        Every message costs the Serve path (replica, ingress, proxy) a fixed amount of CPU, and a streaming
+        handle tells the producer nothing about its consumer, so the replica bounds its own message rate:
+        each of its ``in_flight`` streams sends at most every ``in_flight / stream_messages_per_s`` seconds,
+        the tokens made meanwhile go in one message. Few streams: the gap is below a decode step and
+        every token is sent at once; many: one message carries several tokens.
+        """
+        if self.stream_messages_per_s <= 0:
+            return
+        wait = sent + self.stats.in_flight / self.stream_messages_per_s - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def complete(self, req: dict) -> list[dict]:
+        """All events of a non-streaming request as one list (one delta per choice): one message, not one
+        per token."""
+        events: list[dict] = []
+        async for batch in self.generate(req, paced=False):
+            events.extend(batch)
+        return coalesce(events)
 
     def _next_id(self) -> str:
         with self._lock:
@@ -378,3 +411,6 @@ class LocalBackend:
 
     def generate(self, model: str, req: dict):
         return self.servers[model].generate(req)
+
+    async def complete(self, model: str, req: dict) -> list[dict]:
+        return await self.servers[model].complete(req)

@@ -23,6 +23,7 @@ from . import tool_parser
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, NamedToolChoice, OpenAIError,
                        TokenizeRequest,
                        new_id, now)
+from .streaming import read_ahead
 
 log = logging.getLogger(__name__)
 CHAT_PAGE = Path(__file__).with_name("chat.html")
@@ -260,7 +261,7 @@ def create_app(backend, api_keys: list[str] | tuple = (), metrics: IngressMetric
 
     async def _respond(req, ereq: dict, stream_fn, full_fn):
         timer = _Timer(metrics, req.model)
-        gen = backend.generate(req.model, ereq)
+        gen = _batches(backend, req.model, ereq, req.stream)
         first = await _first(gen)  # errors before any output become plain HTTP errors
         if first and first[0]["type"] == "error":
             await _close(gen)
@@ -298,6 +299,18 @@ def create_app(backend, api_keys: list[str] | tuple = (), metrics: IngressMetric
         return JSONResponse(result)
 
     return app
+
+
+def _batches(backend, model: str, ereq: dict, stream: bool) -> AsyncIterator[list[dict]]:
+    """The request's event batches: streamed, one coalesced batch per turn of the SSE writer (several tokens
+    per chunk when it fell behind); not streamed, the backend's single reply when it has ``complete``."""
+    if stream or not hasattr(backend, "complete"):
+        return read_ahead(backend.generate(model, ereq))
+    return _one(backend.complete(model, ereq))
+
+
+async def _one(reply) -> AsyncIterator[list[dict]]:
+    yield await reply
 
 
 def _count(timer: _Timer, ev: dict) -> None:

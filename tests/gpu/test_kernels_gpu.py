@@ -70,6 +70,7 @@ VARIANTS = {
     "decode": dict(kernel="decode", BLOCK_J=128, BLOCK_K=8, ACC2D=True, PREFETCH=True, split_k=4, num_warps=4),
     "decode_tree": dict(kernel="decode", BLOCK_J=64, BLOCK_K=16, ACC2D=False, PREFETCH=False, split_k=1,
                         num_warps=2),
+    "decode_rows": dict(kernel="decode", ROWS=True, BLOCK_J=32, split_k=5, num_warps=1),
 }
 
 
