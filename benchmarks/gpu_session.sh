@@ -5,7 +5,7 @@
 # Everything lands under $OUT/<name>/; write the docs sections here afterwards from the JSON files
 # (each benchmark's --report, or benchmarks/_report.py:write_section with its *_section.md).
 set -uo pipefail
-kind=${1:?x1, x1a, x1b, kx or x4}
+kind=${1:?x1, x1a, x1b, kx, x4 or x4f}
 export RAYAWQ_COMMIT=${2:?commit} PYTHONUNBUFFERED=1
 out=${OUT:?run this through the device tool}
 source .devbundle/setup.sh || exit 1
@@ -38,6 +38,15 @@ case $kind in
     timeout 200 python3 -m pytest -q -x tests/gpu/test_kernels_gpu.py 2>&1 | tail -4
     timeout 330 python3 benchmarks/kernels.py --out "$out/kx" --shapes 8192x8192,4096x14336,14336x4096,8192x28672 \
       --ms 1,2,4,16 --budget-s 300 2>&1 | tail -30
+    ;;
+  x4f)
+    # one x4 call for what is left of a session's budget: a decode-kernel probe (one shape), the scaling job
+    # on 1 and 4 GPUs, then the serve overhead at concurrency 64 (each part keeps what it measured if cut)
+    timeout 70 python3 benchmarks/kernels.py --out "$out/kd" --shapes 8192x8192 --ms 1,2 2>&1 | grep -E "^K=|rows|decode" | tail -4
+    timeout 330 python3 benchmarks/quant_scaling.py --gpus 1,4 --out "$out/scaling" 2>&1 \
+      | grep -v " done in " | tail -12
+    timeout 150 python3 benchmarks/serve.py --out "$out/serve" --no-docs --concurrency 64 --requests-per-client 2 \
+      2>&1 | tail -8
     ;;
   x4)
     timeout 540 python3 benchmarks/quant_scaling.py --gpus 1,4,2 --out "$out/scaling" 2>&1 \

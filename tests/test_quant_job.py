@@ -126,9 +126,13 @@ def test_ray_job_submit(cluster, tiny_model_factory, calib_file, tmp_path):
     src = tiny_model_factory("qwen2", num_hidden_layers=2)
     out = tmp_path / "submitted"
     entry = " ".join(job_cmd(src, out, calib_file, "auto")[1:])
-    r = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD}", "--working-dir",
-                        str(ROOT), "--", "python", *entry.split()],
-                       cwd=ROOT, capture_output=True, text=True, timeout=420, env=cluster["env"])
+    for _attempt in range(6):  # the head's job agent can come up a few seconds after the dashboard answers
+        r = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{DASHBOARD}", "--working-dir",
+                            str(ROOT), "--", "python", *entry.split()],
+                           cwd=ROOT, capture_output=True, text=True, timeout=420, env=cluster["env"])
+        if "No available agent to submit job" not in r.stdout + r.stderr:
+            break
+        time.sleep(5)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout and "block 2/2 done" in r.stdout
     cfg_json = json.loads((out / "config.json").read_text())
