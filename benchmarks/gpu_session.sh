@@ -43,7 +43,7 @@ case $kind in
     # one x4 call for what is left of a session's budget: a decode-kernel probe (one shape), the scaling job
     # on 1 and 4 GPUs, then the serve overhead at concurrency 64 (each part keeps what it measured if cut)
     timeout 70 python3 benchmarks/kernels.py --out "$out/kd" --shapes 8192x8192 --ms 1,2 2>&1 | grep -E "^K=|rows|decode" | tail -4
-    timeout 330 python3 benchmarks/quant_scaling.py --gpus 1,4 --out "$out/scaling" 2>&1 \
+    timeout 330 python3 benchmarks/quant_scaling.py --gpus "${SCALING_GPUS:-1,4}" --out "$out/scaling" 2>&1 \
       | grep -v " done in " | tail -12
     timeout 150 python3 benchmarks/serve.py --out "$out/serve" --no-docs --concurrency 64 --requests-per-client 2 \
       2>&1 | tail -8
