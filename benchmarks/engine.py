@@ -326,7 +326,7 @@ def report(res: dict, commit: str | None = None) -> str:
     bs = res["batches"]
     head = "| system | batch 1 tok/s | ms/token | " + " | ".join(f"batch {b} out tok/s" for b in bs) + \
            " | TTFT 2048 (ms) | weights GiB | peak GiB |"
-    lines = [stamp(res["device"]), "",
+    lines = ["## Inference engine (`benchmarks/engine.py`)", "", stamp(res["device"]), "",
              f"Llama-3-8B shape (random weights), prompt {res['prompt_len']} tokens, {res['new_tokens']} new "
              f"tokens per request (transformers: {res.get('hf_bf16', {}).get('b1_new_tokens', '-')}); "
              f"torch {res['torch']}, triton {res.get('triton', '-')}, transformers {res['transformers']}; "

@@ -272,7 +272,7 @@ def bench_serve(model: Path, args, vocab: int) -> dict:
 def report(res: dict) -> str:
     from benchmarks._report import stamp
 
-    lines = [stamp(res["device"]), "",
+    lines = ["## OpenAI server over Ray Serve (`benchmarks/serve.py`)", "", stamp(res["device"]), "",
              f"Model: {res['model']}, random AWQ weights. Load: random {res['prompt_len']}-token prompts, "
              f"{res['output_len']} output tokens (ignore_eos), closed loop at each concurrency. `engine`: "
              "`AsyncEngine.generate` in process; `serve`: streaming `POST /v1/completions` through the Ray Serve "

@@ -50,7 +50,7 @@ def unpack_tensors(packed: dict[str, tuple[np.ndarray, torch.dtype]]) -> dict[st
     return {k: from_array(a, dtype) for k, (a, dtype) in packed.items()}
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=8)
 def _worker_builder(model_path: str, device: str, dtype: torch.dtype) -> BlockBuilder:
     """One meta skeleton per worker process and model, reused across the blocks it is given."""
     return BlockBuilder(ModelSource(model_path), torch.device(device), dtype)
@@ -66,6 +66,25 @@ def _maybe_inject_failure(index: int) -> None:
             raise RuntimeError(f"injected failure in block {index}")
 
 
+# Set (through the task's runtime_env) so that Ray leaves CUDA_VISIBLE_DEVICES alone in block workers. Ray
+# reuses a worker process for later tasks; a process keeps the GPU it first initialised CUDA on, whatever
+# CUDA_VISIBLE_DEVICES says for its next task, so two tasks given different GPUs could run on the same one
+# (seen on 2 GPUs: every block twice as slow). With all GPUs visible, each task picks its own by index.
+NOSET_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+
+
+def task_device() -> str:
+    """The device of this task: ``cuda:<the GPU Ray assigned>`` (see ``NOSET_ENV``), ``cuda`` or ``cpu``."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    import ray
+
+    ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    if ids and os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES") == "1":
+        return f"cuda:{int(ids[0])}"
+    return "cuda"
+
+
 def search_block(model_path: str, index: int, x: np.ndarray | torch.Tensor, cfg: QuantConfig, dtype: torch.dtype):
     """Body of the Ray task: rebuild block ``index`` from the files and run AWQ on it.
 
@@ -75,9 +94,11 @@ def search_block(model_path: str, index: int, x: np.ndarray | torch.Tensor, cfg:
     """
     timings = {"start": time.time()}
     _maybe_inject_failure(index)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
+    device = task_device()
+    if device != "cpu":
+        torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats()
+        timings["gpu"] = float(torch.device(device).index or 0)
     t = time.perf_counter()
     # The inputs arrive in host memory from the object store; searching them there would copy every chunk
     # to the GPU for each of the ~40 scale candidates.
@@ -90,7 +111,7 @@ def search_block(model_path: str, index: int, x: np.ndarray | torch.Tensor, cfg:
     timings["rebuild"] = _lap(t, device)
     tensors, report = quantize_block(layer, index, x, ctx, builder.source.family, cfg)
     timings["search_pack"] = report.seconds
-    if device == "cuda":
+    if device != "cpu":
         report.peak_gpu_gb = torch.cuda.max_memory_allocated() / 1024**3
     t = time.perf_counter()
     packed = pack_tensors(tensors)
@@ -100,6 +121,6 @@ def search_block(model_path: str, index: int, x: np.ndarray | torch.Tensor, cfg:
 
 
 def _lap(t0: float, device: str) -> float:
-    if device == "cuda":
+    if device != "cpu":
         torch.cuda.synchronize()  # time the copy, not its launch
     return time.perf_counter() - t0

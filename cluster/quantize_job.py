@@ -22,7 +22,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.block_task import search_block, to_array, unpack_tensors
+from cluster.block_task import NOSET_ENV, search_block, to_array, unpack_tensors
 from quant.cli import add_quant_args, config_from_args
 from quant.config import QuantConfig
 from quant.errors import QuantError
@@ -139,9 +139,10 @@ def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int =
                      act_budget_gb=act_budget_gb, compute_device=compute)
     workers = workers or max(1, num_gpus or int(ray.available_resources().get("CPU", 1)))
     pg = reserve(num_gpus, workers)
+    extra = {"runtime_env": {"env_vars": dict(NOSET_ENV)}} if num_gpus > 0 else {}
     task = ray.remote(search_block).options(max_retries=max_retries, retry_exceptions=RETRYABLE,
                                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
-                                            **resources(num_gpus))
+                                            **resources(num_gpus), **extra)
     total = plan.num_blocks
     plan.summary.job_timings["setup"] = time.perf_counter() - plan.t0
     run = _Dispatch(plan, task, workers + max(0, prefetch))

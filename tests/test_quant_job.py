@@ -227,3 +227,32 @@ def test_failed_save_keeps_finished_blocks_and_resumes(cluster, tiny_model_facto
     assert set(summary.timings[2]) >= {"fp", "put", "rebuild", "search_pack", "save"}
     quantize_model(src, tmp_path / "single", cfg(calib_file), device="cpu", progress=False)
     assert_same_checkpoint(tmp_path / "single", tmp_path / "dist")
+
+
+GPU_PICK_SCRIPT = r"""
+import os, time, ray
+from cluster.block_task import NOSET_ENV
+ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+
+@ray.remote
+def probe():
+    time.sleep(1.0)  # both tasks hold their GPU at once
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), [int(i) for i in ray.get_gpu_ids()]
+
+task = probe.options(num_gpus=1, runtime_env={"env_vars": dict(NOSET_ENV)})
+print("RESULT", ray.get([task.remote(), task.remote()]))
+"""
+
+
+def test_block_tasks_see_all_gpus_and_know_their_own():
+    """The block tasks' env makes Ray leave CUDA_VISIBLE_DEVICES unset, and each task still learns its own GPU
+    (a reused worker process cannot switch GPUs through CUDA_VISIBLE_DEVICES once CUDA is initialised)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    r = subprocess.run([sys.executable, "-c", GPU_PICK_SCRIPT], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=ROOT)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")]
+    assert line, r.stdout[-2000:] + r.stderr[-2000:]
+    results = eval(line[0][len("RESULT"):])
+    assert [cvd for cvd, _ in results] == [None, None]
+    assert sorted(ids[0] for _, ids in results) == [0, 1]
