@@ -232,7 +232,7 @@ def test_failed_save_keeps_finished_blocks_and_resumes(cluster, tiny_model_facto
 GPU_PICK_SCRIPT = r"""
 import os, time, ray
 from cluster.block_task import NOSET_ENV
-ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)  # its own, not the fixture's
 
 @ray.remote
 def probe():
@@ -249,6 +249,7 @@ def test_block_tasks_see_all_gpus_and_know_their_own():
     (a reused worker process cannot switch GPUs through CUDA_VISIBLE_DEVICES once CUDA is initialised)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.pop("RAY_ADDRESS", None)
     r = subprocess.run([sys.executable, "-c", GPU_PICK_SCRIPT], capture_output=True, text=True, timeout=300, env=env,
                        cwd=ROOT)
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")]
