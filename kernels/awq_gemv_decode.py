@@ -184,12 +184,15 @@ def _awq_gemv_rows_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split, magic,
     N8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DEPTH: tl.constexpr,
 ):
     """Like ``_awq_gemv_decode_kernel``, but each K row is its own 1-D load (one word per thread) and its
     ``BLOCK_M`` x values a ``[BLOCK_M, 1]`` column, so each sum is a plain FMA chain: no 2-D weight tile, no
     per-row accumulators, few registers, many warps per SM; a word is unpacked once for all rows of x.
-    Software-pipelined by hand, 8 rows per step: the next step's words and x values are loaded
-    before this step's are used (Triton pipelines only loads that feed ``tl.dot``)."""
+    Software-pipelined by hand, 8 rows per step: the words and x values of the next ``DEPTH`` (1 or 2) steps
+    are in flight while this step's are used (Triton pipelines only loads that feed ``tl.dot``). The grid is
+    capped by N/8 x splits threads (~16 warps per SM at 8192x8192), so the bytes in flight per thread set
+    the bandwidth: DEPTH 2 doubles them."""
     pid_j = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -206,6 +209,7 @@ def _awq_gemv_rows_kernel(
     g0 = pid_k * groups_per_split
     g1 = tl.minimum(g0 + groups_per_split, num_groups)
     k_last = g1 * GROUP - 8
+    k_step2 = tl.minimum(g0 * GROUP + 8, k_last)
 
     kn = g0 * GROUP
     wp = qw_ptr + offs_jl
@@ -225,6 +229,23 @@ def _awq_gemv_rows_kernel(
     y5 = tl.load(xp + kn + 5, mask=xm, other=0.0)
     y6 = tl.load(xp + kn + 6, mask=xm, other=0.0)
     y7 = tl.load(xp + kn + 7, mask=xm, other=0.0)
+    if DEPTH == 2:
+        m0 = tl.load(wp + (k_step2 + 0) * N8)
+        m1 = tl.load(wp + (k_step2 + 1) * N8)
+        m2 = tl.load(wp + (k_step2 + 2) * N8)
+        m3 = tl.load(wp + (k_step2 + 3) * N8)
+        m4 = tl.load(wp + (k_step2 + 4) * N8)
+        m5 = tl.load(wp + (k_step2 + 5) * N8)
+        m6 = tl.load(wp + (k_step2 + 6) * N8)
+        m7 = tl.load(wp + (k_step2 + 7) * N8)
+        v0 = tl.load(xp + k_step2 + 0, mask=xm, other=0.0)
+        v1 = tl.load(xp + k_step2 + 1, mask=xm, other=0.0)
+        v2 = tl.load(xp + k_step2 + 2, mask=xm, other=0.0)
+        v3 = tl.load(xp + k_step2 + 3, mask=xm, other=0.0)
+        v4 = tl.load(xp + k_step2 + 4, mask=xm, other=0.0)
+        v5 = tl.load(xp + k_step2 + 5, mask=xm, other=0.0)
+        v6 = tl.load(xp + k_step2 + 6, mask=xm, other=0.0)
+        v7 = tl.load(xp + k_step2 + 7, mask=xm, other=0.0)
     a0 = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     a1 = tl.zeros_like(a0)
     a2 = tl.zeros_like(a0)
@@ -254,23 +275,58 @@ def _awq_gemv_rows_kernel(
         for kk in range(0, GROUP // 8):
             c0, c1, c2, c3, c4, c5, c6, c7 = n0, n1, n2, n3, n4, n5, n6, n7
             x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
-            kn = tl.minimum(g * GROUP + (kk + 1) * 8, k_last)  # the last step re-reads itself (cached)
-            n0 = tl.load(wp + (kn + 0) * N8)
-            n1 = tl.load(wp + (kn + 1) * N8)
-            n2 = tl.load(wp + (kn + 2) * N8)
-            n3 = tl.load(wp + (kn + 3) * N8)
-            n4 = tl.load(wp + (kn + 4) * N8)
-            n5 = tl.load(wp + (kn + 5) * N8)
-            n6 = tl.load(wp + (kn + 6) * N8)
-            n7 = tl.load(wp + (kn + 7) * N8)
-            y0 = tl.load(xp + kn + 0, mask=xm, other=0.0)
-            y1 = tl.load(xp + kn + 1, mask=xm, other=0.0)
-            y2 = tl.load(xp + kn + 2, mask=xm, other=0.0)
-            y3 = tl.load(xp + kn + 3, mask=xm, other=0.0)
-            y4 = tl.load(xp + kn + 4, mask=xm, other=0.0)
-            y5 = tl.load(xp + kn + 5, mask=xm, other=0.0)
-            y6 = tl.load(xp + kn + 6, mask=xm, other=0.0)
-            y7 = tl.load(xp + kn + 7, mask=xm, other=0.0)
+            if DEPTH == 2:  # step kk+1's tiles move up; step kk+2's are issued
+                n0 = m0
+                n1 = m1
+                n2 = m2
+                n3 = m3
+                n4 = m4
+                n5 = m5
+                n6 = m6
+                n7 = m7
+                y0 = v0
+                y1 = v1
+                y2 = v2
+                y3 = v3
+                y4 = v4
+                y5 = v5
+                y6 = v6
+                y7 = v7
+                kn = tl.minimum(g * GROUP + (kk + 2) * 8, k_last)  # past the end: re-reads the last step
+                m0 = tl.load(wp + (kn + 0) * N8)
+                m1 = tl.load(wp + (kn + 1) * N8)
+                m2 = tl.load(wp + (kn + 2) * N8)
+                m3 = tl.load(wp + (kn + 3) * N8)
+                m4 = tl.load(wp + (kn + 4) * N8)
+                m5 = tl.load(wp + (kn + 5) * N8)
+                m6 = tl.load(wp + (kn + 6) * N8)
+                m7 = tl.load(wp + (kn + 7) * N8)
+                v0 = tl.load(xp + kn + 0, mask=xm, other=0.0)
+                v1 = tl.load(xp + kn + 1, mask=xm, other=0.0)
+                v2 = tl.load(xp + kn + 2, mask=xm, other=0.0)
+                v3 = tl.load(xp + kn + 3, mask=xm, other=0.0)
+                v4 = tl.load(xp + kn + 4, mask=xm, other=0.0)
+                v5 = tl.load(xp + kn + 5, mask=xm, other=0.0)
+                v6 = tl.load(xp + kn + 6, mask=xm, other=0.0)
+                v7 = tl.load(xp + kn + 7, mask=xm, other=0.0)
+            else:
+                kn = tl.minimum(g * GROUP + (kk + 1) * 8, k_last)  # the last step re-reads itself (cached)
+                n0 = tl.load(wp + (kn + 0) * N8)
+                n1 = tl.load(wp + (kn + 1) * N8)
+                n2 = tl.load(wp + (kn + 2) * N8)
+                n3 = tl.load(wp + (kn + 3) * N8)
+                n4 = tl.load(wp + (kn + 4) * N8)
+                n5 = tl.load(wp + (kn + 5) * N8)
+                n6 = tl.load(wp + (kn + 6) * N8)
+                n7 = tl.load(wp + (kn + 7) * N8)
+                y0 = tl.load(xp + kn + 0, mask=xm, other=0.0)
+                y1 = tl.load(xp + kn + 1, mask=xm, other=0.0)
+                y2 = tl.load(xp + kn + 2, mask=xm, other=0.0)
+                y3 = tl.load(xp + kn + 3, mask=xm, other=0.0)
+                y4 = tl.load(xp + kn + 4, mask=xm, other=0.0)
+                y5 = tl.load(xp + kn + 5, mask=xm, other=0.0)
+                y6 = tl.load(xp + kn + 6, mask=xm, other=0.0)
+                y7 = tl.load(xp + kn + 7, mask=xm, other=0.0)
             p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c0, x0,
                                                       z0, z1, z2, z3, z4, z5, z6, z7, magic)
             p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c1, x1,
@@ -384,7 +440,7 @@ def gemv_decode(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
                 group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                 BLOCK_J: int = 128, BLOCK_K: int = 16, split_k: int = 1, num_warps: int = 4,
                 num_stages: int = 1, ACC2D: bool = False, PREFETCH: bool = False, ROWS: bool = False,
-                BLOCK_M: int = 1) -> torch.Tensor:
+                BLOCK_M: int = 1, DEPTH: int = 1) -> torch.Tensor:
     """``x2 [M, K] @ W`` for decode-sized ``M``; ``x2`` has unit column stride.
 
     ``BLOCK_J`` should be ``32 * num_warps`` (one word per thread) so that K lies entirely inside threads.
@@ -403,7 +459,7 @@ def gemv_decode(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
             x2, qweight, qzeros, scales, bias_arg, y, ws, cnt,
             M, N, K, x2.stride(0), y.stride(0), split_k, gps, 0x4B000000,
             N8=N // 8, GROUP=group_size, BLOCK_M=block_m, BLOCK_J=BLOCK_J, HAS_BIAS=bias is not None,
-            num_warps=num_warps, num_stages=num_stages,
+            DEPTH=DEPTH, num_warps=num_warps, num_stages=num_stages,
         )
         return y
     _awq_gemv_decode_kernel[grid](

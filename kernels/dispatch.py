@@ -164,7 +164,7 @@ def default_config(kernel: str, M: int, N: int, K: int, group: int, sms: int) ->
                 "num_warps": 4}
     if kernel == "decode":
         tiles = -(-N // 512) * M
-        return {"kernel": "decode", "ROWS": True, "BLOCK_M": min(2, M), "BLOCK_J": 64,
+        return {"kernel": "decode", "ROWS": True, "BLOCK_M": min(2, M), "BLOCK_J": 64, "DEPTH": 1,
                 "split_k": split_for(tiles, G, sms, 8), "num_warps": 2}
     if kernel == "splitk":
         bm = min(64, max(16, mb))
@@ -203,18 +203,19 @@ def candidates(M: int, N: int, K: int, group: int, sms: int) -> list[Config]:
         # (BLOCK_J = 32 x num_warps). ROWS: one 1-D load per K row, FMA chains, ~64 registers (many warps per
         # SM); otherwise a [BLOCK_K, BLOCK_J] tile per step, per-row FMA sums (ACC2D) or a per-step reduction.
         # Each config compiles once per N (N8 is a compile-time constant, for immediate row offsets).
-        # BLOCK_M rows of x per program share each unpacked word (M = 2, 4).
+        # BLOCK_M rows of x per program share each unpacked word (M = 2, 4); DEPTH 2 keeps two steps of loads
+        # in flight (the grid is capped at N/8 x splits threads, so bytes in flight per thread set the speed).
         for bm in sorted({1, min(M, 2), min(M, 4)} if M > 1 else {1}):
-            for bj, warps in ((128, 4), (64, 2), (32, 1)):
+            for bj, warps in ((128, 4), (32, 1)):
                 tiles = -(-N // (8 * bj)) * -(-M // bm)
                 for waves in (4, 8):
-                    out.append({"kernel": "decode", "ROWS": True, "BLOCK_M": bm, "BLOCK_J": bj,
-                                "split_k": split_for(tiles, G, sms, waves), "num_warps": warps})
+                    for depth in ((1, 2) if bm == 1 else (1,)):
+                        out.append({"kernel": "decode", "ROWS": True, "BLOCK_M": bm, "BLOCK_J": bj, "DEPTH": depth,
+                                    "split_k": split_for(tiles, G, sms, waves), "num_warps": warps})
         for bj, bk, acc2d, pf, warps in ((128, 8, True, True, 4), (128, 16, False, True, 4)):
             tiles = -(-N // (8 * bj)) * M
-            for waves in (2, 4):
-                out.append({"kernel": "decode", "BLOCK_J": bj, "BLOCK_K": bk, "ACC2D": acc2d, "PREFETCH": pf,
-                            "split_k": split_for(tiles, G, sms, waves), "num_warps": warps})
+            out.append({"kernel": "decode", "BLOCK_J": bj, "BLOCK_K": bk, "ACC2D": acc2d, "PREFETCH": pf,
+                        "split_k": split_for(tiles, G, sms, 2), "num_warps": warps})
     if mb <= 8:
         # the 3-D lane-layout GEMV (awq_gemv_lanes): its sm_90 build converts layouts through shared memory
         # (see docs/kernels_notes.md); one config kept as a measured reference

@@ -109,7 +109,8 @@ def test_lanes_gemv_matches_fp64(M, group, split_k):
 
 @pytest.mark.parametrize("split_k,acc2d,prefetch,rows", [(1, True, True, False), (3, True, False, False),
                                                          (3, False, True, False), (1, False, False, False),
-                                                         (1, False, False, True), (3, False, False, True)])
+                                                         (1, False, False, True), (3, False, False, True),
+                                                         (1, False, True, True), (3, False, True, True)])
 @pytest.mark.parametrize("group", list(GROUPS))
 @pytest.mark.parametrize("M", [1, 3, 5])
 def test_decode_gemv_matches_fp64(M, group, split_k, acc2d, prefetch, rows):
@@ -122,7 +123,8 @@ def test_decode_gemv_matches_fp64(M, group, split_k, acc2d, prefetch, rows):
     bias = torch.randn(N, dtype=torch.bfloat16) if M != 3 else None
     out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
     y = gemv_decode(x, *w, group, bias, out=out, BLOCK_J=8, BLOCK_K=16, split_k=split_k, num_warps=1,
-                    ACC2D=acc2d, PREFETCH=prefetch, ROWS=rows, BLOCK_M=2)
+                    ACC2D=acc2d, PREFETCH=prefetch, ROWS=rows, BLOCK_M=2,
+                    DEPTH=2 if (rows and prefetch) else 1)
     assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
     assert rel(y, ref64(x, *w, group, bias)) < 1e-2
 
