@@ -202,11 +202,13 @@ class LLMServer:
     def replica_actor_name(self) -> str:
         return serve.get_replica_context().replica_id.to_full_id_str()
 
-    def tokenize(self, req: dict):
-        return self._safe(self.server.tokenize, req)
+    async def tokenize(self, req: dict):
+        """On the tokenizer thread: a sync method would run on the replica's event loop, which every stream
+        of this replica shares."""
+        return await self.server.offload(self._safe, self.server.tokenize, req)
 
-    def detokenize(self, tokens: list[int]):
-        return self._safe(self.server.detokenize, tokens)
+    async def detokenize(self, tokens: list[int]):
+        return await self.server.offload(self._safe, self.server.detokenize, tokens)
 
     def _safe(self, fn, *args):
         from .openai.engine_server import _err

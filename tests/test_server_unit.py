@@ -4,7 +4,10 @@ in-process engines (ASGI) and a scripted backend (tool calls and JSON mode from 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
+import threading
 import time
 
 import httpx2 as httpx
@@ -354,3 +357,88 @@ def test_sse_chunks_carry_several_tokens_when_the_writer_is_behind():
                     assert len(ch.logprobs.content) == len(ch.delta.content)
         assert content == text and n < len(text)
     asyncio.run(main())
+
+
+# -- time to first token: what a request meets before its first token (issue #5) -------------------------
+def test_requests_reach_the_engine_without_executor_threads(server):
+    """A burst of arrivals is queued from the event loop: no thread of the default pool blocks per request
+    until the next step boundary (the pool's size capped how many requests one step could admit)."""
+
+    class NoThreads(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, *args, **kwargs):
+            raise AssertionError("a request went through the default executor")
+
+    async def main():
+        asyncio.get_running_loop().set_default_executor(NoThreads(1))
+        g = GenerationConfig(max_new_tokens=2, ignore_eos=True)
+
+        async def one(i):
+            return [o async for o in server.async_engine.generate([5 + i, 6, 7], g)][-1]
+
+        outs = await asyncio.gather(*(one(i) for i in range(40)))
+        assert all(o.finished and len(o.token_ids) == 2 for o in outs)
+    asyncio.run(main())
+
+
+def test_a_request_cancelled_before_the_engine_took_it_leaves_nothing_behind(server):
+    ae = server.async_engine
+    g = GenerationConfig(max_new_tokens=500, ignore_eos=True)
+
+    async def consume():
+        async for _ in ae.generate([5, 6, 7], g):
+            pass
+
+    async def main():
+        for k in range(6):  # cancelled at different points: before, during and after the engine takes it
+            task = asyncio.create_task(consume())
+            for _ in range(k):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for _ in range(20):  # an abort takes effect at the next step boundary
+            if not server.engine.has_unfinished() and not ae._sinks:
+                break
+            await asyncio.sleep(0.05)
+        assert not server.engine.has_unfinished() and not ae._sinks
+    asyncio.run(main())
+
+
+def test_first_and_last_messages_are_not_held_by_the_message_budget(server):
+    """The budget spaces a stream's middle messages; the first (TTFT) and the one that finishes a choice (its
+    client sends its next request on it, closed loop) go out at once."""
+
+    async def main():
+        t0 = time.monotonic()
+        times = [time.monotonic() - t0 async for _ in server.generate(
+            _completion_req(n=1, max_tokens=2, logprobs=None, prompts=[[5, 6, 7]]))]
+        return times
+
+    old = server.stream_messages_per_s
+    server.stream_messages_per_s = 0.5  # one message per stream every 2 s
+    try:
+        times = asyncio.run(main())
+    finally:
+        server.stream_messages_per_s = old
+    assert times[-1] < 1.0, times
+
+
+def test_text_prompts_are_tokenized_off_the_event_loop(server, monkeypatch):
+    """Chat templates and text prompts are encoded on the tokenizer thread, token ids on the loop (cheap)."""
+    seen = []
+    plan = server._plan
+
+    def spy(req):
+        seen.append(threading.current_thread().name)
+        return plan(req)
+
+    monkeypatch.setattr(server, "_plan", spy)
+
+    async def main():
+        for req in (_completion_req(n=1, max_tokens=1), _completion_req(n=1, max_tokens=1, prompts=[[5, 6]]),
+                    {"kind": "chat", "n": 1, "max_tokens": 1, "messages": MSG, "sampling": {}}):
+            events = await server.complete(req)
+            assert events[-1]["type"] == "finish", events
+    asyncio.run(main())
+    loop_thread = threading.current_thread().name
+    assert seen[0].startswith("rayawq-tok") and seen[1] == loop_thread and seen[2].startswith("rayawq-tok")

@@ -30,10 +30,15 @@ class AsyncEngine:
     # -- any thread --------------------------------------------------------------------------------
     def submit(self, prompt, gen_config=None, sink: Sink | None = None, request_id: str | None = None) -> str:
         """Queue a request; returns its id once the engine accepted it (or raises why it did not)."""
+        return self._put(prompt, gen_config, sink, request_id).result()
+
+    def _put(self, prompt, gen_config, sink: Sink | None, request_id: str | None) -> Future:
+        """Queue a request without waiting: the future gets its id (or the reason it was refused) when the
+        loop thread takes it, at the next step boundary; a future cancelled before that queues nothing."""
         fut: Future = Future()
         self._inbox.put(("add", (prompt, gen_config, request_id), sink or (lambda o: None), fut))
         self._wake.set()
-        return fut.result()
+        return fut
 
     def abort(self, request_id: str) -> None:
         """Cancel; the request's KV blocks are freed before the next step."""
@@ -54,12 +59,19 @@ class AsyncEngine:
             self.abort(rid)
 
     async def generate(self, prompt, gen_config=None, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Async iterator of outputs; cancelling the consuming task cancels the request."""
+        """Async iterator of outputs; cancelling the consuming task cancels the request.
+
+        The request is queued from the event loop itself (no executor thread blocked until the next step
+        boundary: a burst of arrivals is not capped by the default pool's size, and there is one thread hop
+        less before the first token)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        rid = await loop.run_in_executor(
-            None, lambda: self.submit(prompt, gen_config, lambda o: loop.call_soon_threadsafe(q.put_nowait, o),
-                                      request_id))
+        fut = self._put(prompt, gen_config, lambda o: loop.call_soon_threadsafe(q.put_nowait, o), request_id)
+        try:
+            rid = await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(self._abort_accepted)  # taken meanwhile: free it once it is in
+            raise
         try:
             while True:
                 out = await q.get()
@@ -68,6 +80,10 @@ class AsyncEngine:
                     return
         finally:
             self.abort(rid)
+
+    def _abort_accepted(self, fut: Future) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.abort(fut.result())
 
     def shutdown(self) -> None:
         self._stop = True
@@ -86,6 +102,8 @@ class AsyncEngine:
                 self._sinks.pop(arg, None)
                 continue
             prompt, gen, rid = arg
+            if not fut.set_running_or_notify_cancel():  # the caller went away before its turn
+                continue
             try:
                 rid = self.engine.add_request(prompt, gen, request_id=rid, stream=True)
             except Exception as e:

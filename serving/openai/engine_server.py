@@ -20,7 +20,9 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 from ..config import InvalidRequestError
 from ..engine.async_engine import AsyncEngine
@@ -30,6 +32,7 @@ from .streaming import coalesce
 from .tool_parser import HERMES_CLOSE, HERMES_OPEN, format_for_template
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 JSON_INSTRUCTION = "Answer with a single JSON object and nothing else."
 
@@ -80,6 +83,9 @@ class EngineServer:
         self.template_renders_tools = bool(self.template and "tools" in self.template)
         self.tool_format = format_for_template(self.template) if tool_format == "auto" else tool_format
         self.stats = Stats()
+        # tokenizer work (chat templates, text prompts, the tokenize endpoints) runs here, off the event loop
+        # that streams every request's tokens; one thread: a fast tokenizer is not safe for concurrent encodes
+        self._tok_pool = ThreadPoolExecutor(1, thread_name_prefix="rayawq-tok")
         self._observers: list = []  # callables(event_name, **values): metrics hooks
         self._ids = 0
         self._lock = threading.Lock()
@@ -120,6 +126,12 @@ class EngineServer:
 
     def shutdown(self) -> None:
         self.async_engine.shutdown()
+        self._tok_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def offload(self, fn: Callable[..., T], *args) -> T:
+        """``fn(*args)`` on the tokenizer thread: a long prompt's template and encoding would otherwise stall
+        the event loop, and with it the first token of every request that arrives meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._tok_pool, fn, *args)
 
     # -- tokens -------------------------------------------------------------------------------------
     def _need_tokenizer(self, what: str):
@@ -234,7 +246,7 @@ class EngineServer:
     async def generate(self, req: dict, paced: bool = True):
         """Async generator of event lists (see the module doc); ``paced``: keep to the message budget."""
         try:
-            plan = self._plan(req)
+            plan = await self.offload(self._plan, req) if _tokenizes(req) else self._plan(req)
         except OpenAIError as e:
             yield [{"type": "error", **_err(e)}]
             return
@@ -251,10 +263,10 @@ class EngineServer:
         try:
             while left:
                 batch = [await queue.get()]
-                if started and paced and batch[0]["type"] == "delta":
-                    await self._keep_to_budget(sent)
-                while not queue.empty():
-                    batch.append(queue.get_nowait())
+                _drain_into(queue, batch)
+                if started and paced and all(e["type"] == "delta" for e in batch):
+                    await self._keep_to_budget(sent)  # a finish goes out at once: its client may send the next
+                    _drain_into(queue, batch)
                 errors = [e for e in batch if e["type"] == "error"]
                 if errors and not started:
                     yield [errors[0]]
@@ -382,6 +394,16 @@ class EngineServer:
                 {res["tokens"][i]: float(lp), **{self.token_str(t): float(v) for t, v in d.items()}}
                 for i, (d, lp) in enumerate(zip(tops, plps))]
         return res
+
+
+def _tokenizes(req: dict) -> bool:
+    """Whether planning ``req`` runs the tokenizer (chat template or text prompts), not only token ids."""
+    return req["kind"] == "chat" or any(not isinstance(p, list) for p in req.get("prompts") or ())
+
+
+def _drain_into(queue: asyncio.Queue, batch: list) -> None:
+    while not queue.empty():
+        batch.append(queue.get_nowait())
 
 
 def _err(e: OpenAIError) -> dict:
