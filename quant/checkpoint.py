@@ -25,15 +25,20 @@ TOKENIZER_FILES = (
 )
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> str:
-    """Save safetensors under a temp name, fsync, rename; returns the file's sha256."""
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None,
+                digest: bool = True) -> str | None:
+    """Save safetensors under a temp name, fsync, rename; returns the file's sha256 (``digest``), else None.
+
+    The digest (read back in chunks from the page cache) is what the resume manifest checks parts against;
+    the final shards need none, and skipping it saves a pass over the whole checkpoint in ``finish``.
+    """
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
+    sha = file_sha256(tmp) if digest else None
     with open(tmp, "rb") as fh:
-        digest = hashlib.sha256(fh.read()).hexdigest()
         os.fsync(fh.fileno())
     tmp.replace(path)
-    return digest
+    return sha
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -124,7 +129,7 @@ def merge_parts(part_files: list[Path], out_dir: Path, max_shard_size: int) -> d
         for f in files:
             with safe_open(f, framework="pt") as fh:
                 tensors.update({key: fh.get_tensor(key) for key in fh.keys()})
-        atomic_save(tensors, out_dir / name)
+        atomic_save(tensors, out_dir / name, digest=False)
         weight_map.update({key: name for key in tensors})
         del tensors
     if n > 1:
