@@ -85,6 +85,23 @@ def task_device() -> str:
     return "cuda"
 
 
+def warm_worker(model_path: str, cfg: QuantConfig) -> str:
+    """Start a block worker before its first block: imports, the CUDA context and the model skeleton (~3 s
+    per process), overlapped with the driver's own set-up. Returns "" or the error (the real task reports it)."""
+    from quant.pipeline import compute_dtype
+
+    try:
+        device = task_device()
+        if device != "cpu":
+            torch.cuda.set_device(device)
+            torch.empty(1, device=device)
+        cfg.resolve_dtype(ModelSource(model_path).dtype())  # the plan's arithmetic dtype, as the driver picks it
+        _worker_builder(model_path, device, compute_dtype(torch.device(device), cfg.out_dtype))
+        return ""
+    except Exception as e:  # noqa: BLE001 - the block task that follows raises it properly
+        return f"{type(e).__name__}: {e}"
+
+
 def search_block(model_path: str, index: int, x: np.ndarray | torch.Tensor, cfg: QuantConfig, dtype: torch.dtype):
     """Body of the Ray task: rebuild block ``index`` from the files and run AWQ on it.
 

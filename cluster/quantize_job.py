@@ -12,6 +12,7 @@ the single-process quantizer writes for the same inputs.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
@@ -22,7 +23,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.block_task import NOSET_ENV, search_block, to_array, unpack_tensors
+from cluster.block_task import NOSET_ENV, search_block, to_array, unpack_tensors, warm_worker
 from quant.cli import add_quant_args, config_from_args
 from quant.config import QuantConfig
 from quant.errors import QuantError
@@ -135,14 +136,15 @@ def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int =
     in Ray's queue with their inputs already in the object store (one block's n x seq x hidden each).
     """
     compute = "cuda" if num_gpus > 0 else "cpu"
-    plan = QuantPlan(model, work_dir, cfg, device="auto" if num_gpus > 0 else "cpu", overwrite=overwrite,
-                     act_budget_gb=act_budget_gb, compute_device=compute)
     workers = workers or max(1, num_gpus or int(ray.available_resources().get("CPU", 1)))
     pg = reserve(num_gpus, workers)
     extra = {"runtime_env": {"env_vars": dict(NOSET_ENV)}} if num_gpus > 0 else {}
-    task = ray.remote(search_block).options(max_retries=max_retries, retry_exceptions=RETRYABLE,
-                                            scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
-                                            **resources(num_gpus), **extra)
+    placed = dict(scheduling_strategy=PlacementGroupSchedulingStrategy(pg), **resources(num_gpus), **extra)
+    task = ray.remote(search_block).options(max_retries=max_retries, retry_exceptions=RETRYABLE, **placed)
+    # one warm-up per worker slot while the driver loads the model's embeddings and calibration data
+    warm_refs = [ray.remote(warm_worker).options(**placed).remote(model, copy.deepcopy(cfg)) for _ in range(workers)]
+    plan = QuantPlan(model, work_dir, cfg, device="auto" if num_gpus > 0 else "cpu", overwrite=overwrite,
+                     act_budget_gb=act_budget_gb, compute_device=compute)
     total = plan.num_blocks
     plan.summary.job_timings["setup"] = time.perf_counter() - plan.t0
     run = _Dispatch(plan, task, workers + max(0, prefetch))
@@ -156,6 +158,8 @@ def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int =
                 run.timing(i)["fp"] = fp_s
                 run.submit(i, x)
             run.drain()
+            for err in filter(None, ray.get(warm_refs)):
+                log.warning("a worker warm-up failed (the blocks ran anyway): %s", err)
         finally:
             run.writer.close(raise_error=False)  # on an error above: keep what finished (it resumes)
             remove_placement_group(pg)
