@@ -28,7 +28,7 @@ Key = tuple[int, int, int, int, str]
 TABLE_PATH = Path(os.environ.get("RAYAWQ_KERNEL_TABLE", Path(__file__).with_name("tuned_h100.json")))
 M_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
-KERNEL_NAMES: tuple[str, ...] = ("gemv", "lanes", "decode", "splitk", "gemm", "dequant")
+KERNEL_NAMES: tuple[str, ...] = ("gemv", "lanes", "decode", "swap", "splitk", "gemm", "dequant")
 
 # Used only when no table is present (e.g. another card with RAYAWQ_KERNEL_TABLE pointing nowhere); copied from
 # the H100 measurement (tuned_h100.json, bucket_kernels), which overrides it whenever it is present.
@@ -166,6 +166,11 @@ def default_config(kernel: str, M: int, N: int, K: int, group: int, sms: int) ->
         tiles = -(-N // 512) * M
         return {"kernel": "decode", "ROWS": True, "BLOCK_M": min(2, M), "BLOCK_J": 64, "DEPTH": 1,
                 "split_k": split_for(tiles, G, sms, 8), "num_warps": 2}
+    if kernel == "swap":
+        bm = min(64, max(16, mb))
+        tiles = -(-N // 128) * -(-M // bm)
+        return {"kernel": "swap", "BLOCK_M": bm, "BLOCK_N": 128, "split_k": split_for(tiles, G, sms, 2),
+                "num_warps": 8}
     if kernel == "splitk":
         bm = min(64, max(16, mb))
         bn = 128
@@ -224,6 +229,15 @@ def candidates(M: int, N: int, K: int, group: int, sms: int) -> list[Config]:
             for waves in (4,):
                 out.append({"kernel": "lanes", "BLOCK_J": bj, "BLOCK_K": bk, "split_k": split_for(tiles, G, sms, waves),
                             "num_warps": warps})
+    if 2 <= mb <= 64:
+        # operands swapped (W^T x^T): wgmma with the batch as its N and the weight tile as A (awq_dot_swap);
+        # not yet measured on the H100
+        bm = min(64, max(16, mb))
+        for bn in (128, 256):
+            tiles = -(-N // bn) * -(-M // bm)
+            for waves in (1, 2):
+                out.append({"kernel": "swap", "BLOCK_M": bm, "BLOCK_N": bn, "split_k": split_for(tiles, G, sms, waves),
+                            "num_warps": 8})
     if mb <= 128:
         bm = min(64, max(16, mb))
         # (BLOCK_N, warps, lookahead): lookahead L keeps L groups of loads in flight per program; registers
@@ -295,6 +309,10 @@ def run_config(cfg: Config, x2: torch.Tensor, qweight: torch.Tensor, qzeros: tor
         from .awq_gemv_lanes import lanes
 
         return lanes(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
+    if kernel == "swap":
+        from .awq_dot_swap import dot_swap
+
+        return dot_swap(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
     if kernel == "decode":
         from .awq_gemv_decode import gemv_decode
 

@@ -129,6 +129,23 @@ def test_decode_gemv_matches_fp64(M, group, split_k, acc2d, prefetch, rows):
     assert rel(y, ref64(x, *w, group, bias)) < 1e-2
 
 
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("group", list(GROUPS))
+@pytest.mark.parametrize("M", [1, 16, 33])
+def test_swapped_dot_matches_fp64(M, group, split_k):
+    from kernels.awq_dot_swap import dot_swap
+
+    K = GROUPS[group]
+    N = ODD_NS[(M + list(GROUPS).index(group)) % len(ODD_NS)]
+    w = random_weights(K, N, group)
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    bias = torch.randn(N, dtype=torch.bfloat16) if M != 16 else None
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+    y = dot_swap(x, *w, group, bias, out=out, BLOCK_M=16, BLOCK_N=16, split_k=split_k)
+    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
+    assert rel(y, ref64(x, *w, group, bias)) < 1e-2
+
+
 def test_lanes_gemv_refuses_more_than_8_rows():
     from kernels.awq_gemv_lanes import lanes
 

@@ -71,6 +71,7 @@ VARIANTS = {
     "decode_tree": dict(kernel="decode", BLOCK_J=64, BLOCK_K=16, ACC2D=False, PREFETCH=False, split_k=1,
                         num_warps=2),
     "decode_rows": dict(kernel="decode", ROWS=True, BLOCK_J=32, split_k=5, num_warps=1),
+    "swap": dict(kernel="swap", BLOCK_M=16, BLOCK_N=128, split_k=4, num_warps=8),
     "decode_rows_deep": dict(kernel="decode", ROWS=True, BLOCK_M=2, BLOCK_J=128, DEPTH=2, split_k=3, num_warps=4),
 }
 
