@@ -90,21 +90,28 @@ def rel(y, r):
     return ((y.double() - r).norm() / r.norm()).item()
 
 
+def check_against_fp64(launch, M: int, group: int, n_pick: int, with_bias: bool) -> None:
+    """Fresh random inputs, a NaN-poisoned ``out``: ``launch(x, weights, group, bias, out)`` must write every
+    element, into ``out``, within 1e-2 of the fp64 reference."""
+    K = GROUPS[group]
+    N = ODD_NS[(n_pick + list(GROUPS).index(group)) % len(ODD_NS)]
+    w = random_weights(K, N, group)
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    bias = torch.randn(N, dtype=torch.bfloat16) if with_bias else None
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+    y = launch(x, w, group, bias, out)
+    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
+    assert rel(y, ref64(x, *w, group, bias)) < 1e-2
+
+
 @pytest.mark.parametrize("split_k", [1, 3])
 @pytest.mark.parametrize("group", list(GROUPS))
 @pytest.mark.parametrize("M", [1, 3, 8])
 def test_lanes_gemv_matches_fp64(M, group, split_k):
     from kernels.awq_gemv_lanes import lanes
 
-    K = GROUPS[group]
-    N = ODD_NS[(M + list(GROUPS).index(group)) % len(ODD_NS)]
-    w = random_weights(K, N, group)
-    x = torch.randn(M, K, dtype=torch.bfloat16)
-    bias = torch.randn(N, dtype=torch.bfloat16) if M != 3 else None
-    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
-    y = lanes(x, *w, group, bias, out=out, BLOCK_J=8, BLOCK_K=16, split_k=split_k)
-    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
-    assert rel(y, ref64(x, *w, group, bias)) < 1e-2
+    check_against_fp64(lambda x, w, g, b, out: lanes(x, *w, g, b, out=out, BLOCK_J=8, BLOCK_K=16, split_k=split_k),
+                       M, group, M, M != 3)
 
 
 @pytest.mark.parametrize("split_k,acc2d,prefetch,rows", [(1, True, True, False), (3, True, False, False),
@@ -116,17 +123,11 @@ def test_lanes_gemv_matches_fp64(M, group, split_k):
 def test_decode_gemv_matches_fp64(M, group, split_k, acc2d, prefetch, rows):
     from kernels.awq_gemv_decode import gemv_decode
 
-    K = GROUPS[group]
-    N = ODD_NS[(M + 1 + list(GROUPS).index(group)) % len(ODD_NS)]
-    w = random_weights(K, N, group)
-    x = torch.randn(M, K, dtype=torch.bfloat16)
-    bias = torch.randn(N, dtype=torch.bfloat16) if M != 3 else None
-    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
-    y = gemv_decode(x, *w, group, bias, out=out, BLOCK_J=8, BLOCK_K=16, split_k=split_k, num_warps=1,
-                    ACC2D=acc2d, PREFETCH=prefetch, ROWS=rows, BLOCK_M=2,
-                    DEPTH=2 if (rows and prefetch) else 1)
-    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
-    assert rel(y, ref64(x, *w, group, bias)) < 1e-2
+    def launch(x, w, g, b, out):
+        return gemv_decode(x, *w, g, b, out=out, BLOCK_J=8, BLOCK_K=16, split_k=split_k, num_warps=1, ACC2D=acc2d,
+                           PREFETCH=prefetch, ROWS=rows, BLOCK_M=2, DEPTH=2 if (rows and prefetch) else 1)
+
+    check_against_fp64(launch, M, group, M + 1, M != 3)
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
@@ -135,15 +136,8 @@ def test_decode_gemv_matches_fp64(M, group, split_k, acc2d, prefetch, rows):
 def test_swapped_dot_matches_fp64(M, group, split_k):
     from kernels.awq_dot_swap import dot_swap
 
-    K = GROUPS[group]
-    N = ODD_NS[(M + list(GROUPS).index(group)) % len(ODD_NS)]
-    w = random_weights(K, N, group)
-    x = torch.randn(M, K, dtype=torch.bfloat16)
-    bias = torch.randn(N, dtype=torch.bfloat16) if M != 16 else None
-    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
-    y = dot_swap(x, *w, group, bias, out=out, BLOCK_M=16, BLOCK_N=16, split_k=split_k)
-    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
-    assert rel(y, ref64(x, *w, group, bias)) < 1e-2
+    check_against_fp64(lambda x, w, g, b, out: dot_swap(x, *w, g, b, out=out, BLOCK_M=16, BLOCK_N=16, split_k=split_k),
+                       M, group, M, M != 16)
 
 
 def test_lanes_gemv_refuses_more_than_8_rows():
