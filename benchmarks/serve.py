@@ -88,6 +88,16 @@ class Result:
     def __init__(self):
         self.ttft, self.latency, self.itl, self.tokens, self.ok, self.error = None, None, [], 0, False, None
         self.chunks = 0  # streamed messages that carried output (several tokens each when coalesced)
+        self._last: float | None = None
+
+    def chunk(self, now: float, t0: float) -> None:
+        """A streamed message with output arrived at ``now`` (request sent at ``t0``): TTFT, then gaps."""
+        self.chunks += 1
+        if self.ttft is None:
+            self.ttft = now - t0
+        elif self._last is not None:
+            self.itl.append(now - self._last)
+        self._last = now
 
 
 async def closed_loop(send, reqs: list, concurrency: int) -> tuple[list[Result], float]:
@@ -133,16 +143,10 @@ def engine_sender(ae, output_len: int):
 
     async def send(ids, r: Result):
         t0 = time.perf_counter()
-        last = None
         async for out in ae.generate(ids, g):
             now = time.perf_counter()
             if out.new_token_ids:
-                r.chunks += 1
-                if r.ttft is None:
-                    r.ttft = now - t0
-                elif last is not None:
-                    r.itl.append(now - last)
-                last = now
+                r.chunk(now, t0)
             if out.finished:
                 r.tokens = len(out.token_ids)
                 r.ok = out.finish_reason == "length" and r.tokens == output_len
@@ -158,7 +162,6 @@ def http_sender(session, url: str, model: str, output_len: int):
         body = {"model": model, "prompt": ids, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
         t0 = time.perf_counter()
-        last = None
         async with session.post(url, json=body) as resp:
             if resp.status != 200:
                 r.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
@@ -182,12 +185,7 @@ def http_sender(session, url: str, model: str, output_len: int):
                     if obj.get("usage"):
                         r.tokens = obj["usage"]["completion_tokens"]
                     if obj.get("choices") and obj["choices"][0].get("finish_reason") is None:
-                        r.chunks += 1
-                        if r.ttft is None:
-                            r.ttft = now - t0
-                        elif last is not None:
-                            r.itl.append(now - last)
-                        last = now
+                        r.chunk(now, t0)
         r.latency = time.perf_counter() - t0
         r.ok = r.tokens == output_len and r.ttft is not None
         if not r.ok and r.error is None:

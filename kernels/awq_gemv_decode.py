@@ -37,6 +37,24 @@ def _col(w, HALF: tl.constexpr, POS: tl.constexpr, magic):
 
 
 @triton.jit
+def _zero_points(z, magic):
+    """Each word's eight zero points, made like the codes (``2**23 + z * 16**pos``), in nibble order."""
+    return (_col(z, 0, 0, magic), _col(z, 0, 1, magic), _col(z, 0, 2, magic), _col(z, 0, 3, magic),
+            _col(z, 1, 0, magic), _col(z, 1, 1, magic), _col(z, 1, 2, magic), _col(z, 1, 3, magic))
+
+
+@triton.jit
+def _scales8(s_ptr, g, N, offs_j):
+    """Group ``g``'s scales of each word's eight columns in nibble order (nibble ``4h + p`` holds column
+    ``AWQ_ORDER[4h + p]`` = 0, 2, 4, 6, 1, 3, 5, 7), times ``16**-p`` to undo the in-place code scaling."""
+    sb = s_ptr + g * N + offs_j * 8
+    return (tl.load(sb + 0).to(tl.float32), tl.load(sb + 2).to(tl.float32) * (1.0 / 16),
+            tl.load(sb + 4).to(tl.float32) * (1.0 / 256), tl.load(sb + 6).to(tl.float32) * (1.0 / 4096),
+            tl.load(sb + 1).to(tl.float32), tl.load(sb + 3).to(tl.float32) * (1.0 / 16),
+            tl.load(sb + 5).to(tl.float32) * (1.0 / 256), tl.load(sb + 7).to(tl.float32) * (1.0 / 4096))
+
+
+@triton.jit
 def _part_init(like, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr, ACC2D: tl.constexpr):
     """A group's running sum for one column position: ``[BLOCK_J]``, or ``[BLOCK_K, BLOCK_J]`` with ``ACC2D``."""
     if ACC2D:
@@ -97,14 +115,7 @@ def _awq_gemv_decode_kernel(
     x_nx = tl.load(row_x + tl.broadcast_to(k_0[:, None], (BLOCK_K, BLOCK_J)))
     for g in range(g0, g1):
         z = tl.load(qz_ptr + g * N8 + offs_jl)
-        z0 = _col(z, 0, 0, magic)
-        z1 = _col(z, 0, 1, magic)
-        z2 = _col(z, 0, 2, magic)
-        z3 = _col(z, 0, 3, magic)
-        z4 = _col(z, 1, 0, magic)
-        z5 = _col(z, 1, 1, magic)
-        z6 = _col(z, 1, 2, magic)
-        z7 = _col(z, 1, 3, magic)
+        z0, z1, z2, z3, z4, z5, z6, z7 = _zero_points(z, magic)
         p0 = _part_init(a0, BLOCK_K, BLOCK_J, ACC2D)
         p1 = _part_init(a0, BLOCK_K, BLOCK_J, ACC2D)
         p2 = _part_init(a0, BLOCK_K, BLOCK_J, ACC2D)
@@ -144,16 +155,15 @@ def _awq_gemv_decode_kernel(
         p5 = _part_sum(p5, ACC2D)
         p6 = _part_sum(p6, ACC2D)
         p7 = _part_sum(p7, ACC2D)
-        # nibble n = 4*half + pos holds column AWQ_ORDER[n]; its scale, times 16**-pos
-        sb = s_ptr + g * N + offs_j * 8
-        a0 += p0 * tl.load(sb + 0, mask=jmask, other=0.0).to(tl.float32)
-        a1 += p1 * (tl.load(sb + 2, mask=jmask, other=0.0).to(tl.float32) * (1.0 / 16))
-        a2 += p2 * (tl.load(sb + 4, mask=jmask, other=0.0).to(tl.float32) * (1.0 / 256))
-        a3 += p3 * (tl.load(sb + 6, mask=jmask, other=0.0).to(tl.float32) * (1.0 / 4096))
-        a4 += p4 * tl.load(sb + 1, mask=jmask, other=0.0).to(tl.float32)
-        a5 += p5 * (tl.load(sb + 3, mask=jmask, other=0.0).to(tl.float32) * (1.0 / 16))
-        a6 += p6 * (tl.load(sb + 5, mask=jmask, other=0.0).to(tl.float32) * (1.0 / 256))
-        a7 += p7 * (tl.load(sb + 7, mask=jmask, other=0.0).to(tl.float32) * (1.0 / 4096))
+        s0, s1, s2, s3, s4, s5, s6, s7 = _scales8(s_ptr, g, N, offs_jl)
+        a0 += p0 * s0
+        a1 += p1 * s1
+        a2 += p2 * s2
+        a3 += p3 * s3
+        a4 += p4 * s4
+        a5 += p5 * s5
+        a6 += p6 * s6
+        a7 += p7 * s7
 
     # the eight accumulators hold columns 8j + AWQ_ORDER[n] for nibble n = 0..7, i.e. 0, 2, 4, 6, 1, 3, 5, 7
     n8 = offs_j[None, :] * 8
@@ -256,14 +266,7 @@ def _awq_gemv_rows_kernel(
     a7 = tl.zeros_like(a0)
     for g in range(g0, g1):
         z = tl.load(qz_ptr + g * N8 + offs_jl)
-        z0 = _col(z, 0, 0, magic)
-        z1 = _col(z, 0, 1, magic)
-        z2 = _col(z, 0, 2, magic)
-        z3 = _col(z, 0, 3, magic)
-        z4 = _col(z, 1, 0, magic)
-        z5 = _col(z, 1, 1, magic)
-        z6 = _col(z, 1, 2, magic)
-        z7 = _col(z, 1, 3, magic)
+        z0, z1, z2, z3, z4, z5, z6, z7 = _zero_points(z, magic)
         p0 = tl.zeros_like(a0)
         p1 = tl.zeros_like(a0)
         p2 = tl.zeros_like(a0)
@@ -343,15 +346,15 @@ def _awq_gemv_rows_kernel(
                                                       z0, z1, z2, z3, z4, z5, z6, z7, magic)
             p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c7, x7,
                                                       z0, z1, z2, z3, z4, z5, z6, z7, magic)
-        sb = s_ptr + g * N + offs_jl * 8
-        a0 += p0 * tl.load(sb + 0).to(tl.float32)[None, :]
-        a1 += p1 * (tl.load(sb + 2).to(tl.float32) * (1.0 / 16))[None, :]
-        a2 += p2 * (tl.load(sb + 4).to(tl.float32) * (1.0 / 256))[None, :]
-        a3 += p3 * (tl.load(sb + 6).to(tl.float32) * (1.0 / 4096))[None, :]
-        a4 += p4 * tl.load(sb + 1).to(tl.float32)[None, :]
-        a5 += p5 * (tl.load(sb + 3).to(tl.float32) * (1.0 / 16))[None, :]
-        a6 += p6 * (tl.load(sb + 5).to(tl.float32) * (1.0 / 256))[None, :]
-        a7 += p7 * (tl.load(sb + 7).to(tl.float32) * (1.0 / 4096))[None, :]
+        s0, s1, s2, s3, s4, s5, s6, s7 = _scales8(s_ptr, g, N, offs_jl)
+        a0 += p0 * s0[None, :]
+        a1 += p1 * s1[None, :]
+        a2 += p2 * s2[None, :]
+        a3 += p3 * s3[None, :]
+        a4 += p4 * s4[None, :]
+        a5 += p5 * s5[None, :]
+        a6 += p6 * s6[None, :]
+        a7 += p7 * s7[None, :]
 
     n8 = offs_j[None, :] * 8
     mask = mmask[:, None] & jmask[None, :]
