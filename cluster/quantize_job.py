@@ -44,9 +44,18 @@ def reserve(num_gpus: int, workers: int) -> PlacementGroup:
     submitted, so tasks queued ahead wait for this job's own GPUs instead of taking other ones."""
     bundle = {"GPU": 1, "CPU": 1} if num_gpus > 0 else {"CPU": 1}
     pg = placement_group([bundle] * workers, strategy="PACK")
-    log.info("waiting for %d x %s", workers, bundle)
-    ray.get(pg.ready())
-    return pg
+    have = ray.cluster_resources()
+    short = {k: workers * v for k, v in bundle.items() if have.get(k, 0) < workers * v}
+    if short:  # an autoscaling cluster may still grow; a fixed one never will, so say what to change
+        print(f"[rayawq] waiting for {workers} x {bundle}: the cluster has {have.get('GPU', 0):g} GPUs and "
+              f"{have.get('CPU', 0):g} CPUs now; lower --workers / --num-gpus unless nodes are being added", flush=True)
+    waited, ready_ref = 0, pg.ready()
+    while True:
+        ready, _ = ray.wait([ready_ref], timeout=30)
+        if ready:
+            return pg
+        waited += 30
+        print(f"[rayawq] still waiting for {workers} x {bundle} after {waited} s", flush=True)
 
 
 class _Dispatch:
