@@ -1,26 +1,20 @@
 #!/usr/bin/env bash
-# One device call per machine kind, so a session spends its device time on measuring, not on starts.
-#   x1 (nvidia-h100-x1; carry .devbundle):  bash benchmarks/gpu_session.sh x1 <commit>
-#   x4 (nvidia-h100-x4; carry .devbundle):  bash benchmarks/gpu_session.sh x4 <commit>
+# Few device calls per machine kind, so a session spends its device time on measuring, not on starts
+# (each call must fit the 600 s limit). Carry .devbundle with every call.
+#   one H100:   bash benchmarks/gpu_session.sh x1a <commit>, then at once (warm machine) ... x1b <commit>
+#   4 H100s:    bash benchmarks/gpu_session.sh x4 <commit>
+#   what is left of a budget, 2-4 GPUs:  [SCALING_GPUS=1,2] bash benchmarks/gpu_session.sh x4f <commit>
 # Everything lands under $OUT/<name>/; write the docs sections here afterwards from the JSON files
 # (each benchmark's --report, or benchmarks/_report.py:write_section with its *_section.md).
 set -uo pipefail
-kind=${1:?x1, x1a, x1b, kx, x4 or x4f}
+kind=${1:?x1a, x1b, x4 or x4f}
 export RAYAWQ_COMMIT=${2:?commit} PYTHONUNBUFFERED=1
 out=${OUT:?run this through the device tool}
 source .devbundle/setup.sh || exit 1
 nvidia-smi -L
 case $kind in
-  x1)
-    # GPU tests first (correctness), then the kernels (the engine's AWQ speed follows them), then engine, serve.
-    timeout 150 python3 -m pytest -q tests/gpu 2>&1 | tail -5
-    timeout 200 python3 benchmarks/kernels.py --out "$out/kernels" --budget-s 170 2>&1 | tail -25
-    timeout 150 python3 benchmarks/engine.py --out "$out/engine" --skip-hf 2>&1 | tail -15
-    timeout 200 python3 benchmarks/serve.py --out "$out/serve" --no-docs 2>&1 | tail -15
-    ;;
   x1a)
-    # first half of x1 (one call each fits the 600 s limit): kernel tests, kernel benchmark + table; the table is
-    # also left in /tmp for x1b on the same warm machine
+    # kernel tests, kernel benchmark + table; the table is also left in /tmp for x1b on the same warm machine
     timeout 120 python3 -m pytest -q tests/gpu/test_kernels_gpu.py 2>&1 | tail -4
     timeout 330 python3 benchmarks/kernels.py --out "$out/kernels" --budget-s 290 2>&1 | tail -40
     cp "$out/kernels/tuned_h100.json" /tmp/rayawq_tuned_h100.json && echo "table left in /tmp"
@@ -32,12 +26,6 @@ case $kind in
     timeout 100 python3 -m pytest -q tests/gpu/test_engine_gpu.py 2>&1 | tail -4
     timeout 170 python3 benchmarks/engine.py --out "$out/engine" --skip-hf 2>&1 | tail -15
     timeout 280 python3 benchmarks/serve.py --out "$out/serve" --no-docs --requests-per-client 2 2>&1 | tail -20
-    ;;
-  kx)
-    # kernel experiment: correctness of every variant on the GPU, then the decode-sized rows of the target shapes
-    timeout 200 python3 -m pytest -q -x tests/gpu/test_kernels_gpu.py 2>&1 | tail -4
-    timeout 330 python3 benchmarks/kernels.py --out "$out/kx" --shapes 8192x8192,4096x14336,14336x4096,8192x28672 \
-      --ms 1,2,4,16 --budget-s 300 2>&1 | tail -30
     ;;
   x4f)
     # one x4 call for what is left of a session's budget: a decode-kernel probe (one shape), the scaling job

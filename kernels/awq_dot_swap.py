@@ -17,23 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .awq_triton import _INTERPRET, _codes_plus_offset, _finish, _out_and_ws, _split_args, tile_counters
-
-
-@triton.jit
-def _load_group(x_ptr, qw_ptr, qz_ptr, s_ptr, g, valid, offs_m, offs_j, offs_n, offs_k, M, N, N8, stride_xm,
-                GROUP: tl.constexpr):
-    """Group ``g``'s x^T ``[GROUP, BM]``, packed words ``[GROUP, BN/8]``, zero words and scales (``valid``
-    false: every load masked off, no memory traffic)."""
-    mlim = tl.where(valid, M, 0)
-    jlim = tl.where(valid, N8, 0)
-    nlim = tl.where(valid, N, 0)
-    k = g * GROUP + offs_k
-    xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None], mask=(offs_m < mlim)[None, :], other=0.0)
-    w = tl.load(qw_ptr + k[:, None] * N8 + offs_j[None, :], mask=(offs_j < jlim)[None, :], other=0)
-    z = tl.load(qz_ptr + g * N8 + (offs_n >> 3), mask=offs_n < nlim, other=0)
-    s = tl.load(s_ptr + g * N + offs_n, mask=offs_n < nlim, other=0.0)
-    return xt, w, z, s
+from .awq_triton import (_INTERPRET, _codes_plus_offset, _finish, _load_group, _out_and_ws, _split_args,
+                         tile_counters)
 
 
 @triton.jit
@@ -60,13 +45,14 @@ def _awq_dot_swap_kernel(
 
     # the next group's tiles are loaded while this group is unpacked and multiplied (Triton pipelines only
     # loads that feed tl.dot directly; the weight words do not)
-    xt_n, w_n, z_n, s_n = _load_group(x_ptr, qw_ptr, qz_ptr, s_ptr, g0, g0 < g1, offs_m, offs_j, offs_n, offs_k,
-                                      M, N, N8, stride_xm, GROUP)
+    x_n, w_n, z_n, s_n = _load_group(x_ptr, qw_ptr, qz_ptr, s_ptr, g0, g0 < g1, offs_m, offs_j, offs_n, offs_k,
+                                     M, N, N8, stride_xm, GROUP, True)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for g in range(g0, g1):
-        xt, w, z, s = xt_n, w_n, z_n, s_n
-        xt_n, w_n, z_n, s_n = _load_group(x_ptr, qw_ptr, qz_ptr, s_ptr, g + 1, g + 1 < g1, offs_m, offs_j, offs_n,
-                                          offs_k, M, N, N8, stride_xm, GROUP)
+        x, w, z, s = x_n, w_n, z_n, s_n
+        x_n, w_n, z_n, s_n = _load_group(x_ptr, qw_ptr, qz_ptr, s_ptr, g + 1, g + 1 < g1, offs_m, offs_j, offs_n,
+                                         offs_k, M, N, N8, stride_xm, GROUP, True)
+        xt = tl.trans(x)                                                                               # [GROUP, BM]
         a = tl.trans(_codes_plus_offset(w, offs_n[None, :], xt.dtype, USE_ASM))                     # [BN, GROUP]
         if DOT_F32:  # interpreter only: its bf16 tl.dot is broken; same (exact) operands in fp32
             part = tl.dot(a.to(tl.float32), xt.to(tl.float32))

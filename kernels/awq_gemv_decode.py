@@ -189,6 +189,41 @@ def _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, w, xr, z0, z1, z2, z3, z4, z5, z6, 
     return p0, p1, p2, p3, p4, p5, p6, p7
 
 
+@triton.jit
+def _load_step(wp, xp, xm, kn, N8: tl.constexpr):
+    """The eight packed words (rows ``kn .. kn+7``) and the matching x values of one step."""
+    return (tl.load(wp + (kn + 0) * N8), tl.load(wp + (kn + 1) * N8), tl.load(wp + (kn + 2) * N8),
+            tl.load(wp + (kn + 3) * N8), tl.load(wp + (kn + 4) * N8), tl.load(wp + (kn + 5) * N8),
+            tl.load(wp + (kn + 6) * N8), tl.load(wp + (kn + 7) * N8),
+            tl.load(xp + kn + 0, mask=xm, other=0.0), tl.load(xp + kn + 1, mask=xm, other=0.0),
+            tl.load(xp + kn + 2, mask=xm, other=0.0), tl.load(xp + kn + 3, mask=xm, other=0.0),
+            tl.load(xp + kn + 4, mask=xm, other=0.0), tl.load(xp + kn + 5, mask=xm, other=0.0),
+            tl.load(xp + kn + 6, mask=xm, other=0.0), tl.load(xp + kn + 7, mask=xm, other=0.0))
+
+
+@triton.jit
+def _step_fma(p0, p1, p2, p3, p4, p5, p6, p7, c0, c1, c2, c3, c4, c5, c6, c7, x0, x1, x2, x3, x4, x5, x6, x7,
+              z0, z1, z2, z3, z4, z5, z6, z7, magic):
+    """One step: the eight rows' words ``c`` and x values ``x`` into the column sums, row by row."""
+    p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c0, x0,
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c1, x1,
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c2, x2,
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c3, x3,
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c4, x4,
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c5, x5,
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c6, x6,
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
+    p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c7, x7,
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
 @triton.jit(do_not_specialize=["magic"])
 def _awq_gemv_rows_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
@@ -221,41 +256,10 @@ def _awq_gemv_rows_kernel(
     k_last = g1 * GROUP - 8
     k_step2 = tl.minimum(g0 * GROUP + 8, k_last)
 
-    kn = g0 * GROUP
     wp = qw_ptr + offs_jl
-    n0 = tl.load(wp + (kn + 0) * N8)
-    n1 = tl.load(wp + (kn + 1) * N8)
-    n2 = tl.load(wp + (kn + 2) * N8)
-    n3 = tl.load(wp + (kn + 3) * N8)
-    n4 = tl.load(wp + (kn + 4) * N8)
-    n5 = tl.load(wp + (kn + 5) * N8)
-    n6 = tl.load(wp + (kn + 6) * N8)
-    n7 = tl.load(wp + (kn + 7) * N8)
-    y0 = tl.load(xp + kn + 0, mask=xm, other=0.0)
-    y1 = tl.load(xp + kn + 1, mask=xm, other=0.0)
-    y2 = tl.load(xp + kn + 2, mask=xm, other=0.0)
-    y3 = tl.load(xp + kn + 3, mask=xm, other=0.0)
-    y4 = tl.load(xp + kn + 4, mask=xm, other=0.0)
-    y5 = tl.load(xp + kn + 5, mask=xm, other=0.0)
-    y6 = tl.load(xp + kn + 6, mask=xm, other=0.0)
-    y7 = tl.load(xp + kn + 7, mask=xm, other=0.0)
+    n0, n1, n2, n3, n4, n5, n6, n7, y0, y1, y2, y3, y4, y5, y6, y7 = _load_step(wp, xp, xm, g0 * GROUP, N8)
     if DEPTH == 2:
-        m0 = tl.load(wp + (k_step2 + 0) * N8)
-        m1 = tl.load(wp + (k_step2 + 1) * N8)
-        m2 = tl.load(wp + (k_step2 + 2) * N8)
-        m3 = tl.load(wp + (k_step2 + 3) * N8)
-        m4 = tl.load(wp + (k_step2 + 4) * N8)
-        m5 = tl.load(wp + (k_step2 + 5) * N8)
-        m6 = tl.load(wp + (k_step2 + 6) * N8)
-        m7 = tl.load(wp + (k_step2 + 7) * N8)
-        v0 = tl.load(xp + k_step2 + 0, mask=xm, other=0.0)
-        v1 = tl.load(xp + k_step2 + 1, mask=xm, other=0.0)
-        v2 = tl.load(xp + k_step2 + 2, mask=xm, other=0.0)
-        v3 = tl.load(xp + k_step2 + 3, mask=xm, other=0.0)
-        v4 = tl.load(xp + k_step2 + 4, mask=xm, other=0.0)
-        v5 = tl.load(xp + k_step2 + 5, mask=xm, other=0.0)
-        v6 = tl.load(xp + k_step2 + 6, mask=xm, other=0.0)
-        v7 = tl.load(xp + k_step2 + 7, mask=xm, other=0.0)
+        m0, m1, m2, m3, m4, m5, m6, m7, v0, v1, v2, v3, v4, v5, v6, v7 = _load_step(wp, xp, xm, k_step2, N8)
     a0 = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     a1 = tl.zeros_like(a0)
     a2 = tl.zeros_like(a0)
@@ -278,74 +282,17 @@ def _awq_gemv_rows_kernel(
         for kk in range(0, GROUP // 8):
             c0, c1, c2, c3, c4, c5, c6, c7 = n0, n1, n2, n3, n4, n5, n6, n7
             x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
-            if DEPTH == 2:  # step kk+1's tiles move up; step kk+2's are issued
-                n0 = m0
-                n1 = m1
-                n2 = m2
-                n3 = m3
-                n4 = m4
-                n5 = m5
-                n6 = m6
-                n7 = m7
-                y0 = v0
-                y1 = v1
-                y2 = v2
-                y3 = v3
-                y4 = v4
-                y5 = v5
-                y6 = v6
-                y7 = v7
-                kn = tl.minimum(g * GROUP + (kk + 2) * 8, k_last)  # past the end: re-reads the last step
-                m0 = tl.load(wp + (kn + 0) * N8)
-                m1 = tl.load(wp + (kn + 1) * N8)
-                m2 = tl.load(wp + (kn + 2) * N8)
-                m3 = tl.load(wp + (kn + 3) * N8)
-                m4 = tl.load(wp + (kn + 4) * N8)
-                m5 = tl.load(wp + (kn + 5) * N8)
-                m6 = tl.load(wp + (kn + 6) * N8)
-                m7 = tl.load(wp + (kn + 7) * N8)
-                v0 = tl.load(xp + kn + 0, mask=xm, other=0.0)
-                v1 = tl.load(xp + kn + 1, mask=xm, other=0.0)
-                v2 = tl.load(xp + kn + 2, mask=xm, other=0.0)
-                v3 = tl.load(xp + kn + 3, mask=xm, other=0.0)
-                v4 = tl.load(xp + kn + 4, mask=xm, other=0.0)
-                v5 = tl.load(xp + kn + 5, mask=xm, other=0.0)
-                v6 = tl.load(xp + kn + 6, mask=xm, other=0.0)
-                v7 = tl.load(xp + kn + 7, mask=xm, other=0.0)
-            else:
-                kn = tl.minimum(g * GROUP + (kk + 1) * 8, k_last)  # the last step re-reads itself (cached)
-                n0 = tl.load(wp + (kn + 0) * N8)
-                n1 = tl.load(wp + (kn + 1) * N8)
-                n2 = tl.load(wp + (kn + 2) * N8)
-                n3 = tl.load(wp + (kn + 3) * N8)
-                n4 = tl.load(wp + (kn + 4) * N8)
-                n5 = tl.load(wp + (kn + 5) * N8)
-                n6 = tl.load(wp + (kn + 6) * N8)
-                n7 = tl.load(wp + (kn + 7) * N8)
-                y0 = tl.load(xp + kn + 0, mask=xm, other=0.0)
-                y1 = tl.load(xp + kn + 1, mask=xm, other=0.0)
-                y2 = tl.load(xp + kn + 2, mask=xm, other=0.0)
-                y3 = tl.load(xp + kn + 3, mask=xm, other=0.0)
-                y4 = tl.load(xp + kn + 4, mask=xm, other=0.0)
-                y5 = tl.load(xp + kn + 5, mask=xm, other=0.0)
-                y6 = tl.load(xp + kn + 6, mask=xm, other=0.0)
-                y7 = tl.load(xp + kn + 7, mask=xm, other=0.0)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c0, x0,
-                                                      z0, z1, z2, z3, z4, z5, z6, z7, magic)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c1, x1,
-                                                      z0, z1, z2, z3, z4, z5, z6, z7, magic)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c2, x2,
-                                                      z0, z1, z2, z3, z4, z5, z6, z7, magic)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c3, x3,
-                                                      z0, z1, z2, z3, z4, z5, z6, z7, magic)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c4, x4,
-                                                      z0, z1, z2, z3, z4, z5, z6, z7, magic)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c5, x5,
-                                                      z0, z1, z2, z3, z4, z5, z6, z7, magic)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c6, x6,
-                                                      z0, z1, z2, z3, z4, z5, z6, z7, magic)
-            p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c7, x7,
-                                                      z0, z1, z2, z3, z4, z5, z6, z7, magic)
+            if DEPTH == 2:  # step kk+1's tiles move up; step kk+2's are issued (past the end: the last again)
+                n0, n1, n2, n3, n4, n5, n6, n7 = m0, m1, m2, m3, m4, m5, m6, m7
+                y0, y1, y2, y3, y4, y5, y6, y7 = v0, v1, v2, v3, v4, v5, v6, v7
+                kn = tl.minimum(g * GROUP + (kk + 2) * 8, k_last)
+                m0, m1, m2, m3, m4, m5, m6, m7, v0, v1, v2, v3, v4, v5, v6, v7 = _load_step(wp, xp, xm, kn, N8)
+            else:  # step kk+1's are issued (past the end: the last step again, from cache)
+                kn = tl.minimum(g * GROUP + (kk + 1) * 8, k_last)
+                n0, n1, n2, n3, n4, n5, n6, n7, y0, y1, y2, y3, y4, y5, y6, y7 = _load_step(wp, xp, xm, kn, N8)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _step_fma(p0, p1, p2, p3, p4, p5, p6, p7,
+                                                       c0, c1, c2, c3, c4, c5, c6, c7, x0, x1, x2, x3, x4, x5, x6, x7,
+                                                       z0, z1, z2, z3, z4, z5, z6, z7, magic)
         s0, s1, s2, s3, s4, s5, s6, s7 = _scales8(s_ptr, g, N, offs_jl)
         a0 += p0 * s0[None, :]
         a1 += p1 * s1[None, :]

@@ -23,7 +23,7 @@ from . import tool_parser
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, NamedToolChoice, OpenAIError,
                        TokenizeRequest,
                        new_id, now)
-from .streaming import read_ahead
+from .streaming import aclose_quietly, read_ahead
 
 log = logging.getLogger(__name__)
 CHAT_PAGE = Path(__file__).with_name("chat.html")
@@ -264,7 +264,7 @@ def create_app(backend, api_keys: list[str] | tuple = (), metrics: IngressMetric
         gen = _batches(backend, req.model, ereq, req.stream)
         first = await _first(gen)  # errors before any output become plain HTTP errors
         if first and first[0]["type"] == "error":
-            await _close(gen)
+            await aclose_quietly(gen)
             raise _event_error(first[0])
         metrics.in_flight.labels(req.model).inc()
 
@@ -281,7 +281,7 @@ def create_app(backend, api_keys: list[str] | tuple = (), metrics: IngressMetric
                         yield ev
             finally:
                 metrics.in_flight.labels(req.model).dec()
-                await _close(gen)
+                await aclose_quietly(gen)
 
         if req.stream:
             usage = _Usage(ereq["n"])
@@ -323,15 +323,6 @@ async def _first(gen):
         return await gen.__anext__()
     except StopAsyncIteration:
         return None
-
-
-async def _close(gen) -> None:
-    aclose = getattr(gen, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except Exception:
-            pass
 
 
 def _unwrap(res):

@@ -44,6 +44,16 @@ def coalesce(events: list[dict]) -> list[dict]:
     return out
 
 
+async def aclose_quietly(gen) -> None:
+    """Close an async generator if it is one (cancelling its engine request); a failure while closing is moot."""
+    aclose = getattr(gen, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            pass
+
+
 async def read_ahead(batches: AsyncIterator[list[dict]]) -> AsyncIterator[list[dict]]:
     """Yield the batches of ``batches``, each time all that arrived while the consumer was away, coalesced.
 
@@ -84,9 +94,4 @@ async def read_ahead(batches: AsyncIterator[list[dict]]) -> AsyncIterator[list[d
         if not task.done():
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        aclose = getattr(batches, "aclose", None)
-        if aclose is not None:
-            try:
-                await aclose()
-            except Exception:
-                pass
+        await aclose_quietly(batches)
