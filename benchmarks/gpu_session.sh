@@ -2,12 +2,12 @@
 # Few device calls per machine kind, so a session spends its device time on measuring, not on starts
 # (each call must fit the 600 s limit). Carry .devbundle with every call.
 #   one H100:   bash benchmarks/gpu_session.sh x1a <commit>, then at once (warm machine) ... x1b <commit>
-#   4 H100s:    bash benchmarks/gpu_session.sh x4 <commit>
+#   4 H100s:    bash benchmarks/gpu_session.sh x4 <commit>   (x4s: GPU quant-job tests + 1/4/2-GPU scaling only)
 #   what is left of a budget, 2-4 GPUs:  [SCALING_GPUS=1,2] bash benchmarks/gpu_session.sh x4f <commit>
 # Everything lands under $OUT/<name>/; write the docs sections here afterwards from the JSON files
 # (each benchmark's --report, or benchmarks/_report.py:write_section with its *_section.md).
 set -uo pipefail
-kind=${1:?x1a, x1b, x4 or x4f}
+kind=${1:?x1a, x1b, x4, x4s or x4f}
 export RAYAWQ_COMMIT=${2:?commit} PYTHONUNBUFFERED=1
 out=${OUT:?run this through the device tool}
 source .devbundle/setup.sh || exit 1
@@ -35,6 +35,12 @@ case $kind in
       | grep -v " done in " | tail -12
     timeout 150 python3 benchmarks/serve.py --out "$out/serve" --no-docs --concurrency 64 --requests-per-client 2 \
       2>&1 | tail -8
+    ;;
+  x4s)
+    # the scaling job alone (1, 4, 2 GPUs) after its GPU tests (CUDA IPC inputs vs the object store)
+    timeout 90 python3 -m pytest -q tests/gpu/test_quant_job_gpu.py 2>&1 | tail -4
+    timeout 400 python3 benchmarks/quant_scaling.py --gpus 1,4,2 --out "$out/scaling" 2>&1 \
+      | grep -E "GPUs|^\||^- |identical|^\{" | tail -24
     ;;
   x4)
     # 7B shape on 1, 4, 2 GPUs; then a 70B-shape job cut to 4 blocks on one GPU: its peak GPU memory per task is

@@ -143,6 +143,19 @@ def bench_shape(K, N, ms, sms, results, deadline, on_row=lambda: None):
     torch.cuda.empty_cache()
 
 
+def keep_unmeasured(table: dict, older: dict) -> dict:
+    """Keep an earlier table's configs for the shapes this run did not reach (a run cut by its budget), so
+    the serving shapes never fall back to untuned defaults; ``meta`` says which shapes and from which run."""
+    shape = lambda key: key.rsplit("/M", 1)[0]  # noqa: E731
+    measured = {shape(k) for k in table["configs"]}
+    kept = {k: v for k, v in older.get("configs", {}).items() if shape(k) not in measured}
+    if kept:
+        table["configs"].update(kept)
+        table["meta"]["kept_from_earlier"] = {"commit": older.get("meta", {}).get("commit"),
+                                              "shapes": sorted({shape(k) for k in kept})}
+    return table
+
+
 def tuned_table(results, meta):
     """Per-shape best config for every M bucket (unmeasured buckets take the lower measured one's), and the
     per-bucket kernel choice (majority over shapes) that defaults use for shapes not in the table."""
@@ -265,7 +278,7 @@ def main():
 
     for K, N in sorted(shapes, key=lambda s: -s[0] * s[1]):  # target shapes first, in case the budget runs out
         bench_shape(K, N, ms, sms, results, t0 + args.budget_s, on_row=dump)
-    table = tuned_table(results, meta)
+    table = keep_unmeasured(tuned_table(results, meta), dispatch.load_table())
     (out / "tuned_h100.json").write_text(json.dumps(table, indent=1, sort_keys=True))
     md = markdown(results, meta)
     (out / "kernels_section.md").write_text(md)

@@ -11,6 +11,7 @@ same local Ray cluster. Peak GPU memory is read from every task; peak host RAM f
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import sys
@@ -82,10 +83,27 @@ def run_one(model: Path, work: Path, gpus: int, calib: Path, samples: int, seqle
     t0 = time.perf_counter()
     summary = run_distributed(str(model), str(work), cfg, num_gpus=gpus, workers=max(gpus, 1), overwrite=True)
     wall = time.perf_counter() - t0
-    return {"gpus": gpus, "wall_s": wall, "blocks": len(summary.blocks),
+    return {"gpus": gpus, "wall_s": wall, "weights_sha1": weights_digest(work), "blocks": len(summary.blocks),
             "mean_block_s": sum(b.seconds for b in summary.blocks) / max(1, len(summary.blocks)),
             "peak_host_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
-            "peak_gpu_gb_tasks": max(b.peak_gpu_gb for b in summary.blocks)}
+            "peak_gpu_gb_tasks": max(b.peak_gpu_gb for b in summary.blocks),
+            "job_s": dict(summary.job_timings), "mean_step_s": mean_steps(summary.timings)}
+
+
+def weights_digest(ckpt: Path) -> str:
+    """One hash over the checkpoint's safetensors files: the same on every GPU count if the job is exact."""
+    h = hashlib.sha1()
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def mean_steps(timings: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Mean seconds per block of each step (driver's and task's), to see what paces the job."""
+    steps = dict.fromkeys(k for t in timings.values() for k in t)
+    return {k: sum(t.get(k, 0.0) for t in timings.values()) / max(1, len(timings)) for k in steps}
 
 
 def plot(rows: list, meta: dict, path: Path) -> None:
@@ -130,6 +148,21 @@ def report(rows: list, meta: dict, note: str | None = None) -> str:
         t4 = f"{by[1] / by[4]:.2f}× ({'met' if by[1] / by[4] >= 3 else '**not met**'})" if 4 in by else "not measured"
         md += ["", f"Targets: 1 GPU ≤ 180 s: {by[1]:.0f} s ({'met' if by[1] <= 180 else '**not met**'}); "
                    f"4 GPUs ≥ 3× faster than 1: {t4}."]
+    digests = {r["weights_sha1"] for r in rows if r.get("weights_sha1")}
+    if len(rows) > 1 and digests:
+        md += ["", "Checkpoint files of every GPU count byte-identical: "
+                   + ("yes" if len(digests) == 1 and all(r.get("weights_sha1") for r in rows) else "**no**") + "."]
+    paced = [r for r in rows if r.get("mean_step_s")]
+    if paced:
+        md += ["", "Where a block's time goes (mean s per block; driver: FP forward, sending the inputs, waiting "
+                   "for a free worker; task: search + pack; once per job: set-up, merge and publish):", ""]
+        for r in paced:
+            st, job = r["mean_step_s"], r.get("job_s", {})
+            how = "CUDA IPC handles" if job.get("cuda_ipc_inputs") else "object store"
+            md.append(f"- {r['gpus']} GPU(s), inputs by {how}: fp {st.get('fp', 0):.2f}, send "
+                      f"{st.get('send', st.get('put', 0)):.2f}, wait {st.get('wait_slot', 0):.2f}; task "
+                      f"{st.get('search_pack', 0):.2f} (+ {st.get('x_to_device', 0):.2f} inputs to GPU); "
+                      f"set-up {job.get('setup', 0):.1f}, finish {job.get('finish', 0):.1f}.")
     md += (["", note] if note else []) + ["", "![scaling](quant_scaling.png)", "",
            "Raw numbers: `benchmarks/results/quant_scaling.json`. Reproduce: `bash benchmarks/gpu_session.sh x4 <commit>` "
            "on 4 GPUs, then `python benchmarks/quant_scaling.py --report quant_scaling.json`."]

@@ -17,6 +17,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from cluster.handoff import CudaHandoff, open_peer_device
 from quant.block_quant import BlockContext, quantize_block
 from quant.config import QuantConfig
 from quant.model_io import BlockBuilder, ModelSource
@@ -85,9 +86,10 @@ def task_device() -> str:
     return "cuda"
 
 
-def warm_worker(model_path: str, cfg: QuantConfig) -> str:
-    """Start a block worker before its first block: imports, the CUDA context and the model skeleton (~3 s
-    per process), overlapped with the driver's own set-up. Returns "" or the error (the real task reports it)."""
+def warm_worker(model_path: str, cfg: QuantConfig, peer_uuid: str | None = None) -> str:
+    """Start a block worker before its first block: imports, the CUDA context (also on the driver's GPU
+    ``peer_uuid`` when inputs come as CUDA IPC handles) and the model skeleton (~3 s per process), overlapped
+    with the driver's own set-up. Returns "" or the error (the real task reports it)."""
     from quant.pipeline import compute_dtype
 
     try:
@@ -95,6 +97,8 @@ def warm_worker(model_path: str, cfg: QuantConfig) -> str:
         if device != "cpu":
             torch.cuda.set_device(device)
             torch.empty(1, device=device)
+            if peer_uuid:
+                open_peer_device(peer_uuid)
         cfg.resolve_dtype(ModelSource(model_path).dtype())  # the plan's arithmetic dtype, as the driver picks it
         _worker_builder(model_path, device, compute_dtype(torch.device(device), cfg.out_dtype))
         return ""
@@ -102,10 +106,12 @@ def warm_worker(model_path: str, cfg: QuantConfig) -> str:
         return f"{type(e).__name__}: {e}"
 
 
-def search_block(model_path: str, index: int, x: np.ndarray | torch.Tensor, cfg: QuantConfig, dtype: torch.dtype):
+def search_block(model_path: str, index: int, x: np.ndarray | torch.Tensor | CudaHandoff, cfg: QuantConfig,
+                 dtype: torch.dtype):
     """Body of the Ray task: rebuild block ``index`` from the files and run AWQ on it.
 
-    ``x`` is the block's inputs (``to_array`` of a ``dtype`` tensor, or the tensor itself). Returns
+    ``x`` is the block's inputs: ``to_array`` of a ``dtype`` tensor, the tensor itself, or a ``CudaHandoff`` to
+    the driver's copy (a ``HandoffError`` if it cannot be opened here). Returns
     ``(pack_tensors(tensors), report, timings)``; ``timings`` are seconds per step plus ``start``/``end``
     wall-clock stamps, so the driver can tell queueing and transfer from work.
     """
@@ -119,7 +125,12 @@ def search_block(model_path: str, index: int, x: np.ndarray | torch.Tensor, cfg:
     t = time.perf_counter()
     # The inputs arrive in host memory from the object store; searching them there would copy every chunk
     # to the GPU for each of the ~40 scale candidates.
-    x = from_array(x, dtype, device) if isinstance(x, np.ndarray) else x.to(device=device, dtype=dtype)
+    if isinstance(x, CudaHandoff):
+        x = x.copy_to(device, dtype)
+    elif isinstance(x, np.ndarray):
+        x = from_array(x, dtype, device)
+    else:
+        x = x.to(device=device, dtype=dtype)
     timings["x_to_device"] = _lap(t, device)
     t = time.perf_counter()
     builder = _worker_builder(model_path, device, dtype)

@@ -24,6 +24,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.block_task import NOSET_ENV, search_block, to_array, unpack_tensors, warm_worker
+from cluster.handoff import CudaHandoff, HandoffError, device_uuid
 from quant.cli import add_quant_args, config_from_args
 from quant.config import QuantConfig
 from quant.errors import QuantError
@@ -59,34 +60,51 @@ def reserve(num_gpus: int, workers: int) -> PlacementGroup:
 
 
 class _Dispatch:
-    """The driver's side of the pipeline: inputs into the object store, tasks out, results to the writer.
+    """The driver's side of the pipeline: inputs out to the tasks, results to the writer.
 
     Up to ``limit`` tasks are in flight; with ``limit`` above the worker count Ray holds the extra ones and
-    starts them the moment a worker frees, their inputs already in the object store, so a GPU does not idle
-    while the driver collects, saves and submits. Finished blocks go to a ``BlockWriter`` thread.
+    starts them the moment a worker frees, their inputs already sent, so a GPU does not idle while the driver
+    collects, saves and submits. Inputs go as CUDA IPC handles when ``handoff`` (tasks on this node, inputs on
+    a GPU; the driver keeps each tensor until its task is done), else through the object store. Finished
+    blocks go to a ``BlockWriter`` thread.
     """
 
-    def __init__(self, plan: QuantPlan, task, limit: int):
-        self.plan, self.task, self.limit = plan, task, limit
+    def __init__(self, plan: QuantPlan, task, limit: int, handoff: bool = False):
+        self.plan, self.task, self.limit, self.handoff = plan, task, limit, handoff
         self.in_flight: dict[ray.ObjectRef, int] = {}
         self.submitted: dict[int, float] = {}
+        self.kept: dict[int, torch.Tensor] = {}  # inputs shared by handle, alive until their task ends
         self.writer = BlockWriter(self._save)
         self.t0 = time.perf_counter()
 
     def timing(self, i: int) -> dict[str, float]:
         return self.plan.summary.timings.setdefault(i, {})
 
+    def _send(self, i: int, x: torch.Tensor):
+        if self.handoff and x.is_cuda:
+            try:
+                h = CudaHandoff.of(x)
+                self.kept[i] = x
+                return h
+            except Exception as e:  # noqa: BLE001 - e.g. an allocator mode without IPC: use the object store
+                log.warning("CUDA IPC handles unavailable (%s); sending inputs through the object store", e)
+                self.handoff = False
+        return ray.put(to_array(x))
+
+    def _launch(self, i: int, arg) -> None:
+        self.submitted[i] = time.time()
+        self.in_flight[self.task.remote(str(self.plan.source.path), i, arg, self.plan.cfg, self.plan.cdtype)] = i
+
     def submit(self, i: int, x: torch.Tensor) -> None:
-        """Put block ``i``'s inputs now (while earlier blocks run), then wait for room and submit."""
+        """Send block ``i``'s inputs now (while earlier blocks run), then wait for room and submit."""
         t = time.perf_counter()
-        x_ref = ray.put(to_array(x))
-        self.timing(i)["put"] = time.perf_counter() - t
+        arg = self._send(i, x)
+        self.timing(i)["send"] = time.perf_counter() - t
         t = time.perf_counter()
         while len(self.in_flight) >= self.limit:
             self.collect(block=True)
         self.timing(i)["wait_slot"] = time.perf_counter() - t
-        self.submitted[i] = time.time()
-        self.in_flight[self.task.remote(str(self.plan.source.path), i, x_ref, self.plan.cfg, self.plan.cdtype)] = i
+        self._launch(i, arg)
         self.collect(block=False)
 
     def collect(self, block: bool) -> None:
@@ -94,7 +112,18 @@ class _Dispatch:
         for ref in ready:
             i = self.in_flight.pop(ref)
             t = time.perf_counter()
-            packed, report, task_timings = ray.get(ref)
+            try:
+                packed, report, task_timings = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                if not isinstance(exc.as_instanceof_cause(), HandoffError) or i not in self.kept:
+                    raise
+                log.warning("block %d: %s; sending inputs through the object store from now on",
+                            i, str(exc.as_instanceof_cause()).splitlines()[-1])
+                self.handoff = False
+                self._launch(i, ray.put(to_array(self.kept.pop(i))))
+                continue
+            if self.kept.pop(i, None) is not None:
+                torch.cuda.ipc_collect()  # free what the tasks have let go of
             got = time.time()
             tm = self.timing(i)
             tm["get"] = time.perf_counter() - t
@@ -136,13 +165,26 @@ def _fp_blocks(plan: QuantPlan):
         yield i, x, time.perf_counter() - t
 
 
+def _handoff_peer(pg: PlacementGroup, num_gpus: int) -> str | None:
+    """The UUID of the driver's GPU when block inputs can go as CUDA IPC handles: GPU tasks, all of them on
+    this node, and not turned off with RAYAWQ_CUDA_IPC=0. ``None`` means: through the object store."""
+    if num_gpus <= 0 or not torch.cuda.is_available() or os.environ.get("RAYAWQ_CUDA_IPC", "1") == "0":
+        return None
+    nodes = set(ray.util.placement_group_table(pg).get("bundles_to_node_id", {}).values())
+    if nodes != {ray.get_runtime_context().get_node_id()}:
+        return None
+    return device_uuid(torch.cuda.current_device())
+
+
 def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int = 0, workers: int | None = None,
                     overwrite: bool = False, act_budget_gb: float = 8.0, max_retries: int = 3,
                     prefetch: int = 1) -> QuantSummary:
     """Quantize with one Ray task per block; ``num_gpus`` > 0 gives each task a GPU.
 
     ``workers`` blocks are searched at once (default: ``num_gpus``, or the CPUs); ``prefetch`` more wait
-    in Ray's queue with their inputs already in the object store (one block's n x seq x hidden each).
+    in Ray's queue with their inputs already sent (one block's n x seq x hidden each: as CUDA IPC handles to
+    the driver's GPU when every worker is on this node, which holds up to ``workers + prefetch`` blocks' inputs
+    there beyond ``act_budget_gb``; else in the object store).
     """
     compute = "cuda" if num_gpus > 0 else "cpu"
     workers = workers or max(1, num_gpus or int(ray.available_resources().get("CPU", 1)))
@@ -150,13 +192,16 @@ def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int =
     extra = {"runtime_env": {"env_vars": dict(NOSET_ENV)}} if num_gpus > 0 else {}
     placed = dict(scheduling_strategy=PlacementGroupSchedulingStrategy(pg), **resources(num_gpus), **extra)
     task = ray.remote(search_block).options(max_retries=max_retries, retry_exceptions=RETRYABLE, **placed)
+    peer = _handoff_peer(pg, num_gpus)
     # one warm-up per worker slot while the driver loads the model's embeddings and calibration data
-    warm_refs = [ray.remote(warm_worker).options(**placed).remote(model, copy.deepcopy(cfg)) for _ in range(workers)]
+    warm_refs = [ray.remote(warm_worker).options(**placed).remote(model, copy.deepcopy(cfg), peer)
+                 for _ in range(workers)]
     plan = QuantPlan(model, work_dir, cfg, device="auto" if num_gpus > 0 else "cpu", overwrite=overwrite,
                      act_budget_gb=act_budget_gb, compute_device=compute)
     total = plan.num_blocks
     plan.summary.job_timings["setup"] = time.perf_counter() - plan.t0
-    run = _Dispatch(plan, task, workers + max(0, prefetch))
+    run = _Dispatch(plan, task, workers + max(0, prefetch), handoff=peer is not None)
+    plan.summary.job_timings["cuda_ipc_inputs"] = float(peer is not None)
     try:
         try:
             for i, x, fp_s in _fp_blocks(plan):

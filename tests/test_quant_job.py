@@ -224,7 +224,7 @@ def test_failed_save_keeps_finished_blocks_and_resumes(cluster, tiny_model_facto
     monkeypatch.setattr(QuantPlan, "save_block", real_save)
     summary = run_distributed(src, str(tmp_path / "dist"), cfg(calib_file), num_gpus=0, workers=1)
     assert summary.skipped == [0, 1] and [b.index for b in summary.blocks] == [2]
-    assert set(summary.timings[2]) >= {"fp", "put", "rebuild", "search_pack", "save"}
+    assert set(summary.timings[2]) >= {"fp", "send", "rebuild", "search_pack", "save"}
     quantize_model(src, tmp_path / "single", cfg(calib_file), device="cpu", progress=False)
     assert_same_checkpoint(tmp_path / "single", tmp_path / "dist")
 
