@@ -87,7 +87,8 @@ def run_one(model: Path, work: Path, gpus: int, calib: Path, samples: int, seqle
             "mean_block_s": sum(b.seconds for b in summary.blocks) / max(1, len(summary.blocks)),
             "peak_host_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
             "peak_gpu_gb_tasks": max(b.peak_gpu_gb for b in summary.blocks),
-            "job_s": dict(summary.job_timings), "mean_step_s": mean_steps(summary.timings)}
+            "job_s": dict(summary.job_timings), "mean_step_s": mean_steps(summary.timings),
+            "block_steps": {i: {k: round(v, 3) for k, v in t.items()} for i, t in sorted(summary.timings.items())}}
 
 
 def weights_digest(ckpt: Path) -> str:

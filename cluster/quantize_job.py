@@ -201,6 +201,7 @@ def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int =
     total = plan.num_blocks
     plan.summary.job_timings["setup"] = time.perf_counter() - plan.t0
     run = _Dispatch(plan, task, workers + max(0, prefetch), handoff=peer is not None)
+    run.writer.call(plan.save_extra)  # on the writer thread while the blocks run, not in finish()
     plan.summary.job_timings["cuda_ipc_inputs"] = float(peer is not None)
     try:
         try:

@@ -152,11 +152,15 @@ class QuantPlan:
         log.info("block %d: mse rtn %.3e awq %.3e (%.1fs)", report.index, report.mse_rtn, report.mse_awq,
                  report.seconds)
 
+    def save_extra(self) -> None:
+        """Embeddings, final norm and head as the part "extra" (a runner may do this early, off the critical path)."""
+        if not self.staging.done("extra"):
+            self.staging.save_part("extra", extra_tensors(self.source, self.cfg.out_dtype))
+
     def finish(self) -> QuantSummary:
         """Merge the finished parts into the checkpoint and move it into place."""
         staging, cfg = self.staging, self.cfg
-        if not staging.done("extra"):
-            staging.save_part("extra", extra_tensors(self.source, cfg.out_dtype))
+        self.save_extra()
         out = staging.root / "checkpoint"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
@@ -193,15 +197,20 @@ class BlockWriter:
             if self._error is None:
                 t0 = time.perf_counter()
                 try:
-                    self._save(*item)
+                    fn, args = item
+                    fn(*args)
                 except BaseException as exc:  # noqa: BLE001 - handed to the driver thread
                     self._error = exc
                 self.seconds += time.perf_counter() - t0
 
     def submit(self, *args) -> None:
         """Queue one ``save(*args)``; blocks while ``max_pending`` are waiting."""
+        self.call(self._save, *args)
+
+    def call(self, fn: Callable[..., None], *args) -> None:
+        """Queue any other write that must not race the saves (they share the staging manifest)."""
         self.check()
-        self._queue.put(args)
+        self._queue.put((fn, args))
 
     def check(self) -> None:
         if self._error is not None:

@@ -18,8 +18,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 
 
 def _receive(h: CudaHandoff, q) -> None:
-    """In a fresh process: copy the driver's tensor onto every GPU and send the copies back to the host."""
-    q.put([h.copy_to(f"cuda:{i}", torch.bfloat16).cpu() for i in range(torch.cuda.device_count())])
+    """In a fresh process: copy the driver's tensor onto every GPU and send the copies back as numpy arrays
+    (a CPU tensor would cross the queue as a file descriptor that dies with this process)."""
+    q.put([h.copy_to(f"cuda:{i}", torch.bfloat16).float().cpu().numpy() for i in range(torch.cuda.device_count())])
 
 
 def test_handoff_copies_across_processes_and_gpus():
@@ -33,7 +34,7 @@ def test_handoff_copies_across_processes_and_gpus():
     assert p.exitcode == 0
     assert len(got) == torch.cuda.device_count()
     for y in got:
-        assert torch.equal(y, x.cpu())
+        assert torch.equal(torch.from_numpy(y), x.float().cpu())
 
 
 def test_unknown_gpu_is_a_handoff_error():
@@ -43,12 +44,13 @@ def test_unknown_gpu_is_a_handoff_error():
         bad.copy_to("cuda", torch.float32)
 
 
-def test_job_with_ipc_inputs_equals_object_store_inputs(tiny_model_factory, calib_file, tmp_path, monkeypatch):
+def test_job_with_ipc_inputs_equals_object_store_inputs(tiny_model_factory, tmp_path, monkeypatch):
     import ray
 
     from cluster.quantize_job import run_distributed
 
     src = str(tiny_model_factory("llama", num_hidden_layers=3))
+    calib_file = Path(__file__).resolve().parents[2] / "quant" / "data" / "calib.txt"  # shipped: no shared/ here
     cfg = dict(group_size=64, calib_dataset=str(calib_file), calib_samples=8, calib_seqlen=64)
     ray.init(include_dashboard=False, num_cpus=4)
     try:

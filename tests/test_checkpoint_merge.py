@@ -1,0 +1,72 @@
+"""Merging staged parts into shards by byte copy: the shards load with safetensors and hold every tensor exactly."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from quant.checkpoint import merge_parts
+from quant.errors import QuantError
+
+
+def _parts(tmp_path, n=5):
+    g = torch.Generator().manual_seed(0)
+    parts, tensors = [], {}
+    for i in range(n):
+        t = {
+            f"model.layers.{i}.mlp.qweight": torch.randint(-2**31, 2**31 - 1, (64, 24), dtype=torch.int32, generator=g),
+            f"model.layers.{i}.mlp.scales": torch.randn(3, 17, generator=g).to(torch.bfloat16),  # odd byte count
+            f"model.layers.{i}.norm.weight": torch.randn(33, generator=g).half(),
+            f"model.layers.{i}.flag": torch.tensor([True, False, True]),
+        }
+        save_file(t, str(tmp_path / f"part{i}.safetensors"), metadata={"format": "pt"})
+        parts.append(tmp_path / f"part{i}.safetensors")
+        tensors.update(t)
+    return parts, tensors
+
+
+@pytest.mark.parametrize("max_shard", [1 << 30, 7000])
+def test_merged_shards_hold_every_tensor(tmp_path, max_shard):
+    parts, tensors = _parts(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    weight_map = merge_parts(parts, out, max_shard)
+    files = sorted(out.glob("*.safetensors"))
+    assert not list(out.glob("*.tmp"))
+    if max_shard > 1 << 20:
+        assert [f.name for f in files] == ["model.safetensors"] and not (out / "model.safetensors.index.json").exists()
+    else:
+        assert len(files) > 1
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert index["weight_map"] == dict(sorted(weight_map.items()))
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    loaded = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            assert fh.metadata() == {"format": "pt"}
+        part = load_file(str(f))
+        assert all(weight_map[k] == f.name for k in part)
+        loaded.update(part)
+    assert loaded.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert loaded[k].dtype == t.dtype and torch.equal(loaded[k], t), k
+
+
+def test_same_tensor_in_two_parts_is_refused(tmp_path):
+    parts, _ = _parts(tmp_path, n=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(QuantError, match="two parts"):
+        merge_parts([parts[0], parts[1], parts[0]], out, 1 << 30)
+
+
+def test_truncated_part_is_a_clear_error(tmp_path):
+    parts, _ = _parts(tmp_path, n=2)
+    data = parts[1].read_bytes()
+    parts[1].write_bytes(data[:-10])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(QuantError, match="shorter than its header"):
+        merge_parts(parts, out, 1 << 30)
