@@ -1,9 +1,9 @@
-"""Distributed AWQ: the FP pass walks the blocks here; each block's search runs as a Ray task.
+"""Distributed AWQ: the FP pass walks the blocks here; each block's search runs on a block worker (a Ray actor).
 
     ray job submit --working-dir . -- python -m cluster.quantize_job MODEL --work-dir OUT [--num-gpus N]
 
 Block *i*'s inputs are block *i-1*'s full-precision outputs, so as soon as the driver has them, block *i*
-goes to a task (``num_gpus=1``, or CPU) while the driver moves on to block *i+1*. Tasks read their block from
+goes to a free worker (one GPU each, or CPU) while the driver moves on to block *i+1*. Workers read their block from
 the model's safetensors themselves, return the packed tensors through the object store, and the driver saves
 each as a part with a manifest entry: a resubmitted job skips what is done. The result is the checkpoint
 the single-process quantizer writes for the same inputs.
@@ -23,7 +23,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.block_task import NOSET_ENV, search_block, to_array, unpack_tensors, warm_worker
+from cluster.block_task import NOSET_ENV, BlockWorker, to_array, unpack_tensors
 from cluster.handoff import CudaHandoff, HandoffError, device_uuid
 from quant.cli import add_quant_args, config_from_args
 from quant.config import QuantConfig
@@ -60,20 +60,22 @@ def reserve(num_gpus: int, workers: int) -> PlacementGroup:
 
 
 class _Dispatch:
-    """The driver's side of the pipeline: inputs out to the tasks, results to the writer.
+    """The driver's side of the pipeline: inputs out to the block workers, results to the writer.
 
-    Up to ``limit`` tasks are in flight; with ``limit`` above the worker count Ray holds the extra ones and
-    starts them the moment a worker frees, their inputs already sent, so a GPU does not idle while the driver
-    collects, saves and submits. Inputs go as CUDA IPC handles when ``handoff`` (tasks on this node, inputs on
-    a GPU; the driver keeps each tensor until its task is done), else through the object store. Finished
-    blocks go to a ``BlockWriter`` thread.
+    Up to ``limit`` blocks are in flight; with ``limit`` above the worker count the extra ones wait in a
+    worker's queue, their inputs already sent, so a GPU does not idle while the driver collects, saves and
+    submits. A block goes to the worker with the fewest blocks. Inputs go as CUDA IPC handles when ``handoff``
+    (workers on this node, inputs on a GPU; the driver keeps each tensor until its block is done), else through
+    the object store. Finished blocks go to a ``BlockWriter`` thread.
     """
 
-    def __init__(self, plan: QuantPlan, task, limit: int, handoff: bool = False):
-        self.plan, self.task, self.limit, self.handoff = plan, task, limit, handoff
-        self.in_flight: dict[ray.ObjectRef, int] = {}
+    def __init__(self, plan: QuantPlan, workers: list, call_options: dict, limit: int, handoff: bool = False):
+        self.plan, self.workers, self.call_options = plan, workers, call_options
+        self.limit, self.handoff = limit, handoff
+        self.load = [0] * len(workers)  # blocks sent to each worker and not yet collected
+        self.in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (block, worker)
         self.submitted: dict[int, float] = {}
-        self.kept: dict[int, torch.Tensor] = {}  # inputs shared by handle, alive until their task ends
+        self.kept: dict[int, torch.Tensor] = {}  # inputs shared by handle, alive until their block is done
         self.writer = BlockWriter(self._save)
         self.t0 = time.perf_counter()
 
@@ -92,8 +94,11 @@ class _Dispatch:
         return ray.put(to_array(x))
 
     def _launch(self, i: int, arg) -> None:
+        w = min(range(len(self.workers)), key=self.load.__getitem__)
+        self.load[w] += 1
         self.submitted[i] = time.time()
-        self.in_flight[self.task.remote(str(self.plan.source.path), i, arg, self.plan.cfg, self.plan.cdtype)] = i
+        ref = self.workers[w].search.options(**self.call_options).remote(i, arg, self.plan.cfg, self.plan.cdtype)
+        self.in_flight[ref] = (i, w)
 
     def submit(self, i: int, x: torch.Tensor) -> None:
         """Send block ``i``'s inputs now (while earlier blocks run), then wait for room and submit."""
@@ -110,7 +115,8 @@ class _Dispatch:
     def collect(self, block: bool) -> None:
         ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=None if block else 0)
         for ref in ready:
-            i = self.in_flight.pop(ref)
+            i, w = self.in_flight.pop(ref)
+            self.load[w] -= 1
             t = time.perf_counter()
             try:
                 packed, report, task_timings = ray.get(ref)
@@ -123,7 +129,7 @@ class _Dispatch:
                 self._launch(i, ray.put(to_array(self.kept.pop(i))))
                 continue
             if self.kept.pop(i, None) is not None:
-                torch.cuda.ipc_collect()  # free what the tasks have let go of
+                torch.cuda.ipc_collect()  # free what the workers have let go of
             got = time.time()
             tm = self.timing(i)
             tm["get"] = time.perf_counter() - t
@@ -179,7 +185,8 @@ def _handoff_peer(pg: PlacementGroup, num_gpus: int) -> str | None:
 def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int = 0, workers: int | None = None,
                     overwrite: bool = False, act_budget_gb: float = 8.0, max_retries: int = 3,
                     prefetch: int = 1) -> QuantSummary:
-    """Quantize with one Ray task per block; ``num_gpus`` > 0 gives each task a GPU.
+    """Quantize with one block worker (a Ray actor in its own placement-group bundle) per GPU, or per CPU when
+    ``num_gpus`` is 0; a worker that dies is restarted and its block retried (``max_retries``).
 
     ``workers`` blocks are searched at once (default: ``num_gpus``, or the CPUs); ``prefetch`` more wait
     in Ray's queue with their inputs already sent (one block's n x seq x hidden each: as CUDA IPC handles to
@@ -190,17 +197,18 @@ def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int =
     workers = workers or max(1, num_gpus or int(ray.available_resources().get("CPU", 1)))
     pg = reserve(num_gpus, workers)
     extra = {"runtime_env": {"env_vars": dict(NOSET_ENV)}} if num_gpus > 0 else {}
-    placed = dict(scheduling_strategy=PlacementGroupSchedulingStrategy(pg), **resources(num_gpus), **extra)
-    task = ray.remote(search_block).options(max_retries=max_retries, retry_exceptions=RETRYABLE, **placed)
     peer = _handoff_peer(pg, num_gpus)
-    # one warm-up per worker slot while the driver loads the model's embeddings and calibration data
-    warm_refs = [ray.remote(warm_worker).options(**placed).remote(model, copy.deepcopy(cfg), peer)
-                 for _ in range(workers)]
+    # one actor per bundle, warming up (imports, CUDA context, model skeleton) while the driver sets up
+    actor = ray.remote(BlockWorker)
+    opts = dict(max_restarts=max_retries, max_task_retries=max_retries, **extra, **resources(num_gpus))
+    block_workers = [actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=b),
+                                   **opts).remote(model, copy.deepcopy(cfg), peer) for b in range(workers)]
     plan = QuantPlan(model, work_dir, cfg, device="auto" if num_gpus > 0 else "cpu", overwrite=overwrite,
                      act_budget_gb=act_budget_gb, compute_device=compute)
     total = plan.num_blocks
     plan.summary.job_timings["setup"] = time.perf_counter() - plan.t0
-    run = _Dispatch(plan, task, workers + max(0, prefetch), handoff=peer is not None)
+    run = _Dispatch(plan, block_workers, {"retry_exceptions": RETRYABLE}, workers + max(0, prefetch),
+                    handoff=peer is not None)
     run.writer.call(plan.save_extra)  # on the writer thread while the blocks run, not in finish()
     plan.summary.job_timings["cuda_ipc_inputs"] = float(peer is not None)
     try:
@@ -213,19 +221,21 @@ def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int =
                 run.timing(i)["fp"] = fp_s
                 run.submit(i, x)
             run.drain()
-            for err in filter(None, ray.get(warm_refs)):
+            for err in filter(None, ray.get([w.warm_status.remote() for w in block_workers])):
                 log.warning("a worker warm-up failed (the blocks ran anyway): %s", err)
         finally:
             run.writer.close(raise_error=False)  # on an error above: keep what finished (it resumes)
+            for w in block_workers:
+                ray.kill(w)
             remove_placement_group(pg)
     except ray.exceptions.RayTaskError as exc:
         cause = exc.as_instanceof_cause()
         if isinstance(cause, QuantError):
-            plan.staging.remove()
+            plan.abandon()
             raise QuantError(str(cause).splitlines()[-1]) from None
         raise
     except QuantError:
-        plan.staging.remove()
+        plan.abandon()
         raise
     t = time.perf_counter()
     summary = plan.finish()

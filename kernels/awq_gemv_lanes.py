@@ -10,8 +10,8 @@ are applied to that sum: ``s * (sum x*q - z * sum x)``.
 
 Each program takes ``BLOCK_J`` words (``8 * BLOCK_J`` columns), a slice of K groups (split-K, reduced in one
 launch by ``awq_triton``'s counter scheme) and all ``BLOCK_M <= 8`` rows of x, so a weight is read once for
-every row. Not chosen by the dispatch table until it has been measured on the H100 (it is in the tuning
-candidates, so ``benchmarks/kernels.py`` measures it).
+every row. Measured on the H100 (runs fd50715, a0b5208) it lost to the decode and swap kernels on every
+shape, so it is no longer in the tuning candidates; it stays runnable through an explicit config.
 """
 
 from __future__ import annotations

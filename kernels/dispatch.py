@@ -195,43 +195,29 @@ def candidates(M: int, N: int, K: int, group: int, sms: int) -> list[Config]:
     G = K // group
     mb = m_bucket(M)
     out: list[Config] = []
-    if mb <= 8:
-        # measured (H100, run 2): the CUDA-core GEMV is 1.7-2x slower than the tensor-core split-K kernel at
-        # every M <= 8, so only two GEMV shapes stay in the space
-        for bn, warps in ((64, 4), (256, 8)):
-            tiles = -(-N // bn) * M
-            for waves in ((2,) if bn == 64 else (4,)):
-                out.append({"kernel": "gemv", "BLOCK_N": bn, "split_k": split_for(tiles, G, sms, waves),
-                            "num_warps": warps})
-    if mb <= 4:
+    # Pruned by the H100 runs (fd50715, a0b5208; docs/benchmarks.md): the CUDA-core GEMV (``gemv``) and the
+    # lane-layout GEMV (``lanes``) lost on every shape and M <= 8, the decode kernel lost to ``swap`` at
+    # M = 2 and 4, the tiled decode variant with per-row sums (ACC2D) never won, and ``gemm`` lost to ``splitk``
+    # at M = 64. They stay runnable through an explicit config (and are tested), but the tuning space, which
+    # every benchmark run and ``--tune`` walks, no longer pays for them.
+    if mb == 1:
         # the register-only decode GEMV (awq_gemv_decode): one packed word per thread, K down the rows
         # (BLOCK_J = 32 x num_warps). ROWS: one 1-D load per K row, FMA chains, ~64 registers (many warps per
-        # SM); otherwise a [BLOCK_K, BLOCK_J] tile per step, per-row FMA sums (ACC2D) or a per-step reduction.
-        # Each config compiles once per N (N8 is a compile-time constant, for immediate row offsets).
-        # BLOCK_M rows of x per program share each unpacked word (M = 2, 4); DEPTH 2 keeps two steps of loads
-        # in flight (the grid is capped at N/8 x splits threads, so bytes in flight per thread set the speed).
-        for bm in sorted({1, min(M, 2), min(M, 4)} if M > 1 else {1}):
-            for bj, warps in ((128, 4), (32, 1)):
-                tiles = -(-N // (8 * bj)) * -(-M // bm)
-                for waves in (4, 8):
-                    for depth in ((1, 2) if bm == 1 else (1,)):
-                        out.append({"kernel": "decode", "ROWS": True, "BLOCK_M": bm, "BLOCK_J": bj, "DEPTH": depth,
-                                    "split_k": split_for(tiles, G, sms, waves), "num_warps": warps})
-        for bj, bk, acc2d, pf, warps in ((128, 8, True, True, 4), (128, 16, False, True, 4)):
-            tiles = -(-N // (8 * bj)) * M
-            out.append({"kernel": "decode", "BLOCK_J": bj, "BLOCK_K": bk, "ACC2D": acc2d, "PREFETCH": pf,
-                        "split_k": split_for(tiles, G, sms, 2), "num_warps": warps})
-    if mb <= 8:
-        # the 3-D lane-layout GEMV (awq_gemv_lanes): its sm_90 build converts layouts through shared memory
-        # (see docs/kernels_notes.md); one config kept as a measured reference
-        for bj, bk, warps in ((32, 16, 4),):
+        # SM); otherwise a [BLOCK_K, BLOCK_J] tile per step with a per-step reduction. Each config compiles
+        # once per N (N8 is a compile-time constant, for immediate row offsets). DEPTH 2 keeps two steps of
+        # loads in flight (within 5% of DEPTH 1 on the H100, either way).
+        for bj, warps in ((128, 4), (32, 1)):
             tiles = -(-N // (8 * bj))
-            for waves in (4,):
-                out.append({"kernel": "lanes", "BLOCK_J": bj, "BLOCK_K": bk, "split_k": split_for(tiles, G, sms, waves),
-                            "num_warps": warps})
+            for waves in (4, 8):
+                for depth in (1, 2):
+                    out.append({"kernel": "decode", "ROWS": True, "BLOCK_M": 1, "BLOCK_J": bj, "DEPTH": depth,
+                                "split_k": split_for(tiles, G, sms, waves), "num_warps": warps})
+        tiles = -(-N // (8 * 128))
+        out.append({"kernel": "decode", "BLOCK_J": 128, "BLOCK_K": 16, "ACC2D": False, "PREFETCH": True,
+                    "split_k": split_for(tiles, G, sms, 2), "num_warps": 4})
     if 2 <= mb <= 64:
         # operands swapped (W^T x^T): wgmma with the batch as its N and the weight tile as A (awq_dot_swap);
-        # not yet measured on the H100
+        # the H100 winner at M = 2..32 on every shape measured (a0b5208)
         bm = min(64, max(16, mb))
         for bn in (128, 256):
             tiles = -(-N // bn) * -(-M // bm)
@@ -242,7 +228,9 @@ def candidates(M: int, N: int, K: int, group: int, sms: int) -> list[Config]:
         bm = min(64, max(16, mb))
         # (BLOCK_N, warps, lookahead): lookahead L keeps L groups of loads in flight per program; registers
         # (sm_90 report) allow 1 CTA/SM at BLOCK_N 256 with L=3, i.e. 48 KB in flight per SM.
-        shapes = ((128, 8, 1), (128, 8, 2), (256, 8, 2), (256, 8, 3), (64, 4, 3)) if bm <= 16 else \
+        # below M = 64 it is a fallback behind decode/swap: two tile shapes instead of five
+        shapes = ((128, 8, 1), (256, 8, 2)) if mb <= 32 and bm <= 16 else \
+            ((128, 8, 1), (128, 8, 2), (256, 8, 2), (256, 8, 3), (64, 4, 3)) if bm <= 16 else \
             ((64, 4, 1), (64, 4, 2), (128, 8, 1), (128, 8, 2))
         for bn, warps, la in shapes:
             tiles = -(-N // bn) * -(-M // bm)
@@ -253,12 +241,10 @@ def candidates(M: int, N: int, K: int, group: int, sms: int) -> list[Config]:
         tiles = -(-N // 64) * -(-M // bm)
         out.append({"kernel": "splitk", "BLOCK_M": bm, "BLOCK_N": 64, "split_k": split_for(tiles, G, sms, 2),
                     "SCALE_AFTER": True, "PREFETCH": 1, "X_IN_REGS": False, "num_warps": 4, "num_stages": 3})
-    if mb >= 64:
+    if mb >= 128:
         for bm, bn, warps, stages, sa, pf, xr in ((128, 128, 8, 3, False, 0, True), (128, 128, 8, 3, False, 1, False),
                                                   (128, 128, 8, 3, False, 2, False), (64, 128, 8, 3, False, 2, False),
                                                   (64, 128, 8, 3, True, 2, False), (64, 128, 8, 3, False, 0, True)):
-            if bm > 64 and mb < 128:
-                continue
             out.append({"kernel": "gemm", "BLOCK_M": bm, "BLOCK_N": bn, "split_k": 1, "SCALE_AFTER": sa,
                         "PREFETCH": pf, "X_IN_REGS": xr, "GROUP_M": 8, "num_warps": warps, "num_stages": stages})
     if mb >= 128:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 from pathlib import Path
 
 import torch
@@ -102,99 +101,6 @@ class StagingDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def merge_parts(part_files: list[Path], out_dir: Path, max_shard_size: int) -> dict[str, str]:
-    """Concatenate part files, in order, into ``model-0000k-of-0000n.safetensors`` shards of at most ``max_shard_size``.
-
-    Streams bytes file to file (``os.copy_file_range``: in the kernel, no tensor is loaded), so merging a
-    checkpoint costs one pass over it instead of load, serialise and write. Returns the weight map.
-    """
-    parts = [_read_layout(f) for f in part_files]
-    shards: list[list[tuple[Path, int, dict]]] = [[]]
-    acc = 0
-    for f, (data_start, header) in zip(part_files, parts):
-        size = sum(e - b for b, e in (t["data_offsets"] for t in header.values()))
-        if shards[-1] and acc + size > max_shard_size:
-            shards.append([])
-            acc = 0
-        shards[-1].append((f, data_start, header))
-        acc += size
-    weight_map: dict[str, str] = {}
-    n = len(shards)
-    total = 0
-    for k, files in enumerate(shards, 1):
-        name = "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
-        names = _concat_safetensors(files, out_dir / name)
-        for key, nbytes in names.items():
-            if key in weight_map:
-                raise QuantError(f"tensor {key} is in two parts of the staging directory; delete it and rerun")
-            weight_map[key] = name
-            total += nbytes
-    if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        atomic_write_text(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2))
-    return weight_map
-
-
-def _read_layout(path: Path) -> tuple[int, dict]:
-    """(offset of the data section, tensor entries) of a safetensors file: an 8-byte little-endian header
-    length, the JSON header, then the data; each entry's ``data_offsets`` are relative to the data section."""
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
-    return 8 + n, header
-
-
-def _concat_safetensors(files: list[tuple[Path, int, dict]], path: Path) -> dict[str, int]:
-    """Write one safetensors file holding every tensor of ``files`` (temp name, fsync, rename); returns
-    {name: bytes}. Tensors keep their bytes; only the header is new (safetensors itself has no API that
-    writes a file from ranges of others, and loading the tensors to re-save them costs two extra copies)."""
-    entries, copies, pos = {}, [], 0
-    for src, data_start, header in files:
-        for key, t in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if key in entries:
-                raise QuantError(f"tensor {key} is in two parts of the staging directory; delete it and rerun")
-            b, e = t["data_offsets"]
-            entries[key] = {"dtype": t["dtype"], "shape": t["shape"], "data_offsets": [pos, pos + e - b]}
-            copies.append((src, data_start + b, e - b))
-            pos += e - b
-    head = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the data section starts 8-byte aligned
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as out:
-        out.write(struct.pack("<Q", len(head)) + head)
-        out.flush()
-        for src, offset, nbytes in copies:
-            with open(src, "rb") as inp:
-                _copy_range(inp, out, offset, nbytes)
-        out.flush()
-        os.fsync(out.fileno())
-    tmp.replace(path)
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in entries.items()}
-
-
-def _copy_range(inp, out, offset: int, nbytes: int) -> None:
-    """Append ``nbytes`` of ``inp`` from ``offset`` to ``out``: in the kernel where it can, else by chunks."""
-    done = 0
-    if hasattr(os, "copy_file_range"):
-        try:
-            while done < nbytes:
-                step = os.copy_file_range(inp.fileno(), out.fileno(), nbytes - done, offset + done)
-                if step == 0:
-                    break
-                done += step
-        except OSError:  # e.g. a file system without it: the loop below finishes the copy
-            out.seek(0, os.SEEK_END)
-    inp.seek(offset + done)
-    while done < nbytes:
-        chunk = inp.read(min(1 << 24, nbytes - done))
-        if not chunk:
-            raise QuantError(f"{inp.name} is shorter than its header says; delete the staging directory and rerun")
-        out.write(chunk)
-        done += len(chunk)
-    out.flush()
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from .block_quant import BlockContext, BlockReport, quantize_block, run_block
 from .calib_data import calibration_windows, load_texts
-from .checkpoint import StagingDir, copy_side_files, merge_parts, publish, write_config
+from .checkpoint import StagingDir, copy_side_files, publish, write_config
 from .config import QuantConfig
 from .errors import QuantError
 from .model_io import BlockBuilder, ModelSource
+from .shards import ShardMerger
 
 log = logging.getLogger("rayawq.quant")
 
@@ -122,6 +123,15 @@ class QuantPlan:
         self.act_budget = int(act_budget_gb * 1024**3)
         self.summary = QuantSummary(self.work_dir, 0.0)
         self.staging.open()
+        # shards are written as their parts arrive (on the merger's thread); a crashed run's are redone
+        self.out_dir = self.staging.root / "checkpoint"
+        shutil.rmtree(self.out_dir, ignore_errors=True)
+        self.out_dir.mkdir()
+        names = [self.block_name(i) for i in range(self.num_blocks)] + ["extra"]
+        self.merger = ShardMerger(names, self.out_dir, cfg.max_shard_size)
+        for name in names:
+            if self.staging.done(name):
+                self.merger.part_ready(name, self.part_path(name))
 
     @property
     def num_blocks(self) -> int:
@@ -145,9 +155,14 @@ class QuantPlan:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    def part_path(self, name: str) -> Path:
+        return self.staging.parts / self.staging.part_info(name)["file"]
+
     def save_block(self, tensors: dict[str, torch.Tensor], report: BlockReport) -> None:
-        self.staging.save_part(self.block_name(report.index), tensors,
+        name = self.block_name(report.index)
+        self.staging.save_part(name, tensors,
                                {"mse_rtn": report.mse_rtn, "mse_awq": report.mse_awq, "seconds": report.seconds})
+        self.merger.part_ready(name, self.part_path(name))
         self.summary.blocks.append(report)
         log.info("block %d: mse rtn %.3e awq %.3e (%.1fs)", report.index, report.mse_rtn, report.mse_awq,
                  report.seconds)
@@ -156,16 +171,19 @@ class QuantPlan:
         """Embeddings, final norm and head as the part "extra" (a runner may do this early, off the critical path)."""
         if not self.staging.done("extra"):
             self.staging.save_part("extra", extra_tensors(self.source, self.cfg.out_dtype))
+            self.merger.part_ready("extra", self.part_path("extra"))
+
+    def abandon(self) -> None:
+        """Remove the staging directory (a refused job leaves nothing behind), after the merger stops."""
+        self.merger.stop()
+        self.staging.remove()
 
     def finish(self) -> QuantSummary:
-        """Merge the finished parts into the checkpoint and move it into place."""
+        """Write the last shard (the others were written as their parts arrived) and move the checkpoint into place."""
         staging, cfg = self.staging, self.cfg
         self.save_extra()
-        out = staging.root / "checkpoint"
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
-        names = [self.block_name(i) for i in range(self.num_blocks)] + ["extra"]
-        merge_parts([staging.parts / staging.part_info(n)["file"] for n in names], out, cfg.max_shard_size)
+        out = self.out_dir
+        self.merger.finish()
         write_config(self.source.config, out, cfg.quantization_config(), cfg.out_dtype)
         copy_side_files(self.source.path, out)
         publish(out, self.work_dir, self.overwrite)
@@ -240,7 +258,7 @@ def quantize_model(model: str, work_dir: str | Path, cfg: QuantConfig, device: s
             plan.save_block(tensors, report)
             bar.set_postfix(mse_rtn=f"{report.mse_rtn:.2e}", mse_awq=f"{report.mse_awq:.2e}")
     except QuantError:
-        plan.staging.remove()  # a refused input is not resumable: leave nothing behind
+        plan.abandon()  # a refused input is not resumable: leave nothing behind
         raise
     return plan.finish()
 

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from quant.checkpoint import merge_parts
+from quant.shards import ShardMerger, merge_parts
 from quant.errors import QuantError
 
 
@@ -70,3 +70,34 @@ def test_truncated_part_is_a_clear_error(tmp_path):
     out.mkdir()
     with pytest.raises(QuantError, match="shorter than its header"):
         merge_parts(parts, out, 1 << 30)
+
+
+def test_shards_written_as_parts_arrive_equal_the_all_at_once_merge(tmp_path):
+    parts, _ = _parts(tmp_path, n=6)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    merge_parts(parts, ref, 7000)
+    out = tmp_path / "live"
+    out.mkdir()
+    names = [f"p{i}" for i in range(6)]
+    merger = ShardMerger(names, out, 7000)
+    for i in (1, 0, 3, 2):  # out of order, as blocks finish on several workers
+        merger.part_ready(names[i], parts[i])
+    merger.stop()  # let the thread catch up: the shards whose end is known are written already
+    assert sorted(f.name for f in out.glob("shard-*.safetensors")), "no shard written before finish"
+    merger = ShardMerger(names, out, 7000)  # a fresh merger over the same directory, fed everything
+    for i in (5, 1, 0, 3, 2, 4):
+        merger.part_ready(names[i], parts[i])
+    merger.finish()
+    got = sorted(f.name for f in out.glob("*.safetensors"))
+    assert got == sorted(f.name for f in ref.glob("*.safetensors"))
+    for name in got + ["model.safetensors.index.json"]:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_finish_with_a_part_missing_is_a_clear_error(tmp_path):
+    parts, _ = _parts(tmp_path, n=2)
+    merger = ShardMerger(["a", "b"], tmp_path, 1 << 30, background=False)
+    merger.part_ready("a", parts[0])
+    with pytest.raises(QuantError, match="not staged"):
+        merger.finish()

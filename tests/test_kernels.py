@@ -221,13 +221,16 @@ def test_candidates_are_all_valid():
     for M in (1, 64, 256):
         for cfg in dispatch.candidates(M, N, K, g, sms=4):
             assert cfg["kernel"] in dispatch.KERNEL_NAMES
-    # one of each kernel really runs from the candidate list (M=64 offers splitk and gemm)
-    x = torch.randn(64, K, dtype=torch.bfloat16)
+    # one of each kernel in the tuning space really runs from the candidate lists (decode at M=1, swap and
+    # splitk at M=64, gemm and dequant at M=256)
     seen = set()
-    for cfg in dispatch.candidates(64, N, K, g, sms=4):
-        if cfg["kernel"] not in seen:
-            seen.add(cfg["kernel"])
-            assert rel(dispatch.run_config(cfg, x, *w, g), ref64(x, *w, g)) < 1e-2
+    for M in (1, 64, 256):
+        x = torch.randn(M, K, dtype=torch.bfloat16)
+        for cfg in dispatch.candidates(M, N, K, g, sms=4):
+            if cfg["kernel"] not in seen:
+                seen.add(cfg["kernel"])
+                assert rel(dispatch.run_config(cfg, x, *w, g), ref64(x, *w, g)) < 1e-2
+    assert seen == {"decode", "swap", "splitk", "gemm", "dequant"}
 
 
 def test_awq_linear_cpu_uses_reference_any_leading_shape():

@@ -85,6 +85,21 @@ def test_task_that_fails_once_is_retried(cluster, tiny_model_factory, calib_file
     (cluster["fail_dir"] / "block-1.armed").unlink()
 
 
+def test_worker_killed_mid_block_is_restarted_and_the_block_redone(cluster, tiny_model_factory, calib_file, tmp_path):
+    from cluster.quantize_job import run_distributed
+
+    src = str(tiny_model_factory("llama", num_hidden_layers=3))
+    (cluster["fail_dir"] / "block-2.kill").touch()
+    try:
+        summary = run_distributed(src, str(tmp_path / "dist"), cfg(calib_file), num_gpus=0, workers=2)
+    finally:
+        (cluster["fail_dir"] / "block-2.kill").unlink()
+    assert (cluster["fail_dir"] / "block-2.killed").exists()  # a worker process really died in block 2
+    assert sorted(b.index for b in summary.blocks) == [0, 1, 2]
+    quantize_model(src, tmp_path / "single", cfg(calib_file), device="cpu", progress=False)
+    assert_same_checkpoint(tmp_path / "single", tmp_path / "dist")
+
+
 def job_cmd(src, out, calib, address, *extra):
     return [sys.executable, "-m", "cluster.quantize_job", str(src), "--work-dir", str(out), "--calib-dataset",
             str(calib), "--calib-samples", "4", "--calib-seqlen", "64", "--w-group-size", "64",
