@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
 # Few device calls per machine kind, so a session spends its device time on measuring, not on starts
 # (each call must fit the 600 s limit). Carry .devbundle with every call.
-#   one H100:   bash benchmarks/gpu_session.sh x1a <commit>, then at once (warm machine) ... x1b <commit>
+#   one H100:   bash benchmarks/gpu_session.sh x1a <commit>, then at once (warm machine) x1c, then x1b
 #   4 H100s:    bash benchmarks/gpu_session.sh x4 <commit>   (x4s: GPU quant-job tests + 1/4/2-GPU scaling only)
 #   what is left of a budget, 2-4 GPUs:  [SCALING_GPUS=1,2] bash benchmarks/gpu_session.sh x4f <commit>
 # Everything lands under $OUT/<name>/; write the docs sections here afterwards from the JSON files
 # (each benchmark's --report, or benchmarks/_report.py:write_section with its *_section.md).
 set -uo pipefail
-kind=${1:?x1a, x1b, x4, x4s or x4f}
+kind=${1:?x1a, x1c, x1b, x4, x4s or x4f}
 export RAYAWQ_COMMIT=${2:?commit} PYTHONUNBUFFERED=1
 out=${OUT:?run this through the device tool}
 source .devbundle/setup.sh || exit 1
 nvidia-smi -L
 case $kind in
   x1a)
-    # kernel tests, kernel benchmark + table; the table is also left in /tmp for x1b on the same warm machine
+    # kernel tests, then the kernel benchmark's three largest shapes + table; results and table are also left
+    # in /tmp for x1c and x1b on the same warm machine
     timeout 120 python3 -m pytest -q tests/gpu/test_kernels_gpu.py 2>&1 | tail -4
-    timeout 330 python3 benchmarks/kernels.py --out "$out/kernels" --budget-s 290 2>&1 | tail -40
+    timeout 370 python3 benchmarks/kernels.py --out "$out/kernels" --budget-s 330 \
+      --shapes 8192x8192,8192x28672,4096x28672 2>&1 | tail -40
+    cp "$out/kernels/tuned_h100.json" /tmp/rayawq_tuned_h100.json && echo "table left in /tmp"
+    cp "$out/kernels/kernels_results.json" /tmp/rayawq_kernels_results.json
+    ;;
+  x1c)
+    # the other four shapes; rows and table of x1a (same warm machine) join this run's section, plot and table
+    [ -f /tmp/rayawq_tuned_h100.json ] && export RAYAWQ_KERNEL_TABLE=/tmp/rayawq_tuned_h100.json
+    timeout 420 python3 benchmarks/kernels.py --out "$out/kernels" --budget-s 380 \
+      --shapes 4096x4096,4096x6144,4096x14336,14336x4096 --also /tmp/rayawq_kernels_results.json 2>&1 | tail -30
     cp "$out/kernels/tuned_h100.json" /tmp/rayawq_tuned_h100.json && echo "table left in /tmp"
     ;;
   x1b)

@@ -180,6 +180,12 @@ def markdown(results, meta):
         "(`x @ w.T`). Roofline = bytes moved / 3.0 TB/s (measured copy bandwidth "
         f"{meta['copy_tbps']:.2f} TB/s this run). Relative error of our output vs an fp64 reference in the last column.",
         "",
+    ]
+    if meta.get("rows_from"):
+        rf = meta["rows_from"]
+        lines += [f"Measured in two device calls of one session: the rows of {', '.join(rf['shapes'])} come from the "
+                  f"first ({rf['device']}, commit `{rf['commit']}`).", ""]
+    lines += [
         "| K×N | M | cuBLAS µs | int4 (tinygemm) µs | ×cuBLAS | ours µs | ×cuBLAS | ×int4 | kernel | % roofline | rel err |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
@@ -250,6 +256,9 @@ def main():
     ap.add_argument("--ms", default=None, help="e.g. 1,16,64")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this many seconds")
     ap.add_argument("--write-docs", action="store_true", help="also write docs/benchmarks.md and the repo table")
+    ap.add_argument("--also", default=None,
+                    help="kernels_results.json of an earlier part of this session (same card): its rows for shapes "
+                         "this run does not measure join this run's table, section and plot")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,6 +287,16 @@ def main():
 
     for K, N in sorted(shapes, key=lambda s: -s[0] * s[1]):  # target shapes first, in case the budget runs out
         bench_shape(K, N, ms, sms, results, t0 + args.budget_s, on_row=dump)
+    if args.also and Path(args.also).exists():  # one benchmark split over two device calls
+        done = {(r["K"], r["N"]) for r in results}
+        earlier = json.loads(Path(args.also).read_text())
+        extra = [r for r in earlier["results"] if (r["K"], r["N"]) not in done]
+        meta["rows_from"] = {"commit": earlier["meta"].get("commit"), "date": earlier["meta"].get("date"),
+                             "device": earlier["meta"].get("device"),
+                             "shapes": sorted({f"{r['K']}x{r['N']}" for r in extra})}
+        shapes = list(dict.fromkeys(shapes + [(r["K"], r["N"]) for r in extra]))
+        results.extend(extra)
+        dump()
     table = keep_unmeasured(tuned_table(results, meta), dispatch.load_table())
     (out / "tuned_h100.json").write_text(json.dumps(table, indent=1, sort_keys=True))
     md = markdown(results, meta)
