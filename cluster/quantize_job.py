@@ -182,6 +182,12 @@ def _handoff_peer(pg: PlacementGroup, num_gpus: int) -> str | None:
     return device_uuid(torch.cuda.current_device())
 
 
+def _release(block_workers: list, pg: PlacementGroup) -> None:
+    for w in block_workers:
+        ray.kill(w)
+    remove_placement_group(pg)
+
+
 def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int = 0, workers: int | None = None,
                     overwrite: bool = False, act_budget_gb: float = 8.0, max_retries: int = 3,
                     prefetch: int = 1) -> QuantSummary:
@@ -189,7 +195,7 @@ def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int =
     ``num_gpus`` is 0; a worker that dies is restarted and its block retried (``max_retries``).
 
     ``workers`` blocks are searched at once (default: ``num_gpus``, or the CPUs); ``prefetch`` more wait
-    in Ray's queue with their inputs already sent (one block's n x seq x hidden each: as CUDA IPC handles to
+    in a worker's queue with their inputs already sent (one block's n x seq x hidden each: as CUDA IPC handles to
     the driver's GPU when every worker is on this node, which holds up to ``workers + prefetch`` blocks' inputs
     there beyond ``act_budget_gb``; else in the object store).
     """
@@ -203,8 +209,12 @@ def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int =
     opts = dict(max_restarts=max_retries, max_task_retries=max_retries, **extra, **resources(num_gpus))
     block_workers = [actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=b),
                                    **opts).remote(model, copy.deepcopy(cfg), peer) for b in range(workers)]
-    plan = QuantPlan(model, work_dir, cfg, device="auto" if num_gpus > 0 else "cpu", overwrite=overwrite,
-                     act_budget_gb=act_budget_gb, compute_device=compute)
+    try:
+        plan = QuantPlan(model, work_dir, cfg, device="auto" if num_gpus > 0 else "cpu", overwrite=overwrite,
+                         act_budget_gb=act_budget_gb, compute_device=compute)
+    except BaseException:  # a refused input: give the cluster its workers back before saying so
+        _release(block_workers, pg)
+        raise
     total = plan.num_blocks
     plan.summary.job_timings["setup"] = time.perf_counter() - plan.t0
     run = _Dispatch(plan, block_workers, {"retry_exceptions": RETRYABLE}, workers + max(0, prefetch),
@@ -225,9 +235,7 @@ def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int =
                 log.warning("a worker warm-up failed (the blocks ran anyway): %s", err)
         finally:
             run.writer.close(raise_error=False)  # on an error above: keep what finished (it resumes)
-            for w in block_workers:
-                ray.kill(w)
-            remove_placement_group(pg)
+            _release(block_workers, pg)
     except ray.exceptions.RayTaskError as exc:
         cause = exc.as_instanceof_cause()
         if isinstance(cause, QuantError):

@@ -100,6 +100,22 @@ def test_worker_killed_mid_block_is_restarted_and_the_block_redone(cluster, tiny
     assert_same_checkpoint(tmp_path / "single", tmp_path / "dist")
 
 
+def test_refused_job_gives_its_workers_back(cluster, tiny_model_factory, calib_file, tmp_path):
+    import ray
+
+    from cluster.quantize_job import run_distributed
+    from quant.errors import QuantError
+
+    src = str(tiny_model_factory("llama", num_hidden_layers=3))
+    (tmp_path / "dist").mkdir()  # exists and no overwrite: refused after the workers were placed
+    with pytest.raises(QuantError, match="already exists"):
+        run_distributed(src, str(tmp_path / "dist"), cfg(calib_file), num_gpus=0, workers=2)
+    deadline = time.time() + 60
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == 2  # no placement group or worker left holding a CPU
+
+
 def job_cmd(src, out, calib, address, *extra):
     return [sys.executable, "-m", "cluster.quantize_job", str(src), "--work-dir", str(out), "--calib-dataset",
             str(calib), "--calib-samples", "4", "--calib-seqlen", "64", "--w-group-size", "64",
