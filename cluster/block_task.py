@@ -146,8 +146,8 @@ def search_block(model_path: str, index: int, x: np.ndarray | torch.Tensor | Cud
         torch.cuda.reset_peak_memory_stats()
         timings["gpu"] = float(torch.device(device).index or 0)
     t = time.perf_counter()
-    # The inputs arrive in host memory from the object store; searching them there would copy every chunk
-    # to the GPU for each of the ~40 scale candidates.
+    # The inputs arrive as a handle to the driver's GPU or in host memory from the object store; either way
+    # they are copied to this GPU once (searching host memory would copy every chunk per scale candidate).
     if isinstance(x, CudaHandoff):
         x = x.copy_to(device, dtype)
     elif isinstance(x, np.ndarray):
