@@ -87,7 +87,7 @@ def run_one(model: Path, work: Path, gpus: int, calib: Path, samples: int, seqle
             "mean_block_s": sum(b.seconds for b in summary.blocks) / max(1, len(summary.blocks)),
             "peak_host_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
             "peak_gpu_gb_tasks": max(b.peak_gpu_gb for b in summary.blocks),
-            "job_s": dict(summary.job_timings), "mean_step_s": mean_steps(summary.timings),
+            "job_s": dict(summary.job_timings), "mean_step_s": summary.mean_timings(),
             "block_steps": {i: {k: round(v, 3) for k, v in t.items()} for i, t in sorted(summary.timings.items())}}
 
 
@@ -99,12 +99,6 @@ def weights_digest(ckpt: Path) -> str:
             while chunk := fh.read(1 << 24):
                 h.update(chunk)
     return h.hexdigest()
-
-
-def mean_steps(timings: dict[int, dict[str, float]]) -> dict[str, float]:
-    """Mean seconds per block of each step (driver's and task's), to see what paces the job."""
-    steps = dict.fromkeys(k for t in timings.values() for k in t)
-    return {k: sum(t.get(k, 0.0) for t in timings.values()) / max(1, len(timings)) for k in steps}
 
 
 def plot(rows: list, meta: dict, path: Path) -> None:

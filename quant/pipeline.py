@@ -50,14 +50,17 @@ class QuantSummary:
         rows.append(f"total {self.seconds:.1f} s -> {self.work_dir}")
         return "\n".join(rows)
 
-    def timing_table(self) -> str:
+    def mean_timings(self) -> dict[str, float]:
         """Mean seconds per block of each step the runner timed (where the time around the search goes)."""
+        steps = dict.fromkeys(k for t in self.timings.values() for k in t)
+        n = max(1, len(self.timings))
+        return {k: sum(t.get(k, 0.0) for t in self.timings.values()) / n for k in steps}
+
+    def timing_table(self) -> str:
         if not self.timings:
             return ""
-        steps = list(dict.fromkeys(k for t in self.timings.values() for k in t))
-        n = len(self.timings)
-        rows = [f"mean per block over {n} blocks (s):"]
-        rows += [f"  {k:<16s} {sum(t.get(k, 0.0) for t in self.timings.values()) / n:8.3f}" for k in steps]
+        rows = [f"mean per block over {len(self.timings)} blocks (s):"]
+        rows += [f"  {k:<16s} {v:8.3f}" for k, v in self.mean_timings().items()]
         rows += ["once per job (s):"] + [f"  {k:<16s} {v:8.3f}" for k, v in self.job_timings.items()]
         return "\n".join(rows)
 

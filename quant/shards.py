@@ -37,6 +37,7 @@ class ShardMerger:
     def __init__(self, order: list[str], out_dir: Path, max_shard_size: int, background: bool = True):
         self.order, self.out_dir, self.max_shard_size = list(order), Path(out_dir), max_shard_size
         self._staged: dict[str, tuple[Path, int, dict]] = {}  # name -> (file, data offset, header)
+        self._tensors: set[str] = set()  # every tensor name staged so far: each may come from one part only
         self._pos = 0  # parts before this index of ``order`` are in a closed or the open shard
         self._open: list[tuple[Path, int, dict]] = []
         self._open_bytes = 0
@@ -66,7 +67,14 @@ class ShardMerger:
     def _take(self, name: str, path: Path) -> None:
         if name not in self.order:
             raise QuantError(f"part {name!r} is not one of this checkpoint's parts")
-        self._staged[name] = (path, *_read_layout(path))
+        if name in self._staged:
+            return
+        data_start, header = _read_layout(path)
+        twice = self._tensors.intersection(header)
+        if twice:
+            raise QuantError(f"tensor {min(twice)} is in two parts of the staging directory; delete it and rerun")
+        self._tensors.update(header)
+        self._staged[name] = (path, data_start, header)
         while self._pos < len(self.order) and self.order[self._pos] in self._staged:
             part = self._staged[self.order[self._pos]]
             size = sum(e - b for b, e in (t["data_offsets"] for t in part[2].values()))
@@ -102,10 +110,7 @@ class ShardMerger:
         for k, (tmp, sizes) in enumerate(self._written, 1):
             name = "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
             tmp.replace(self.out_dir / name)
-            for key in sizes:
-                if key in weight_map:
-                    raise QuantError(f"tensor {key} is in two parts of the staging directory; delete it and rerun")
-                weight_map[key] = name
+            weight_map.update(dict.fromkeys(sizes, name))
         if n > 1:
             total = sum(sum(sizes.values()) for _, sizes in self._written)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -130,8 +135,6 @@ def _concat_safetensors(files: list[tuple[Path, int, dict]], path: Path) -> dict
     entries, copies, pos = {}, [], 0
     for src, data_start, header in files:
         for key, t in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if key in entries:
-                raise QuantError(f"tensor {key} is in two parts of the staging directory; delete it and rerun")
             b, e = t["data_offsets"]
             entries[key] = {"dtype": t["dtype"], "shape": t["shape"], "data_offsets": [pos, pos + e - b]}
             copies.append((src, data_start + b, e - b))
