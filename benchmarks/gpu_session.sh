@@ -2,7 +2,7 @@
 # Few device calls per machine kind, so a session spends its device time on measuring, not on starts
 # (each call must fit the 600 s limit). Carry .devbundle with every call.
 #   one H100:   bash benchmarks/gpu_session.sh x1a <commit>, then at once (warm machine) x1c, then x1b
-#   4 H100s:    bash benchmarks/gpu_session.sh x4 <commit>   (x4s: GPU quant-job tests + 1/4/2-GPU scaling only)
+#   4 H100s:    bash benchmarks/gpu_session.sh x4 <commit>   (x4s: GPU quant-job tests + [SCALING_GPUS, default 1,4,2]-GPU scaling only)
 #   what is left of a budget, 2-4 GPUs:  [SCALING_GPUS=1,2] bash benchmarks/gpu_session.sh x4f <commit>
 # Everything lands under $OUT/<name>/; write the docs sections here afterwards from the JSON files
 # (each benchmark's --report, or benchmarks/_report.py:write_section with its *_section.md).
@@ -49,7 +49,7 @@ case $kind in
   x4s)
     # the scaling job alone (1, 4, 2 GPUs) after its GPU tests (CUDA IPC inputs vs the object store)
     timeout 90 python3 -m pytest -q tests/gpu/test_quant_job_gpu.py 2>&1 | tail -4
-    timeout 400 python3 benchmarks/quant_scaling.py --gpus 1,4,2 --out "$out/scaling" 2>&1 \
+    timeout 400 python3 benchmarks/quant_scaling.py --gpus "${SCALING_GPUS:-1,4,2}" --out "$out/scaling" 2>&1 \
       | grep -E "GPUs|^\||^- |identical|^\{" | tail -24
     ;;
   x4)

@@ -157,7 +157,10 @@ def report(rows: list, meta: dict, note: str | None = None) -> str:
             md.append(f"- {r['gpus']} GPU(s), inputs by {how}: fp {st.get('fp', 0):.2f}, send "
                       f"{st.get('send', st.get('put', 0)):.2f}, wait {st.get('wait_slot', 0):.2f}; task "
                       f"{st.get('search_pack', 0):.2f} (+ {st.get('x_to_device', 0):.2f} inputs to GPU); "
-                      f"set-up {job.get('setup', 0):.1f}, finish {job.get('finish', 0):.1f}.")
+                      f"set-up {job.get('setup', 0):.1f}, finish {job.get('finish', 0):.1f}"
+                      + (f"; workers ready {job['worker_skeleton']:.1f} s after start (imported "
+                         f"{job.get('worker_imported', 0):.1f}, CUDA {job.get('worker_cuda', 0):.1f})"
+                         if "worker_skeleton" in job else "") + ".")
     md += (["", note] if note else []) + ["", "![scaling](quant_scaling.png)", "",
            "Raw numbers: `benchmarks/results/quant_scaling.json`. Reproduce: `bash benchmarks/gpu_session.sh x4 <commit>` "
            "on 4 GPUs, then `python benchmarks/quant_scaling.py --report quant_scaling.json`."]
@@ -207,7 +210,7 @@ def main() -> int:
             continue
         rows.append(run_one(model, Path("/tmp/rayawq-scaling-out"), n, Path(args.calib), args.calib_samples,
                             args.calib_seqlen))
-        print(rows[-1], flush=True)
+        print({k: rows[-1][k] for k in ("gpus", "wall_s", "job_s", "mean_step_s")}, flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "quant_scaling.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # survives a cut-off run
         try:

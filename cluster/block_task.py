@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import time
+
+_IMPORT_START = time.time()  # a worker's import of this module (torch, quant) is part of its start-up
+
 import warnings
 from functools import lru_cache
 
@@ -21,6 +24,8 @@ from cluster.handoff import CudaHandoff, open_peer_device
 from quant.block_quant import BlockContext, quantize_block
 from quant.config import QuantConfig
 from quant.model_io import BlockBuilder, ModelSource
+
+_IMPORTED = time.time()
 
 # Same-width integer views: numpy has no bfloat16, and a view keeps the bits exactly.
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -90,24 +95,35 @@ def task_device() -> str:
     return "cuda"
 
 
-def warm_worker(model_path: str, cfg: QuantConfig, peer_uuid: str | None = None) -> str:
-    """Start a block worker before its first block: imports, the CUDA context (also on the driver's GPU
-    ``peer_uuid`` when inputs come as CUDA IPC handles) and the model skeleton (~3 s per process), overlapped
-    with the driver's own set-up. Returns "" or the error (the real task reports it)."""
+def _process_start() -> float:
+    """Wall-clock time this process started (Linux), else now."""
+    try:
+        ticks = int(open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration):
+        return time.time()
+
+
+def warm_worker(model_path: str, cfg: QuantConfig) -> tuple[str, dict[str, float]]:
+    """Start a block worker before its first block: imports, the CUDA context and the model skeleton,
+    overlapped with the driver's own set-up. Returns ("" or the error, which the real task reports properly;
+    wall-clock stamps of each step, so the driver can tell where a slow start went)."""
     from quant.pipeline import compute_dtype
 
+    stamps = {"process": _process_start(), "import": _IMPORT_START, "imported": _IMPORTED, "init": time.time()}
     try:
         device = task_device()
         if device != "cpu":
             torch.cuda.set_device(device)
             torch.empty(1, device=device)
-            if peer_uuid:
-                open_peer_device(peer_uuid)
+            stamps["cuda"] = time.time()
         cfg.resolve_dtype(ModelSource(model_path).dtype())  # the plan's arithmetic dtype, as the driver picks it
         _worker_builder(model_path, device, compute_dtype(torch.device(device), cfg.out_dtype))
-        return ""
+        stamps["skeleton"] = time.time()
+        return "", stamps
     except Exception as e:  # noqa: BLE001 - the block task that follows raises it properly
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {e}", stamps
 
 
 class BlockWorker:
@@ -117,13 +133,22 @@ class BlockWorker:
     likely reason the block rebuild took 0.84 s a block on 4 H100s against 0.07 s on 1-2.) Warmed up in the
     constructor, while the driver sets up."""
 
-    def __init__(self, model_path: str, cfg: QuantConfig, peer_uuid: str | None = None):
+    def __init__(self, model_path: str, cfg: QuantConfig):
         self.model_path = model_path
-        self.warm_error = warm_worker(model_path, cfg, peer_uuid)
+        self.warm_error, self.warm_stamps = warm_worker(model_path, cfg)
 
-    def warm_status(self) -> str:
-        """"" or why the warm-up failed (the blocks run anyway and raise the real error)."""
-        return self.warm_error
+    def open_peer(self, uuid: str) -> None:
+        """Create the CUDA context on the driver's GPU (``uuid``) ahead of the first CUDA IPC handle. A call of
+        its own: the driver learns its GPU only after it has asked for the workers."""
+        try:
+            open_peer_device(uuid)
+            self.warm_stamps["peer"] = time.time()
+        except Exception as e:  # noqa: BLE001 - the first handle reports it (and falls back to the object store)
+            self.warm_error = self.warm_error or f"{type(e).__name__}: {e}"
+
+    def warm_status(self) -> tuple[str, dict[str, float]]:
+        """("" or why the warm-up failed (the blocks run anyway and raise the real error), its step stamps)."""
+        return self.warm_error, self.warm_stamps
 
     def search(self, index: int, x, cfg: QuantConfig, dtype: torch.dtype):
         return search_block(self.model_path, index, x, cfg, dtype)

@@ -64,7 +64,8 @@ class _Dispatch:
 
     Up to ``limit`` blocks are in flight; with ``limit`` above the worker count the extra ones wait in a
     worker's queue, their inputs already sent, so a GPU does not idle while the driver collects, saves and
-    submits. A block goes to the worker with the fewest blocks. Inputs go as CUDA IPC handles when ``handoff``
+    submits. A block goes to the worker with the fewest blocks, among those the one whose latest block was sent
+longest ago (it frees first: always taking the first of equals piled 9 blocks on one of 4 GPUs, 7 on another). Inputs go as CUDA IPC handles when ``handoff``
     (workers on this node, inputs on a GPU; the driver keeps each tensor until its block is done), else through
     the object store. Finished blocks go to a ``BlockWriter`` thread.
     """
@@ -73,6 +74,7 @@ class _Dispatch:
         self.plan, self.workers, self.call_options = plan, workers, call_options
         self.limit, self.handoff = limit, handoff
         self.load = [0] * len(workers)  # blocks sent to each worker and not yet collected
+        self.last_sent = [0.0] * len(workers)  # perf_counter of each worker's latest block
         self.in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (block, worker)
         self.submitted: dict[int, float] = {}
         self.kept: dict[int, torch.Tensor] = {}  # inputs shared by handle, alive until their block is done
@@ -94,8 +96,9 @@ class _Dispatch:
         return ray.put(to_array(x))
 
     def _launch(self, i: int, arg) -> None:
-        w = min(range(len(self.workers)), key=self.load.__getitem__)
+        w = min(range(len(self.workers)), key=lambda k: (self.load[k], self.last_sent[k]))
         self.load[w] += 1
+        self.last_sent[w] = time.perf_counter()
         self.submitted[i] = time.time()
         ref = self.workers[w].search.options(**self.call_options).remote(i, arg, self.plan.cfg, self.plan.cdtype)
         self.in_flight[ref] = (i, w)
@@ -203,12 +206,16 @@ def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int =
     workers = workers or max(1, num_gpus or int(ray.available_resources().get("CPU", 1)))
     pg = reserve(num_gpus, workers)
     extra = {"runtime_env": {"env_vars": dict(NOSET_ENV)}} if num_gpus > 0 else {}
-    peer = _handoff_peer(pg, num_gpus)
     # one actor per bundle, warming up (imports, CUDA context, model skeleton) while the driver sets up
     actor = ray.remote(BlockWorker)
+    created = time.time()
     opts = dict(max_restarts=max_retries, max_task_retries=max_retries, **extra, **resources(num_gpus))
     block_workers = [actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=b),
-                                   **opts).remote(model, copy.deepcopy(cfg), peer) for b in range(workers)]
+                                   **opts).remote(model, copy.deepcopy(cfg)) for b in range(workers)]
+    peer = _handoff_peer(pg, num_gpus)  # the driver's own CUDA start-up, while the workers start
+    if peer is not None:
+        for w in block_workers:
+            w.open_peer.remote(peer)
     try:
         plan = QuantPlan(model, work_dir, cfg, device="auto" if num_gpus > 0 else "cpu", overwrite=overwrite,
                          act_budget_gb=act_budget_gb, compute_device=compute)
@@ -231,8 +238,13 @@ def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int =
                 run.timing(i)["fp"] = fp_s
                 run.submit(i, x)
             run.drain()
-            for err in filter(None, ray.get([w.warm_status.remote() for w in block_workers])):
+            warm = ray.get([w.warm_status.remote() for w in block_workers])
+            for err in filter(None, (e for e, _ in warm)):
                 log.warning("a worker warm-up failed (the blocks ran anyway): %s", err)
+            for step in ("process", "import", "imported", "init", "cuda", "peer", "skeleton"):
+                at = [stamps[step] - created for _, stamps in warm if step in stamps]
+                if at:  # seconds from asking for the workers to the slowest one's step
+                    plan.summary.job_timings[f"worker_{step}"] = max(at)
         finally:
             run.writer.close(raise_error=False)  # on an error above: keep what finished (it resumes)
             _release(block_workers, pg)

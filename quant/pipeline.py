@@ -183,14 +183,20 @@ class QuantPlan:
 
     def finish(self) -> QuantSummary:
         """Write the last shard (the others were written as their parts arrived) and move the checkpoint into place."""
-        staging, cfg = self.staging, self.cfg
+        staging, cfg, steps = self.staging, self.cfg, self.summary.job_timings
         self.save_extra()
         out = self.out_dir
+        t = time.perf_counter()
         self.merger.finish()
+        steps["finish_shards"] = time.perf_counter() - t
         write_config(self.source.config, out, cfg.quantization_config(), cfg.out_dtype)
         copy_side_files(self.source.path, out)
+        t = time.perf_counter()
         publish(out, self.work_dir, self.overwrite)
+        steps["finish_publish"] = time.perf_counter() - t
+        t = time.perf_counter()
         staging.remove()
+        steps["finish_cleanup"] = time.perf_counter() - t
         self.summary.blocks.sort(key=lambda b: b.index)
         self.summary.seconds = time.perf_counter() - self.t0
         return self.summary
