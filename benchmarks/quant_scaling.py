@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,7 @@ def run_one(model: Path, work: Path, gpus: int, calib: Path, samples: int, seqle
 
     cfg = QuantConfig(group_size=128, calib_dataset=str(calib), calib_samples=samples, calib_seqlen=seqlen, batch_size=16,
                       dtype="bfloat16")
+    shutil.rmtree(work, ignore_errors=True)  # the previous count's checkpoint: deleting it is not this run's work
     t0 = time.perf_counter()
     summary = run_distributed(str(model), str(work), cfg, num_gpus=gpus, workers=max(gpus, 1), overwrite=True)
     wall = time.perf_counter() - t0
