@@ -229,7 +229,7 @@ def _awq_gemv_rows_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split, magic,
     N8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DEPTH: tl.constexpr,
+    DEPTH: tl.constexpr, EVEN_J: tl.constexpr,
 ):
     """Like ``_awq_gemv_decode_kernel``, but each K row is its own 1-D load (one word per thread) and its
     ``BLOCK_M`` x values a ``[BLOCK_M, 1]`` column, so each sum is a plain FMA chain: no 2-D weight tile, no
@@ -237,7 +237,8 @@ def _awq_gemv_rows_kernel(
     Software-pipelined by hand, 8 rows per step: the words and x values of the next ``DEPTH`` (1 or 2) steps
     are in flight while this step's are used (Triton pipelines only loads that feed ``tl.dot``). The grid is
     capped by N/8 x splits threads (~16 warps per SM at 8192x8192), so the bytes in flight per thread set
-    the bandwidth: DEPTH 2 doubles them."""
+    the bandwidth: DEPTH 2 doubles them. With ``BLOCK_J`` above ``32 * num_warps`` a thread holds adjacent words;
+    when the tiles divide N/8 (``EVEN_J``) their loads are unclamped, so they become one 8- or 16-byte load."""
     pid_j = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -245,7 +246,10 @@ def _awq_gemv_rows_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     jmask = offs_j < N8
     mmask = offs_m < M
-    offs_jl = tl.minimum(offs_j, N8 - 1)  # tail lanes re-read the last word: weight loads need no mask
+    if EVEN_J:
+        offs_jl = offs_j
+    else:
+        offs_jl = tl.minimum(offs_j, N8 - 1)  # tail lanes re-read the last word: weight loads need no mask
     # x in the accumulators' own [BLOCK_M, BLOCK_J] layout (each lane reads the rows' values; L1 broadcasts):
     # a [BLOCK_M, 1] load would be converted through shared memory every row
     xp = x_ptr + tl.broadcast_to(offs_m[:, None] * stride_xm, (BLOCK_M, BLOCK_J))
@@ -393,7 +397,8 @@ def gemv_decode(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
                 BLOCK_M: int = 1, DEPTH: int = 1) -> torch.Tensor:
     """``x2 [M, K] @ W`` for decode-sized ``M``; ``x2`` has unit column stride.
 
-    ``BLOCK_J`` should be ``32 * num_warps`` (one word per thread) so that K lies entirely inside threads.
+    ``BLOCK_J`` should be a multiple of ``32 * num_warps`` (whole words per thread) so that K lies entirely inside
+    threads.
     ``ROWS`` selects the row-load kernel, which takes ``BLOCK_M`` rows of x per program (the others: one row).
     """
     M, K = x2.shape
@@ -409,7 +414,7 @@ def gemv_decode(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
             x2, qweight, qzeros, scales, bias_arg, y, ws, cnt,
             M, N, K, x2.stride(0), y.stride(0), split_k, gps, 0x4B000000,
             N8=N // 8, GROUP=group_size, BLOCK_M=block_m, BLOCK_J=BLOCK_J, HAS_BIAS=bias is not None,
-            DEPTH=DEPTH, num_warps=num_warps, num_stages=num_stages,
+            DEPTH=DEPTH, EVEN_J=(N // 8) % BLOCK_J == 0, num_warps=num_warps, num_stages=num_stages,
         )
         return y
     _awq_gemv_decode_kernel[grid](

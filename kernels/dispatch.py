@@ -208,10 +208,11 @@ def candidates(M: int, N: int, K: int, group: int, sms: int) -> list[Config]:
         # loads in flight (within 5% of DEPTH 1 on the H100, either way).
         # Narrow shapes (N = 4096: 512 words) get few column tiles, so more programs (BLOCK_J 64, 16 waves)
         # are offered to put more loads in flight per SM; DEPTH 2 only with the widest tile.
-        for bj, warps in ((128, 4), (64, 2), (32, 1)):
+        # (128, 1) and (64, 1): four / two adjacent words per thread, one 16- / 8-byte load per row.
+        for bj, warps in ((128, 4), (64, 2), (32, 1), (128, 1), (64, 1)):
             tiles = -(-N // (8 * bj))
             for waves in (4, 8, 16):
-                for depth in ((1, 2) if bj == 128 and waves < 16 else (1,)):
+                for depth in ((1, 2) if (bj, warps) == (128, 4) and waves < 16 else (1,)):
                     out.append({"kernel": "decode", "ROWS": True, "BLOCK_M": 1, "BLOCK_J": bj, "DEPTH": depth,
                                 "split_k": split_for(tiles, G, sms, waves), "num_warps": warps})
         tiles = -(-N // (8 * 128))

@@ -130,6 +130,23 @@ def test_decode_gemv_matches_fp64(M, group, split_k, acc2d, prefetch, rows):
     check_against_fp64(launch, M, group, M + 1, M != 3)
 
 
+@pytest.mark.parametrize("block_j", [8, 16])
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_decode_rows_whole_tiles_match_fp64(group, split_k, block_j):
+    """Tiles that divide N/8 take the unclamped (vectorizable) word loads; several words per thread."""
+    from kernels.awq_gemv_decode import gemv_decode
+
+    K, N = GROUPS[group], 256  # N/8 = 32 words: 4 or 2 whole tiles
+    w = random_weights(K, N, group)
+    for M in (1, 3):
+        x = torch.randn(M, K, dtype=torch.bfloat16)
+        out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+        y = gemv_decode(x, *w, group, None, out=out, BLOCK_J=block_j, split_k=split_k, num_warps=1, ROWS=True,
+                        BLOCK_M=2)
+        assert torch.isfinite(y).all() and rel(y, ref64(x, *w, group, None)) < 1e-2
+
+
 @pytest.mark.parametrize("split_k", [1, 3])
 @pytest.mark.parametrize("group", list(GROUPS))
 @pytest.mark.parametrize("M", [1, 16, 33])
