@@ -227,9 +227,9 @@ def _step_fma(p0, p1, p2, p3, p4, p5, p6, p7, c0, c1, c2, c3, c4, c5, c6, c7, x0
 @triton.jit(do_not_specialize=["magic"])
 def _awq_gemv_rows_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_ym, SPLIT_K, units_per_split, magic,
+    M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split, magic,
     N8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DEPTH: tl.constexpr, EVEN_J: tl.constexpr, SUB: tl.constexpr,
+    DEPTH: tl.constexpr, EVEN_J: tl.constexpr,
 ):
     """Like ``_awq_gemv_decode_kernel``, but each K row is its own 1-D load (one word per thread) and its
     ``BLOCK_M`` x values a ``[BLOCK_M, 1]`` column, so each sum is a plain FMA chain: no 2-D weight tile, no
@@ -238,11 +238,7 @@ def _awq_gemv_rows_kernel(
     are in flight while this step's are used (Triton pipelines only loads that feed ``tl.dot``). The grid is
     capped by N/8 x splits threads (~16 warps per SM at 8192x8192), so the bytes in flight per thread set
     the bandwidth: DEPTH 2 doubles them. With ``BLOCK_J`` above ``32 * num_warps`` a thread holds adjacent words;
-    when the tiles divide N/8 (``EVEN_J``) their loads are unclamped, so they become one 8- or 16-byte load.
-
-    Split-K works in units of ``GROUP // SUB`` rows: with ``SUB`` > 1 a group's rows are shared by several
-    programs (each scales its part of the group's sum), so a shape with few groups (K = 4096: 32) still gets
-    enough programs, i.e. loads in flight, to approach the card's bandwidth."""
+    when the tiles divide N/8 (``EVEN_J``) their loads are unclamped, so they become one 8- or 16-byte load."""
     pid_j = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -258,15 +254,14 @@ def _awq_gemv_rows_kernel(
     # a [BLOCK_M, 1] load would be converted through shared memory every row
     xp = x_ptr + tl.broadcast_to(offs_m[:, None] * stride_xm, (BLOCK_M, BLOCK_J))
     xm = tl.broadcast_to(mmask[:, None], (BLOCK_M, BLOCK_J))
-    UNIT: tl.constexpr = GROUP // SUB
-    num_units = (K // GROUP) * SUB
-    u0 = pid_k * units_per_split
-    u1 = tl.minimum(u0 + units_per_split, num_units)
-    k_last = u1 * UNIT - 8
-    k_step2 = tl.minimum(u0 * UNIT + 8, k_last)
+    num_groups = K // GROUP
+    g0 = pid_k * groups_per_split
+    g1 = tl.minimum(g0 + groups_per_split, num_groups)
+    k_last = g1 * GROUP - 8
+    k_step2 = tl.minimum(g0 * GROUP + 8, k_last)
 
     wp = qw_ptr + offs_jl
-    n0, n1, n2, n3, n4, n5, n6, n7, y0, y1, y2, y3, y4, y5, y6, y7 = _load_step(wp, xp, xm, u0 * UNIT, N8)
+    n0, n1, n2, n3, n4, n5, n6, n7, y0, y1, y2, y3, y4, y5, y6, y7 = _load_step(wp, xp, xm, g0 * GROUP, N8)
     if DEPTH == 2:
         m0, m1, m2, m3, m4, m5, m6, m7, v0, v1, v2, v3, v4, v5, v6, v7 = _load_step(wp, xp, xm, k_step2, N8)
     a0 = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
@@ -277,8 +272,7 @@ def _awq_gemv_rows_kernel(
     a5 = tl.zeros_like(a0)
     a6 = tl.zeros_like(a0)
     a7 = tl.zeros_like(a0)
-    for u in range(u0, u1):
-        g = u // SUB
+    for g in range(g0, g1):
         z = tl.load(qz_ptr + g * N8 + offs_jl)
         z0, z1, z2, z3, z4, z5, z6, z7 = _zero_points(z, magic)
         p0 = tl.zeros_like(a0)
@@ -289,16 +283,16 @@ def _awq_gemv_rows_kernel(
         p5 = tl.zeros_like(a0)
         p6 = tl.zeros_like(a0)
         p7 = tl.zeros_like(a0)
-        for kk in range(0, UNIT // 8):
+        for kk in range(0, GROUP // 8):
             c0, c1, c2, c3, c4, c5, c6, c7 = n0, n1, n2, n3, n4, n5, n6, n7
             x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
             if DEPTH == 2:  # step kk+1's tiles move up; step kk+2's are issued (past the end: the last again)
                 n0, n1, n2, n3, n4, n5, n6, n7 = m0, m1, m2, m3, m4, m5, m6, m7
                 y0, y1, y2, y3, y4, y5, y6, y7 = v0, v1, v2, v3, v4, v5, v6, v7
-                kn = tl.minimum(u * UNIT + (kk + 2) * 8, k_last)
+                kn = tl.minimum(g * GROUP + (kk + 2) * 8, k_last)
                 m0, m1, m2, m3, m4, m5, m6, m7, v0, v1, v2, v3, v4, v5, v6, v7 = _load_step(wp, xp, xm, kn, N8)
             else:  # step kk+1's are issued (past the end: the last step again, from cache)
-                kn = tl.minimum(u * UNIT + (kk + 1) * 8, k_last)
+                kn = tl.minimum(g * GROUP + (kk + 1) * 8, k_last)
                 n0, n1, n2, n3, n4, n5, n6, n7, y0, y1, y2, y3, y4, y5, y6, y7 = _load_step(wp, xp, xm, kn, N8)
             p0, p1, p2, p3, p4, p5, p6, p7 = _step_fma(p0, p1, p2, p3, p4, p5, p6, p7,
                                                        c0, c1, c2, c3, c4, c5, c6, c7, x0, x1, x2, x3, x4, x5, x6, x7,
@@ -331,9 +325,8 @@ def _store_col(acc, c: tl.constexpr, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS: t
 def _sum_partials(ws_ptr, ws_offs, n8, mask, SPLIT_K, M, N):
     """Sum the split-K partials of the tile's eight column sets, in split order (deterministic).
 
-    Eight splits x eight columns = 64 independent loads per round: a loop of one load per step waits a full L2
-    round trip for each of the ``8 * SPLIT_K`` partials (at split 33 that tail is most of a 40 us GEMV), and
-    splitting inside groups (``SUB``) makes up to 128 partials.
+    Four splits x eight columns = 32 independent loads per round: a loop of one load per step waits a full L2
+    round trip for each of the ``8 * SPLIT_K`` partials (at split 33 that tail is most of a 40 us GEMV).
     """
     t0 = tl.zeros_like(mask.to(tl.float32))
     t1 = tl.zeros_like(t0)
@@ -343,8 +336,8 @@ def _sum_partials(ws_ptr, ws_offs, n8, mask, SPLIT_K, M, N):
     t5 = tl.zeros_like(t0)
     t6 = tl.zeros_like(t0)
     t7 = tl.zeros_like(t0)
-    for s0 in range(0, SPLIT_K, 8):
-        for ds in tl.static_range(8):
+    for s0 in range(0, SPLIT_K, 4):
+        for ds in tl.static_range(4):
             ok = mask & (tl.zeros_like(n8) + s0 + ds < SPLIT_K)
             base = ws_ptr + (s0 + ds) * M * N + ws_offs + n8
             t0 += tl.load(base + 0, mask=ok, other=0.0, cache_modifier=".cg")
@@ -401,19 +394,16 @@ def gemv_decode(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
                 group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                 BLOCK_J: int = 128, BLOCK_K: int = 16, split_k: int = 1, num_warps: int = 4,
                 num_stages: int = 1, ACC2D: bool = False, PREFETCH: bool = False, ROWS: bool = False,
-                BLOCK_M: int = 1, DEPTH: int = 1, SUB: int = 1) -> torch.Tensor:
+                BLOCK_M: int = 1, DEPTH: int = 1) -> torch.Tensor:
     """``x2 [M, K] @ W`` for decode-sized ``M``; ``x2`` has unit column stride.
 
     ``BLOCK_J`` should be a multiple of ``32 * num_warps`` (whole words per thread) so that K lies entirely inside
     threads.
-    ``ROWS`` selects the row-load kernel, which takes ``BLOCK_M`` rows of x per program (the others: one row)
-    and splits K in units of ``group_size // SUB`` rows (``split_k`` counts those units; the others: groups).
+    ``ROWS`` selects the row-load kernel, which takes ``BLOCK_M`` rows of x per program (the others: one row).
     """
     M, K = x2.shape
     N = scales.shape[1]
-    if ROWS and (SUB < 1 or group_size % SUB or (group_size // SUB) % 8):
-        raise ValueError(f"SUB={SUB} must split group {group_size} into parts of a multiple of 8 rows")
-    split_k, gps = _split_args((K // group_size) * (SUB if ROWS else 1), split_k)
+    split_k, gps = _split_args(K // group_size, split_k)
     y, ws = _out_and_ws(x2, N, out, split_k)
     block_m = min(triton.next_power_of_2(M), BLOCK_M) if ROWS else 1
     grid = (triton.cdiv(N // 8, BLOCK_J), split_k, triton.cdiv(M, block_m))
@@ -424,7 +414,7 @@ def gemv_decode(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
             x2, qweight, qzeros, scales, bias_arg, y, ws, cnt,
             M, N, K, x2.stride(0), y.stride(0), split_k, gps, 0x4B000000,
             N8=N // 8, GROUP=group_size, BLOCK_M=block_m, BLOCK_J=BLOCK_J, HAS_BIAS=bias is not None,
-            DEPTH=DEPTH, EVEN_J=(N // 8) % BLOCK_J == 0, SUB=SUB, num_warps=num_warps, num_stages=num_stages,
+            DEPTH=DEPTH, EVEN_J=(N // 8) % BLOCK_J == 0, num_warps=num_warps, num_stages=num_stages,
         )
         return y
     _awq_gemv_decode_kernel[grid](

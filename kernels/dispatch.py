@@ -208,18 +208,13 @@ def candidates(M: int, N: int, K: int, group: int, sms: int) -> list[Config]:
         # loads in flight (within 5% of DEPTH 1 on the H100, either way).
         # Narrow shapes (N = 4096: 512 words) get few column tiles, so more programs (BLOCK_J 64, 16 waves)
         # are offered to put more loads in flight per SM; DEPTH 2 only with the widest tile.
-        # Several adjacent words per thread (BLOCK_J 128 or 64 on one warp) lost 1.3-2.4x on every shape (7a48f0d).
-        for bj, warps in ((128, 4), (64, 2), (32, 1)):
+        # (128, 1) and (64, 1): four / two adjacent words per thread, one 16- / 8-byte load per row.
+        for bj, warps in ((128, 4), (64, 2), (32, 1), (128, 1), (64, 1)):
             tiles = -(-N // (8 * bj))
             for waves in (4, 8, 16):
-                for depth in ((1, 2) if bj == 128 and waves < 16 else (1,)):
+                for depth in ((1, 2) if (bj, warps) == (128, 4) and waves < 16 else (1,)):
                     out.append({"kernel": "decode", "ROWS": True, "BLOCK_M": 1, "BLOCK_J": bj, "DEPTH": depth,
                                 "split_k": split_for(tiles, G, sms, waves), "num_warps": warps})
-            # the best M=1 configs ran out of groups to split (split = G): split inside groups (SUB parts)
-            for sub, waves in ((2, 16), (4, 32)):
-                if group % (8 * sub) == 0 and G <= 64 and split_for(tiles, G, sms, 16) >= G:
-                    out.append({"kernel": "decode", "ROWS": True, "BLOCK_M": 1, "BLOCK_J": bj, "DEPTH": 1, "SUB": sub,
-                                "split_k": split_for(tiles, G * sub, sms, waves), "num_warps": warps})
         tiles = -(-N // (8 * 128))
         out.append({"kernel": "decode", "BLOCK_J": 128, "BLOCK_K": 16, "ACC2D": False, "PREFETCH": True,
                     "split_k": split_for(tiles, G, sms, 2), "num_warps": 4})

@@ -147,27 +147,6 @@ def test_decode_rows_whole_tiles_match_fp64(group, split_k, block_j):
         assert torch.isfinite(y).all() and rel(y, ref64(x, *w, group, None)) < 1e-2
 
 
-@pytest.mark.parametrize("sub,split_k", [(2, 3), (4, 5), (4, 12), (2, 100)])
-@pytest.mark.parametrize("group", list(GROUPS))
-def test_decode_rows_split_inside_groups_match_fp64(group, sub, split_k):
-    """Splits of part of a group (``SUB``): units of group/SUB rows, split counts that do not divide them,
-    more splits than units (clamped), 9+ partials (more than one round of the tail's sum)."""
-    from kernels.awq_gemv_decode import gemv_decode
-
-    if group // sub < 8:
-        pytest.skip("parts must be whole 8-row steps")
-    check_against_fp64(lambda x, w, g, b, out: gemv_decode(x, *w, g, b, out=out, BLOCK_J=8, split_k=split_k, num_warps=1,
-                                                           ROWS=True, BLOCK_M=2, SUB=sub), 3, group, sub, True)
-
-
-def test_decode_rows_rejects_a_part_that_is_not_whole_steps():
-    from kernels.awq_gemv_decode import gemv_decode
-
-    w = random_weights(64, 24, 32)
-    with pytest.raises(ValueError, match="SUB=8"):
-        gemv_decode(torch.randn(1, 64, dtype=torch.bfloat16), *w, 32, ROWS=True, SUB=8)
-
-
 @pytest.mark.parametrize("split_k", [1, 3])
 @pytest.mark.parametrize("group", list(GROUPS))
 @pytest.mark.parametrize("M", [1, 16, 33])
