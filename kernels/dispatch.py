@@ -208,11 +208,12 @@ def candidates(M: int, N: int, K: int, group: int, sms: int) -> list[Config]:
         # loads in flight (within 5% of DEPTH 1 on the H100, either way).
         # Narrow shapes (N = 4096: 512 words) get few column tiles, so more programs (BLOCK_J 64, 16 waves)
         # are offered to put more loads in flight per SM; DEPTH 2 only with the widest tile.
-        # (128, 1) and (64, 1): four / two adjacent words per thread, one 16- / 8-byte load per row.
-        for bj, warps in ((128, 4), (64, 2), (32, 1), (128, 1), (64, 1)):
+        # Several adjacent words per thread (BLOCK_J 128 or 64 on one warp, 16- / 8-byte loads) lost 1.3-2.4x
+        # on every shape (7a48f0d); splitting inside groups for more programs lost too (f5f0a8a, reverted).
+        for bj, warps in ((128, 4), (64, 2), (32, 1)):
             tiles = -(-N // (8 * bj))
             for waves in (4, 8, 16):
-                for depth in ((1, 2) if (bj, warps) == (128, 4) and waves < 16 else (1,)):
+                for depth in ((1, 2) if bj == 128 and waves < 16 else (1,)):
                     out.append({"kernel": "decode", "ROWS": True, "BLOCK_M": 1, "BLOCK_J": bj, "DEPTH": depth,
                                 "split_k": split_for(tiles, G, sms, waves), "num_warps": warps})
         tiles = -(-N // (8 * 128))
