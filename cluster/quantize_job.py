@@ -64,10 +64,9 @@ class _Dispatch:
 
     Up to ``limit`` blocks are in flight; with ``limit`` above the worker count the extra ones wait in a
     worker's queue, their inputs already sent, so a GPU does not idle while the driver collects, saves and
-    submits. A block goes to the worker with the fewest blocks, among those the one whose latest block was sent
-longest ago (it frees first: always taking the first of equals piled 9 blocks on one of 4 GPUs, 7 on another). Inputs go as CUDA IPC handles when ``handoff``
-    (workers on this node, inputs on a GPU; the driver keeps each tensor until its block is done), else through
-    the object store. Finished blocks go to a ``BlockWriter`` thread.
+    submits. A block goes to the worker that should free first (``pick_worker``). Inputs go as CUDA IPC handles
+    when ``handoff`` (workers on this node, inputs on a GPU; the driver keeps each tensor until its block is
+    done), else through the object store. Finished blocks go to a ``BlockWriter`` thread.
     """
 
     def __init__(self, plan: QuantPlan, workers: list, call_options: dict, limit: int, handoff: bool = False):
@@ -95,8 +94,13 @@ longest ago (it frees first: always taking the first of equals piled 9 blocks on
                 self.handoff = False
         return ray.put(to_array(x))
 
+    def pick_worker(self) -> int:
+        """The worker with the fewest blocks; among equals, the one whose latest block was sent longest ago
+        (taking the first of equals piled 9 blocks on one of 4 GPUs and 7 on another)."""
+        return min(range(len(self.workers)), key=lambda k: (self.load[k], self.last_sent[k]))
+
     def _launch(self, i: int, arg) -> None:
-        w = min(range(len(self.workers)), key=lambda k: (self.load[k], self.last_sent[k]))
+        w = self.pick_worker()
         self.load[w] += 1
         self.last_sent[w] = time.perf_counter()
         self.submitted[i] = time.time()

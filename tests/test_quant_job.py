@@ -71,6 +71,25 @@ def test_distributed_equals_single_process(cluster, tiny_model_factory, calib_fi
     assert sorted(b.index for b in summary.blocks) == [0, 1, 2]
     assert_same_checkpoint(tmp_path / "single", tmp_path / "dist")
     assert not (tmp_path / "dist.partial").exists()
+    # the workers' start-up steps are stamped in order, and the finish is split into its parts
+    jt = summary.job_timings
+    assert 0 <= jt["worker_import"] <= jt["worker_imported"] <= jt["worker_init"] <= jt["worker_skeleton"]
+    assert {"finish_shards", "finish_publish", "finish_cleanup"} <= set(jt)
+
+
+def test_a_block_goes_to_the_worker_that_frees_first():
+    """Least loaded first; among equals the one whose latest block is oldest (taking the first of equals piled
+    9 blocks on one of 4 GPUs and 7 on another)."""
+    from cluster.quantize_job import _Dispatch
+
+    d = _Dispatch(None, [None] * 4, {}, limit=5)
+    try:
+        d.load, d.last_sent = [1, 1, 1, 1], [4.0, 1.0, 3.0, 2.0]
+        assert d.pick_worker() == 1
+        d.load = [1, 2, 1, 0]
+        assert d.pick_worker() == 3
+    finally:
+        d.writer.close()
 
 
 def test_task_that_fails_once_is_retried(cluster, tiny_model_factory, calib_file, tmp_path):
