@@ -21,7 +21,7 @@ t0 = time.perf_counter(); steps = {}
 import torch
 steps["import torch"] = time.perf_counter() - t0; t = time.perf_counter()
 if torch.cuda.is_available():
-    torch.cuda.set_device(DEVICE); torch.empty(1, device="cuda")
+    torch.cuda.set_device(DEVICE % torch.cuda.device_count()); torch.empty(1, device="cuda")
 steps["CUDA context"] = time.perf_counter() - t; t = time.perf_counter()
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -42,7 +42,11 @@ print(json.dumps(steps))
 def run(procs: int) -> list[dict[str, float]]:
     children = [subprocess.Popen([sys.executable, "-c", CHILD.replace("DEVICE", str(i))], stdout=subprocess.PIPE,
                                  text=True) for i in range(procs)]
-    return [json.loads(c.communicate()[0].strip().splitlines()[-1]) for c in children]
+    outs = [c.communicate()[0] for c in children]
+    failed = [i for i, c in enumerate(children) if c.returncode != 0]
+    if failed:
+        raise SystemExit(f"worker-start probe process(es) {failed} failed (their stderr is above)")
+    return [json.loads(o.strip().splitlines()[-1]) for o in outs]
 
 
 def main() -> int:
