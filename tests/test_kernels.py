@@ -147,6 +147,15 @@ def test_decode_rows_whole_tiles_match_fp64(group, split_k, block_j):
         assert torch.isfinite(y).all() and rel(y, ref64(x, *w, group, None)) < 1e-2
 
 
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_swapped_dot_with_large_batch_tiles_matches_fp64(group):
+    """The large-M swap configs (batch tile 64 as the MMA's N, several batch tiles, the last one partial)."""
+    from kernels.awq_dot_swap import dot_swap
+
+    check_against_fp64(lambda x, w, g, b, out: dot_swap(x, *w, g, b, out=out, BLOCK_M=64, BLOCK_N=64, split_k=1),
+                       70, group, 1, True)
+
+
 @pytest.mark.parametrize("split_k", [1, 3])
 @pytest.mark.parametrize("group", list(GROUPS))
 @pytest.mark.parametrize("M", [1, 16, 33])
