@@ -201,6 +201,26 @@ def _graph_ms(fn, reps: int = 20) -> float:
     return _replay_ms(g, reps)
 
 
+def step_kernels(graph, reps: int = 10) -> list[dict]:
+    """The kernels of one replay of ``graph`` by GPU time (torch.profiler sees a graph's kernels one by one):
+    name, launches per step, µs per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        us = e.cuda_time_total if us is None else us
+        if us > 0:
+            rows.append({"name": e.key[:90], "per_step": e.count / reps, "us_per_step": us / reps})
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
 @torch.inference_mode()
 def breakdown(eng) -> dict:
     """Batch-1 decode step split: the whole captured step vs its linears alone vs the LM head."""
@@ -223,6 +243,10 @@ def breakdown(eng) -> dict:
     x = {id(m): torch.randn(1, m.in_local, dtype=r.cfg.dtype, device=r.device) for m in lins}
     h = torch.randn(1, r.cfg.hidden_size, dtype=r.cfg.dtype, device=r.device)
     graph, _ = r.graphs[1]
+    try:
+        out["b1_step_kernels"] = step_kernels(graph)
+    except Exception as e:  # a profiler that cannot see inside graphs must not cost the timings
+        out["b1_step_kernels"] = repr(e)[:300]
     return {**out, "b1_step_graph_ms": _replay_ms(graph),
             "b1_linears_ms": _graph_ms(lambda: [m(x[id(m)]) for m in lins]),
             "b1_lm_head_ms": _graph_ms(lambda: model.compute_logits(h))}
@@ -255,24 +279,27 @@ def measure(args) -> dict:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "engine_results.json").write_text(json.dumps(out, indent=1))
 
-    hf = build_hf(c, device)
-    if args.hf_from:  # transformers numbers of an earlier run on the same kind of card
+    hf = None if args.awq_only else build_hf(c, device)
+    if args.awq_only:
+        pass
+    elif args.hf_from:  # transformers numbers of an earlier run on the same kind of card
         out["hf_bf16"] = json.loads(Path(args.hf_from).read_text())["hf_bf16"]
         out["hf_from"] = args.hf_from
     elif not args.skip_hf:
         out["hf_bf16"] = bench_hf(hf, c, device, args.hf_new_tokens if not args.small else new, batches, plen, tlen)
         print("hf", out["hf_bf16"], flush=True)
         save()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    eng, t_load = build_engine(c, iter(list(hf.state_dict().items())), device, max(batches), "hf")
-    del hf
-    free_cuda()
-    out["engine_bf16"] = {"build_s": t_load, **bench_engine(eng, c, device, new, batches, plen, tlen)}
-    print("engine bf16", out["engine_bf16"], flush=True)
-    save()
-    del eng
-    free_cuda()
+    if hf is not None:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        eng, t_load = build_engine(c, iter(list(hf.state_dict().items())), device, max(batches), "hf")
+        del hf
+        free_cuda()
+        out["engine_bf16"] = {"build_s": t_load, **bench_engine(eng, c, device, new, batches, plen, tlen)}
+        print("engine bf16", out["engine_bf16"], flush=True)
+        save()
+        del eng
+        free_cuda()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     c_awq = {**c, "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": args.group,
@@ -386,6 +413,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--small", action="store_true", help="tiny config (checks the script, not speed)")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--awq-only", action="store_true", help="only the AWQ engine (a quick look, not a report)")
     p.add_argument("--hf-from", default=None, help="take the transformers row from an earlier results JSON")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--hf-new-tokens", type=int, default=64, help="transformers is slow: fewer tokens")

@@ -173,19 +173,30 @@ def _awq_gemv_decode_kernel(
 
 
 @triton.jit
-def _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, w, xr, z0, z1, z2, z3, z4, z5, z6, z7, magic):
+def _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, w, xr, z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D: tl.constexpr):
     """One K row: ``p_c += x * (q_c - z_c) * 16**pos`` for the eight columns of each thread's word, every row
-    of x (``xr`` is ``[BLOCK_M, 1]``, the words ``[BLOCK_J]``): the unpack is shared by the rows."""
+    of x (``xr`` is ``[BLOCK_M, 1]``, the words ``[BLOCK_J]``): the unpack is shared by the rows. ``W2D``: the
+    words, zero points and x already have the sums' 2-D shape (the ``KW`` kernel)."""
     xr = xr.to(tl.float32)
     wh = (w.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)
-    p0 += xr * (_col(w, 0, 0, magic) - z0)[None, :]
-    p1 += xr * (_col(w, 0, 1, magic) - z1)[None, :]
-    p2 += xr * (_col(w, 0, 2, magic) - z2)[None, :]
-    p3 += xr * (_col(w, 0, 3, magic) - z3)[None, :]
-    p4 += xr * (_col(wh, 0, 0, magic) - z4)[None, :]
-    p5 += xr * (_col(wh, 0, 1, magic) - z5)[None, :]
-    p6 += xr * (_col(wh, 0, 2, magic) - z6)[None, :]
-    p7 += xr * (_col(wh, 0, 3, magic) - z7)[None, :]
+    if W2D:
+        p0 += xr * (_col(w, 0, 0, magic) - z0)
+        p1 += xr * (_col(w, 0, 1, magic) - z1)
+        p2 += xr * (_col(w, 0, 2, magic) - z2)
+        p3 += xr * (_col(w, 0, 3, magic) - z3)
+        p4 += xr * (_col(wh, 0, 0, magic) - z4)
+        p5 += xr * (_col(wh, 0, 1, magic) - z5)
+        p6 += xr * (_col(wh, 0, 2, magic) - z6)
+        p7 += xr * (_col(wh, 0, 3, magic) - z7)
+    else:
+        p0 += xr * (_col(w, 0, 0, magic) - z0)[None, :]
+        p1 += xr * (_col(w, 0, 1, magic) - z1)[None, :]
+        p2 += xr * (_col(w, 0, 2, magic) - z2)[None, :]
+        p3 += xr * (_col(w, 0, 3, magic) - z3)[None, :]
+        p4 += xr * (_col(wh, 0, 0, magic) - z4)[None, :]
+        p5 += xr * (_col(wh, 0, 1, magic) - z5)[None, :]
+        p6 += xr * (_col(wh, 0, 2, magic) - z6)[None, :]
+        p7 += xr * (_col(wh, 0, 3, magic) - z7)[None, :]
     return p0, p1, p2, p3, p4, p5, p6, p7
 
 
@@ -203,24 +214,24 @@ def _load_step(wp, xp, xm, kn, N8: tl.constexpr):
 
 @triton.jit
 def _step_fma(p0, p1, p2, p3, p4, p5, p6, p7, c0, c1, c2, c3, c4, c5, c6, c7, x0, x1, x2, x3, x4, x5, x6, x7,
-              z0, z1, z2, z3, z4, z5, z6, z7, magic):
+              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D: tl.constexpr):
     """One step: the eight rows' words ``c`` and x values ``x`` into the column sums, row by row."""
     p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c0, x0,
-                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D)
     p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c1, x1,
-                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D)
     p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c2, x2,
-                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D)
     p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c3, x3,
-                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D)
     p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c4, x4,
-                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D)
     p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c5, x5,
-                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D)
     p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c6, x6,
-                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D)
     p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c7, x7,
-                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D)
     return p0, p1, p2, p3, p4, p5, p6, p7
 
 
@@ -296,7 +307,7 @@ def _awq_gemv_rows_kernel(
                 n0, n1, n2, n3, n4, n5, n6, n7, y0, y1, y2, y3, y4, y5, y6, y7 = _load_step(wp, xp, xm, kn, N8)
             p0, p1, p2, p3, p4, p5, p6, p7 = _step_fma(p0, p1, p2, p3, p4, p5, p6, p7,
                                                        c0, c1, c2, c3, c4, c5, c6, c7, x0, x1, x2, x3, x4, x5, x6, x7,
-                                                       z0, z1, z2, z3, z4, z5, z6, z7, magic)
+                                                       z0, z1, z2, z3, z4, z5, z6, z7, magic, False)
         s0, s1, s2, s3, s4, s5, s6, s7 = _scales8(s_ptr, g, N, offs_jl)
         a0 += p0 * s0[None, :]
         a1 += p1 * s1[None, :]
@@ -311,6 +322,87 @@ def _awq_gemv_rows_kernel(
     mask = mmask[:, None] & jmask[None, :]
     _finish8(a0, a1, a2, a3, a4, a5, a6, a7, y_ptr, ws_ptr, cnt_ptr, b_ptr, offs_m[:, None] * stride_ym,
              offs_m[:, None] * N, n8, mask, pid_m * tl.num_programs(0) + pid_j, pid_k, M, N, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit(do_not_specialize=["magic"])
+def _awq_gemv_kwarps_kernel(
+    x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split, magic,
+    N8: tl.constexpr, GROUP: tl.constexpr, KW: tl.constexpr, BLOCK_J: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """The ``ROWS`` kernel with ``KW`` warps sharing each group's rows (warp ``w`` takes rows
+    ``w * GROUP / KW ..`` of every group of the program's K slice) and one reduction across warps at the end.
+
+    Why: Nsight Compute on the H100 (4096x14336, M = 1) showed the one-warp ``ROWS`` programs at 3.2 active warps
+    per scheduler (of 16), 0.42 waves, ``long scoreboard`` the top stall, 1.29 TB/s: the split cannot exceed
+    the number of groups and each thread owns one word, so the grid alone caps the loads in flight. Splitting
+    K across warps of one program multiplies the warps by ``KW`` without more split-K partials (the tail).
+    Tensors are ``[KW, BLOCK_J]``: a warp per row of the first axis, a packed word per lane (clamped column
+    indices keep the loads one word wide). One row of x per program (grid axis 2).
+    """
+    pid_j = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    R: tl.constexpr = GROUP // KW  # rows of each group per warp, a multiple of 8
+    STEPS: tl.constexpr = R // 8
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    jmask = offs_j < N8
+    offs_jl = tl.minimum(offs_j, N8 - 1)  # tail lanes re-read the last word; hides contiguity (one word a lane)
+    wr = tl.arange(0, KW) * R  # first row of each warp's share of a group
+    num_groups = K // GROUP
+    g0 = pid_k * groups_per_split
+    g1 = tl.minimum(g0 + groups_per_split, num_groups)
+    total = (g1 - g0) * STEPS
+    ones = tl.full((KW, BLOCK_J), 1, tl.int32)
+    wp = qw_ptr + (wr[:, None] * ones) * N8 + offs_jl[None, :] * ones
+    xp = x_ptr + m * stride_xm + wr[:, None] * ones
+    xm = ones > 0
+    n0, n1, n2, n3, n4, n5, n6, n7, y0, y1, y2, y3, y4, y5, y6, y7 = _load_step(wp, xp, xm, g0 * GROUP, N8)
+    a0 = tl.zeros((KW, BLOCK_J), dtype=tl.float32)
+    a1 = tl.zeros_like(a0)
+    a2 = tl.zeros_like(a0)
+    a3 = tl.zeros_like(a0)
+    a4 = tl.zeros_like(a0)
+    a5 = tl.zeros_like(a0)
+    a6 = tl.zeros_like(a0)
+    a7 = tl.zeros_like(a0)
+    zoffs = offs_jl[None, :] * ones
+    for g in range(g0, g1):
+        z = tl.load(qz_ptr + g * N8 + zoffs)
+        z0, z1, z2, z3, z4, z5, z6, z7 = _zero_points(z, magic)
+        p0 = tl.zeros_like(a0)
+        p1 = tl.zeros_like(a0)
+        p2 = tl.zeros_like(a0)
+        p3 = tl.zeros_like(a0)
+        p4 = tl.zeros_like(a0)
+        p5 = tl.zeros_like(a0)
+        p6 = tl.zeros_like(a0)
+        p7 = tl.zeros_like(a0)
+        for kk in range(0, STEPS):
+            c0, c1, c2, c3, c4, c5, c6, c7 = n0, n1, n2, n3, n4, n5, n6, n7
+            x0, x1, x2, x3, x4, x5, x6, x7 = y0, y1, y2, y3, y4, y5, y6, y7
+            nxt = tl.minimum((g - g0) * STEPS + kk + 1, total - 1)  # past the end: the last step again
+            kn = (g0 + nxt // STEPS) * GROUP + (nxt % STEPS) * 8
+            n0, n1, n2, n3, n4, n5, n6, n7, y0, y1, y2, y3, y4, y5, y6, y7 = _load_step(wp, xp, xm, kn, N8)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _step_fma(p0, p1, p2, p3, p4, p5, p6, p7,
+                                                       c0, c1, c2, c3, c4, c5, c6, c7, x0, x1, x2, x3, x4, x5, x6, x7,
+                                                       z0, z1, z2, z3, z4, z5, z6, z7, magic, True)
+        s0, s1, s2, s3, s4, s5, s6, s7 = _scales8(s_ptr, g, N, zoffs)
+        a0 += p0 * s0
+        a1 += p1 * s1
+        a2 += p2 * s2
+        a3 += p3 * s3
+        a4 += p4 * s4
+        a5 += p5 * s5
+        a6 += p6 * s6
+        a7 += p7 * s7
+
+    n8 = offs_j[None, :] * 8
+    _finish8(tl.sum(a0, axis=0)[None, :], tl.sum(a1, axis=0)[None, :], tl.sum(a2, axis=0)[None, :],
+             tl.sum(a3, axis=0)[None, :], tl.sum(a4, axis=0)[None, :], tl.sum(a5, axis=0)[None, :],
+             tl.sum(a6, axis=0)[None, :], tl.sum(a7, axis=0)[None, :], y_ptr, ws_ptr, cnt_ptr, b_ptr,
+             m * stride_ym, m * N, n8, jmask[None, :], m * tl.num_programs(0) + pid_j, pid_k, M, N, SPLIT_K,
+             HAS_BIAS)
 
 
 @triton.jit
@@ -394,12 +486,13 @@ def gemv_decode(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
                 group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                 BLOCK_J: int = 128, BLOCK_K: int = 16, split_k: int = 1, num_warps: int = 4,
                 num_stages: int = 1, ACC2D: bool = False, PREFETCH: bool = False, ROWS: bool = False,
-                BLOCK_M: int = 1, DEPTH: int = 1) -> torch.Tensor:
+                BLOCK_M: int = 1, DEPTH: int = 1, KW: int = 0) -> torch.Tensor:
     """``x2 [M, K] @ W`` for decode-sized ``M``; ``x2`` has unit column stride.
 
     ``BLOCK_J`` should be a multiple of ``32 * num_warps`` (whole words per thread) so that K lies entirely inside
     threads.
-    ``ROWS`` selects the row-load kernel, which takes ``BLOCK_M`` rows of x per program (the others: one row).
+    ``ROWS`` selects the row-load kernel, which takes ``BLOCK_M`` rows of x per program (the others: one row);
+    ``KW`` > 0 the kernel whose ``KW`` warps share each group's rows (``num_warps`` is then ``KW * BLOCK_J / 32``).
     """
     M, K = x2.shape
     N = scales.shape[1]
@@ -409,6 +502,18 @@ def gemv_decode(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
     grid = (triton.cdiv(N // 8, BLOCK_J), split_k, triton.cdiv(M, block_m))
     cnt = tile_counters(x2.device, grid[0] * grid[2]) if split_k > 1 else y
     bias_arg = bias if bias is not None else y
+    if KW:
+        if group_size % (8 * KW):
+            raise ValueError(f"KW={KW} needs group_size divisible by {8 * KW} (got {group_size})")
+        grid = (triton.cdiv(N // 8, BLOCK_J), split_k, M)
+        cnt = tile_counters(x2.device, grid[0] * grid[2]) if split_k > 1 else y
+        _awq_gemv_kwarps_kernel[grid](
+            x2, qweight, qzeros, scales, bias_arg, y, ws, cnt,
+            M, N, K, x2.stride(0), y.stride(0), split_k, gps, 0x4B000000,
+            N8=N // 8, GROUP=group_size, KW=KW, BLOCK_J=BLOCK_J, HAS_BIAS=bias is not None,
+            num_warps=KW * max(1, BLOCK_J // 32), num_stages=num_stages,
+        )
+        return y
     if ROWS:
         _awq_gemv_rows_kernel[grid](
             x2, qweight, qzeros, scales, bias_arg, y, ws, cnt,

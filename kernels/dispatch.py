@@ -219,6 +219,16 @@ def candidates(M: int, N: int, K: int, group: int, sms: int) -> list[Config]:
         tiles = -(-N // (8 * 128))
         out.append({"kernel": "decode", "BLOCK_J": 128, "BLOCK_K": 16, "ACC2D": False, "PREFETCH": True,
                     "split_k": split_for(tiles, G, sms, 2), "num_warps": 4})
+    if mb <= 2:
+        # KW warps share each group's rows (one reduction across warps per program): KW times the warps of a
+        # ROWS program at the same split. Nsight Compute put the one-warp ROWS winners at 3.2 active warps per
+        # scheduler and 1.29 TB/s on 4096x14336 (0c00891 table); offered for the next H100 run to measure.
+        for kw in (2, 4, 8):
+            if group % (8 * kw) == 0:
+                tiles = -(-N // 256)
+                for waves in ((4, 8, 16) if mb == 1 else (8, 16)):
+                    out.append({"kernel": "decode", "KW": kw, "BLOCK_J": 32,
+                                "split_k": split_for(tiles, G, sms, waves)})
     if 2 <= mb <= 64:
         # operands swapped (W^T x^T): wgmma with the batch as its N and the weight tile as A (awq_dot_swap);
         # the H100 winner at M = 2..32 on every shape measured (a0b5208)

@@ -147,6 +147,25 @@ def test_decode_rows_whole_tiles_match_fp64(group, split_k, block_j):
         assert torch.isfinite(y).all() and rel(y, ref64(x, *w, group, None)) < 1e-2
 
 
+@pytest.mark.parametrize("kw,block_j,split_k", [(2, 8, 1), (4, 8, 3), (4, 16, 1), (2, 16, 3)])
+@pytest.mark.parametrize("group", list(GROUPS))
+@pytest.mark.parametrize("M", [1, 3])
+def test_decode_kwarps_matches_fp64(M, group, kw, block_j, split_k):
+    """Warps sharing each group's rows (KW), reduced across warps at the end; odd N (clamped tail lanes)."""
+    from kernels.awq_gemv_decode import gemv_decode
+
+    check_against_fp64(lambda x, w, g, b, out: gemv_decode(x, *w, g, b, out=out, BLOCK_J=block_j, split_k=split_k,
+                                                           KW=kw), M, group, M + kw, M == 1)
+
+
+def test_decode_kwarps_refuses_a_group_it_cannot_share():
+    from kernels.awq_gemv_decode import gemv_decode
+
+    w = random_weights(64, 24, 32)
+    with pytest.raises(ValueError, match="KW=8 needs group_size divisible by 64"):
+        gemv_decode(torch.randn(1, 64, dtype=torch.bfloat16), *w, 32, KW=8)
+
+
 @pytest.mark.parametrize("group", list(GROUPS))
 def test_swapped_dot_with_large_batch_tiles_matches_fp64(group):
     """The large-M swap configs (batch tile 64 as the MMA's N, several batch tiles, the last one partial)."""
