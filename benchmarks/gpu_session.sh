@@ -2,7 +2,7 @@
 # Few device calls per machine kind, so a session spends its device time on measuring, not on starts
 # (each call must fit the 600 s limit). Carry .devbundle with every call.
 #   one H100:   bash benchmarks/gpu_session.sh x1a <commit>, then at once (warm machine) x1c, then x1b
-#   one H100, decode only (M = 1, 2 re-tuned, then the engine):  bash benchmarks/gpu_session.sh x1m <commit>
+#   one H100, decode only (M = 1, 2 re-tuned, then the engine):  x1m <commit>, then at once x1n <commit>
 #   4 H100s:    bash benchmarks/gpu_session.sh x4 <commit>   (x4s: GPU quant-job tests + [SCALING_GPUS, default 1,4,2]-GPU scaling only)
 #   what is left of a budget, 2-4 GPUs:  [SCALING_GPUS=1,2] bash benchmarks/gpu_session.sh x4f <commit>
 # Everything lands under $OUT/<name>/; write the docs sections here afterwards from the JSON files
@@ -31,13 +31,18 @@ case $kind in
     cp "$out/kernels/tuned_h100.json" /tmp/rayawq_tuned_h100.json && echo "table left in /tmp"
     ;;
   x1m)
-    # decode buckets only (M = 1, 2) on all seven shapes, joined into the repo table; then the engine with it
-    timeout 90 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k "decode or public_op or graph" 2>&1 | tail -3
-    timeout 300 python3 benchmarks/kernels.py --out "$out/kernels" --budget-s 270 --ms 1,2 2>&1 | grep -E "^K=|total"
+    # decode buckets only (M = 1, 2) on all seven shapes, joined into the repo table (left in /tmp for x1n)
+    timeout 60 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k "variant" 2>&1 | tail -3
+    timeout 400 python3 benchmarks/kernels.py --out "$out/kernels" --budget-s 370 --ms 1,2 2>&1 | grep -E "^K=|total"
     python3 benchmarks/merge_table.py kernels/tuned_h100.json "$out/kernels/tuned_h100.json" --ms 1,2 \
-      --out /tmp/rayawq_tuned_h100.json && export RAYAWQ_KERNEL_TABLE=/tmp/rayawq_tuned_h100.json
-    cp /tmp/rayawq_tuned_h100.json "$out/kernels/tuned_h100_merged.json"
-    timeout 200 python3 benchmarks/engine.py --out "$out/engine" --skip-hf 2>&1 | tail -12
+      --out /tmp/rayawq_tuned_h100.json && cp /tmp/rayawq_tuned_h100.json "$out/kernels/tuned_h100_merged.json"
+    ;;
+  x1n)
+    # right after x1m on the same warm machine: engine GPU tests and the engine benchmark with x1m's table
+    [ -f /tmp/rayawq_tuned_h100.json ] && export RAYAWQ_KERNEL_TABLE=/tmp/rayawq_tuned_h100.json
+    echo "kernel table: ${RAYAWQ_KERNEL_TABLE:-repo}"
+    timeout 150 python3 -m pytest -q tests/gpu/test_engine_gpu.py 2>&1 | tail -3
+    timeout 240 python3 benchmarks/engine.py --out "$out/engine" --skip-hf 2>&1 | tail -12
     ;;
   x1b)
     # second half: engine GPU tests, engine and serve benchmarks with x1a's table when this machine has it

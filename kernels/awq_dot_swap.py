@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .awq_triton import (_INTERPRET, _codes_plus_offset, _finish, _load_group, _out_and_ws, _split_args,
-                         tile_counters)
+from .awq_triton import (_INTERPRET, _codes_plus_offset, _finish, _load_group, _out_and_ws, _split_args, _tail,
+                         reduce_partials, tile_counters)
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def _awq_dot_swap_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, N8, K, stride_xm, stride_ym, SPLIT_K, groups_per_split,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_F32: tl.constexpr, USE_ASM: tl.constexpr,
+    DOT_F32: tl.constexpr, USE_ASM: tl.constexpr, TAIL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -66,13 +66,15 @@ def _awq_dot_swap_kernel(
     m2 = offs_m[None, :]
     tile_id = pid_m * tl.num_programs(0) + pid_n
     _finish(acc, y_ptr, ws_ptr, cnt_ptr, b_ptr, m2 * stride_ym + n2, m2 * N + n2, n2, nmask[:, None] & mmask[None, :],
-            tile_id, pid_k, M, N, SPLIT_K, HAS_BIAS)
+            tile_id, pid_k, M, N, SPLIT_K, HAS_BIAS, TAIL)
 
 
 def dot_swap(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
              bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None, BLOCK_M: int = 16,
-             BLOCK_N: int = 128, split_k: int = 1, num_warps: int = 4, num_stages: int = 1) -> torch.Tensor:
-    """``x2 [M, K] @ W`` computed as ``(W^T x2^T)^T``; ``BLOCK_M`` >= 16, ``BLOCK_N`` >= 64 (wgmma's M)."""
+             BLOCK_N: int = 128, split_k: int = 1, num_warps: int = 4, num_stages: int = 1,
+             TAIL: int = 4) -> torch.Tensor:
+    """``x2 [M, K] @ W`` computed as ``(W^T x2^T)^T``; ``BLOCK_M`` >= 16, ``BLOCK_N`` >= 64 (wgmma's M).
+    ``TAIL``: how split-K partials are summed (``awq_triton._finish``; 0 = a second launch)."""
     M, K = x2.shape
     N = scales.shape[1]
     block_m = max(16, min(BLOCK_M, triton.next_power_of_2(M)))
@@ -84,7 +86,7 @@ def dot_swap(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
         x2, qweight, qzeros, scales, bias if bias is not None else y, y, ws, cnt,
         M, N, N // 8, K, x2.stride(0), y.stride(0), split_k, gps,
         GROUP=group_size, BLOCK_M=block_m, BLOCK_N=BLOCK_N, HAS_BIAS=bias is not None,
-        DOT_F32=_INTERPRET and x2.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
+        DOT_F32=_INTERPRET and x2.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, TAIL=_tail(TAIL),
         num_warps=num_warps, num_stages=num_stages,
     )
-    return y
+    return reduce_partials(ws, y, bias) if split_k > 1 and TAIL == 0 else y

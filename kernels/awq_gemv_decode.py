@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .awq_triton import _out_and_ws, _split_args, tile_counters
+from .awq_triton import _out_and_ws, _split_args, _tail, reduce_partials, tile_counters
 
 @triton.jit
 def _col(w, HALF: tl.constexpr, POS: tl.constexpr, magic):
@@ -87,7 +87,7 @@ def _awq_gemv_decode_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split, magic,
     N8: tl.constexpr, GROUP: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACC2D: tl.constexpr, PREFETCH: tl.constexpr,
+    ACC2D: tl.constexpr, PREFETCH: tl.constexpr, TAIL: tl.constexpr,
 ):
     pid_j = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -169,7 +169,7 @@ def _awq_gemv_decode_kernel(
     n8 = offs_j[None, :] * 8
     _finish8(a0[None, :], a1[None, :], a2[None, :], a3[None, :], a4[None, :], a5[None, :], a6[None, :], a7[None, :],
              y_ptr, ws_ptr, cnt_ptr, b_ptr, m * stride_ym, m * N, n8, jmask[None, :], m * tl.num_programs(0) + pid_j,
-             pid_k, M, N, SPLIT_K, HAS_BIAS)
+             pid_k, M, N, SPLIT_K, HAS_BIAS, TAIL)
 
 
 @triton.jit
@@ -240,7 +240,7 @@ def _awq_gemv_rows_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split, magic,
     N8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DEPTH: tl.constexpr, EVEN_J: tl.constexpr,
+    DEPTH: tl.constexpr, EVEN_J: tl.constexpr, TAIL: tl.constexpr,
 ):
     """Like ``_awq_gemv_decode_kernel``, but each K row is its own 1-D load (one word per thread) and its
     ``BLOCK_M`` x values a ``[BLOCK_M, 1]`` column, so each sum is a plain FMA chain: no 2-D weight tile, no
@@ -321,7 +321,7 @@ def _awq_gemv_rows_kernel(
     n8 = offs_j[None, :] * 8
     mask = mmask[:, None] & jmask[None, :]
     _finish8(a0, a1, a2, a3, a4, a5, a6, a7, y_ptr, ws_ptr, cnt_ptr, b_ptr, offs_m[:, None] * stride_ym,
-             offs_m[:, None] * N, n8, mask, pid_m * tl.num_programs(0) + pid_j, pid_k, M, N, SPLIT_K, HAS_BIAS)
+             offs_m[:, None] * N, n8, mask, pid_m * tl.num_programs(0) + pid_j, pid_k, M, N, SPLIT_K, HAS_BIAS, TAIL)
 
 
 @triton.jit(do_not_specialize=["magic"])
@@ -329,6 +329,7 @@ def _awq_gemv_kwarps_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split, magic,
     N8: tl.constexpr, GROUP: tl.constexpr, KW: tl.constexpr, BLOCK_J: tl.constexpr, HAS_BIAS: tl.constexpr,
+    TAIL: tl.constexpr,
 ):
     """The ``ROWS`` kernel with ``KW`` warps sharing each group's rows (warp ``w`` takes rows
     ``w * GROUP / KW ..`` of every group of the program's K slice) and one reduction across warps at the end.
@@ -402,7 +403,7 @@ def _awq_gemv_kwarps_kernel(
              tl.sum(a3, axis=0)[None, :], tl.sum(a4, axis=0)[None, :], tl.sum(a5, axis=0)[None, :],
              tl.sum(a6, axis=0)[None, :], tl.sum(a7, axis=0)[None, :], y_ptr, ws_ptr, cnt_ptr, b_ptr,
              m * stride_ym, m * N, n8, jmask[None, :], m * tl.num_programs(0) + pid_j, pid_k, M, N, SPLIT_K,
-             HAS_BIAS)
+             HAS_BIAS, TAIL)
 
 
 @triton.jit
@@ -414,11 +415,11 @@ def _store_col(acc, c: tl.constexpr, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS: t
 
 
 @triton.jit
-def _sum_partials(ws_ptr, ws_offs, n8, mask, SPLIT_K, M, N):
+def _sum_partials(ws_ptr, ws_offs, n8, mask, SPLIT_K, M, N, ROUND: tl.constexpr):
     """Sum the split-K partials of the tile's eight column sets, in split order (deterministic).
 
-    Four splits x eight columns = 32 independent loads per round: a loop of one load per step waits a full L2
-    round trip for each of the ``8 * SPLIT_K`` partials (at split 33 that tail is most of a 40 us GEMV).
+    ``ROUND`` splits x eight columns are independent loads per round: a loop of one load per step waits a full
+    L2 round trip for each of the ``8 * SPLIT_K`` partials (at split 33 that tail is most of a 40 us GEMV).
     """
     t0 = tl.zeros_like(mask.to(tl.float32))
     t1 = tl.zeros_like(t0)
@@ -428,8 +429,8 @@ def _sum_partials(ws_ptr, ws_offs, n8, mask, SPLIT_K, M, N):
     t5 = tl.zeros_like(t0)
     t6 = tl.zeros_like(t0)
     t7 = tl.zeros_like(t0)
-    for s0 in range(0, SPLIT_K, 4):
-        for ds in tl.static_range(4):
+    for s0 in range(0, SPLIT_K, ROUND):
+        for ds in tl.static_range(ROUND):
             ok = mask & (tl.zeros_like(n8) + s0 + ds < SPLIT_K)
             base = ws_ptr + (s0 + ds) * M * N + ws_offs + n8
             t0 += tl.load(base + 0, mask=ok, other=0.0, cache_modifier=".cg")
@@ -445,9 +446,10 @@ def _sum_partials(ws_ptr, ws_offs, n8, mask, SPLIT_K, M, N):
 
 @triton.jit
 def _finish8(a0, a1, a2, a3, a4, a5, a6, a7, y_ptr, ws_ptr, cnt_ptr, b_ptr, y_offs, ws_offs, n8, mask, tile_id,
-             pid_k, M, N, SPLIT_K, HAS_BIAS: tl.constexpr):
+             pid_k, M, N, SPLIT_K, HAS_BIAS: tl.constexpr, TAIL: tl.constexpr):
     """Write the eight column accumulators (nibble order: columns 0, 2, 4, 6, 1, 3, 5, 7 of each word); with
-    split-K the partials go to the workspace and the last program of the tile sums them."""
+    split-K the partials go to the workspace (in column order) and the last program of the tile sums them,
+    ``TAIL`` splits per round, or, with ``TAIL`` 0, ``reduce_partials`` does in a launch of its own."""
     if SPLIT_K == 1:
         _store_col(a0, 0, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
         _store_col(a1, 2, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
@@ -467,33 +469,37 @@ def _finish8(a0, a1, a2, a3, a4, a5, a6, a7, y_ptr, ws_ptr, cnt_ptr, b_ptr, y_of
         tl.store(base + 3, a5, mask=mask)
         tl.store(base + 5, a6, mask=mask)
         tl.store(base + 7, a7, mask=mask)
-        tl.debug_barrier()  # every thread's partial is stored before the release below
-        prev = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
-        if prev == SPLIT_K - 1:
-            t0, t1, t2, t3, t4, t5, t6, t7 = _sum_partials(ws_ptr, ws_offs, n8, mask, SPLIT_K, M, N)
-            _store_col(t0, 0, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
-            _store_col(t1, 1, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
-            _store_col(t2, 2, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
-            _store_col(t3, 3, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
-            _store_col(t4, 4, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
-            _store_col(t5, 5, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
-            _store_col(t6, 6, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
-            _store_col(t7, 7, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
-            tl.atomic_xchg(cnt_ptr + tile_id, 0)  # ready for the next launch (and the next graph replay)
+        if TAIL > 0:
+            tl.debug_barrier()  # every thread's partial is stored before the release below
+            prev = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+            if prev == SPLIT_K - 1:
+                t0, t1, t2, t3, t4, t5, t6, t7 = _sum_partials(ws_ptr, ws_offs, n8, mask, SPLIT_K, M, N, TAIL)
+                _store_col(t0, 0, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+                _store_col(t1, 1, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+                _store_col(t2, 2, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+                _store_col(t3, 3, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+                _store_col(t4, 4, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+                _store_col(t5, 5, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+                _store_col(t6, 6, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+                _store_col(t7, 7, b_ptr, y_ptr, y_offs, n8, mask, HAS_BIAS)
+                tl.atomic_xchg(cnt_ptr + tile_id, 0)  # ready for the next launch (and the next graph replay)
 
 
 def gemv_decode(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                 group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                 BLOCK_J: int = 128, BLOCK_K: int = 16, split_k: int = 1, num_warps: int = 4,
                 num_stages: int = 1, ACC2D: bool = False, PREFETCH: bool = False, ROWS: bool = False,
-                BLOCK_M: int = 1, DEPTH: int = 1, KW: int = 0) -> torch.Tensor:
+                BLOCK_M: int = 1, DEPTH: int = 1, KW: int = 0, TAIL: int = 4) -> torch.Tensor:
     """``x2 [M, K] @ W`` for decode-sized ``M``; ``x2`` has unit column stride.
 
     ``BLOCK_J`` should be a multiple of ``32 * num_warps`` (whole words per thread) so that K lies entirely inside
     threads.
     ``ROWS`` selects the row-load kernel, which takes ``BLOCK_M`` rows of x per program (the others: one row);
     ``KW`` > 0 the kernel whose ``KW`` warps share each group's rows (``num_warps`` is then ``KW * BLOCK_J / 32``).
+    Split-K partials are summed by the last program of each column tile, ``TAIL`` splits per round (4, 8 or 16),
+    or with ``TAIL=0`` by a second launch (``reduce_partials``).
     """
+    tail = _tail(TAIL)
     M, K = x2.shape
     N = scales.shape[1]
     split_k, gps = _split_args(K // group_size, split_k)
@@ -510,22 +516,22 @@ def gemv_decode(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
         _awq_gemv_kwarps_kernel[grid](
             x2, qweight, qzeros, scales, bias_arg, y, ws, cnt,
             M, N, K, x2.stride(0), y.stride(0), split_k, gps, 0x4B000000,
-            N8=N // 8, GROUP=group_size, KW=KW, BLOCK_J=BLOCK_J, HAS_BIAS=bias is not None,
+            N8=N // 8, GROUP=group_size, KW=KW, BLOCK_J=BLOCK_J, HAS_BIAS=bias is not None, TAIL=tail,
             num_warps=KW * max(1, BLOCK_J // 32), num_stages=num_stages,
         )
-        return y
+        return reduce_partials(ws, y, bias) if split_k > 1 and tail == 0 else y
     if ROWS:
         _awq_gemv_rows_kernel[grid](
             x2, qweight, qzeros, scales, bias_arg, y, ws, cnt,
             M, N, K, x2.stride(0), y.stride(0), split_k, gps, 0x4B000000,
             N8=N // 8, GROUP=group_size, BLOCK_M=block_m, BLOCK_J=BLOCK_J, HAS_BIAS=bias is not None,
-            DEPTH=DEPTH, EVEN_J=(N // 8) % BLOCK_J == 0, num_warps=num_warps, num_stages=num_stages,
+            DEPTH=DEPTH, EVEN_J=(N // 8) % BLOCK_J == 0, TAIL=tail, num_warps=num_warps, num_stages=num_stages,
         )
-        return y
+        return reduce_partials(ws, y, bias) if split_k > 1 and tail == 0 else y
     _awq_gemv_decode_kernel[grid](
         x2, qweight, qzeros, scales, bias_arg, y, ws, cnt,
         M, N, K, x2.stride(0), y.stride(0), split_k, gps, 0x4B000000,
         N8=N // 8, GROUP=group_size, BLOCK_J=BLOCK_J, BLOCK_K=min(BLOCK_K, group_size), HAS_BIAS=bias is not None,
-        ACC2D=ACC2D, PREFETCH=PREFETCH, num_warps=num_warps, num_stages=num_stages,
+        ACC2D=ACC2D, PREFETCH=PREFETCH, TAIL=tail, num_warps=num_warps, num_stages=num_stages,
     )
-    return y
+    return reduce_partials(ws, y, bias) if split_k > 1 and tail == 0 else y

@@ -79,7 +79,7 @@ def _awq_lanes_kernel(
     mask = mmask[:, None, None] & nmask2[None, :, :]
     tile_id = pid_j
     _finish(acc, y_ptr, ws_ptr, cnt_ptr, b_ptr, m3 * stride_ym + n3, m3 * N + n3, n3, mask, tile_id, pid_k,
-            M, N, SPLIT_K, HAS_BIAS)
+            M, N, SPLIT_K, HAS_BIAS, 4)
 
 
 def lanes(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,

@@ -210,25 +210,31 @@ def candidates(M: int, N: int, K: int, group: int, sms: int) -> list[Config]:
         # are offered to put more loads in flight per SM; DEPTH 2 only with the widest tile.
         # Several adjacent words per thread (BLOCK_J 128 or 64 on one warp, 16- / 8-byte loads) lost 1.3-2.4x
         # on every shape (7a48f0d); splitting inside groups for more programs lost too (f5f0a8a, reverted).
+        # Split-K partials are summed by a second launch (TAIL 0): on the H100 that beat the in-kernel tail (the
+        # last program of each column tile summing in rounds) on every shape and config tried, by 4-9 us
+        # (benchmarks/decode_tail.py); the old tail is kept as one reference config.
         for bj, warps in ((128, 4), (64, 2), (32, 1)):
             tiles = -(-N // (8 * bj))
             for waves in (4, 8, 16):
                 for depth in ((1, 2) if bj == 128 and waves < 16 else (1,)):
                     out.append({"kernel": "decode", "ROWS": True, "BLOCK_M": 1, "BLOCK_J": bj, "DEPTH": depth,
-                                "split_k": split_for(tiles, G, sms, waves), "num_warps": warps})
+                                "split_k": split_for(tiles, G, sms, waves), "num_warps": warps, "TAIL": 0})
+        out.append({"kernel": "decode", "ROWS": True, "BLOCK_M": 1, "BLOCK_J": 32, "DEPTH": 1,
+                    "split_k": split_for(-(-N // 256), G, sms, 16), "num_warps": 1, "TAIL": 4})
         tiles = -(-N // (8 * 128))
         out.append({"kernel": "decode", "BLOCK_J": 128, "BLOCK_K": 16, "ACC2D": False, "PREFETCH": True,
                     "split_k": split_for(tiles, G, sms, 2), "num_warps": 4})
     if mb <= 2:
         # KW warps share each group's rows (one reduction across warps per program): KW times the warps of a
         # ROWS program at the same split. Nsight Compute put the one-warp ROWS winners at 3.2 active warps per
-        # scheduler and 1.29 TB/s on 4096x14336 (0c00891 table); offered for the next H100 run to measure.
-        for kw in (2, 4, 8):
+        # scheduler and 1.29 TB/s on 4096x14336 (0c00891 table); with the in-kernel tail KW 2 won three of six
+        # shapes by 2-7 % (038a857), KW 8 lost everywhere; with the two-launch sum KW 2/4 won 4 of 6.
+        for kw in (2, 4):
             if group % (8 * kw) == 0:
                 tiles = -(-N // 256)
                 for waves in ((4, 8, 16) if mb == 1 else (8, 16)):
                     out.append({"kernel": "decode", "KW": kw, "BLOCK_J": 32,
-                                "split_k": split_for(tiles, G, sms, waves)})
+                                "split_k": split_for(tiles, G, sms, waves), "TAIL": 0})
     if 2 <= mb <= 64:
         # operands swapped (W^T x^T): wgmma with the batch as its N and the weight tile as A (awq_dot_swap);
         # the H100 winner at M = 2..32 on every shape measured (a0b5208)
@@ -236,8 +242,9 @@ def candidates(M: int, N: int, K: int, group: int, sms: int) -> list[Config]:
         for bn in (128, 256):
             tiles = -(-N // bn) * -(-M // bm)
             for waves in (1, 2):
-                out.append({"kernel": "swap", "BLOCK_M": bm, "BLOCK_N": bn, "split_k": split_for(tiles, G, sms, waves),
-                            "num_warps": 8})
+                for tail in (4, 0):  # the split-K sum in the kernel's tail or as a second launch
+                    out.append({"kernel": "swap", "BLOCK_M": bm, "BLOCK_N": bn,
+                                "split_k": split_for(tiles, G, sms, waves), "num_warps": 8, "TAIL": tail})
     if mb <= 128:
         bm = min(64, max(16, mb))
         # (BLOCK_N, warps, lookahead): lookahead L keeps L groups of loads in flight per program; registers

@@ -67,6 +67,15 @@ def check_kernels(device: str = "cpu", dtype=torch.float32, atol: float = 1e-4) 
         one = ta.paged_attention(qt[12:], kc, vc, bt[2:], torch.tensor([0, 1], dtype=torch.int32, device=device),
                                  kv_lens[2:], 1, d ** -0.5)
         assert torch.allclose(one, want[12:], atol=atol * 10, rtol=1e-3)
+        # the KV range split 1, 2 and 8 ways (8: more splits than 64-token chunks, so some are empty), and a
+        # padded graph row (kv length 0: zeros, not NaN)
+        cu2 = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)
+        for sp in (1, 2, 8):
+            two = ta.paged_attention(torch.cat([qt[12:], qt[12:]]), kc, vc, torch.cat([bt[2:], bt[2:]]), cu2,
+                                     torch.tensor([int(kv_lens[2]), 0], dtype=torch.int32, device=device), 1,
+                                     d ** -0.5, splits=sp)
+            assert torch.allclose(two[:1], want[12:], atol=atol * 10, rtol=1e-3), sp
+            assert torch.isfinite(two[1]).all() and not two[1].any(), sp
         set_context(None)
     x, r, w = rnd(5, 96), rnd(5, 96), rnd(96)
     y, r2 = rms_norm(x, w, 1e-6, r.clone())

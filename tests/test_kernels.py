@@ -158,6 +158,52 @@ def test_decode_kwarps_matches_fp64(M, group, kw, block_j, split_k):
                                                            KW=kw), M, group, M + kw, M == 1)
 
 
+@pytest.mark.parametrize("tail", [0, 8, 16])
+@pytest.mark.parametrize("kernel", [dict(ROWS=True, BLOCK_J=8, num_warps=1), dict(KW=2, BLOCK_J=8),
+                                    dict(BLOCK_J=8, BLOCK_K=16, PREFETCH=True, num_warps=1)])
+@pytest.mark.parametrize("group", [32, 128])
+def test_decode_split_sums_match_fp64(group, kernel, tail):
+    """The split-K sum in wider rounds (8, 16 splits) and as a second launch (TAIL 0), with bias."""
+    from kernels.awq_gemv_decode import gemv_decode
+
+    for M in (1, 3):
+        check_against_fp64(lambda x, w, g, b, out: gemv_decode(x, *w, g, b, out=out, split_k=5, TAIL=tail, **kernel),
+                           M, group, M + tail, True)
+
+
+@pytest.mark.parametrize("split", [3, 130])
+def test_reduce_partials_sums_every_split(split):
+    """The second launch of ``TAIL=0``: 130 splits take two rounds of its 128-split tile; bias, strided ``y``."""
+    from kernels.awq_gemv_decode import reduce_partials
+
+    ws = torch.randn(split, 2, 40)
+    bias = torch.randn(40, dtype=torch.bfloat16)
+    y = torch.full((2, 48), float("nan"), dtype=torch.bfloat16)[:, :40]
+    reduce_partials(ws, y, bias)
+    ref = ws.double().sum(0) + bias.double()
+    assert torch.isfinite(y).all() and rel(y, ref) < 1e-2
+
+
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("M", [1, 16, 33])
+def test_dot_kernels_with_a_separate_split_sum_match_fp64(M, group):
+    """``TAIL=0`` on the split-K ``tl.dot`` kernel and the swapped one: partials only, then ``reduce_partials``."""
+    from kernels.awq_dot_swap import dot_swap
+
+    check_against_fp64(lambda x, w, g, b, out: at.dot(x, *w, g, b, out=out, BLOCK_M=16, BLOCK_N=32, split_k=3,
+                                                      TAIL=0), M, group, M, True)
+    check_against_fp64(lambda x, w, g, b, out: dot_swap(x, *w, g, b, out=out, BLOCK_M=16, BLOCK_N=16, split_k=3,
+                                                        TAIL=0), M, group, M + 1, True)
+
+
+def test_decode_refuses_an_unknown_tail():
+    from kernels.awq_gemv_decode import gemv_decode
+
+    w = random_weights(64, 24, 32)
+    with pytest.raises(ValueError, match="TAIL must be 0"):
+        gemv_decode(torch.randn(1, 64, dtype=torch.bfloat16), *w, 32, TAIL=5)
+
+
 def test_decode_kwarps_refuses_a_group_it_cannot_share():
     from kernels.awq_gemv_decode import gemv_decode
 

@@ -211,6 +211,11 @@ class ModelRunner:
         self.g_kv = torch.zeros(m, dtype=torch.int32, device=dev)
         self.g_cu = torch.arange(m + 1, dtype=torch.int32, device=dev)
         self.g_tables = torch.zeros(m, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        # pinned host mirrors of the graph inputs, written through numpy views: a decode step copies them over
+        # with one asynchronous copy each (no tensors built from lists, no allocations, no device-side copies)
+        self.h_i64 = torch.zeros(3, m, dtype=torch.int64, pin_memory=True)
+        self.h_kv = torch.zeros(m, dtype=torch.int32, pin_memory=True)
+        self.h_tables = torch.zeros(m, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
         self._warmup_kernels(sizes)
         pool = None
         for bs in reversed(sizes):
@@ -244,14 +249,24 @@ class ModelRunner:
                        tune=self.ecfg.tune_kernels)
 
     def _replay(self, graph_bs, ids, pos, slots, kv_lens, tables) -> torch.Tensor:
+        """Write the step's inputs into the pinned mirrors, copy them to the graph's inputs, replay.
+
+        The mirrors are rewritten only after the previous step's sampled tokens reached the host (its copies
+        have run by then), so one set of mirrors is enough."""
         n = len(ids)
-        pad = graph_bs - n
-        self.g_ids[:graph_bs].copy_(self._tensor(ids + [0] * pad, torch.int64), non_blocking=True)
-        self.g_pos[:graph_bs].copy_(self._tensor(pos + [0] * pad, torch.int64), non_blocking=True)
-        self.g_slots[:graph_bs].copy_(self._tensor(slots + [-1] * pad, torch.int64), non_blocking=True)
-        self.g_kv[:graph_bs].copy_(self._tensor(kv_lens + [0] * pad), non_blocking=True)
+        b = graph_bs
+        h = self.h_i64.numpy()
+        h[0, :n], h[1, :n], h[2, :n] = ids, pos, slots
+        h[0, n:b], h[1, n:b], h[2, n:b] = 0, 0, -1  # padding rows: no cache slot written
+        kv = self.h_kv.numpy()
+        kv[:n], kv[n:b] = kv_lens, 0
         width = len(tables[0])
-        self.g_tables[:n, :width].copy_(self._tensor(tables), non_blocking=True)
+        self.h_tables.numpy()[:n, :width] = tables
+        self.g_ids[:b].copy_(self.h_i64[0, :b], non_blocking=True)
+        self.g_pos[:b].copy_(self.h_i64[1, :b], non_blocking=True)
+        self.g_slots[:b].copy_(self.h_i64[2, :b], non_blocking=True)
+        self.g_kv[:b].copy_(self.h_kv[:b], non_blocking=True)
+        self.g_tables[:n, :width].copy_(self.h_tables[:n, :width], non_blocking=True)
         graph, out = self.graphs[graph_bs]
         graph.replay()
         return out[:n]

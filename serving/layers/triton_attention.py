@@ -122,10 +122,94 @@ def _paged_attn_kernel(Q, KC, VC, O, BlockTables, CuQ, KvLens, sm_scale,
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, max_q_len, scale, out=None):
+@triton.jit
+def _paged_decode_split_kernel(Q, KC, VC, PartO, PartML, BlockTables, KvLens, sm_scale,
+                               stride_qt, stride_qh, stride_bt,
+                               GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                               BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_Q: tl.constexpr,
+                               BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+    """Decode (one query token per sequence), the KV range split ``SPLITS`` ways: program (seq, kv head, split)
+    writes its unnormalised output, running max and sum per query head; ``_combine_splits_kernel`` merges them.
+    Rows of the ``tl.dot`` tile beyond the group's heads (it needs 16) are padding."""
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    kv_len = tl.load(KvLens + seq)
+    per = tl.cdiv(tl.cdiv(kv_len, BLOCK_N), SPLITS) * BLOCK_N  # whole BLOCK_N chunks per split
+    start = sp * per
+    end = tl.minimum(kv_len, start + per)
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
+    rows = tl.arange(0, BLOCK_M)
+    g = rows % GROUP_P2
+    row_ok = (rows < GROUP_P2) & (g < GROUP)
+    head = kvh * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(Q + seq.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    bt = BlockTables + seq.to(tl.int64) * stride_bt
+    for s0 in range(start, end, BLOCK_N):
+        k_pos = s0 + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < end
+        page = tl.load(bt + k_pos // PAGE, mask=k_ok, other=0).to(tl.int64)
+        off = (page * PAGE + k_pos % PAGE) * (HKV * D) + kvh * D
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    part = (seq * (HKV * GROUP) + head).to(tl.int64) * SPLITS + sp  # [T, Hq, SPLITS] flattened
+    tl.store(PartO + part[:, None] * D + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(PartML + part * 2, m_i, mask=row_ok)
+    tl.store(PartML + part * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(PartO, PartML, O, stride_ot, stride_oh, HQ: tl.constexpr, D: tl.constexpr,
+                           BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+    """One program per (sequence, query head): the splits' partial softmax sums rescaled to the common max."""
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    base = (seq * HQ + h).to(tl.int64) * SPLITS
+    sp = tl.arange(0, SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    m = tl.load(PartML + (base + sp) * 2)
+    l = tl.load(PartML + (base + sp) * 2 + 1)
+    m_all = tl.max(m, axis=0)
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w = tl.exp2(m - m_all)  # empty splits (max -inf) weigh 0
+    l_all = tl.sum(l * w, axis=0)
+    l_all = tl.where(l_all == 0.0, 1.0, l_all)
+    o = tl.load(PartO + (base + sp)[:, None] * D + d[None, :], mask=d_ok[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / l_all
+    tl.store(O + seq.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(O.dtype.element_ty), mask=d_ok)
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, sms: int) -> int:
+    """KV splits for a decode batch: enough programs for about two per SM, at most 16 (1: no split)."""
+    want = 2 * sms // max(1, num_seqs * num_kv_heads)
+    return 1 if want < 2 else min(16, 1 << (want.bit_length() - 1))
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, max_q_len, scale, out=None,
+                    splits: int | None = None):
     """q ``[T, Hq, D]`` packed by sequence (``cu_seqlens_q``); ``kv_lens`` count cached + new tokens.
 
-    ``max_q_len`` only sizes the grid: pass 1 for a decode-only batch (what CUDA graphs capture).
+    ``max_q_len`` only sizes the grid: pass 1 for a decode-only batch (what CUDA graphs capture). A decode
+    batch with fewer (sequence, KV head) pairs than SMs splits each KV range (``splits``, default from
+    ``decode_splits``): at batch 1, 8 KV heads would keep 8 of 132 SMs busy.
     """
     T, hq, d = q.shape
     _, page, hkv, _ = k_cache.shape
@@ -133,12 +217,29 @@ def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, ma
     gp2 = next_pow2(group)
     if out is None:
         out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    if max_q_len <= 1 and T == cu_seqlens_q.numel() - 1:
+        if splits is None:
+            sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+            splits = decode_splits(T, hkv, sms)
+        if splits > 1:
+            splits = next_pow2(splits)
+            part_o = torch.empty(T * hq * splits * d, dtype=torch.float32, device=q.device)
+            part_ml = torch.empty(T * hq * splits * 2, dtype=torch.float32, device=q.device)
+            _paged_decode_split_kernel[(T, hkv, splits)](
+                q, k_cache, v_cache, part_o, part_ml, block_tables, kv_lens, scale,
+                q.stride(0), q.stride(1), block_tables.stride(0),
+                GROUP=group, GROUP_P2=gp2, HKV=hkv, D=d, BLOCK_D=next_pow2(d), PAGE=page,
+                BLOCK_Q=next_pow2(max(1, 16 // gp2)), BLOCK_N=64, SPLITS=splits, PRECISION=precision, num_warps=4,
+                num_stages=2)
+            _combine_splits_kernel[(T, hq)](part_o, part_ml, out, out.stride(0), out.stride(1), HQ=hq, D=d,
+                                            BLOCK_D=next_pow2(d), SPLITS=splits, num_warps=1)
+            return out
     if max_q_len <= 1:
         block_q, block_n, warps = max(1, 16 // gp2), 64, 4
     else:
         block_q, block_n, warps = max(1, 64 // gp2), 64, 4
     block_q = next_pow2(block_q)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(max_q_len, block_q), cu_seqlens_q.numel() - 1, hkv)
     _paged_attn_kernel[grid](
         q, k_cache, v_cache, out, block_tables, cu_seqlens_q, kv_lens, scale,

@@ -72,7 +72,11 @@ VARIANTS = {
                         num_warps=2),
     "decode_rows": dict(kernel="decode", ROWS=True, BLOCK_J=32, split_k=5, num_warps=1),
     "swap": dict(kernel="swap", BLOCK_M=16, BLOCK_N=128, split_k=4, num_warps=8),
-    "decode_kw": dict(kernel="decode", KW=4, BLOCK_J=32, split_k=5),
+    "decode_kw": dict(kernel="decode", KW=4, BLOCK_J=32, split_k=5, TAIL=0),
+    "decode_rows_sum_launch": dict(kernel="decode", ROWS=True, BLOCK_J=32, split_k=7, num_warps=1, TAIL=0),
+    "swap_sum_launch": dict(kernel="swap", BLOCK_M=16, BLOCK_N=128, split_k=4, num_warps=8, TAIL=0),
+    "splitk_sum_launch": dict(kernel="splitk", BLOCK_M=16, BLOCK_N=128, split_k=4, SCALE_AFTER=True, PREFETCH=1,
+                              num_warps=8, num_stages=1, TAIL=0),
     "decode_kw_wide": dict(kernel="decode", KW=2, BLOCK_J=64, split_k=1),
     "decode_rows_deep": dict(kernel="decode", ROWS=True, BLOCK_M=2, BLOCK_J=128, DEPTH=2, split_k=3, num_warps=4),
 }
