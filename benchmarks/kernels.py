@@ -229,7 +229,7 @@ def plot(results, path, meta):
         rs = sorted([r for r in results if (r["K"], r["N"]) == (K, N)], key=lambda r: r["M"])
         Ms = [r["M"] for r in rs]
         ax.plot(Ms, [r["cublas_us"] / r.get("int4pack_us", float("nan")) for r in rs], "k--", label="torch int4 (tinygemm)")
-        for v, st in (("gemv", "o-"), ("splitk", "s-"), ("gemm", "^-"), ("dequant", "v-")):
+        for v, st in (("decode", "o-"), ("swap", "D-"), ("splitk", "s-"), ("gemm", "^-"), ("dequant", "v-")):
             pts = [(r["M"], r["cublas_us"] / r["variants"][v][0]) for r in rs if v in r["variants"]]
             if pts:
                 ax.plot(*zip(*pts), st, label=f"ours: {v}", alpha=0.8)
@@ -248,6 +248,31 @@ def plot(results, path, meta):
     fig.savefig(path, dpi=110)
 
 
+def join_runs(files: list[Path], out: Path, write_docs: bool) -> int:
+    """One table, section and plot from partial runs (rows keyed by shape and M; a later file wins)."""
+    runs = [json.loads(f.read_text()) for f in files]
+    metas = [r["meta"] for r in runs]
+    if len({(m["commit"], m["device"]) for m in metas}) != 1:
+        raise SystemExit(f"--join needs runs of one commit on one card, got {[(m['commit'], m['device']) for m in metas]}")
+    rows = {(r["K"], r["N"], r["M"]): r for run in runs for r in run["results"]}
+    shapes = [s for s in SHAPES if any(k[:2] == s for k in rows)]
+    results = sorted(rows.values(), key=lambda r: (shapes.index((r["K"], r["N"])), r["M"]))
+    meta = dict(metas[0])
+    meta["joined_runs"] = [{"date": m["date"], "copy_tbps": m["copy_tbps"]} for m in metas]
+    (out / "kernels_results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    table = keep_unmeasured(tuned_table(results, meta), dispatch.load_table())
+    (out / "tuned_h100.json").write_text(json.dumps(table, indent=1, sort_keys=True))
+    md = markdown(results, meta).replace(
+        "\n\n| K×N |", f"\n\nJoined from {len(files)} device calls of one session on one machine.\n\n| K×N |", 1)
+    (out / "kernels_section.md").write_text(md)
+    plot(results, out / "kernels_speedup.png", meta)
+    if write_docs:
+        write_section("kernels", md)
+        Path(dispatch.TABLE_PATH).write_text(json.dumps(table, indent=1, sort_keys=True))
+    print(md)
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs"))
@@ -259,9 +284,14 @@ def main():
     ap.add_argument("--also", default=None,
                     help="kernels_results.json of an earlier part of this session (same card): its rows for shapes "
                          "this run does not measure join this run's table, section and plot")
+    ap.add_argument("--join", nargs="+", default=None,
+                    help="kernels_results.json files of one commit on one card, measured in several device calls "
+                         "(e.g. --ms 1,2 / 4-64 / 128-4096): write their joint table, section and plot, no GPU needed")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.join:
+        return join_runs([Path(f) for f in args.join], out, args.write_docs)
     shapes = SHAPES
     ms = MS
     if args.quick:
