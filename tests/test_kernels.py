@@ -171,9 +171,9 @@ def test_decode_split_sums_match_fp64(group, kernel, tail):
                            M, group, M + tail, True)
 
 
-@pytest.mark.parametrize("split", [3, 130])
+@pytest.mark.parametrize("split", [3, 300])
 def test_reduce_partials_sums_every_split(split):
-    """The second launch of ``TAIL=0``: 130 splits take two rounds of its 128-split tile; bias, strided ``y``."""
+    """The second launch of ``TAIL=0``: 300 splits take two rounds of its 256-split tile; bias, strided ``y``."""
     from kernels.awq_gemv_decode import reduce_partials
 
     ws = torch.randn(split, 2, 40)
