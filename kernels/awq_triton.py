@@ -116,9 +116,10 @@ def _tail(tail: int) -> int:
 def reduce_partials(ws: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Sum ``ws [split, M, N]`` over its first axis into ``y [M, N]`` (+ ``bias``); see ``_reduce_partials_kernel``."""
     split, M, N = ws.shape
-    # one-warp programs, at least ~2 per SM of an H100 (Nsight Compute: [32, 128] tiles on 4 warps gave 112
-    # programs for N = 14336, one active warp per scheduler, 5.4 us), up to 64 partials per thread at once
-    bn = max(8, min(64, 1 << max(0, (N // 264).bit_length() - 1)))
+    # one-warp programs, about two per SM of an H100 over all M rows (Nsight Compute: [32, 128] tiles on 4
+    # warps gave 112 programs for N = 14336 at M = 1, one active warp per scheduler, 5.4 us; sizing by N alone
+    # made 8k programs at M = 16 and cost the swap kernel 2-8 us), up to 64 partials per thread at once
+    bn = max(8, min(256, 1 << max(0, (M * N // 264).bit_length() - 1)))
     sb = min(triton.next_power_of_2(split), 2048 // bn)
     _reduce_partials_kernel[(triton.cdiv(N, bn), M)](
         ws, bias if bias is not None else y, y, M, N, split, y.stride(0), HAS_BIAS=bias is not None,
