@@ -68,6 +68,27 @@ def rope_and_store(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping):
 
 
 @triton.jit
+def _online_softmax_block(q, KC, VC, bt, kvh, k_pos, k_ok, allowed, d, d_ok, m_i, l_i, acc, qk_scale,
+                          HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr):
+    """One block of cached positions ``k_pos`` (``k_ok``: inside the range) gathered through the block table
+    ``bt`` into the running (max, sum, output) of an online softmax; ``allowed`` masks scores (causality)."""
+    page = tl.load(bt + k_pos // PAGE, mask=k_ok, other=0).to(tl.int64)
+    off = (page * PAGE + k_pos % PAGE) * (HKV * D) + kvh * D
+    kv_mask = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_attn_kernel(Q, KC, VC, O, BlockTables, CuQ, KvLens, sm_scale,
                        stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                        GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
@@ -102,20 +123,9 @@ def _paged_attn_kernel(Q, KC, VC, O, BlockTables, CuQ, KvLens, sm_scale,
     for start in range(0, kv_end, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
         k_ok = k_pos < kv_end
-        page = tl.load(bt + k_pos // PAGE, mask=k_ok, other=0).to(tl.int64)
-        off = (page * PAGE + k_pos % PAGE) * (HKV * D) + kvh * D
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_block(q, KC, VC, bt, kvh, k_pos, k_ok,
+                                              (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], d, d_ok,
+                                              m_i, l_i, acc, qk_scale, HKV, D, PAGE, PRECISION)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     o_ptr = O + (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
@@ -155,20 +165,8 @@ def _paged_decode_split_kernel(Q, KC, VC, PartO, PartML, BlockTables, KvLens, sm
     for s0 in range(start, end, BLOCK_N):
         k_pos = s0 + tl.arange(0, BLOCK_N)
         k_ok = k_pos < end
-        page = tl.load(bt + k_pos // PAGE, mask=k_ok, other=0).to(tl.int64)
-        off = (page * PAGE + k_pos % PAGE) * (HKV * D) + kvh * D
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_block(q, KC, VC, bt, kvh, k_pos, k_ok, k_ok[None, :], d, d_ok,
+                                              m_i, l_i, acc, qk_scale, HKV, D, PAGE, PRECISION)
     part = (seq * (HKV * GROUP) + head).to(tl.int64) * SPLITS + sp  # [T, Hq, SPLITS] flattened
     tl.store(PartO + part[:, None] * D + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
     tl.store(PartML + part * 2, m_i, mask=row_ok)
