@@ -81,7 +81,7 @@ def dot_swap(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
     split_k, gps = _split_args(K // group_size, split_k)
     y, ws = _out_and_ws(x2, N, out, split_k)
     grid = (triton.cdiv(N, BLOCK_N), split_k, triton.cdiv(M, block_m))
-    cnt = tile_counters(x2.device, grid[0] * grid[2]) if split_k > 1 else y
+    cnt = tile_counters(x2.device, grid[0] * grid[2]) if split_k > 1 and TAIL else y
     _awq_dot_swap_kernel[grid](
         x2, qweight, qzeros, scales, bias if bias is not None else y, y, ws, cnt,
         M, N, N // 8, K, x2.stride(0), y.stride(0), split_k, gps,

@@ -173,30 +173,20 @@ def _awq_gemv_decode_kernel(
 
 
 @triton.jit
-def _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, w, xr, z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D: tl.constexpr):
+def _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, w, xr, z0, z1, z2, z3, z4, z5, z6, z7, magic):
     """One K row: ``p_c += x * (q_c - z_c) * 16**pos`` for the eight columns of each thread's word, every row
-    of x (``xr`` is ``[BLOCK_M, 1]``, the words ``[BLOCK_J]``): the unpack is shared by the rows. ``W2D``: the
-    words, zero points and x already have the sums' 2-D shape (the ``KW`` kernel)."""
+    of x (``xr`` is ``[BLOCK_M, BLOCK_J]`` or ``[KW, BLOCK_J]``; the zero points come 2-D, ``[1, BLOCK_J]`` or the
+    sums' shape, so a 1-D word broadcasts to the rows): the unpack is shared by the rows."""
     xr = xr.to(tl.float32)
     wh = (w.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)
-    if W2D:
-        p0 += xr * (_col(w, 0, 0, magic) - z0)
-        p1 += xr * (_col(w, 0, 1, magic) - z1)
-        p2 += xr * (_col(w, 0, 2, magic) - z2)
-        p3 += xr * (_col(w, 0, 3, magic) - z3)
-        p4 += xr * (_col(wh, 0, 0, magic) - z4)
-        p5 += xr * (_col(wh, 0, 1, magic) - z5)
-        p6 += xr * (_col(wh, 0, 2, magic) - z6)
-        p7 += xr * (_col(wh, 0, 3, magic) - z7)
-    else:
-        p0 += xr * (_col(w, 0, 0, magic) - z0)[None, :]
-        p1 += xr * (_col(w, 0, 1, magic) - z1)[None, :]
-        p2 += xr * (_col(w, 0, 2, magic) - z2)[None, :]
-        p3 += xr * (_col(w, 0, 3, magic) - z3)[None, :]
-        p4 += xr * (_col(wh, 0, 0, magic) - z4)[None, :]
-        p5 += xr * (_col(wh, 0, 1, magic) - z5)[None, :]
-        p6 += xr * (_col(wh, 0, 2, magic) - z6)[None, :]
-        p7 += xr * (_col(wh, 0, 3, magic) - z7)[None, :]
+    p0 += xr * (_col(w, 0, 0, magic) - z0)
+    p1 += xr * (_col(w, 0, 1, magic) - z1)
+    p2 += xr * (_col(w, 0, 2, magic) - z2)
+    p3 += xr * (_col(w, 0, 3, magic) - z3)
+    p4 += xr * (_col(wh, 0, 0, magic) - z4)
+    p5 += xr * (_col(wh, 0, 1, magic) - z5)
+    p6 += xr * (_col(wh, 0, 2, magic) - z6)
+    p7 += xr * (_col(wh, 0, 3, magic) - z7)
     return p0, p1, p2, p3, p4, p5, p6, p7
 
 
@@ -214,24 +204,24 @@ def _load_step(wp, xp, xm, kn, N8: tl.constexpr):
 
 @triton.jit
 def _step_fma(p0, p1, p2, p3, p4, p5, p6, p7, c0, c1, c2, c3, c4, c5, c6, c7, x0, x1, x2, x3, x4, x5, x6, x7,
-              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D: tl.constexpr):
+              z0, z1, z2, z3, z4, z5, z6, z7, magic):
     """One step: the eight rows' words ``c`` and x values ``x`` into the column sums, row by row."""
     p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c0, x0,
-                                              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D)
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
     p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c1, x1,
-                                              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D)
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
     p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c2, x2,
-                                              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D)
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
     p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c3, x3,
-                                              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D)
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
     p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c4, x4,
-                                              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D)
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
     p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c5, x5,
-                                              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D)
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
     p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c6, x6,
-                                              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D)
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
     p0, p1, p2, p3, p4, p5, p6, p7 = _row_fma(p0, p1, p2, p3, p4, p5, p6, p7, c7, x7,
-                                              z0, z1, z2, z3, z4, z5, z6, z7, magic, W2D)
+                                              z0, z1, z2, z3, z4, z5, z6, z7, magic)
     return p0, p1, p2, p3, p4, p5, p6, p7
 
 
@@ -284,7 +274,7 @@ def _awq_gemv_rows_kernel(
     a6 = tl.zeros_like(a0)
     a7 = tl.zeros_like(a0)
     for g in range(g0, g1):
-        z = tl.load(qz_ptr + g * N8 + offs_jl)
+        z = tl.load(qz_ptr + g * N8 + offs_jl[None, :])  # [1, BLOCK_J]: broadcasts over the rows of x
         z0, z1, z2, z3, z4, z5, z6, z7 = _zero_points(z, magic)
         p0 = tl.zeros_like(a0)
         p1 = tl.zeros_like(a0)
@@ -307,7 +297,7 @@ def _awq_gemv_rows_kernel(
                 n0, n1, n2, n3, n4, n5, n6, n7, y0, y1, y2, y3, y4, y5, y6, y7 = _load_step(wp, xp, xm, kn, N8)
             p0, p1, p2, p3, p4, p5, p6, p7 = _step_fma(p0, p1, p2, p3, p4, p5, p6, p7,
                                                        c0, c1, c2, c3, c4, c5, c6, c7, x0, x1, x2, x3, x4, x5, x6, x7,
-                                                       z0, z1, z2, z3, z4, z5, z6, z7, magic, False)
+                                                       z0, z1, z2, z3, z4, z5, z6, z7, magic)
         s0, s1, s2, s3, s4, s5, s6, s7 = _scales8(s_ptr, g, N, offs_jl)
         a0 += p0 * s0[None, :]
         a1 += p1 * s1[None, :]
@@ -387,7 +377,7 @@ def _awq_gemv_kwarps_kernel(
             n0, n1, n2, n3, n4, n5, n6, n7, y0, y1, y2, y3, y4, y5, y6, y7 = _load_step(wp, xp, xm, kn, N8)
             p0, p1, p2, p3, p4, p5, p6, p7 = _step_fma(p0, p1, p2, p3, p4, p5, p6, p7,
                                                        c0, c1, c2, c3, c4, c5, c6, c7, x0, x1, x2, x3, x4, x5, x6, x7,
-                                                       z0, z1, z2, z3, z4, z5, z6, z7, magic, True)
+                                                       z0, z1, z2, z3, z4, z5, z6, z7, magic)
         s0, s1, s2, s3, s4, s5, s6, s7 = _scales8(s_ptr, g, N, zoffs)
         a0 += p0 * s0
         a1 += p1 * s1
@@ -506,13 +496,13 @@ def gemv_decode(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
     y, ws = _out_and_ws(x2, N, out, split_k)
     block_m = min(triton.next_power_of_2(M), BLOCK_M) if ROWS else 1
     grid = (triton.cdiv(N // 8, BLOCK_J), split_k, triton.cdiv(M, block_m))
-    cnt = tile_counters(x2.device, grid[0] * grid[2]) if split_k > 1 else y
+    cnt = tile_counters(x2.device, grid[0] * grid[2]) if split_k > 1 and tail else y
     bias_arg = bias if bias is not None else y
     if KW:
         if group_size % (8 * KW):
             raise ValueError(f"KW={KW} needs group_size divisible by {8 * KW} (got {group_size})")
         grid = (triton.cdiv(N // 8, BLOCK_J), split_k, M)
-        cnt = tile_counters(x2.device, grid[0] * grid[2]) if split_k > 1 else y
+        cnt = tile_counters(x2.device, grid[0] * grid[2]) if split_k > 1 and tail else y
         _awq_gemv_kwarps_kernel[grid](
             x2, qweight, qzeros, scales, bias_arg, y, ws, cnt,
             M, N, K, x2.stride(0), y.stride(0), split_k, gps, 0x4B000000,

@@ -433,7 +433,7 @@ def dot(x2, qweight, qzeros, scales, group_size, bias=None, *, out=None, BLOCK_M
     split_k, gps = _split_args(K // group_size, split_k)
     y, ws = _out_and_ws(x2, N, out, split_k)
     tiles = triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N)
-    cnt = tile_counters(x2.device, tiles) if split_k > 1 else y
+    cnt = tile_counters(x2.device, tiles) if split_k > 1 and TAIL else y
     _awq_dot_kernel[(tiles, split_k)](
         x2, qweight, qzeros, scales, bias if bias is not None else y, y, ws, cnt,
         M, N, N // 8, K, x2.stride(0), y.stride(0), split_k, gps,
