@@ -160,9 +160,10 @@ def report(rows: list, meta: dict, note: str | None = None) -> str:
                       f"{st.get('send', st.get('put', 0)):.2f}, wait {st.get('wait_slot', 0):.2f}; task "
                       f"{st.get('search_pack', 0):.2f} (+ {st.get('x_to_device', 0):.2f} inputs to GPU); "
                       f"set-up {job.get('setup', 0):.1f}, finish {job.get('finish', 0):.1f}"
-                      + (f"; workers ready {job['worker_skeleton']:.1f} s after start (imported "
+                      + (f"; workers ready {job[ready]:.1f} s after start (imported "
                          f"{job.get('worker_imported', 0):.1f}, CUDA {job.get('worker_cuda', 0):.1f})"
-                         if "worker_skeleton" in job else "") + ".")
+                         if (ready := next((k for k in ("worker_ready", "worker_skeleton") if k in job), None))
+                         else "") + ".")
     md += (["", note] if note else []) + ["", "![scaling](quant_scaling.png)", "",
            "Raw numbers: `benchmarks/results/quant_scaling.json`. Reproduce: `bash benchmarks/gpu_session.sh x4 <commit>` "
            "on 4 GPUs, then `python benchmarks/quant_scaling.py --report quant_scaling.json`."]

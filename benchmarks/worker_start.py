@@ -2,10 +2,11 @@
 
 The distributed quantizer's block workers start cold in every job; on 4 H100s they were ready ~16-20 s after
 the job asked for them, a fixed cost that caps the 7B job's 4-GPU speedup. This separates the steps that do
-not involve Ray: ``import torch``, the CUDA context, ``import transformers`` and the meta-device model skeleton
-of the Llama-2-7B shape (what ``cluster.block_task.warm_worker`` builds).
+not involve Ray: ``import torch``, the CUDA context, the block worker's own module (what
+``cluster.block_task.warm_worker`` pays now), and, for comparison, ``import transformers`` with the meta-device
+model skeleton of the Llama-2-7B shape that workers built before blocks became ``quant.decoder`` modules.
 
-    python benchmarks/worker_start.py [--procs 4]
+    python benchmarks/worker_start.py [--procs 4]     # from the repository root
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ steps["import torch"] = time.perf_counter() - t0; t = time.perf_counter()
 if torch.cuda.is_available():
     torch.cuda.set_device(DEVICE % torch.cuda.device_count()); torch.empty(1, device="cuda")
 steps["CUDA context"] = time.perf_counter() - t; t = time.perf_counter()
+import cluster.block_task
+steps["import cluster.block_task (worker)"] = time.perf_counter() - t; t = time.perf_counter()
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 steps["import transformers"] = time.perf_counter() - t; t = time.perf_counter()
@@ -57,7 +60,7 @@ def main() -> int:
         rows = run(n)
         print(f"{n} process(es) at once, slowest per step (s):")
         for step in rows[0]:
-            print(f"  {step:<30s} {max(r[step] for r in rows):6.2f}")
+            print(f"  {step:<36s} {max(r[step] for r in rows):6.2f}")
     return 0
 
 

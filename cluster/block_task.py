@@ -10,6 +10,7 @@ same node maps the driver's bytes), while a torch tensor is pickled, which copie
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 _IMPORT_START = time.time()  # a worker's import of this module (torch, quant) is part of its start-up
@@ -23,6 +24,7 @@ import torch
 from cluster.handoff import CudaHandoff, open_peer_device
 from quant.block_quant import BlockContext, quantize_block
 from quant.config import QuantConfig
+from quant.decoder import BlockSpec
 from quant.model_io import BlockBuilder, ModelSource
 
 _IMPORTED = time.time()
@@ -57,9 +59,9 @@ def unpack_tensors(packed: dict[str, tuple[np.ndarray, torch.dtype]]) -> dict[st
 
 
 @lru_cache(maxsize=8)
-def _worker_builder(model_path: str, device: str, dtype: torch.dtype) -> BlockBuilder:
-    """One meta skeleton per worker process and model, reused across the blocks it is given."""
-    return BlockBuilder(ModelSource(model_path), torch.device(device), dtype)
+def _worker_source(model_path: str) -> ModelSource:
+    """The model's files opened once per worker process, reused across the blocks it is given."""
+    return ModelSource(model_path)
 
 
 def _maybe_inject_failure(index: int) -> None:
@@ -105,12 +107,10 @@ def _process_start() -> float:
         return time.time()
 
 
-def warm_worker(model_path: str, cfg: QuantConfig) -> tuple[str, dict[str, float]]:
-    """Start a block worker before its first block: imports, the CUDA context and the model skeleton,
+def warm_worker(model_path: str) -> tuple[str, dict[str, float]]:
+    """Start a block worker before its first block: imports, the CUDA context and the model's files opened,
     overlapped with the driver's own set-up. Returns ("" or the error, which the real task reports properly;
     wall-clock stamps of each step, so the driver can tell where a slow start went)."""
-    from quant.pipeline import compute_dtype
-
     stamps = {"process": _process_start(), "import": _IMPORT_START, "imported": _IMPORTED, "init": time.time()}
     try:
         device = task_device()
@@ -118,9 +118,8 @@ def warm_worker(model_path: str, cfg: QuantConfig) -> tuple[str, dict[str, float
             torch.cuda.set_device(device)
             torch.empty(1, device=device)
             stamps["cuda"] = time.time()
-        cfg.resolve_dtype(ModelSource(model_path).dtype())  # the plan's arithmetic dtype, as the driver picks it
-        _worker_builder(model_path, device, compute_dtype(torch.device(device), cfg.out_dtype))
-        stamps["skeleton"] = time.time()
+        _worker_source(model_path)
+        stamps["ready"] = time.time()
         return "", stamps
     except Exception as e:  # noqa: BLE001 - the block task that follows raises it properly
         return f"{type(e).__name__}: {e}", stamps
@@ -128,14 +127,14 @@ def warm_worker(model_path: str, cfg: QuantConfig) -> tuple[str, dict[str, float
 
 class BlockWorker:
     """The Ray actor that searches blocks: one per placement-group bundle, so it keeps one GPU (or CPU) for the
-    whole job with one CUDA context and one model skeleton. (Stateless tasks let Ray hand a reused worker
-    process a different GPU each time, and each new GPU in a process costs a context and a skeleton: the
-    likely reason the block rebuild took 0.84 s a block on 4 H100s against 0.07 s on 1-2.) Warmed up in the
-    constructor, while the driver sets up."""
+    whole job with one CUDA context. (Stateless tasks let Ray hand a reused worker process a different GPU
+    each time, and each new GPU in a process costs a context: the likely reason the block rebuild took 0.84 s
+    a block on 4 H100s against 0.07 s on 1-2.) Warmed up in the constructor, while the driver sets up; it
+    never imports transformers (``quant.decoder``)."""
 
-    def __init__(self, model_path: str, cfg: QuantConfig):
+    def __init__(self, model_path: str):
         self.model_path = model_path
-        self.warm_error, self.warm_stamps = warm_worker(model_path, cfg)
+        self.warm_error, self.warm_stamps = warm_worker(model_path)
 
     def open_peer(self, uuid: str) -> None:
         """Create the CUDA context on the driver's GPU (``uuid``) ahead of the first CUDA IPC handle. A call of
@@ -146,20 +145,23 @@ class BlockWorker:
         except Exception as e:  # noqa: BLE001 - the first handle reports it (and falls back to the object store)
             self.warm_error = self.warm_error or f"{type(e).__name__}: {e}"
 
-    def warm_status(self) -> tuple[str, dict[str, float]]:
-        """("" or why the warm-up failed (the blocks run anyway and raise the real error), its step stamps)."""
-        return self.warm_error, self.warm_stamps
+    def warm_status(self) -> tuple[str, dict[str, float], bool]:
+        """("" or why the warm-up failed (the blocks run anyway and raise the real error), its step stamps,
+        whether this process has imported transformers by now)."""
+        return self.warm_error, self.warm_stamps, "transformers" in sys.modules
 
-    def search(self, index: int, x, cfg: QuantConfig, dtype: torch.dtype):
-        return search_block(self.model_path, index, x, cfg, dtype)
+    def search(self, index: int, x, cfg: QuantConfig, dtype: torch.dtype, spec: BlockSpec, rope: dict):
+        return search_block(self.model_path, index, x, cfg, dtype, spec, rope)
 
 
 def search_block(model_path: str, index: int, x: np.ndarray | torch.Tensor | CudaHandoff, cfg: QuantConfig,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, spec: BlockSpec, rope: dict):
     """Body of the Ray task: rebuild block ``index`` from the files and run AWQ on it.
 
     ``x`` is the block's inputs: ``to_array`` of a ``dtype`` tensor, the tensor itself, or a ``CudaHandoff`` to
-    the driver's copy (a ``HandoffError`` if it cannot be opened here). Returns
+    the driver's copy (a ``HandoffError`` if it cannot be opened here). ``spec`` is the block's shape and
+    ``rope`` the driver's RoPE tables (``pack_tensors`` of ``{"cos", "sin"}``), so that every block is built
+    and run exactly as in the single-process quantizer. Returns
     ``(pack_tensors(tensors), report, timings)``; ``timings`` are seconds per step plus ``start``/``end``
     wall-clock stamps, so the driver can tell queueing and transfer from work.
     """
@@ -181,9 +183,10 @@ def search_block(model_path: str, index: int, x: np.ndarray | torch.Tensor | Cud
         x = x.to(device=device, dtype=dtype)
     timings["x_to_device"] = _lap(t, device)
     t = time.perf_counter()
-    builder = _worker_builder(model_path, device, dtype)
+    builder = BlockBuilder(_worker_source(model_path), spec, torch.device(device), dtype)
     layer = builder.block(index)
-    ctx = BlockContext.build(builder.rotary(), x.shape[1], dtype, torch.device(device))
+    cos_sin = unpack_tensors(rope)
+    ctx = BlockContext.build((cos_sin["cos"], cos_sin["sin"]), dtype, torch.device(device))
     timings["rebuild"] = _lap(t, device)
     tensors, report = quantize_block(layer, index, x, ctx, builder.source.family, cfg)
     timings["search_pack"] = report.seconds

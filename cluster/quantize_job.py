@@ -12,7 +12,6 @@ the single-process quantizer writes for the same inputs.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import sys
@@ -23,7 +22,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.block_task import NOSET_ENV, BlockWorker, to_array, unpack_tensors
+from cluster.block_task import NOSET_ENV, BlockWorker, pack_tensors, to_array, unpack_tensors
 from cluster.handoff import CudaHandoff, HandoffError, device_uuid
 from quant.cli import add_quant_args, config_from_args
 from quant.config import QuantConfig
@@ -78,6 +77,7 @@ class _Dispatch:
         self.submitted: dict[int, float] = {}
         self.kept: dict[int, torch.Tensor] = {}  # inputs shared by handle, alive until their block is done
         self.writer = BlockWriter(self._save)
+        self._rope = None  # the driver's RoPE tables in the object store, put once, read by every block
         self.t0 = time.perf_counter()
 
     def timing(self, i: int) -> dict[str, float]:
@@ -104,7 +104,10 @@ class _Dispatch:
         self.load[w] += 1
         self.last_sent[w] = time.perf_counter()
         self.submitted[i] = time.time()
-        ref = self.workers[w].search.options(**self.call_options).remote(i, arg, self.plan.cfg, self.plan.cdtype)
+        if self._rope is None:
+            self._rope = ray.put(pack_tensors(dict(zip(("cos", "sin"), self.plan.rope))))
+        ref = self.workers[w].search.options(**self.call_options).remote(i, arg, self.plan.cfg, self.plan.cdtype,
+                                                                         self.plan.spec, self._rope)
         self.in_flight[ref] = (i, w)
 
     def submit(self, i: int, x: torch.Tensor) -> None:
@@ -210,12 +213,12 @@ def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int =
     workers = workers or max(1, num_gpus or int(ray.available_resources().get("CPU", 1)))
     pg = reserve(num_gpus, workers)
     extra = {"runtime_env": {"env_vars": dict(NOSET_ENV)}} if num_gpus > 0 else {}
-    # one actor per bundle, warming up (imports, CUDA context, model skeleton) while the driver sets up
+    # one actor per bundle, warming up (imports, CUDA context, the model's files) while the driver sets up
     actor = ray.remote(BlockWorker)
     created = time.time()
     opts = dict(max_restarts=max_retries, max_task_retries=max_retries, **extra, **resources(num_gpus))
     block_workers = [actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=b),
-                                   **opts).remote(model, copy.deepcopy(cfg)) for b in range(workers)]
+                                   **opts).remote(model) for b in range(workers)]
     peer = _handoff_peer(pg, num_gpus)  # the driver's own CUDA start-up, while the workers start
     if peer is not None:
         for w in block_workers:
@@ -243,10 +246,11 @@ def run_distributed(model: str, work_dir: str, cfg: QuantConfig, num_gpus: int =
                 run.submit(i, x)
             run.drain()
             warm = ray.get([w.warm_status.remote() for w in block_workers])
-            for err in filter(None, (e for e, _ in warm)):
+            for err in filter(None, (e for e, _, _ in warm)):
                 log.warning("a worker warm-up failed (the blocks ran anyway): %s", err)
-            for step in ("process", "import", "imported", "init", "cuda", "peer", "skeleton"):
-                at = [stamps[step] - created for _, stamps in warm if step in stamps]
+            plan.summary.job_timings["worker_imported_transformers"] = float(any(t for _, _, t in warm))
+            for step in ("process", "import", "imported", "init", "cuda", "peer", "ready"):
+                at = [stamps[step] - created for _, stamps, _ in warm if step in stamps]
                 if at:  # seconds from asking for the workers to the slowest one's step
                     plan.summary.job_timings[f"worker_{step}"] = max(at)
         finally:

@@ -29,12 +29,13 @@ class BlockContext:
     attention_mask: torch.Tensor
 
     @classmethod
-    def build(cls, rotary: nn.Module, seqlen: int, dtype: torch.dtype, device: torch.device) -> "BlockContext":
-        pos = torch.arange(seqlen, device=device)[None]
-        dummy = torch.zeros(1, seqlen, 1, dtype=dtype, device=device)
-        cos, sin = rotary(dummy, pos)
+    def build(cls, position_embeddings: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype,
+              device: torch.device) -> "BlockContext":
+        """From RoPE ``(cos, sin)`` ``[1, seq, head_dim]`` (``model_io.rotary_embeddings``) and a causal mask."""
+        cos, sin = (t.to(device=device, dtype=dtype) for t in position_embeddings)
+        seqlen = cos.shape[-2]
         mask = torch.full((seqlen, seqlen), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
-        return cls((cos.to(dtype), sin.to(dtype)), mask[None, None])
+        return cls((cos, sin), mask[None, None])
 
     def to(self, device: torch.device) -> "BlockContext":
         cos, sin = self.position_embeddings

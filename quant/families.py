@@ -42,6 +42,11 @@ class Family:
     mlp: str = "mlp"
     attn_norm: str = "input_layernorm"
     mlp_norm: str = "post_attention_layernorm"
+    # Block options fixed by the architecture; None: read from the config (attention_bias, mlp_bias)
+    qkv_bias: bool | None = None
+    o_bias: bool | None = None
+    mlp_bias: bool | None = None
+    qk_norm: bool = False  # an RMSNorm on each query and key head (Qwen3)
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -65,9 +70,9 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family(("LlamaForCausalLM",), ("llama",)),
-    Family(("MistralForCausalLM",), ("mistral",)),
-    Family(("Qwen2ForCausalLM",), ("qwen2",)),
-    Family(("Qwen3ForCausalLM",), ("qwen3",)),
+    Family(("MistralForCausalLM",), ("mistral",), qkv_bias=False, o_bias=False, mlp_bias=False),
+    Family(("Qwen2ForCausalLM",), ("qwen2",), qkv_bias=True, o_bias=False, mlp_bias=False),
+    Family(("Qwen3ForCausalLM",), ("qwen3",), mlp_bias=False, qk_norm=True),
 )
 
 

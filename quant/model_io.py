@@ -1,18 +1,21 @@
 """Read a Hugging Face model lazily: config, tokenizer, and one decoder block at a time from safetensors.
 
-The whole model never sits in memory: a meta-device skeleton gives the module structure, and a block's
-tensors are read with ``safe_open`` only when that block is processed.
+The whole model never sits in memory: a block's tensors are read with ``safe_open`` only when that block is
+processed, into a ``decoder.DecoderBlock`` (plain torch: a block worker never imports transformers' models).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from functools import cached_property
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
 
+from .decoder import BlockSpec, DecoderBlock
 from .errors import QuantError
 from .families import Family, family_for
 
@@ -36,18 +39,31 @@ def resolve_model_dir(model: str) -> Path:
 
 
 class ModelSource:
-    """A model directory opened for reading tensors by name, one file handle per shard."""
+    """A model directory opened for reading tensors by name, one file handle per shard.
+
+    Opening one needs no transformers import (a block worker opens one): the family comes from config.json's
+    ``architectures``/``model_type``; ``config``, transformers' config object with its class defaults filled
+    in, is loaded on first use (the driver's steps).
+    """
 
     def __init__(self, model: str | Path):
-        from transformers import AutoConfig
-
         self.path = resolve_model_dir(str(model))
         if not (self.path / "config.json").is_file():
             raise QuantError(f"{self.path} has no config.json; pass a Hugging Face model directory")
-        self.config = AutoConfig.from_pretrained(self.path)
-        self.family: Family = family_for(self.config)
+        try:
+            self.config_dict: dict = json.loads((self.path / "config.json").read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise QuantError(f"{self.path}/config.json is not valid JSON ({exc}); re-download or re-save the model") from None
+        d = self.config_dict
+        self.family: Family = family_for(SimpleNamespace(architectures=d.get("architectures"), model_type=d.get("model_type")))
         self.weight_map = self._weight_map()
         self._handles: dict[str, object] = {}
+
+    @cached_property
+    def config(self):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path)
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
@@ -90,29 +106,20 @@ class ModelSource:
         return int(self.config.num_hidden_layers)
 
     def dtype(self) -> torch.dtype:
-        d = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None) or torch.float16
-        return getattr(torch, d) if isinstance(d, str) else d
+        d = self.config_dict.get("dtype") or self.config_dict.get("torch_dtype") or "float16"
+        return getattr(torch, d)
 
 
 class BlockBuilder:
-    """Materializes decoder block ``i`` (and the rotary embedding) from a meta-device skeleton."""
+    """Materializes decoder block ``i`` from its tensors in the checkpoint, as a ``DecoderBlock`` of ``spec``."""
 
-    def __init__(self, source: ModelSource, device: torch.device, dtype: torch.dtype):
-        from transformers import AutoModelForCausalLM
-
-        self.source, self.device, self.dtype = source, device, dtype
-        cfg = copy.deepcopy(source.config)
-        cfg.use_cache = False
-        with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-        self.config = cfg
-
-    def _module(self, dotted: str) -> torch.nn.Module:
-        return self.skeleton.get_submodule(dotted)
+    def __init__(self, source: ModelSource, spec: BlockSpec, device: torch.device, dtype: torch.dtype):
+        self.source, self.spec, self.device, self.dtype = source, spec, device, dtype
 
     def block(self, i: int) -> torch.nn.Module:
         fam = self.source.family
-        layer = copy.deepcopy(self._module(fam.layers)[i])
+        with torch.device("meta"):
+            layer = DecoderBlock(self.spec)
         layer.to_empty(device=self.device)
         state = self.source.tensors(f"{fam.layers}.{i}")
         expected = set(layer.state_dict())
@@ -129,11 +136,22 @@ class BlockBuilder:
         layer.load_state_dict(state, strict=True)
         return layer.to(self.dtype).eval()
 
-    def rotary(self) -> torch.nn.Module:
-        meta = self._module(self.source.family.rotary)
-        with torch.device(self.device):  # the constructor's device argument differs across versions
-            return type(meta)(config=self.config)
-
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.source.tensor(f"{self.source.family.embed}.weight")
         return torch.nn.functional.embedding(ids, w).to(self.dtype)
+
+
+def rotary_embeddings(source: ModelSource, seqlen: int, dtype: torch.dtype,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE ``(cos, sin)`` ``[1, seqlen, head_dim]`` for positions ``0..seqlen-1``, from transformers' own rotary
+    embedding of the architecture (every scaling variant is its business); computed once, on the driver."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(source.config)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(cfg).get_submodule(source.family.rotary)
+    with torch.device(device):  # the constructor's device argument differs across versions
+        rotary = type(meta)(config=cfg)
+    pos = torch.arange(seqlen, device=device)[None]
+    cos, sin = rotary(torch.zeros(1, seqlen, 1, dtype=dtype, device=device), pos)
+    return cos.to(dtype), sin.to(dtype)

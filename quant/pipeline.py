@@ -25,7 +25,8 @@ from .calib_data import calibration_windows, load_texts
 from .checkpoint import StagingDir, copy_side_files, publish, write_config
 from .config import QuantConfig
 from .errors import QuantError
-from .model_io import BlockBuilder, ModelSource
+from .decoder import BlockSpec
+from .model_io import BlockBuilder, ModelSource, rotary_embeddings
 from .shards import ShardMerger
 
 log = logging.getLogger("rayawq.quant")
@@ -116,6 +117,7 @@ class QuantPlan:
         self.source = ModelSource(model)
         cfg.resolve_dtype(self.source.dtype())
         cfg.check_model(self.source.config)
+        self.spec = BlockSpec.from_config(self.source.config, self.source.family)
         self.device = pick_device(device)
         # Where the search runs decides the arithmetic dtype, so the FP pass matches it.
         self.cdtype = compute_dtype(pick_device(compute_device or device), cfg.out_dtype)
@@ -123,6 +125,8 @@ class QuantPlan:
         tokenizer = AutoTokenizer.from_pretrained(self.source.path)
         texts = load_texts(cfg.calib_dataset)
         self.ids = calibration_windows(texts, tokenizer, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
+        # RoPE for the windows' positions: with ``spec``, what every block is built from, wherever it is searched
+        self.rope = rotary_embeddings(self.source, self.ids.shape[1], self.cdtype, self.device)
         self.act_budget = int(act_budget_gb * 1024**3)
         self.summary = QuantSummary(self.work_dir, 0.0)
         self.staging.open()
@@ -145,8 +149,8 @@ class QuantPlan:
 
     def fp_pass(self) -> Iterator[tuple[int, torch.nn.Module, torch.Tensor, BlockContext]]:
         """Yield ``(i, block, inputs, ctx)``; block ``i+1``'s inputs are block ``i``'s FP outputs, computed first."""
-        builder = BlockBuilder(self.source, self.device, self.cdtype)
-        ctx = BlockContext.build(builder.rotary(), self.ids.shape[1], self.cdtype, self.device)
+        builder = BlockBuilder(self.source, self.spec, self.device, self.cdtype)
+        ctx = BlockContext.build(self.rope, self.cdtype, self.device)
         store = ActivationStore(self.device, self.act_budget, self.staging.root / "spill")
         x = store.place(builder.embed(self.ids), "x0")
         for i in range(self.num_blocks):

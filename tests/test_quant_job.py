@@ -73,7 +73,8 @@ def test_distributed_equals_single_process(cluster, tiny_model_factory, calib_fi
     assert not (tmp_path / "dist.partial").exists()
     # the workers' start-up steps are stamped in order, and the finish is split into its parts
     jt = summary.job_timings
-    assert 0 <= jt["worker_import"] <= jt["worker_imported"] <= jt["worker_init"] <= jt["worker_skeleton"]
+    assert 0 <= jt["worker_import"] <= jt["worker_imported"] <= jt["worker_init"] <= jt["worker_ready"]
+    assert jt["worker_imported_transformers"] == 0.0  # a block worker never imports transformers (its cold start)
     assert {"finish_shards", "finish_publish", "finish_cleanup"} <= set(jt)
 
 
