@@ -118,9 +118,8 @@ class BlockBuilder:
 
     def block(self, i: int) -> torch.nn.Module:
         fam = self.source.family
-        with torch.device("meta"):
+        with torch.device("meta"):  # shapes only: the checkpoint's tensors are assigned in below
             layer = DecoderBlock(self.spec)
-        layer.to_empty(device=self.device)
         state = self.source.tensors(f"{fam.layers}.{i}")
         expected = set(layer.state_dict())
         if set(state) != expected:
@@ -133,7 +132,9 @@ class BlockBuilder:
         for name, t in state.items():
             if not torch.isfinite(t).all():
                 raise QuantError(f"block {i}: weight {name} contains NaN or inf; the source model is damaged")
-        layer.load_state_dict(state, strict=True)
+        # assigned, not copied into ``to_empty`` storage: meta ``empty_like`` imports sympy (~3 s of a cold
+        # worker's first block on the H100 machine)
+        layer.load_state_dict(state, strict=True, assign=True)
         return layer.to(self.dtype).eval()
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -134,7 +134,8 @@ class QuantPlan:
         self.out_dir = self.staging.root / "checkpoint"
         shutil.rmtree(self.out_dir, ignore_errors=True)
         self.out_dir.mkdir()
-        names = [self.block_name(i) for i in range(self.num_blocks)] + ["extra"]
+        # "extra" (embeddings, head) first: it is staged at the start, so it is merged while blocks are searched
+        names = ["extra"] + [self.block_name(i) for i in range(self.num_blocks)]
         self.merger = ShardMerger(names, self.out_dir, cfg.max_shard_size)
         for name in names:
             if self.staging.done(name):
@@ -262,6 +263,7 @@ def quantize_model(model: str, work_dir: str | Path, cfg: QuantConfig, device: s
     """Quantize ``model`` (a directory or hub id) into an AutoAWQ checkpoint at ``work_dir``, in this process."""
     plan = QuantPlan(model, work_dir, cfg, device, overwrite, act_budget_gb)
     try:
+        plan.save_extra()  # first in the shards' order: staged now, the blocks merge as they finish
         bar = tqdm(plan.fp_pass(), total=plan.num_blocks, desc="AWQ blocks", unit="block", disable=not progress)
         for i, layer, x, ctx in bar:
             if plan.staging.done(plan.block_name(i)):

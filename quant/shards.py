@@ -1,11 +1,12 @@
 """Staged parts → the checkpoint's ``model-0000k-of-0000n.safetensors`` shards, written while the job runs.
 
 Parts (one per block, plus "extra") are grouped in order, greedily, into shards of at most ``max_shard_size``
-bytes. Shard *k*'s end is decided as soon as the part after it is staged, so ``ShardMerger`` writes each shard
-then, on its own thread, and the job's last step only writes the last shard and renames: on a 7B model that
-is half the merge, on a 70B one nearly all of it. Bytes go file to file (``os.copy_file_range``): no tensor is
-loaded, nothing is held in RAM. The grouping depends only on the parts' sizes and order, so the shards are the
-same whatever order the parts finish in.
+bytes. Each part's tensor bytes are appended to its shard's file as soon as the parts before it are in, on
+the merger's own thread; the header goes into space reserved at the front of the file when the shard closes
+(a safetensors header may be padded with spaces). So the job's last step writes only the last part(s) and the
+header, then renames: the whole merge overlaps the search. Bytes go file to file (``os.copy_file_range``): no
+tensor is loaded, nothing is held in RAM. The grouping and the reserved sizes depend only on the parts' sizes
+and order, so the shards are the same whatever order the parts finish in.
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ class ShardMerger:
         self._staged: dict[str, tuple[Path, int, dict]] = {}  # name -> (file, data offset, header)
         self._tensors: set[str] = set()  # every tensor name staged so far: each may come from one part only
         self._pos = 0  # parts before this index of ``order`` are in a closed or the open shard
-        self._open: list[tuple[Path, int, dict]] = []
-        self._open_bytes = 0
+        self._open: _ShardFile | None = None
         self._written: list[tuple[Path, dict[str, int]]] = []  # (temporary file, {tensor: bytes}) per shard
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = queue.Queue() if background else None
@@ -77,23 +77,41 @@ class ShardMerger:
         self._staged[name] = (path, data_start, header)
         while self._pos < len(self.order) and self.order[self._pos] in self._staged:
             part = self._staged[self.order[self._pos]]
-            size = sum(e - b for b, e in (t["data_offsets"] for t in part[2].values()))
-            if self._open and self._open_bytes + size > self.max_shard_size:
+            size = _data_bytes(part[2])
+            if self._open is not None and self._open.nbytes + size > self.max_shard_size:
                 self._close_shard()
-            self._open.append(part)
-            self._open_bytes += size
+            if self._open is None:
+                path = self.out_dir / f"shard-{len(self._written) + 1:05d}.safetensors"
+                self._open = _ShardFile(path, self._header_reserve(part))
+            self._open.append(*part)
             self._pos += 1
 
+    def _header_reserve(self, first: tuple[Path, int, dict]) -> int:
+        """Header bytes to reserve for a shard that starts with ``first``, from the parts before it in order
+        (never from parts that happen to have arrived early: the shards must not depend on timing). Bounded by
+        the parts still to come and by the densest header per data byte seen; a header that outgrows it costs
+        one copy of the shard (``_ShardFile.close``)."""
+        seen = [self._staged[n][2] for n in self.order[: self._pos]] + [first[2]]
+        per_part = max(_header_estimate(h) for h in seen)
+        density = max(_header_estimate(h) / max(1, _data_bytes(h)) for h in seen)
+        bound = min((len(self.order) - self._pos) * per_part,
+                    density * max(self.max_shard_size, _data_bytes(first[2])) + per_part)
+        return int(bound * 1.25 + 256)
+
     def _close_shard(self) -> None:
-        tmp = self.out_dir / f"shard-{len(self._written) + 1:05d}.safetensors"
-        self._written.append((tmp, _concat_safetensors(self._open, tmp)))
-        self._open, self._open_bytes = [], 0
+        self._written.append((self._open.path, self._open.close()))
+        self._open = None
 
     def stop(self) -> None:
         """Let the thread finish what it is writing (before the directory is removed or finished)."""
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        if self._open is not None and not self._written_all():
+            self._open.abandon()  # its temp file is rewritten by the next merger over this directory
+
+    def _written_all(self) -> bool:
+        return self._pos == len(self.order)
 
     def finish(self) -> dict[str, str]:
         """Write the last shard, rename every shard to its final name, write the index; the weight map."""
@@ -103,7 +121,7 @@ class ShardMerger:
         missing = [n for n in self.order if n not in self._staged]
         if missing:
             raise QuantError(f"cannot merge the checkpoint: parts {missing[:4]} are not staged")
-        if self._open:
+        if self._open is not None:
             self._close_shard()
         n = len(self._written)
         weight_map: dict[str, str] = {}
@@ -128,30 +146,64 @@ def _read_layout(path: Path) -> tuple[int, dict]:
     return 8 + n, header
 
 
-def _concat_safetensors(files: list[tuple[Path, int, dict]], path: Path) -> dict[str, int]:
-    """Write one safetensors file holding every tensor of ``files`` (temp name, fsync, rename); returns
-    {name: bytes}. Tensors keep their bytes; only the header is new (safetensors itself has no API that
-    writes a file from ranges of others, and loading the tensors to re-save them costs two extra copies)."""
-    entries, copies, pos = {}, [], 0
-    for src, data_start, header in files:
-        for key, t in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            b, e = t["data_offsets"]
-            entries[key] = {"dtype": t["dtype"], "shape": t["shape"], "data_offsets": [pos, pos + e - b]}
-            copies.append((src, data_start + b, e - b))
-            pos += e - b
-    head = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the data section starts 8-byte aligned
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as out:
-        out.write(struct.pack("<Q", len(head)) + head)
-        out.flush()
-        for src, offset, nbytes in copies:
-            with open(src, "rb") as inp:
-                _copy_range(inp, out, offset, nbytes)
-        out.flush()
-        os.fsync(out.fileno())
-    tmp.replace(path)
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in entries.items()}
+def _data_bytes(header: dict) -> int:
+    return sum(e - b for b, e in (t["data_offsets"] for t in header.values()))
+
+
+def _header_estimate(header: dict) -> int:
+    """An upper bound of the bytes a part's entries take in a shard's header (its offsets may grow longer)."""
+    return len(json.dumps(header, separators=(",", ":"))) + 24 * len(header)
+
+
+class _ShardFile:
+    """One shard written part by part under a temporary name: the data section is appended as parts come,
+    ``reserve`` bytes at the front wait for the header. (safetensors has no API that writes a file from byte
+    ranges of others, and loading the tensors to re-save them costs two extra copies.)"""
+
+    def __init__(self, path: Path, reserve: int):
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.reserve = reserve + (-reserve % 8)  # the data section starts 8-byte aligned
+        self.entries: dict[str, dict] = {}
+        self.nbytes = 0
+        self.fh = open(self.tmp, "wb")
+        self.fh.truncate(8 + self.reserve)
+        self.fh.seek(8 + self.reserve)
+
+    def append(self, src: Path, data_start: int, header: dict) -> None:
+        with open(src, "rb") as inp:
+            for key, t in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                b, e = t["data_offsets"]
+                self.entries[key] = {"dtype": t["dtype"], "shape": t["shape"],
+                                     "data_offsets": [self.nbytes, self.nbytes + e - b]}
+                _copy_range(inp, self.fh, data_start + b, e - b)
+                self.nbytes += e - b
+        os.fdatasync(self.fh.fileno())  # on this thread now, so that closing has only the tail to flush
+
+    def close(self) -> dict[str, int]:
+        """Write the header, fsync, rename; returns {tensor: bytes}."""
+        head = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        if len(head) <= self.reserve:
+            self.fh.seek(0)
+            self.fh.write(struct.pack("<Q", self.reserve) + head + b" " * (self.reserve - len(head)))
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+            self.tmp.replace(self.path)
+        else:  # more tensors than the reservation foresaw: the data moves once, behind an exact header
+            head += b" " * (-len(head) % 8)
+            self.fh.close()
+            exact = self.path.with_name(self.path.name + ".tmp2")
+            with open(exact, "wb") as out, open(self.tmp, "rb") as inp:
+                out.write(struct.pack("<Q", len(head)) + head)
+                out.flush()
+                _copy_range(inp, out, 8 + self.reserve, self.nbytes)
+                os.fsync(out.fileno())
+            exact.replace(self.path)
+            self.tmp.unlink()
+        return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in self.entries.items()}
+
+    def abandon(self) -> None:
+        self.fh.close()
 
 
 def _copy_range(inp, out, offset: int, nbytes: int) -> None:

@@ -101,3 +101,49 @@ def test_finish_with_a_part_missing_is_a_clear_error(tmp_path):
     merger.part_ready("a", parts[0])
     with pytest.raises(QuantError, match="not staged"):
         merger.finish()
+
+
+def test_the_open_shard_is_written_as_its_parts_arrive(tmp_path):
+    """Before finish, every staged part's bytes are in the last shard's file already: finishing writes only
+    the header into the space reserved for it."""
+    parts, tensors = _parts(tmp_path, n=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    names = [f"p{i}" for i in range(4)]
+    merger = ShardMerger(names, out, 1 << 30)
+    for name, part in zip(names, parts):
+        merger.part_ready(name, part)
+    merger._queue.put(None)  # let the thread drain without finishing
+    merger._thread.join()
+    (tmp,) = out.glob("shard-*.tmp")
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
+    reserve = merger._open.reserve
+    assert tmp.stat().st_size == 8 + reserve + data
+    merger.finish()
+    raw = (out / "model.safetensors").read_bytes()
+    assert int.from_bytes(raw[:8], "little") == reserve  # the header went into the reserved space
+    loaded = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(loaded[k], t) for k, t in tensors.items())
+
+
+def test_a_header_larger_than_its_reservation_still_makes_a_valid_shard(tmp_path):
+    """A shard that starts with one big tensor (few header bytes per data byte) and then takes many small
+    ones outgrows its reserved header: the data moves once behind an exact header, nothing is left over."""
+    g = torch.Generator().manual_seed(1)
+    big = {"lm_head.weight": torch.randn(256, 256, generator=g)}
+    save_file(big, str(tmp_path / "big.safetensors"))
+    files, want = [tmp_path / "big.safetensors"], dict(big)
+    for i in range(40):
+        t = {f"model.layers.{i}.a_rather_long_module_name.weight_{j}": torch.randn(2, generator=g) for j in range(6)}
+        save_file(t, str(tmp_path / f"small{i}.safetensors"))
+        files.append(tmp_path / f"small{i}.safetensors")
+        want.update(t)
+    out = tmp_path / "out"
+    out.mkdir()
+    merge_parts(files, out, 1 << 30)
+    assert sorted(f.name for f in out.iterdir()) == ["model.safetensors"]
+    raw = (out / "model.safetensors").read_bytes()
+    head = raw[8: 8 + int.from_bytes(raw[:8], "little")]
+    assert len(head) - len(head.rstrip(b" ")) < 8  # the exact header, not the (outgrown) reservation
+    loaded = load_file(str(out / "model.safetensors"))
+    assert loaded.keys() == want.keys() and all(torch.equal(loaded[k], t) for k, t in want.items())
