@@ -21,6 +21,9 @@ from pathlib import Path
 from .checkpoint import atomic_write_text
 from .errors import QuantError
 
+# Header bytes reserved at least: a 2 GB shard of a 7B model's blocks has a ~40 KB header (23 tensors a block)
+MIN_RESERVE = 64 * 1024
+
 
 def merge_parts(part_files: list[Path], out_dir: Path, max_shard_size: int) -> dict[str, str]:
     """All at once: the shards of ``part_files`` (in order) in ``out_dir``; returns the weight map."""
@@ -89,14 +92,15 @@ class ShardMerger:
     def _header_reserve(self, first: tuple[Path, int, dict]) -> int:
         """Header bytes to reserve for a shard that starts with ``first``, from the parts before it in order
         (never from parts that happen to have arrived early: the shards must not depend on timing). Bounded by
-        the parts still to come and by the densest header per data byte seen; a header that outgrows it costs
-        one copy of the shard (``_ShardFile.close``)."""
+        the parts still to come and by the densest header per data byte seen, and at least ``MIN_RESERVE``
+        (the embeddings part that opens the first shard has a tiny header, the blocks after it do not); a
+        header that outgrows it costs one copy of the shard (``_ShardFile.close``)."""
         seen = [self._staged[n][2] for n in self.order[: self._pos]] + [first[2]]
         per_part = max(_header_estimate(h) for h in seen)
         density = max(_header_estimate(h) / max(1, _data_bytes(h)) for h in seen)
         bound = min((len(self.order) - self._pos) * per_part,
                     density * max(self.max_shard_size, _data_bytes(first[2])) + per_part)
-        return int(bound * 1.25 + 256)
+        return max(MIN_RESERVE, int(bound * 1.25 + 256))
 
     def _close_shard(self) -> None:
         self._written.append((self._open.path, self._open.close()))

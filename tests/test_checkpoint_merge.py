@@ -133,8 +133,8 @@ def test_a_header_larger_than_its_reservation_still_makes_a_valid_shard(tmp_path
     big = {"lm_head.weight": torch.randn(256, 256, generator=g)}
     save_file(big, str(tmp_path / "big.safetensors"))
     files, want = [tmp_path / "big.safetensors"], dict(big)
-    for i in range(40):
-        t = {f"model.layers.{i}.a_rather_long_module_name.weight_{j}": torch.randn(2, generator=g) for j in range(6)}
+    for i in range(60):  # 60 x 24 entries of ~90 bytes: beyond MIN_RESERVE
+        t = {f"model.layers.{i}.a_rather_long_module_name.weight_{j}": torch.randn(2, generator=g) for j in range(24)}
         save_file(t, str(tmp_path / f"small{i}.safetensors"))
         files.append(tmp_path / f"small{i}.safetensors")
         want.update(t)
