@@ -111,11 +111,8 @@ class ShardMerger:
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
-        if self._open is not None and not self._written_all():
-            self._open.abandon()  # its temp file is rewritten by the next merger over this directory
-
-    def _written_all(self) -> bool:
-        return self._pos == len(self.order)
+        if self._open is not None and self._pos < len(self.order):
+            self._open.abandon()  # unfinished: its temp file is rewritten by the next merger over this directory
 
     def finish(self) -> dict[str, str]:
         """Write the last shard, rename every shard to its final name, write the index; the weight map."""
