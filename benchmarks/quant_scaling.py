@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import resource
+import threading
 import shutil
 import sys
 import time
@@ -75,6 +76,45 @@ def make_random_model(out: Path, shape: str, layers: int, calib_text: Path) -> P
     return out
 
 
+class HostMemory:
+    """Peak resident memory of this process during a ``with`` block, split as /proc/self/status does: anonymous
+    (what the driver allocated) and file-backed (pages of mmap'd files it touched: safetensors weights read
+    through ``safe_open`` count here, though they are the page cache). ``ru_maxrss`` is the process lifetime's
+    peak of the sum, so a later GPU count would inherit an earlier one's."""
+
+    def __init__(self, every_s: float = 0.1):
+        self.every_s, self.peak = every_s, {"RssAnon": 0.0, "RssFile": 0.0, "total": 0.0}
+        self._stop = threading.Event()
+
+    @staticmethod
+    def sample() -> dict[str, float]:
+        got = {}
+        try:
+            for line in open("/proc/self/status"):
+                key, _, rest = line.partition(":")
+                if key in ("RssAnon", "RssFile", "RssShmem"):
+                    got[key] = int(rest.split()[0]) / 1024**2  # kB -> GB
+        except OSError:
+            return {}
+        got["RssFile"] = got.get("RssFile", 0.0) + got.pop("RssShmem", 0.0)
+        got["total"] = got.get("RssAnon", 0.0) + got["RssFile"]
+        return got
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            for k, v in self.sample().items():
+                self.peak[k] = max(self.peak[k], v)
+
+    def __enter__(self) -> "HostMemory":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run_one(model: Path, work: Path, gpus: int, calib: Path, samples: int, seqlen: int) -> dict:
     from cluster.quantize_job import run_distributed
     from quant.config import QuantConfig
@@ -83,11 +123,13 @@ def run_one(model: Path, work: Path, gpus: int, calib: Path, samples: int, seqle
                       dtype="bfloat16")
     shutil.rmtree(work, ignore_errors=True)  # the previous count's checkpoint: deleting it is not this run's work
     t0 = time.perf_counter()
-    summary = run_distributed(str(model), str(work), cfg, num_gpus=gpus, workers=max(gpus, 1), overwrite=True)
+    with HostMemory() as mem:
+        summary = run_distributed(str(model), str(work), cfg, num_gpus=gpus, workers=max(gpus, 1), overwrite=True)
     wall = time.perf_counter() - t0
     return {"gpus": gpus, "wall_s": wall, "weights_sha1": weights_digest(work), "blocks": len(summary.blocks),
             "mean_block_s": sum(b.seconds for b in summary.blocks) / max(1, len(summary.blocks)),
             "peak_host_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+            "peak_host_anon_gb": mem.peak["RssAnon"], "peak_host_file_gb": mem.peak["RssFile"],
             "peak_gpu_gb_tasks": max(b.peak_gpu_gb for b in summary.blocks),
             "job_s": dict(summary.job_timings), "mean_step_s": summary.mean_timings(),
             "block_steps": {i: {k: round(v, 3) for k, v in t.items()} for i, t in sorted(summary.timings.items())}}
@@ -138,8 +180,10 @@ def report(rows: list, meta: dict, note: str | None = None) -> str:
           "| GPUs | wall time (s) | speedup | mean block (s) | peak GPU memory per task (GB) | peak host RAM, driver (GB) |",
           "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        split = (f" (this job: {r['peak_host_anon_gb']:.1f} allocated + {r['peak_host_file_gb']:.1f} mapped files)"
+                 if "peak_host_anon_gb" in r else "")
         md.append(f"| {r['gpus']} | {r['wall_s']:.1f} | {base / r['wall_s']:.2f}× | {r['mean_block_s']:.1f} | "
-                  f"{r['peak_gpu_gb_tasks']:.1f} | {r['peak_host_gb']:.1f} |")
+                  f"{r['peak_gpu_gb_tasks']:.1f} | {r['peak_host_gb']:.1f}{split} |")
     by = {r["gpus"]: r["wall_s"] for r in rows}
     if 1 in by:
         t4 = f"{by[1] / by[4]:.2f}× ({'met' if by[1] / by[4] >= 3 else '**not met**'})" if 4 in by else "not measured"
