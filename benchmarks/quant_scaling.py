@@ -83,7 +83,7 @@ class HostMemory:
     peak of the sum, so a later GPU count would inherit an earlier one's."""
 
     def __init__(self, every_s: float = 0.1):
-        self.every_s, self.peak = every_s, {"RssAnon": 0.0, "RssFile": 0.0, "total": 0.0}
+        self.every_s, self.peak = every_s, {"RssAnon": 0.0, "RssFile": 0.0}
         self._stop = threading.Event()
 
     @staticmethod
@@ -97,7 +97,6 @@ class HostMemory:
         except OSError:
             return {}
         got["RssFile"] = got.get("RssFile", 0.0) + got.pop("RssShmem", 0.0)
-        got["total"] = got.get("RssAnon", 0.0) + got["RssFile"]
         return got
 
     def _run(self) -> None:
