@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from kernels import dispatch  # noqa: E402
-from kernels.awq_gemv_decode import reduce_partials  # noqa: E402
+from kernels.awq_triton import reduce_partials  # noqa: E402
 from kernels.timing import sets_needed, time_calls  # noqa: E402
 
 GROUP = 128

@@ -159,6 +159,14 @@ def bench_engine(eng, c, device, new_tokens, batches, prompt_len, ttft_len):
     res["b1_tok_s"] = (n - 1) / (wall - first[0])
     res["b1_ms_tok"] = 1000 / res["b1_tok_s"]
     res["b1_new_tokens"] = new_tokens
+    res["async_scheduling"] = eng.config.async_scheduling
+    if eng.config.async_scheduling:  # the same request with each token read before the next step is queued
+        eng.config.async_scheduling = False
+        try:
+            wall, first, n = run_batch(eng, prompt_ids(1, prompt_len, v, 1), new_tokens)
+            res["b1_tok_s_sync"] = (n - 1) / (wall - first[0])
+        finally:
+            eng.config.async_scheduling = True
     for bs in batches:
         wall, _, n = run_batch(eng, prompt_ids(bs, prompt_len, v, bs), new_tokens)
         res[f"b{bs}_out_tok_s"] = n / wall

@@ -42,6 +42,7 @@ case $kind in
     [ -f /tmp/rayawq_tuned_h100.json ] && export RAYAWQ_KERNEL_TABLE=/tmp/rayawq_tuned_h100.json
     echo "kernel table: ${RAYAWQ_KERNEL_TABLE:-repo}"
     timeout 150 python3 -m pytest -q tests/gpu/test_engine_gpu.py 2>&1 | tail -3
+    timeout 90 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k "silu or graph" 2>&1 | tail -3
     timeout 240 python3 benchmarks/engine.py --out "$out/engine" --skip-hf 2>&1 | tail -12
     ;;
   x1b)

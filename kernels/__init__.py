@@ -6,6 +6,7 @@ import torch
 
 from .awq_layout import AWQ_ORDER, PACK_FACTOR, dequantize, pack_int4, unpack_int4
 from .dispatch import check_inputs, m_bucket, select_config, warmup
+from .epilogue import check_act, silu_mul
 from .reference import awq_linear_reference
 
 
@@ -16,8 +17,13 @@ def awq_linear(
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None = None,
+    act: str | None = None,
 ) -> torch.Tensor:
     """``x @ W + bias`` with ``W`` in the AutoAWQ GEMM layout; ``x`` of any leading shape.
+
+    ``act="silu_mul"``: return ``silu(y[..., :N/2]) * y[..., N/2:]`` instead (a fused gate/up layer's output
+    through the MLP's activation), fused into the split-K sum where the chosen kernel has one
+    (:mod:`kernels.epilogue`).
 
     CUDA tensors run a Triton kernel chosen by the number of rows ``M`` of ``x`` (flattened) from the measured
     table (:mod:`kernels.dispatch`); CPU tensors run the torch reference. Inputs are checked before any launch.
@@ -25,9 +31,12 @@ def awq_linear(
     caching allocator (call :func:`warmup` before capturing).
     """
     if not x.is_cuda:
-        check_inputs(x, qweight, qzeros, scales, group_size, bias)
-        return awq_linear_reference(x, qweight, qzeros, scales, group_size, bias)
+        _, N = check_inputs(x, qweight, qzeros, scales, group_size, bias)
+        check_act(act, N)
+        y = awq_linear_reference(x, qweight, qzeros, scales, group_size, bias)
+        return y if act is None else silu_mul(y)
     K, N = check_inputs(x, qweight, qzeros, scales, group_size, bias, for_triton=True)
+    check_act(act, N)
     from .dispatch import run_config
 
     lead = x.shape[:-1]
@@ -35,13 +44,14 @@ def awq_linear(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
+    width = N // 2 if act else N
     if M == 0:
-        return x.new_empty((*lead, N))
+        return x.new_empty((*lead, width))
     cfg = select_config(M, N, K, group_size, x.dtype, x.device)
-    return run_config(cfg, x2, qweight, qzeros, scales, group_size, bias).reshape(*lead, N)
+    return run_config(cfg, x2, qweight, qzeros, scales, group_size, bias, act=act).reshape(*lead, width)
 
 
 __all__ = [
     "AWQ_ORDER", "PACK_FACTOR", "awq_linear", "awq_linear_reference", "check_inputs", "dequantize", "m_bucket",
-    "pack_int4", "select_config", "unpack_int4", "warmup",
+    "pack_int4", "select_config", "silu_mul", "unpack_int4", "warmup",
 ]

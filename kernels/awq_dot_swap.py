@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .awq_triton import (_INTERPRET, _codes_plus_offset, _finish, _load_group, _out_and_ws, _split_args, _tail,
-                         reduce_partials, tile_counters)
+                         finish_split, tile_counters)
 
 
 @triton.jit
@@ -72,7 +72,7 @@ def _awq_dot_swap_kernel(
 def dot_swap(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
              bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None, BLOCK_M: int = 16,
              BLOCK_N: int = 128, split_k: int = 1, num_warps: int = 4, num_stages: int = 1,
-             TAIL: int = 4) -> torch.Tensor:
+             TAIL: int = 4, act: str | None = None) -> torch.Tensor:
     """``x2 [M, K] @ W`` computed as ``(W^T x2^T)^T``; ``BLOCK_M`` >= 16, ``BLOCK_N`` >= 64 (wgmma's M).
     ``TAIL``: how split-K partials are summed (``awq_triton._finish``; 0 = a second launch)."""
     M, K = x2.shape
@@ -89,4 +89,4 @@ def dot_swap(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
         DOT_F32=_INTERPRET and x2.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, TAIL=_tail(TAIL),
         num_warps=num_warps, num_stages=num_stages,
     )
-    return reduce_partials(ws, y, bias) if split_k > 1 and TAIL == 0 else y
+    return finish_split(ws, y, bias, split_k > 1 and TAIL == 0, act)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .awq_triton import _out_and_ws, _split_args, _tail, reduce_partials, tile_counters
+from .awq_triton import _out_and_ws, _split_args, _tail, finish_split, tile_counters
 
 @triton.jit
 def _col(w, HALF: tl.constexpr, POS: tl.constexpr, magic):
@@ -479,7 +479,8 @@ def gemv_decode(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
                 group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                 BLOCK_J: int = 128, BLOCK_K: int = 16, split_k: int = 1, num_warps: int = 4,
                 num_stages: int = 1, ACC2D: bool = False, PREFETCH: bool = False, ROWS: bool = False,
-                BLOCK_M: int = 1, DEPTH: int = 1, KW: int = 0, TAIL: int = 4) -> torch.Tensor:
+                BLOCK_M: int = 1, DEPTH: int = 1, KW: int = 0, TAIL: int = 4,
+                act: str | None = None) -> torch.Tensor:
     """``x2 [M, K] @ W`` for decode-sized ``M``; ``x2`` has unit column stride.
 
     ``BLOCK_J`` should be a multiple of ``32 * num_warps`` (whole words per thread) so that K lies entirely inside
@@ -509,7 +510,7 @@ def gemv_decode(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
             N8=N // 8, GROUP=group_size, KW=KW, BLOCK_J=BLOCK_J, HAS_BIAS=bias is not None, TAIL=tail,
             num_warps=KW * max(1, BLOCK_J // 32), num_stages=num_stages,
         )
-        return reduce_partials(ws, y, bias) if split_k > 1 and tail == 0 else y
+        return finish_split(ws, y, bias, split_k > 1 and tail == 0, act)
     if ROWS:
         _awq_gemv_rows_kernel[grid](
             x2, qweight, qzeros, scales, bias_arg, y, ws, cnt,
@@ -517,11 +518,11 @@ def gemv_decode(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
             N8=N // 8, GROUP=group_size, BLOCK_M=block_m, BLOCK_J=BLOCK_J, HAS_BIAS=bias is not None,
             DEPTH=DEPTH, EVEN_J=(N // 8) % BLOCK_J == 0, TAIL=tail, num_warps=num_warps, num_stages=num_stages,
         )
-        return reduce_partials(ws, y, bias) if split_k > 1 and tail == 0 else y
+        return finish_split(ws, y, bias, split_k > 1 and tail == 0, act)
     _awq_gemv_decode_kernel[grid](
         x2, qweight, qzeros, scales, bias_arg, y, ws, cnt,
         M, N, K, x2.stride(0), y.stride(0), split_k, gps, 0x4B000000,
         N8=N // 8, GROUP=group_size, BLOCK_J=BLOCK_J, BLOCK_K=min(BLOCK_K, group_size), HAS_BIAS=bias is not None,
         ACC2D=ACC2D, PREFETCH=PREFETCH, TAIL=tail, num_warps=num_warps, num_stages=num_stages,
     )
-    return reduce_partials(ws, y, bias) if split_k > 1 and tail == 0 else y
+    return finish_split(ws, y, bias, split_k > 1 and tail == 0, act)

@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .epilogue import silu_mul, silu_mul_math
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAGIC = tl.constexpr(0x4B000000)  # fp32 bits of 2**23
 MAX_TILES = 1 << 16  # counters per device
@@ -84,25 +86,40 @@ def _finish(acc, y_ptr, ws_ptr, cnt_ptr, b_ptr, y_offs, ws_offs, n_offs, mask, t
 
 @triton.jit
 def _reduce_partials_kernel(ws_ptr, b_ptr, y_ptr, M, N, SPLIT_K, stride_ym, HAS_BIAS: tl.constexpr,
-                            SPLIT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+                            SPLIT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, SILU_MUL: tl.constexpr):
     """``y = sum over splits of ws [SPLIT_K, M, N]`` (+ bias): the split-K sum as a launch of its own. A program
     loads a ``[SPLIT_BLOCK, BLOCK_N]`` tile at once (every split of its columns, when ``SPLIT_BLOCK`` covers
     them: one L2 round trip) and sums it down the splits (a fixed tree: deterministic). Measured on the H100,
-    the in-kernel tail (the last program of a column tile summing in rounds) cost 4-9 us of a 20-30 us GEMV."""
+    the in-kernel tail (the last program of a column tile summing in rounds) cost 4-9 us of a 20-30 us GEMV.
+    ``SILU_MUL``: ``y [M, N/2] = silu(sum[:, :N/2]) * sum[:, N/2:]`` (the MLP's activation, see
+    :mod:`kernels.epilogue`)."""
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
+    W = N // 2 if SILU_MUL else N
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_s = tl.arange(0, SPLIT_BLOCK)
-    nmask = offs_n < N
+    nmask = offs_n < W
     acc = tl.zeros((SPLIT_BLOCK, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((SPLIT_BLOCK, BLOCK_N), dtype=tl.float32)
     for s0 in range(0, SPLIT_K, SPLIT_BLOCK):
         s = s0 + offs_s
         ptrs = ws_ptr + (s[:, None] * M + m) * N + offs_n[None, :]
-        acc += tl.load(ptrs, mask=(s[:, None] < SPLIT_K) & nmask[None, :], other=0.0, cache_modifier=".cg")
+        smask = (s[:, None] < SPLIT_K) & nmask[None, :]
+        acc += tl.load(ptrs, mask=smask, other=0.0, cache_modifier=".cg")
+        if SILU_MUL:
+            acc_up += tl.load(ptrs + W, mask=smask, other=0.0, cache_modifier=".cg")
     out = tl.sum(acc, axis=0)
     if HAS_BIAS:
         out += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=nmask)
+    dtype = y_ptr.dtype.element_ty
+    if SILU_MUL:
+        up = tl.sum(acc_up, axis=0)
+        if HAS_BIAS:
+            up += tl.load(b_ptr + W + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        res = silu_mul_math(out.to(dtype).to(tl.float32), up.to(dtype).to(tl.float32), dtype)
+    else:
+        res = out.to(dtype)
+    tl.store(y_ptr + m * stride_ym + offs_n, res, mask=nmask)
 
 
 def _tail(tail: int) -> int:
@@ -113,18 +130,33 @@ def _tail(tail: int) -> int:
     return tail
 
 
-def reduce_partials(ws: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Sum ``ws [split, M, N]`` over its first axis into ``y [M, N]`` (+ ``bias``); see ``_reduce_partials_kernel``."""
+def reduce_partials(ws: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
+                    act: str | None = None) -> torch.Tensor:
+    """Sum ``ws [split, M, N]`` over its first axis into ``y [M, N]`` (+ ``bias``); see ``_reduce_partials_kernel``.
+
+    ``act="silu_mul"``: return a new ``[M, N/2]`` tensor ``silu(gate) * up`` instead (``y`` is left unused)."""
     split, M, N = ws.shape
+    width = N // 2 if act else N
+    if act:
+        y = torch.empty((M, width), dtype=y.dtype, device=y.device)
     # one-warp programs, about two per SM of an H100 over all M rows (Nsight Compute: [32, 128] tiles on 4
     # warps gave 112 programs for N = 14336 at M = 1, one active warp per scheduler, 5.4 us; sizing by N alone
     # made 8k programs at M = 16 and cost the swap kernel 2-8 us), up to 64 partials per thread at once
-    bn = max(8, min(256, 1 << max(0, (M * N // 264).bit_length() - 1)))
+    bn = max(8, min(256, 1 << max(0, (M * width // 264).bit_length() - 1)))
     sb = min(triton.next_power_of_2(split), 2048 // bn)
-    _reduce_partials_kernel[(triton.cdiv(N, bn), M)](
+    _reduce_partials_kernel[(triton.cdiv(width, bn), M)](
         ws, bias if bias is not None else y, y, M, N, split, y.stride(0), HAS_BIAS=bias is not None,
-        SPLIT_BLOCK=sb, BLOCK_N=bn, num_warps=1)
+        SPLIT_BLOCK=sb, BLOCK_N=bn, SILU_MUL=act == "silu_mul", num_warps=1)
     return y
+
+
+def finish_split(ws: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, reduce: bool,
+                 act: str | None) -> torch.Tensor:
+    """A launcher's last step: the split-K sum as a launch of its own (the activation fused into it), or ``y`` as
+    the kernel left it (then the activation, if any, as a launch of its own)."""
+    if reduce:
+        return reduce_partials(ws, y, bias, act)
+    return y if act is None else silu_mul(y)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -426,7 +458,7 @@ def gemv(x2, qweight, qzeros, scales, group_size, bias=None, *, out=None, BLOCK_
 
 
 def dot(x2, qweight, qzeros, scales, group_size, bias=None, *, out=None, BLOCK_M=16, BLOCK_N=64, split_k=1,
-        GROUP_M=8, SCALE_AFTER=True, PREFETCH=2, X_IN_REGS=True, num_warps=4, num_stages=1, TAIL=4):
+        GROUP_M=8, SCALE_AFTER=True, PREFETCH=2, X_IN_REGS=True, num_warps=4, num_stages=1, TAIL=4, act=None):
     """``tl.dot`` kernel: split-K (small M) or a tiled GEMM (``split_k=1``, large M)."""
     M, K = x2.shape
     N = scales.shape[1]
@@ -441,7 +473,7 @@ def dot(x2, qweight, qzeros, scales, group_size, bias=None, *, out=None, BLOCK_M
         HAS_BIAS=bias is not None, DOT_F32=_INTERPRET and x2.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PREFETCH=PREFETCH, X_IN_REGS=X_IN_REGS,
         TAIL=_tail(TAIL), num_warps=num_warps, num_stages=num_stages,
     )
-    return reduce_partials(ws, y, bias) if split_k > 1 and TAIL == 0 else y
+    return finish_split(ws, y, bias, split_k > 1 and TAIL == 0, act)
 
 
 def dequantize_triton(qweight, qzeros, scales, group_size, dtype=None, *, out=None, BLOCK_N=128, num_warps=4):

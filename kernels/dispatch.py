@@ -305,31 +305,35 @@ def clear_cache() -> None:
 
 
 def run_config(cfg: Config, x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch one config on a 2-D ``x2`` (unit column stride)."""
+               group_size: int, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+               act: str | None = None) -> torch.Tensor:
+    """Launch one config on a 2-D ``x2`` (unit column stride); ``act`` see :mod:`kernels.epilogue`."""
     from . import awq_triton as at
+    from .epilogue import silu_mul
 
     kw = {k: v for k, v in cfg.items() if k != "kernel"}
     kernel = cfg["kernel"]
-    if kernel == "gemv":
-        return at.gemv(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
-    if kernel == "lanes":
-        from .awq_gemv_lanes import lanes
-
-        return lanes(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
     if kernel == "swap":
         from .awq_dot_swap import dot_swap
 
-        return dot_swap(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
+        return dot_swap(x2, qweight, qzeros, scales, group_size, bias, out=out, act=act, **kw)
     if kernel == "decode":
         from .awq_gemv_decode import gemv_decode
 
-        return gemv_decode(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
+        return gemv_decode(x2, qweight, qzeros, scales, group_size, bias, out=out, act=act, **kw)
     if kernel in ("splitk", "gemm"):
-        return at.dot(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
-    if kernel == "dequant":
-        return at.dequant_matmul(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
-    raise ValueError(f"unknown kernel {kernel!r}")
+        return at.dot(x2, qweight, qzeros, scales, group_size, bias, out=out, act=act, **kw)
+    if kernel == "gemv":
+        y = at.gemv(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
+    elif kernel == "lanes":
+        from .awq_gemv_lanes import lanes
+
+        y = lanes(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
+    elif kernel == "dequant":
+        y = at.dequant_matmul(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    return y if act is None else silu_mul(y)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False           # no CUDA graphs
     cuda_graph_max_bs: int | None = None  # largest decode batch captured (default max_num_seqs)
+    async_scheduling: bool = True         # queue decode step t+1 before reading step t's tokens (see LLMEngine)
     tune_kernels: bool = False            # autotune W4A16 configs missing from kernels/' table (seconds each)
     progress: bool = True                 # weight-loading progress bar
     tp: int = 1                           # tensor-parallel world size (ranks are hosted by cluster/)

@@ -174,12 +174,10 @@ def test_decode_split_sums_match_fp64(group, kernel, tail):
 @pytest.mark.parametrize("split", [3, 300])
 def test_reduce_partials_sums_every_split(split):
     """The second launch of ``TAIL=0``: 300 splits take two rounds of its 256-split tile; bias, strided ``y``."""
-    from kernels.awq_gemv_decode import reduce_partials
-
     ws = torch.randn(split, 2, 40)
     bias = torch.randn(40, dtype=torch.bfloat16)
     y = torch.full((2, 48), float("nan"), dtype=torch.bfloat16)[:, :40]
-    reduce_partials(ws, y, bias)
+    at.reduce_partials(ws, y, bias)
     ref = ws.double().sum(0) + bias.double()
     assert torch.isfinite(y).all() and rel(y, ref) < 1e-2
 
@@ -194,6 +192,46 @@ def test_dot_kernels_with_a_separate_split_sum_match_fp64(M, group):
                                                       TAIL=0), M, group, M, True)
     check_against_fp64(lambda x, w, g, b, out: dot_swap(x, *w, g, b, out=out, BLOCK_M=16, BLOCK_N=16, split_k=3,
                                                         TAIL=0), M, group, M + 1, True)
+
+
+@pytest.mark.parametrize("launcher", ["decode_rows_sum", "decode_kw_sum", "decode_tail8", "swap_sum", "splitk_sum",
+                                      "gemm", "dequant"])
+def test_silu_mul_epilogue_matches_fp64(launcher):
+    """``act="silu_mul"``: fused into the separate split-K sum (TAIL 0) or applied after the kernel (the rest).
+
+    The interpreter rounds fp32 -> bf16 toward zero (the GPU: to nearest), and the activation rounds three
+    times, hence 2e-2; on the GPU the fused and unfused results are bit-equal (tests/gpu)."""
+    from kernels.awq_dot_swap import dot_swap
+    from kernels.awq_gemv_decode import gemv_decode
+    from kernels.epilogue import silu_mul
+
+    launch = {
+        "decode_rows_sum": lambda x, w, g, b, a: gemv_decode(x, *w, g, b, ROWS=True, BLOCK_J=8, num_warps=1,
+                                                             split_k=3, TAIL=0, act=a),
+        "decode_kw_sum": lambda x, w, g, b, a: gemv_decode(x, *w, g, b, KW=2, BLOCK_J=8, split_k=3, TAIL=0, act=a),
+        "decode_tail8": lambda x, w, g, b, a: gemv_decode(x, *w, g, b, KW=2, BLOCK_J=8, split_k=3, TAIL=8, act=a),
+        "swap_sum": lambda x, w, g, b, a: dot_swap(x, *w, g, b, BLOCK_M=16, BLOCK_N=16, split_k=3, TAIL=0, act=a),
+        "splitk_sum": lambda x, w, g, b, a: at.dot(x, *w, g, b, BLOCK_M=16, BLOCK_N=32, split_k=3, TAIL=0, act=a),
+        "gemm": lambda x, w, g, b, a: at.dot(x, *w, g, b, BLOCK_M=16, BLOCK_N=32, split_k=1, act=a),
+        "dequant": lambda x, w, g, b, a: dispatch.run_config({"kernel": "dequant", "BLOCK_N": 32}, x, *w, g, b,
+                                                             act=a),
+    }[launcher]
+    for M, group, N in ((1, 32, 48), (3, 128, 80)):
+        K = GROUPS[group]
+        w = random_weights(K, N, group)
+        x = torch.randn(M, K, dtype=torch.bfloat16)
+        bias = torch.randn(N, dtype=torch.bfloat16)
+        y = launch(x, w, group, bias, "silu_mul")
+        assert y.shape == (M, N // 2) and torch.isfinite(y).all()
+        r = ref64(x, *w, group, bias)
+        assert rel(y, torch.nn.functional.silu(r[:, :N // 2]) * r[:, N // 2:]) < 2e-2
+        assert rel(y, silu_mul(launch(x, w, group, bias, None)).double()) < 2e-2
+
+
+def test_silu_mul_epilogue_refuses_bad_act():
+    w = random_weights(64, 24, 32)
+    with pytest.raises(ValueError, match="act must be one of"):
+        kernels.awq_linear(torch.randn(1, 64, dtype=torch.bfloat16), *w, 32, act="gelu")
 
 
 def test_decode_refuses_an_unknown_tail():

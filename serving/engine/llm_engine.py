@@ -1,4 +1,13 @@
-"""The loop: take requests, schedule a step, run it, turn sampled tokens into outputs and stops."""
+"""The loop: take requests, schedule a step, run it, turn sampled tokens into outputs and stops.
+
+Async scheduling (``EngineConfig.async_scheduling``, on by default): while a decode step runs on the GPU, the
+host already queues the next one, taking its input tokens from the device, and only then reads the running
+step's tokens and does its bookkeeping (stops, detokenizing, outputs). The host's per-token work then hides
+behind the GPU instead of adding to it. A sequence whose token turns out to stop it has had one extra
+position computed into its own (already freed) block; that row is dropped. Steps that need the host between
+tokens (prefill chunks, new requests joining, preemption, JSON constraints, penalties over the output,
+logprobs) run synchronously as before.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ from ..loader import checkpoint_files
 from ..sampling_params import GenerationConfig
 from ..tokenizer import Detokenizer, apply_chat_template, encode_prompt, load_tokenizer
 from .block_manager import BlockManager
-from .model_runner import ForwardBatch, ModelRunner
+from .model_runner import ForwardBatch, ModelRunner, PendingTokens
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -52,6 +61,14 @@ class _Request:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class _Pending:
+    """A queued decode step whose tokens the host has not read yet."""
+
+    rows: list[Sequence]
+    tokens: PendingTokens
+
+
 class LLMEngine:
     def __init__(self, model_path: str | Path | None = None, engine_config: EngineConfig | None = None, *,
                  hf_config: dict | None = None, weights: Iterable[tuple[str, torch.Tensor]] | None = None,
@@ -79,6 +96,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._token_texts: dict[int, str] = {}
+        self._pending: _Pending | None = None
 
     # -- requests ----------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int] | list[dict], chat: bool | None = None) -> list[int]:
@@ -139,8 +157,22 @@ class LLMEngine:
 
     # -- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            following = self._launch_following(pending)
+            outputs = self._complete(pending)
+            self._pending = following
+            return outputs
         scheduled = self.scheduler.schedule()
         if not scheduled:
+            return []
+        if self._can_defer(scheduled):
+            rows = [seq for seq, _ in scheduled]
+            try:
+                self._pending = self._launch(rows)
+            except Exception as e:  # keep serving: fail this step's requests, not the engine
+                log.exception("step failed")
+                return [self._finish(seq, "error", error=f"{type(e).__name__}: {e}") for seq in rows]
             return []
         batch = ForwardBatch([], [], [], [], [], [])
         sampled: list[Sequence] = []
@@ -183,17 +215,87 @@ class LLMEngine:
             outputs.append(self._append(seq, result.token_ids[i], result.logprobs[i]))
         return [o for o in outputs if o is not None]
 
-    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+    # -- async scheduling --------------------------------------------------------------------------
+    def _overlappable(self, seq: Sequence) -> bool:
+        """Whether this sequence's next token can be sampled before the host has seen its last one."""
+        p = seq.params
+        return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+                and p.logprobs is None and "constraint" not in self.requests[seq.request_id].extra)
+
+    def _can_defer(self, scheduled: list[tuple[Sequence, int]]) -> bool:
+        """A plain decode step (one new token per running sequence, each sampled) can be left in flight."""
+        return self.config.async_scheduling and all(
+            n == 1 and seq.num_computed_tokens + 1 == len(seq) and self._overlappable(seq) for seq, n in scheduled)
+
+    def _launch(self, rows: list[Sequence], feed: tuple[PendingTokens, list[int]] | None = None) -> _Pending:
+        """Queue one decode step for ``rows``; with ``feed``, their input tokens are still on the device."""
+        ahead = 0 if feed is None else 1  # tokens sampled but not yet appended
+        batch = ForwardBatch(
+            token_ids=[[0] if feed is not None else [seq.token_ids[-1]] for seq in rows],
+            start_positions=[seq.num_computed_tokens for seq in rows],
+            block_tables=[seq.block_table for seq in rows], sample=[True] * len(rows))
+        tokens = self.runner.launch_decode(batch, self._sampling_batch(rows, ahead), feed)
+        for seq in rows:
+            seq.num_computed_tokens += 1
+            if feed is None:
+                self.block_manager.register_computed(seq)
+        return _Pending(rows, tokens)
+
+    def _launch_following(self, pending: _Pending) -> _Pending | None:
+        """Queue the step after ``pending`` before its tokens are read, when nothing needs the host first."""
+        sch, bm = self.scheduler, self.block_manager
+        if sch.waiting and len(sch.running) < self.config.max_num_seqs:
+            return None  # let the scheduler admit the waiting requests
+        alive = [(i, seq) for i, seq in enumerate(pending.rows) if not seq.is_finished]
+        if len(alive) != len(sch.running):
+            return None  # someone runs who is not in this step (cannot happen today; the scheduler handles it)
+        # a sequence whose pending token ends it by length gets no next step
+        feed_rows = [i for i, seq in alive if len(seq) + 1 < seq.max_total_tokens]
+        rows = [pending.rows[i] for i in feed_rows]
+        if not rows:
+            return None
+        need = sum(max(0, bm.blocks_needed(seq.num_computed_tokens + 1) - len(seq.block_table)) for seq in rows)
+        if need > bm.num_free_blocks:
+            return None  # the scheduler decides who gets preempted
+        for seq in rows:
+            bm.ensure(seq, seq.num_computed_tokens + 1)
+        try:
+            return self._launch(rows, (pending.tokens, feed_rows))
+        except Exception:  # the synchronous step that follows reports it
+            log.exception("queueing the next decode step failed")
+            return None
+
+    def _complete(self, pending: _Pending) -> list[RequestOutput]:
+        """Read a queued step's tokens and turn them into outputs; rows of finished sequences are dropped."""
+        try:
+            tokens = pending.tokens.wait()
+        except Exception as e:
+            log.exception("step failed")
+            return [self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+                    for seq in pending.rows if not seq.is_finished]
+        outputs = []
+        for seq, token in zip(pending.rows, tokens):
+            if seq.is_finished:
+                continue
+            out = self._append(seq, token, None)
+            if not seq.is_finished:
+                self.block_manager.register_computed(seq)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _sampling_batch(self, seqs: list[Sequence], ahead: int = 0) -> SamplingBatch:
+        """Per-row sampling settings; ``ahead``: tokens each row has sampled that are not yet appended."""
         ps = [s.params for s in seqs]
         forbidden = []
         for s in seqs:
             r = self.requests[s.request_id]
-            forbidden.append(sorted(r.stop_ids | self.eos_ids) if s.num_output_tokens < s.params.min_new_tokens
-                             else [])
+            forbidden.append(sorted(r.stop_ids | self.eos_ids)
+                             if s.num_output_tokens + ahead < s.params.min_new_tokens else [])
         return SamplingBatch(
             temperatures=[p.temperature for p in ps], top_ps=[p.top_p for p in ps], top_ks=[p.top_k for p in ps],
             repetition_penalties=[p.repetition_penalty for p in ps], seeds=[p.random_seed for p in ps],
-            steps=[s.num_output_tokens for s in seqs], num_logprobs=[p.logprobs for p in ps],
+            steps=[s.num_output_tokens + ahead for s in seqs], num_logprobs=[p.logprobs for p in ps],
             histories=[s.token_ids if p.repetition_penalty != 1.0 else [] for s, p in zip(seqs, ps)],
             forbidden=forbidden,
             presence_penalties=[p.presence_penalty for p in ps], frequency_penalties=[p.frequency_penalty for p in ps],

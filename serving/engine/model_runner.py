@@ -38,6 +38,25 @@ class ForwardBatch:
         return all(len(t) == 1 for t in self.token_ids)
 
 
+@dataclass
+class PendingTokens:
+    """A decode step's sampled tokens before the host has read them.
+
+    ``tokens`` stays on the device, so the next step can take its inputs from it while this one still runs
+    (async scheduling); ``host`` is a pinned copy that is complete once ``event`` has fired.
+    """
+
+    tokens: torch.Tensor                 # [rows] int64, on the model's device
+    host: torch.Tensor                   # [rows] int64, pinned (CUDA) or the same tensor (CPU)
+    event: torch.cuda.Event | None = None
+
+    def wait(self) -> list[int]:
+        """The token ids, waiting for this step only (not for steps launched after it)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, model_path=None,
                  weights: Iterable[tuple[str, torch.Tensor]] | None = None, tp: TPContext = SINGLE,
@@ -163,6 +182,45 @@ class ModelRunner:
         out.scores = scores
         return out
 
+    @torch.inference_mode()
+    def launch_decode(self, b: ForwardBatch, sampling: SamplingBatch,
+                      feed: tuple[PendingTokens, list[int]] | None = None) -> PendingTokens:
+        """Queue a decode step (every row samples) and return without waiting for its tokens.
+
+        With ``feed = (previous, rows)``, row ``i``'s input token is ``previous.tokens[rows[i]]``, read on the
+        device: the step can be queued before the host has seen the previous step's tokens. Sampling must
+        not need the host (no constraints, no logprobs): the engine keeps such requests on ``execute``.
+        """
+        ids, pos, slots, cu, kv_lens, tables, _ = self._prepare(b)
+        n = len(b.token_ids)
+        fed = None
+        if feed is not None:
+            prev, rows = feed
+            fed = prev.tokens if rows == list(range(prev.tokens.shape[0])) else \
+                prev.tokens.index_select(0, self._tensor(rows, torch.int64))
+        graph_bs = next((g for g in sorted(self.graphs) if g >= n), None)
+        if graph_bs is not None:
+            hidden = self._replay(graph_bs, ids, pos, slots, kv_lens, tables, fed)
+        else:
+            ctx = AttentionContext(
+                slot_mapping=self._tensor(slots, torch.int64), cu_seqlens_q=self._tensor(cu),
+                kv_lens=self._tensor(kv_lens), block_tables=self._tensor(tables), max_q_len=1,
+                cpu_cu_seqlens_q=cu, cpu_kv_lens=kv_lens)
+            set_context(ctx)
+            try:
+                hidden = self.model(fed if fed is not None else self._tensor(ids, torch.int64),
+                                    self._tensor(pos, torch.int64))
+            finally:
+                set_context(None)
+        tokens = self.sampler.sample(self.model.compute_logits(hidden), sampling)
+        if self.device.type != "cuda":
+            return PendingTokens(tokens, tokens)
+        host = torch.empty(n, dtype=torch.int64, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingTokens(tokens, host, event)
+
     def _score(self, hidden, cu, targets, topn: list[int] | None = None, chunk: int = 1024) -> dict[int, list]:
         """Log-probability of each given next token, from the hidden state of the token before it.
 
@@ -211,11 +269,10 @@ class ModelRunner:
         self.g_kv = torch.zeros(m, dtype=torch.int32, device=dev)
         self.g_cu = torch.arange(m + 1, dtype=torch.int32, device=dev)
         self.g_tables = torch.zeros(m, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
-        # pinned host mirrors of the graph inputs, written through numpy views: a decode step copies them over
-        # with one asynchronous copy each (no tensors built from lists, no allocations, no device-side copies)
-        self.h_i64 = torch.zeros(3, m, dtype=torch.int64, pin_memory=True)
-        self.h_kv = torch.zeros(m, dtype=torch.int32, pin_memory=True)
-        self.h_tables = torch.zeros(m, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
+        # Two sets, used in turn: with async scheduling the host fills one step's mirrors while the previous
+        # step's copies may not have run yet; each set's event says when its copies are done.
+        self.mirrors = [_Mirrors(m, self.max_blocks_per_seq) for _ in range(2)]
+        self._mirror_turn = 0
         self._warmup_kernels(sizes)
         pool = None
         for bs in reversed(sizes):
@@ -248,25 +305,42 @@ class ModelRunner:
         kernels.warmup(shapes, group_size=q.group_size, dtype=self.cfg.dtype, device=self.device, m_values=sizes,
                        tune=self.ecfg.tune_kernels)
 
-    def _replay(self, graph_bs, ids, pos, slots, kv_lens, tables) -> torch.Tensor:
-        """Write the step's inputs into the pinned mirrors, copy them to the graph's inputs, replay.
+    def _replay(self, graph_bs, ids, pos, slots, kv_lens, tables, fed: torch.Tensor | None = None) -> torch.Tensor:
+        """Write the step's inputs into pinned mirrors, copy them to the graph's inputs, replay.
 
-        The mirrors are rewritten only after the previous step's sampled tokens reached the host (its copies
-        have run by then), so one set of mirrors is enough."""
+        ``fed``: the input token ids already on the device (async scheduling), copied over ``ids``."""
         n = len(ids)
         b = graph_bs
-        h = self.h_i64.numpy()
+        mirror = self.mirrors[self._mirror_turn]
+        self._mirror_turn ^= 1
+        mirror.copied.synchronize()  # its copies of two steps ago (long done): safe to overwrite
+        h = mirror.i64.numpy()
         h[0, :n], h[1, :n], h[2, :n] = ids, pos, slots
         h[0, n:b], h[1, n:b], h[2, n:b] = 0, 0, -1  # padding rows: no cache slot written
-        kv = self.h_kv.numpy()
+        kv = mirror.kv.numpy()
         kv[:n], kv[n:b] = kv_lens, 0
         width = len(tables[0])
-        self.h_tables.numpy()[:n, :width] = tables
-        self.g_ids[:b].copy_(self.h_i64[0, :b], non_blocking=True)
-        self.g_pos[:b].copy_(self.h_i64[1, :b], non_blocking=True)
-        self.g_slots[:b].copy_(self.h_i64[2, :b], non_blocking=True)
-        self.g_kv[:b].copy_(self.h_kv[:b], non_blocking=True)
-        self.g_tables[:n, :width].copy_(self.h_tables[:n, :width], non_blocking=True)
+        mirror.tables.numpy()[:n, :width] = tables
+        self.g_ids[:b].copy_(mirror.i64[0, :b], non_blocking=True)
+        self.g_pos[:b].copy_(mirror.i64[1, :b], non_blocking=True)
+        self.g_slots[:b].copy_(mirror.i64[2, :b], non_blocking=True)
+        self.g_kv[:b].copy_(mirror.kv[:b], non_blocking=True)
+        self.g_tables[:n, :width].copy_(mirror.tables[:n, :width], non_blocking=True)
+        mirror.copied.record()
+        if fed is not None:
+            self.g_ids[:n].copy_(fed)
         graph, out = self.graphs[graph_bs]
         graph.replay()
         return out[:n]
+
+
+class _Mirrors:
+    """Pinned host copies of the decode graph's inputs, written through numpy views: a step copies them over
+    with one asynchronous copy each (no tensors built from lists, no allocations)."""
+
+    def __init__(self, rows: int, max_blocks: int):
+        self.i64 = torch.zeros(3, rows, dtype=torch.int64, pin_memory=True)   # ids, positions, slots
+        self.kv = torch.zeros(rows, dtype=torch.int32, pin_memory=True)
+        self.tables = torch.zeros(rows, max_blocks, dtype=torch.int32, pin_memory=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import kernels
 
 from ..config import CheckpointError, QuantConfig
+from .activation import silu_and_mul
 from .parallel import SINGLE, TPContext
 
 PACK = 8
@@ -105,16 +106,21 @@ class Linear(nn.Module):
         self.loaded.add((name, shard_id))
 
     # -- compute ------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        """``x @ W^T + b``; ``act="silu_mul"`` (a fused gate/up layer) applies the MLP's activation to the halves,
+        inside the W4A16 kernel's split-K sum where it has one."""
         bias = self.bias if self.mode != "row" else None
         if self.quant is None:
             y = F.linear(x, self.weight, bias)
         else:
-            y = kernels.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, bias)
+            y = kernels.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, bias,
+                                   act=None if self.mode == "row" else act)
         if self.mode == "row":
             y = self.tp.all_reduce(y)
             if self.bias is not None:
                 y = y + self.bias
+        if act is not None and (self.quant is None or self.mode == "row"):
+            y = silu_and_mul(y)
         return y
 
 

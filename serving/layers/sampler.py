@@ -40,20 +40,37 @@ class SampleOutput:
     scores: dict[int, list[float]] | None = None  # batch row -> prompt-token logprobs computed this step
 
 
+def _on(device: torch.device, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small tensor of per-row settings on ``device`` without a blocking copy (a blocking host-to-device copy
+    waits for the whole stream, which would stall a step queued behind the one being sampled)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SampleOutput:
         logits = logits.float()
         want_lp = any(n is not None for n in b.num_logprobs)
         raw_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
-        logits = self._penalise(logits, b)
-        # Per row, the token with the highest score is the choice: the logits for greedy rows, and for sampled
-        # rows probs / Exp(1) noise (an exponential race, so the best-ranked token is a draw from the row's
-        # distribution, and the best-ranked *allowed* token a draw from it restricted to the allowed ones).
-        scores = logits if b.all_greedy else self._sample_scores(logits, b)
+        scores = self._scores(logits, b)
         token_list = scores.argmax(dim=-1).tolist()
         if any(b.constraints):
             token_list = self._constrain(scores, token_list, b.constraints)
         return SampleOutput(token_list, self._logprobs(raw_lp, token_list, b) if want_lp else [None] * len(token_list))
+
+    def sample(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        """The chosen token ids as a device tensor, queued without a host sync (no constraints, no logprobs)."""
+        if any(b.constraints):
+            raise ValueError("constrained rows need the host: sample them with Sampler.__call__")
+        return self._scores(logits.float(), b).argmax(dim=-1)
+
+    def _scores(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        """Per row, the token with the highest score is the choice: the (penalised) logits for greedy rows, and
+        for sampled rows probs / Exp(1) noise (an exponential race, so the best-ranked token is a draw from the
+        row's distribution, and the best-ranked *allowed* token a draw from it restricted to the allowed ones)."""
+        logits = self._penalise(logits, b)
+        return logits if b.all_greedy else self._sample_scores(logits, b)
 
     @staticmethod
     def _penalise(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -66,24 +83,24 @@ class Sampler:
         dev = logits.device
         logits = logits.clone()
         if additive:  # logit -= frequency * count + presence * (count > 0), as OpenAI defines them
-            r_idx = torch.tensor([i for i in additive for _ in b.outputs[i]], device=dev)
-            t_idx = torch.tensor([t for i in additive for t in b.outputs[i]], device=dev)
+            r_idx = _on(dev, [i for i in additive for _ in b.outputs[i]])
+            t_idx = _on(dev, [t for i in additive for t in b.outputs[i]])
             counts = torch.zeros_like(logits)
             counts.index_put_((r_idx, t_idx), torch.ones(len(r_idx), device=dev), accumulate=True)
-            freq = torch.tensor(b.frequency_penalties, device=dev, dtype=logits.dtype)[:, None]
-            pres = torch.tensor(b.presence_penalties, device=dev, dtype=logits.dtype)[:, None]
+            freq = _on(dev, b.frequency_penalties, logits.dtype)[:, None]
+            pres = _on(dev, b.presence_penalties, logits.dtype)[:, None]
             logits = logits - freq * counts - pres * (counts > 0).to(logits.dtype)
         if rows:
             r_idx = [i for i in rows for _ in b.histories[i]]
             t_idx = [t for i in rows for t in b.histories[i]]
             seen = torch.zeros_like(logits, dtype=torch.bool)
-            seen[torch.tensor(r_idx, device=dev), torch.tensor(t_idx, device=dev)] = True
-            p = torch.tensor(b.repetition_penalties, device=dev, dtype=logits.dtype)[:, None]
+            seen[_on(dev, r_idx), _on(dev, t_idx)] = True
+            p = _on(dev, b.repetition_penalties, logits.dtype)[:, None]
             logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
         if forbid:
             r_idx = [i for i in forbid for _ in b.forbidden[i]]
             t_idx = [t for i in forbid for t in b.forbidden[i]]
-            logits[torch.tensor(r_idx, device=dev), torch.tensor(t_idx, device=dev)] = float("-inf")
+            logits[_on(dev, r_idx), _on(dev, t_idx)] = float("-inf")
         return logits
 
     @staticmethod
@@ -104,20 +121,20 @@ class Sampler:
     @staticmethod
     def _sample_scores(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         dev = logits.device
-        greedy = torch.tensor([t == 0.0 or k == 1 for t, k in zip(b.temperatures, b.top_ks)], device=dev)
-        temps = torch.tensor([t if t > 0 else 1.0 for t in b.temperatures], device=dev)
+        greedy = _on(dev, [t == 0.0 or k == 1 for t, k in zip(b.temperatures, b.top_ks)])
+        temps = _on(dev, [t if t > 0 else 1.0 for t in b.temperatures])
         x = logits / temps[:, None]
         vocab = x.shape[-1]
         ks = [k if 0 < k < vocab else 0 for k in b.top_ks]
         if any(ks):
             kmax = max(ks)
             kth = x.topk(kmax, dim=-1).values  # [B, kmax], descending
-            idx = torch.tensor([max(k, 1) - 1 if k else kmax - 1 for k in ks], device=dev)
+            idx = _on(dev, [max(k, 1) - 1 if k else kmax - 1 for k in ks])
             thresh = kth.gather(1, idx[:, None])
-            use = torch.tensor([k > 0 for k in ks], device=dev)
+            use = _on(dev, [k > 0 for k in ks])
             x = torch.where(use[:, None] & (x < thresh), float("-inf"), x)
         if any(p < 1.0 for p in b.top_ps):
-            ps = torch.tensor(b.top_ps, device=dev)
+            ps = _on(dev, b.top_ps)
             sorted_x, order = x.sort(dim=-1, descending=True)
             probs = sorted_x.softmax(dim=-1)
             before = probs.cumsum(dim=-1) - probs  # mass strictly before each token

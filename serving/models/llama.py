@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig, QuantConfig
-from ..layers.activation import silu_and_mul
 from ..layers.attention import PagedAttention
 from ..layers.embedding import Embedding
 from ..layers.linear import Linear, column_parts, qkv_parts
@@ -70,7 +69,7 @@ class MLP(nn.Module):
                                 prefix=f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x, act="silu_mul"))
 
 
 class DecoderLayer(nn.Module):

@@ -146,6 +146,22 @@ def test_cuda_graph_capture_and_replay(K, N):
         assert torch.equal(static_y, awq_linear(x2, *w, G)), M
 
 
+@pytest.mark.parametrize("M", [1, 2, 8, 16, 64, 256])
+def test_silu_mul_epilogue_equals_the_unfused_layers(M):
+    """The gate/up layer of Llama-3-8B with ``act="silu_mul"``: bit-equal to the linear then the activation
+    kernel (both round to nearest at the same points), whichever kernel the table picks for M."""
+    from kernels.epilogue import silu_mul
+
+    K, N = 4096, 28672
+    w = weights(K, N)
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    fused = awq_linear(x, *w, G, bias, act="silu_mul")
+    assert fused.shape == (M, N // 2)
+    assert torch.equal(fused, silu_mul(awq_linear(x, *w, G, bias))), dispatch.select_config(M, N, K, G, x.dtype,
+                                                                                           x.device)
+
+
 def test_bad_inputs_raise_on_cuda():
     K, N = 256, 64
     qw, qz, sc = weights(K, N)
