@@ -402,7 +402,11 @@ def report(res: dict, commit: str | None = None) -> str:
                          f"which decoder linears {r['b1_linears_ms']:.2f} ms, everything else (norms, RoPE, "
                          f"attention, activations) {rest:.2f} ms; LM head + sampling outside the graph "
                          f"(LM head alone {r['b1_lm_head_ms']:.2f} ms); the rest of the "
-                         f"{r['b1_ms_tok']:.2f} ms/token is host-side scheduling.")
+                         f"{r['b1_ms_tok']:.2f} ms/token is host time not hidden behind the GPU.")
+        if "b1_tok_s_sync" in r:
+            lines.append(f"  Async scheduling on (step t+1 queued before step t's tokens are read); the same batch-1 "
+                         f"request with it off: {r['b1_tok_s_sync']:.0f} tok/s "
+                         f"({1000 / r['b1_tok_s_sync']:.2f} ms/token).")
         if isinstance(r.get("awq_kernel_by_m"), dict):
             lines.append("  W4A16 kernel chosen by kernels/ per M (gate_up, down): " + "; ".join(
                 f"M={m}: {', '.join(v.values())}" for m, v in r["awq_kernel_by_m"].items()))

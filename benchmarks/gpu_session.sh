@@ -41,9 +41,9 @@ case $kind in
     # right after x1m on the same warm machine: engine GPU tests and the engine benchmark with x1m's table
     [ -f /tmp/rayawq_tuned_h100.json ] && export RAYAWQ_KERNEL_TABLE=/tmp/rayawq_tuned_h100.json
     echo "kernel table: ${RAYAWQ_KERNEL_TABLE:-repo}"
-    timeout 150 python3 -m pytest -q tests/gpu/test_engine_gpu.py 2>&1 | tail -3
-    timeout 90 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k "silu or graph" 2>&1 | tail -3
-    timeout 240 python3 benchmarks/engine.py --out "$out/engine" --skip-hf 2>&1 | tail -12
+    timeout 220 python3 -m pytest -q tests/gpu/test_engine_gpu.py 2>&1 | grep -E "Error|assert|passed|failed|FAILED" | tail -25
+    timeout 90 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k "silu or graph or partials" 2>&1 | grep -E "Error|assert|passed|failed|FAILED" | tail -25
+    timeout 420 python3 benchmarks/engine.py --out "$out/engine" ${ENGINE_ARGS:-} 2>&1 | tail -12
     ;;
   x1b)
     # second half: engine GPU tests, engine and serve benchmarks with x1a's table when this machine has it

@@ -51,7 +51,34 @@ def awq_linear(
     return run_config(cfg, x2, qweight, qzeros, scales, group_size, bias, act=act).reshape(*lead, width)
 
 
+def awq_linear_partials(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor | None:
+    """The fp32 split-K partials ``[split, M, N]`` of ``x @ W`` (no bias) when the kernel chosen for these ``M``
+    rows sums them in a launch of its own, so that the consumer of the output can do that sum instead (the
+    engine's RoPE + KV-cache store does, one launch fewer per layer); ``None``, with nothing launched, otherwise
+    (then call :func:`awq_linear`). CUDA only (``None`` on CPU)."""
+    if not x.is_cuda:
+        return None
+    K, N = check_inputs(x, qweight, qzeros, scales, group_size, None, for_triton=True)
+    from .dispatch import run_config, split_partials
+
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.shape[0] == 0:
+        return None
+    cfg = select_config(x2.shape[0], N, K, group_size, x.dtype, x.device)
+    if not split_partials(cfg, K, group_size):
+        return None
+    return run_config(cfg, x2, qweight, qzeros, scales, group_size, None, act="partials")
+
+
 __all__ = [
-    "AWQ_ORDER", "PACK_FACTOR", "awq_linear", "awq_linear_reference", "check_inputs", "dequantize", "m_bucket",
-    "pack_int4", "select_config", "silu_mul", "unpack_int4", "warmup",
+    "AWQ_ORDER", "PACK_FACTOR", "awq_linear", "awq_linear_partials", "awq_linear_reference", "check_inputs",
+    "dequantize", "m_bucket", "pack_int4", "select_config", "silu_mul", "unpack_int4", "warmup",
 ]

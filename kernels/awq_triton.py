@@ -142,7 +142,9 @@ def reduce_partials(ws: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None
     # one-warp programs, about two per SM of an H100 over all M rows (Nsight Compute: [32, 128] tiles on 4
     # warps gave 112 programs for N = 14336 at M = 1, one active warp per scheduler, 5.4 us; sizing by N alone
     # made 8k programs at M = 16 and cost the swap kernel 2-8 us), up to 64 partials per thread at once
-    bn = max(8, min(256, 1 << max(0, (M * width // 264).bit_length() - 1)))
+    # sized by the full width also with act, so the tile (and the order of the sum over splits) is the one the
+    # unfused op uses: the fused activation is bit-equal to the linear then ``silu_mul``
+    bn = max(8, min(256, 1 << max(0, (M * N // 264).bit_length() - 1)))
     sb = min(triton.next_power_of_2(split), 2048 // bn)
     _reduce_partials_kernel[(triton.cdiv(width, bn), M)](
         ws, bias if bias is not None else y, y, M, N, split, y.stride(0), HAS_BIAS=bias is not None,
@@ -153,7 +155,13 @@ def reduce_partials(ws: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None
 def finish_split(ws: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, reduce: bool,
                  act: str | None) -> torch.Tensor:
     """A launcher's last step: the split-K sum as a launch of its own (the activation fused into it), or ``y`` as
-    the kernel left it (then the activation, if any, as a launch of its own)."""
+    the kernel left it (then the activation, if any, as a launch of its own). ``act="partials"``: return the
+    fp32 partials ``ws [split, M, N]`` unsummed and without bias, for a consumer that sums them itself
+    (:func:`kernels.awq_linear_partials` only asks for them when there is a separate sum)."""
+    if act == "partials":
+        if not reduce:
+            raise ValueError("act='partials' needs a config that sums its split-K partials in a second launch")
+        return ws
     if reduce:
         return reduce_partials(ws, y, bias, act)
     return y if act is None else silu_mul(y)

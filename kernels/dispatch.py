@@ -304,6 +304,16 @@ def clear_cache() -> None:
     _table = None
 
 
+def split_partials(cfg: Config, K: int, group: int) -> int:
+    """How many fp32 split-K partials ``cfg`` leaves for a second launch to sum (0: it writes the output)."""
+    from .awq_triton import _split_args
+
+    if cfg["kernel"] not in ("decode", "swap", "splitk", "gemm") or cfg.get("TAIL", 4) != 0:
+        return 0
+    split = _split_args(K // group, cfg.get("split_k", 1))[0]
+    return split if split > 1 else 0
+
+
 def run_config(cfg: Config, x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                group_size: int, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
                act: str | None = None) -> torch.Tensor:
@@ -333,6 +343,8 @@ def run_config(cfg: Config, x2: torch.Tensor, qweight: torch.Tensor, qzeros: tor
         y = at.dequant_matmul(x2, qweight, qzeros, scales, group_size, bias, out=out, **kw)
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
+    if act == "partials":
+        raise ValueError(f"kernel {kernel!r} leaves no split-K partials")
     return y if act is None else silu_mul(y)
 
 

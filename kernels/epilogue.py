@@ -14,13 +14,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-ACTS = (None, "silu_mul")
+ACTS = (None, "silu_mul")  # public; run_config also takes "partials" (see kernels.awq_linear_partials)
 
 
 def check_act(act: str | None, N: int) -> None:
     if act not in ACTS:
         raise ValueError(f"act must be one of {ACTS}, got {act!r}")
-    if act is not None and N % 2:
+    if act == "silu_mul" and N % 2:
         raise ValueError(f"act={act!r} halves the output features, which must be even (got {N})")
 
 

@@ -61,6 +61,22 @@ def check_kernels(device: str = "cpu", dtype=torch.float32, atol: float = 1e-4) 
         ta.rope_and_store(qt, kt, v, pos, rot.cos_sin, kc, vc, slots)
         assert torch.allclose(qt, qr, atol=atol) and torch.allclose(kc, ref.k_cache, atol=atol)
         assert torch.equal(vc, ref.v_cache)
+        # the same from the QKV layer's split-K partials (fp32, 5 splits, bias added in the kernel); the last
+        # token's slot is -1 (a padded graph row: nothing written)
+        n_qkv = (hq + 2 * hkv) * d
+        ws = torch.randn(5, T, n_qkv, generator=g).to(device)
+        bias = rnd(n_qkv)
+        y = (ws.sum(0) + bias.float()).to(dtype)
+        qp, kp, vp = (t.reshape(T, -1, d).clone() for t in y.split([hq * d, hkv * d, hkv * d], dim=-1))
+        pad_slots = slots.clone()
+        pad_slots[-1] = -1
+        kc1, vc1, kc2, vc2 = kc0.clone(), vc0.clone(), kc0.clone(), vc0.clone()
+        ta.rope_and_store(qp, kp, vp, pos, rot.cos_sin, kc1, vc1, pad_slots)
+        qf = ta.rope_and_store_partials(ws, bias, pos, rot.cos_sin, kc2, vc2, pad_slots, hq, dtype)
+        assert qf.shape == (T, hq, d) and torch.allclose(qf, qp, atol=atol, rtol=1e-2)
+        assert torch.allclose(kc2, kc1, atol=atol, rtol=1e-2) and torch.allclose(vc2, vc1, atol=atol, rtol=1e-2)
+        blk, off = divmod(int(slots[-1]), page)  # the padded row's slot kept what was there
+        assert torch.equal(kc2[blk, off], kc0[blk, off]) and torch.equal(vc2[blk, off], vc0[blk, off])
         got = ta.paged_attention(qt, kc, vc, bt, cu, kv_lens, max(q_lens), d ** -0.5)
         assert torch.allclose(got, want, atol=atol * 10, rtol=1e-3), (hq, hkv, d, (got - want).abs().max())
         # decode-only grid (what CUDA graphs capture) on the decode row alone

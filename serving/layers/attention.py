@@ -35,6 +35,18 @@ class PagedAttention(nn.Module):
         self._store(k, v, ctx.slot_mapping)
         return self._attend(q, ctx).view(q.shape[0], -1)
 
+    def forward_partials(self, positions: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
+                         dtype: torch.dtype) -> torch.Tensor:
+        """Like ``forward``, from the QKV layer's split-K partials (GPU only; see ``rope_and_store_partials``)."""
+        from .triton_attention import paged_attention, rope_and_store_partials
+
+        ctx = get_context()
+        q = rope_and_store_partials(ws, bias, positions, self.rotary.cos_sin, self.k_cache, self.v_cache,
+                                    ctx.slot_mapping, self.num_heads, dtype)
+        o = paged_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_seqlens_q, ctx.kv_lens,
+                            ctx.max_q_len, self.scale)
+        return o.view(q.shape[0], -1)
+
     def _store(self, k, v, slots):
         kc = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
         vc = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)

@@ -123,6 +123,14 @@ class Linear(nn.Module):
             y = silu_and_mul(y)
         return y
 
+    def split_partials(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fp32 split-K partials ``[split, M, out]`` of this layer (bias not added) when its W4A16 kernel for
+        these rows leaves them to a second launch, so that the consumer can sum them instead; else ``None`` and
+        nothing launched. Only for layers whose output needs no all-reduce."""
+        if self.quant is None or self.mode == "row":
+            return None
+        return kernels.awq_linear_partials(x, self.qweight, self.qzeros, self.scales, self.group_size)
+
 
 def column_parts(sizes: dict, tp: TPContext, prefix: str) -> list[Part]:
     """Parts of a fused column-parallel layer (gate/up): each part split evenly over ranks."""

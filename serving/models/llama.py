@@ -45,6 +45,10 @@ class Attention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, rotary)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.qk_norm and x.is_cuda:  # AWQ decode: RoPE + cache store sum the QKV layer's split-K partials
+            ws = self.qkv_proj.split_partials(x)
+            if ws is not None:
+                return self.o_proj(self.attn.forward_partials(positions, ws, self.qkv_proj.bias, x.dtype))
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)

@@ -162,6 +162,21 @@ def test_silu_mul_epilogue_equals_the_unfused_layers(M):
                                                                                            x.device)
 
 
+def test_partials_are_what_the_second_launch_sums():
+    """``awq_linear_partials``: the fp32 split-K partials where the table's config sums them in a second launch
+    (M = 1 on Llama-3-8B's QKV), ``None`` (nothing launched) where it does not (prefill sizes)."""
+    from kernels import awq_linear_partials
+
+    K, N = 4096, 6144
+    w = weights(K, N)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    ws = awq_linear_partials(x, *w, G)
+    assert ws is not None and ws.dtype == torch.float32 and ws.shape[1:] == (1, N) and ws.shape[0] > 1
+    assert torch.equal(at.reduce_partials(ws, torch.empty(1, N, device="cuda", dtype=torch.bfloat16), None),
+                       awq_linear(x, *w, G))
+    assert awq_linear_partials(torch.randn(2048, K, device="cuda", dtype=torch.bfloat16), *w, G) is None
+
+
 def test_bad_inputs_raise_on_cuda():
     K, N = 256, 64
     qw, qz, sc = weights(K, N)
