@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .awq_triton import (_INTERPRET, _codes_plus_offset, _finish, _load_group, _out_and_ws, _split_args, _tail,
-                         finish_split, tile_counters)
+                         finish_split, pdl_release, tile_counters)
 
 
 @triton.jit
@@ -28,6 +28,7 @@ def _awq_dot_swap_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_F32: tl.constexpr, USE_ASM: tl.constexpr, TAIL: tl.constexpr,
 ):
+    pdl_release(TAIL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)

@@ -48,6 +48,29 @@ from .epilogue import silu_mul, silu_mul_math
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAGIC = tl.constexpr(0x4B000000)  # fp32 bits of 2**23
+
+# Programmatic dependent launch (sm_90): the split-K sum's launch is queued with ``launch_pdl`` and its programs
+# start while the GEMV's last wave runs, waiting in ``gdc_wait`` until the GEMV's partials are written; the GEMV
+# programs release it at their start (``gdc_launch_dependents``: it then launches once every GEMV program has
+# started). ``RAYAWQ_PDL=0`` turns it off; off under the interpreter and on Triton builds without it.
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    _HAS_GDC = True
+except ImportError:  # pragma: no cover - older Triton
+    _HAS_GDC = False
+
+PDL = _HAS_GDC and not _INTERPRET and os.environ.get("RAYAWQ_PDL", "1") != "0"
+_PDL = tl.constexpr(PDL)
+_PDL_LAUNCH = {"launch_pdl": True} if PDL else {}
+
+
+@triton.jit
+def pdl_release(TAIL: tl.constexpr):
+    """In a GEMV whose partials a second launch sums (``TAIL`` 0): let that launch start (see ``PDL``)."""
+    if _PDL:
+        if TAIL == 0:
+            gdc_launch_dependents()
 MAX_TILES = 1 << 16  # counters per device
 
 
@@ -93,6 +116,8 @@ def _reduce_partials_kernel(ws_ptr, b_ptr, y_ptr, M, N, SPLIT_K, stride_ym, HAS_
     the in-kernel tail (the last program of a column tile summing in rounds) cost 4-9 us of a 20-30 us GEMV.
     ``SILU_MUL``: ``y [M, N/2] = silu(sum[:, :N/2]) * sum[:, N/2:]`` (the MLP's activation, see
     :mod:`kernels.epilogue`)."""
+    if _PDL:
+        gdc_wait()  # launched early (programmatic dependent launch): the partials are complete after this
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     W = N // 2 if SILU_MUL else N
@@ -148,7 +173,7 @@ def reduce_partials(ws: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None
     sb = min(triton.next_power_of_2(split), 2048 // bn)
     _reduce_partials_kernel[(triton.cdiv(width, bn), M)](
         ws, bias if bias is not None else y, y, M, N, split, y.stride(0), HAS_BIAS=bias is not None,
-        SPLIT_BLOCK=sb, BLOCK_N=bn, SILU_MUL=act == "silu_mul", num_warps=1)
+        SPLIT_BLOCK=sb, BLOCK_N=bn, SILU_MUL=act == "silu_mul", num_warps=1, **_PDL_LAUNCH)
     return y
 
 
@@ -305,6 +330,7 @@ def _awq_dot_kernel(
     PREFETCH: tl.constexpr, X_IN_REGS: tl.constexpr,
     TAIL: tl.constexpr,
 ):
+    pdl_release(TAIL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
