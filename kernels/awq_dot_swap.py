@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .awq_triton import (_INTERPRET, _codes_plus_offset, _finish, _load_group, _out_and_ws, _split_args, _tail,
-                         finish_split, pdl_release, tile_counters)
+from .awq_triton import (_INTERPRET, _PDL_LAUNCH, _codes_plus_offset, _finish, _load_group, _out_and_ws,
+                         _split_args, _tail, finish_split, pdl_enter, tile_counters)
 
 
 @triton.jit
@@ -28,7 +28,7 @@ def _awq_dot_swap_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_F32: tl.constexpr, USE_ASM: tl.constexpr, TAIL: tl.constexpr,
 ):
-    pdl_release(TAIL)
+    pdl_enter()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -88,6 +88,6 @@ def dot_swap(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
         M, N, N // 8, K, x2.stride(0), y.stride(0), split_k, gps,
         GROUP=group_size, BLOCK_M=block_m, BLOCK_N=BLOCK_N, HAS_BIAS=bias is not None,
         DOT_F32=_INTERPRET and x2.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, TAIL=_tail(TAIL),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **_PDL_LAUNCH,
     )
     return finish_split(ws, y, bias, split_k > 1 and TAIL == 0, act)

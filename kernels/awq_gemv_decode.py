@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .awq_triton import _out_and_ws, _split_args, _tail, finish_split, pdl_release, tile_counters
 
+
 @triton.jit
 def _col(w, HALF: tl.constexpr, POS: tl.constexpr, magic):
     """fp32 ``2**23 + code * 16**POS`` of the column stored in (``HALF``, ``POS``) of each word of ``w``.
@@ -89,7 +90,7 @@ def _awq_gemv_decode_kernel(
     N8: tl.constexpr, GROUP: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC2D: tl.constexpr, PREFETCH: tl.constexpr, TAIL: tl.constexpr,
 ):
-    pdl_release(TAIL)
+    pdl_release()
     pid_j = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -241,7 +242,7 @@ def _awq_gemv_rows_kernel(
     capped by N/8 x splits threads (~16 warps per SM at 8192x8192), so the bytes in flight per thread set
     the bandwidth: DEPTH 2 doubles them. With ``BLOCK_J`` above ``32 * num_warps`` a thread holds adjacent words;
     when the tiles divide N/8 (``EVEN_J``) their loads are unclamped, so they become one 8- or 16-byte load."""
-    pdl_release(TAIL)
+    pdl_release()
     pid_j = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -333,7 +334,7 @@ def _awq_gemv_kwarps_kernel(
     Tensors are ``[KW, BLOCK_J]``: a warp per row of the first axis, a packed word per lane (clamped column
     indices keep the loads one word wide). One row of x per program (grid axis 2).
     """
-    pdl_release(TAIL)
+    pdl_release()
     pid_j = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)

@@ -49,10 +49,14 @@ from .epilogue import silu_mul, silu_mul_math
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAGIC = tl.constexpr(0x4B000000)  # fp32 bits of 2**23
 
-# Programmatic dependent launch (sm_90): the split-K sum's launch is queued with ``launch_pdl`` and its programs
-# start while the GEMV's last wave runs, waiting in ``gdc_wait`` until the GEMV's partials are written; the GEMV
-# programs release it at their start (``gdc_launch_dependents``: it then launches once every GEMV program has
-# started). ``RAYAWQ_PDL=0`` turns it off; off under the interpreter and on Triton builds without it.
+# Programmatic dependent launch (sm_90). Every W4A16 kernel begins by releasing the next launch
+# (``gdc_launch_dependents``: it starts once all our programs have started), so a split-K sum launched with
+# ``launch_pdl`` is resident when the GEMV's last wave ends, and waits in ``gdc_wait`` for its partials. The
+# tensor-core kernels (``swap``, ``splitk``/``gemm``) are launched with ``launch_pdl`` too and wait at their start
+# for the kernel before them; the decode GEMVs are not: measured on the H100, a decode GEMV launched early lost
+# 0.2-3.5 us at M = 1 (its waiting programs hold the SMs), the tensor-core ones gained 0.5-2 us at M = 16-64
+# (``benchmarks/pdl_probe.py``). ``RAYAWQ_PDL=0`` turns it off; off under the interpreter and on Triton builds
+# without the intrinsics.
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
@@ -66,11 +70,18 @@ _PDL_LAUNCH = {"launch_pdl": True} if PDL else {}
 
 
 @triton.jit
-def pdl_release(TAIL: tl.constexpr):
-    """In a GEMV whose partials a second launch sums (``TAIL`` 0): let that launch start (see ``PDL``)."""
+def pdl_release():
+    """First statement of a kernel launched without ``_PDL_LAUNCH``: let the next launch start."""
     if _PDL:
-        if TAIL == 0:
-            gdc_launch_dependents()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_enter():
+    """First statement of a kernel launched with ``_PDL_LAUNCH``: release the next launch, wait for the last."""
+    if _PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 MAX_TILES = 1 << 16  # counters per device
 
 
@@ -116,8 +127,7 @@ def _reduce_partials_kernel(ws_ptr, b_ptr, y_ptr, M, N, SPLIT_K, stride_ym, HAS_
     the in-kernel tail (the last program of a column tile summing in rounds) cost 4-9 us of a 20-30 us GEMV.
     ``SILU_MUL``: ``y [M, N/2] = silu(sum[:, :N/2]) * sum[:, N/2:]`` (the MLP's activation, see
     :mod:`kernels.epilogue`)."""
-    if _PDL:
-        gdc_wait()  # launched early (programmatic dependent launch): the partials are complete after this
+    pdl_enter()  # launched early (programmatic dependent launch): the partials are complete after this
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     W = N // 2 if SILU_MUL else N
@@ -330,7 +340,7 @@ def _awq_dot_kernel(
     PREFETCH: tl.constexpr, X_IN_REGS: tl.constexpr,
     TAIL: tl.constexpr,
 ):
-    pdl_release(TAIL)
+    pdl_enter()
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -505,7 +515,7 @@ def dot(x2, qweight, qzeros, scales, group_size, bias=None, *, out=None, BLOCK_M
         M, N, N // 8, K, x2.stride(0), y.stride(0), split_k, gps,
         GROUP=group_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M, SCALE_AFTER=SCALE_AFTER,
         HAS_BIAS=bias is not None, DOT_F32=_INTERPRET and x2.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PREFETCH=PREFETCH, X_IN_REGS=X_IN_REGS,
-        TAIL=_tail(TAIL), num_warps=num_warps, num_stages=num_stages,
+        TAIL=_tail(TAIL), num_warps=num_warps, num_stages=num_stages, **_PDL_LAUNCH,
     )
     return finish_split(ws, y, bias, split_k > 1 and TAIL == 0, act)
 
