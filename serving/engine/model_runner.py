@@ -156,23 +156,28 @@ class ModelRunner:
         tables = [t + [0] * (width - len(t)) for t in b.block_tables]
         return ids, pos, slots, cu, kv_lens, tables, [i for i, s in zip(last, b.sample) if s]
 
+    def _forward(self, b: ForwardBatch, fed: torch.Tensor | None = None):
+        """Hidden states of the step's tokens (a decode batch through its CUDA graph when one fits, else eagerly);
+        ``fed``: input ids already on the device. Returns ``(hidden, cu_seqlens, rows whose logits are wanted)``."""
+        ids, pos, slots, cu, kv_lens, tables, logit_rows = self._prepare(b)
+        graph_bs = next((g for g in sorted(self.graphs) if g >= len(b.token_ids)), None) if b.is_decode else None
+        if graph_bs is not None:
+            return self._replay(graph_bs, ids, pos, slots, kv_lens, tables, fed), cu, logit_rows
+        ctx = AttentionContext(
+            slot_mapping=self._tensor(slots, torch.int64), cu_seqlens_q=self._tensor(cu),
+            kv_lens=self._tensor(kv_lens), block_tables=self._tensor(tables),
+            max_q_len=max(len(t) for t in b.token_ids), cpu_cu_seqlens_q=cu, cpu_kv_lens=kv_lens)
+        set_context(ctx)
+        try:
+            hidden = self.model(fed if fed is not None else self._tensor(ids, torch.int64),
+                                self._tensor(pos, torch.int64))
+        finally:
+            set_context(None)
+        return hidden, cu, logit_rows
+
     @torch.inference_mode()
     def execute(self, b: ForwardBatch, sampling: SamplingBatch | None) -> SampleOutput | None:
-        ids, pos, slots, cu, kv_lens, tables, logit_rows = self._prepare(b)
-        n_seqs = len(b.token_ids)
-        graph_bs = next((g for g in sorted(self.graphs) if g >= n_seqs), None) if b.is_decode else None
-        if graph_bs is not None:
-            hidden = self._replay(graph_bs, ids, pos, slots, kv_lens, tables)
-        else:
-            ctx = AttentionContext(
-                slot_mapping=self._tensor(slots, torch.int64), cu_seqlens_q=self._tensor(cu),
-                kv_lens=self._tensor(kv_lens), block_tables=self._tensor(tables),
-                max_q_len=max(len(t) for t in b.token_ids), cpu_cu_seqlens_q=cu, cpu_kv_lens=kv_lens)
-            set_context(ctx)
-            try:
-                hidden = self.model(self._tensor(ids, torch.int64), self._tensor(pos, torch.int64))
-            finally:
-                set_context(None)
+        hidden, cu, logit_rows = self._forward(b)
         scores = self._score(hidden, cu, b.score_targets, b.score_topn) if b.score_targets else None
         if not logit_rows:
             return SampleOutput([], [], scores) if scores else None
@@ -191,27 +196,13 @@ class ModelRunner:
         device: the step can be queued before the host has seen the previous step's tokens. Sampling must
         not need the host (no constraints, no logprobs): the engine keeps such requests on ``execute``.
         """
-        ids, pos, slots, cu, kv_lens, tables, _ = self._prepare(b)
         n = len(b.token_ids)
         fed = None
         if feed is not None:
             prev, rows = feed
             fed = prev.tokens if rows == list(range(prev.tokens.shape[0])) else \
                 prev.tokens.index_select(0, self._tensor(rows, torch.int64))
-        graph_bs = next((g for g in sorted(self.graphs) if g >= n), None)
-        if graph_bs is not None:
-            hidden = self._replay(graph_bs, ids, pos, slots, kv_lens, tables, fed)
-        else:
-            ctx = AttentionContext(
-                slot_mapping=self._tensor(slots, torch.int64), cu_seqlens_q=self._tensor(cu),
-                kv_lens=self._tensor(kv_lens), block_tables=self._tensor(tables), max_q_len=1,
-                cpu_cu_seqlens_q=cu, cpu_kv_lens=kv_lens)
-            set_context(ctx)
-            try:
-                hidden = self.model(fed if fed is not None else self._tensor(ids, torch.int64),
-                                    self._tensor(pos, torch.int64))
-            finally:
-                set_context(None)
+        hidden, _, _ = self._forward(b, fed)
         tokens = self.sampler.sample(self.model.compute_logits(hidden), sampling)
         if self.device.type != "cuda":
             return PendingTokens(tokens, tokens)
