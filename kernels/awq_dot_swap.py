@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .awq_triton import (_INTERPRET, _PDL_LAUNCH, _codes_plus_offset, _finish, _load_group, _out_and_ws,
-                         _split_args, _tail, finish_split, pdl_enter, tile_counters)
+from .awq_triton import (_INTERPRET, _PDL_LAUNCH, _codes_minus_zeros, _codes_plus_offset, _finish, _load_group, _out_and_ws,
+                         _split_args, _zero_pairs, _tail, finish_split, pdl_enter, tile_counters)
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def _awq_dot_swap_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, N8, K, stride_xm, stride_ym, SPLIT_K, groups_per_split,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_F32: tl.constexpr, USE_ASM: tl.constexpr, TAIL: tl.constexpr,
+    DOT_F32: tl.constexpr, USE_ASM: tl.constexpr, TAIL: tl.constexpr, ZSUB: tl.constexpr = False,
 ):
     pdl_enter()
     pid_n = tl.program_id(0)
@@ -54,14 +54,20 @@ def _awq_dot_swap_kernel(
         x_n, w_n, z_n, s_n = _load_group(x_ptr, qw_ptr, qz_ptr, s_ptr, g + 1, g + 1 < g1, offs_m, offs_j, offs_n,
                                          offs_k, M, N, N8, stride_xm, GROUP, True)
         xt = tl.trans(x)                                                                               # [GROUP, BM]
-        a = tl.trans(_codes_plus_offset(w, offs_n[None, :], xt.dtype, USE_ASM))                     # [BN, GROUP]
+        if ZSUB:  # q - z made per pair of weights before the MMA
+            a = tl.trans(_codes_minus_zeros(w, _zero_pairs(z, offs_n, xt.dtype)[None, :], xt.dtype, USE_ASM))
+        else:
+            a = tl.trans(_codes_plus_offset(w, offs_n[None, :], xt.dtype, USE_ASM))                 # [BN, GROUP]
         if DOT_F32:  # interpreter only: its bf16 tl.dot is broken; same (exact) operands in fp32
             part = tl.dot(a.to(tl.float32), xt.to(tl.float32))
         else:
             part = tl.dot(a, xt)                                                                       # [BN, BM]
-        xs = tl.sum(xt.to(tl.float32), axis=0)                                                         # [BM]
-        zo = ((z >> ((((offs_n >> 1) & 3) << 2) + ((offs_n & 1) << 4))) & 0xF).to(tl.float32) + OFF
-        acc += (part - zo[:, None] * xs[None, :]) * s.to(tl.float32)[:, None]
+        if ZSUB:
+            acc += part * s.to(tl.float32)[:, None]
+        else:
+            xs = tl.sum(xt.to(tl.float32), axis=0)                                                     # [BM]
+            zo = ((z >> ((((offs_n >> 1) & 3) << 2) + ((offs_n & 1) << 4))) & 0xF).to(tl.float32) + OFF
+            acc += (part - zo[:, None] * xs[None, :]) * s.to(tl.float32)[:, None]
 
     n2 = offs_n[:, None]
     m2 = offs_m[None, :]
@@ -73,8 +79,9 @@ def _awq_dot_swap_kernel(
 def dot_swap(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
              bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None, BLOCK_M: int = 16,
              BLOCK_N: int = 128, split_k: int = 1, num_warps: int = 4, num_stages: int = 1,
-             TAIL: int = 4, act: str | None = None) -> torch.Tensor:
+             TAIL: int = 4, ZSUB: bool = False, act: str | None = None) -> torch.Tensor:
     """``x2 [M, K] @ W`` computed as ``(W^T x2^T)^T``; ``BLOCK_M`` >= 16, ``BLOCK_N`` >= 64 (wgmma's M).
+    ``ZSUB``: zero points subtracted from the codes before the MMA (see ``awq_triton._codes_minus_zeros``).
     ``TAIL``: how split-K partials are summed (``awq_triton._finish``; 0 = a second launch)."""
     M, K = x2.shape
     N = scales.shape[1]
@@ -87,7 +94,7 @@ def dot_swap(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
         x2, qweight, qzeros, scales, bias if bias is not None else y, y, ws, cnt,
         M, N, N // 8, K, x2.stride(0), y.stride(0), split_k, gps,
         GROUP=group_size, BLOCK_M=block_m, BLOCK_N=BLOCK_N, HAS_BIAS=bias is not None,
-        DOT_F32=_INTERPRET and x2.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, TAIL=_tail(TAIL),
+        DOT_F32=_INTERPRET and x2.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, TAIL=_tail(TAIL), ZSUB=ZSUB,
         num_warps=num_warps, num_stages=num_stages, **_PDL_LAUNCH,
     )
     return finish_split(ws, y, bias, split_k > 1 and TAIL == 0, act)

@@ -49,6 +49,28 @@ from .epilogue import silu_mul, silu_mul_math
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAGIC = tl.constexpr(0x4B000000)  # fp32 bits of 2**23
 
+
+def _pair_ptx(kind: str, magic: str, scaled: bool) -> str:
+    """PTX for one packed word (8 copies in ``$4..$11``, ``pack=8``): ``OFF + q`` for the four column pairs
+    ``(2p, 2p+1)`` by shift + ``lop3``, minus the zero pairs (``$12, $14, $16, $18``), times the scale pairs
+    (``$20, $22, $24, $26``) when ``scaled``; results in ``$0..$3`` (columns 0-7 in order)."""
+    lines = ["{ .reg .b32 t0, t1, t2, u0, u1, u2, u3;", "shr.u32 t0, $4, 4; shr.u32 t1, $4, 8; shr.u32 t2, $4, 12;"]
+    lines += [f"lop3.b32 u{p}, {'$4' if p == 0 else f't{p - 1}'}, 0x000F000F, {magic}, 0xea;" for p in range(4)]
+    dst = "u" if scaled else "$"
+    lines += [f"sub.rn.{kind} {dst}{p}, u{p}, ${12 + 2 * p};" for p in range(4)]
+    if scaled:
+        lines += [f"mul.rn.{kind} ${p}, u{p}, ${20 + 2 * p};" for p in range(4)]
+    return "\n".join(lines) + " }"
+
+
+# the pack=8 dequantizers' PTX and operand lists: four 32-bit outputs (8 x 16 bits), 8 words per input
+_PTX_ZSUB_BF16 = tl.constexpr(_pair_ptx("bf16x2", "0x43004300", False))
+_PTX_ZSUB_F16 = tl.constexpr(_pair_ptx("f16x2", "0x64006400", False))
+_PTX_SCALED_BF16 = tl.constexpr(_pair_ptx("bf16x2", "0x43004300", True))
+_PTX_SCALED_F16 = tl.constexpr(_pair_ptx("f16x2", "0x64006400", True))
+_ASM_IO_2 = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 16))
+_ASM_IO_3 = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 24))
+
 # Programmatic dependent launch (sm_90). Every W4A16 kernel begins by releasing the next launch
 # (``gdc_launch_dependents``: it starts once all our programs have started), so a split-K sum launched with
 # ``launch_pdl`` is resident when the GEMV's last wave ends, and waits in ``gdc_wait`` for its partials. The
@@ -246,6 +268,81 @@ def _codes_plus_offset(w, n, dtype: tl.constexpr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _zero_pairs(z, n, dtype: tl.constexpr):
+    """Zero points of columns ``n`` (``z``: each column's packed word) as the 32-bit pair ``OFF + z`` of columns
+    ``(n & ~1, n | 1)`` in ``dtype``x2 (meaningful at even ``n``), for :func:`_codes_minus_zeros`."""
+    magic = 0x43004300 if dtype == tl.bfloat16 else 0x64006400
+    return ((z >> (((n >> 1) & 3) << 2)) & 0x000F000F) | magic
+
+
+@triton.jit
+def _pairs_ptx(w8, zp, sp, dtype: tl.constexpr, SCALED: tl.constexpr):
+    """The inline-PTX block of :func:`_codes_minus_zeros` / :func:`_dequant_scaled` (GPU only)."""
+    zb = tl.broadcast_to(zp, w8.shape)
+    if SCALED:
+        sb = tl.broadcast_to(sp, w8.shape)
+        if dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise(_PTX_SCALED_BF16, _ASM_IO_3, [w8, zb, sb], dtype=tl.bfloat16,
+                                             is_pure=True, pack=8)
+        else:
+            return tl.inline_asm_elementwise(_PTX_SCALED_F16, _ASM_IO_3, [w8, zb, sb], dtype=tl.float16,
+                                             is_pure=True, pack=8)
+    else:
+        if dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise(_PTX_ZSUB_BF16, _ASM_IO_2, [w8, zb], dtype=tl.bfloat16, is_pure=True,
+                                             pack=8)
+        else:
+            return tl.inline_asm_elementwise(_PTX_ZSUB_F16, _ASM_IO_2, [w8, zb], dtype=tl.float16, is_pure=True,
+                                             pack=8)
+
+
+@triton.jit
+def _codes_minus_zeros(w, zp, dtype: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 ``[R, C]`` -> ``[R, 8C]`` in ``dtype``: ``q - z`` (exact: small integers), zero points folded in
+    before the MMA, so no per-group ``(OFF + z) * sum(x)`` correction (its sum over x cost a cross-thread
+    reduction every group). ``zp``: :func:`_zero_pairs`, broadcastable to ``[R, 8C]``.
+
+    GPU: one inline-PTX block per word (``pack=8``, see :func:`_pair_ptx`): three shifts and four ``lop3``
+    make the four ``OFF + q`` pairs ``(2p, 2p+1)`` (nibbles ``p`` and ``4 + p`` of the AWQ order), four
+    ``sub.{bf16,f16}x2`` take the zero pairs off: 11 instructions per 8 weights where the per-column shift of
+    :func:`_codes_plus_offset` took ~12 plus the replication moves. Interpreter: the same values through
+    integer arithmetic.
+    """
+    w8 = _unpack8(w)
+    if USE_ASM:
+        return _pairs_ptx(w8, zp, zp, dtype, False)
+    else:
+        n = tl.broadcast_to(tl.arange(0, w8.shape[1])[None, :], w8.shape)
+        q = (w8 >> ((((n >> 1) & 3) << 2) + ((n & 1) << 4))) & 0xF
+        zn = (tl.broadcast_to(zp, w8.shape) >> ((n & 1) << 4)) & 0xF
+        return (q - zn).to(tl.float32).to(dtype)
+
+
+@triton.jit
+def _dequant_scaled(w, zp, sp, dtype: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 ``[R, C]`` -> ``[R, 8C]`` weights ``(q - z) * s`` in ``dtype`` (one rounding, as the dequantize
+    kernel): :func:`_codes_minus_zeros` plus one ``mul.{bf16,f16}x2`` per pair with ``sp``, the scales of
+    columns ``(n & ~1, n | 1)`` read as one 32-bit word. 15 instructions per 8 weights; the ``_nibbles``
+    route (fp32 unpack, subtract, scale, convert) took about five per weight."""
+    w8 = _unpack8(w)
+    if USE_ASM:
+        return _pairs_ptx(w8, zp, sp, dtype, True)
+    else:
+        n = tl.broadcast_to(tl.arange(0, w8.shape[1])[None, :], w8.shape)
+        q = (w8 >> ((((n >> 1) & 3) << 2) + ((n & 1) << 4))) & 0xF
+        half = (n & 1) << 4
+        zn = (tl.broadcast_to(zp, w8.shape) >> half) & 0xF
+        sn = ((tl.broadcast_to(sp, w8.shape) >> half) & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
+        return ((q - zn).to(tl.float32) * sn.to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def _scale_pairs(s_ptr, g, N, n, nmask):
+    """Group ``g``'s scales of columns ``(n & ~1, n | 1)`` as one 32-bit word per column (16-bit scales)."""
+    return tl.load(s_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (g * N + n) // 2, mask=nmask, other=0)
+
+
+@triton.jit
 def _load_group(x_ptr, qw_ptr, qz_ptr, s_ptr, g, valid, offs_m, offs_j, offs_n, offs_k, M, N, N8, stride_xm,
                 GROUP: tl.constexpr, WITH_X: tl.constexpr):
     """The tiles of group ``g``: x ``[BM, GROUP]`` (if ``WITH_X``, else a dummy), packed weights, zeros, scales.
@@ -338,7 +435,7 @@ def _awq_dot_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     SCALE_AFTER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, USE_ASM: tl.constexpr,
     PREFETCH: tl.constexpr, X_IN_REGS: tl.constexpr,
-    TAIL: tl.constexpr,
+    TAIL: tl.constexpr, ZSUB: tl.constexpr = False,
 ):
     pdl_enter()
     pid = tl.program_id(0)
@@ -399,7 +496,23 @@ def _awq_dot_kernel(
             if not X_IN_REGS:  # plain load at the top of the body: Triton stages it through shared memory
                 kc = g * GROUP + offs_k
                 a_c = tl.load(x_ptr + offs_m[:, None] * stride_xm + kc[None, :], mask=(offs_m < M)[:, None], other=0.0)
-        if SCALE_AFTER:
+        if SCALE_AFTER and ZSUB:
+            # acc += s * (x @ (q - z)): exact small integers into the MMA, zero points taken off per pair
+            b = _codes_minus_zeros(w_c, _zero_pairs(z_c, offs_n, a_c.dtype)[None, :], a_c.dtype, USE_ASM)
+            if DOT_F32:
+                part = tl.dot(a_c.to(tl.float32), b.to(tl.float32))
+            else:
+                part = tl.dot(a_c, b)
+            acc += part * s_c.to(tl.float32)[None, :]
+        elif ZSUB:
+            # the weight made in the activation dtype, (q - z) * s, by paired instructions
+            b = _dequant_scaled(w_c, _zero_pairs(z_c, offs_n, a_c.dtype)[None, :],
+                                _scale_pairs(s_ptr, g, N, offs_n, nmask)[None, :], a_c.dtype, USE_ASM)
+            if DOT_F32:
+                acc = tl.dot(a_c.to(tl.float32), b.to(tl.float32), acc)
+            else:
+                acc = tl.dot(a_c, b, acc)
+        elif SCALE_AFTER:
             # factored: acc += s * (x @ (OFF + q) - (OFF + z) * sum(x)), the dot on exact small integers
             zo = ((z_c >> ((((offs_n >> 1) & 3) << 2) + ((offs_n & 1) << 4))) & 0xF).to(tl.float32) + OFF
             b = _codes_plus_offset(w_c, offs_n[None, :], a_c.dtype, USE_ASM)
@@ -502,8 +615,11 @@ def gemv(x2, qweight, qzeros, scales, group_size, bias=None, *, out=None, BLOCK_
 
 
 def dot(x2, qweight, qzeros, scales, group_size, bias=None, *, out=None, BLOCK_M=16, BLOCK_N=64, split_k=1,
-        GROUP_M=8, SCALE_AFTER=True, PREFETCH=2, X_IN_REGS=True, num_warps=4, num_stages=1, TAIL=4, act=None):
-    """``tl.dot`` kernel: split-K (small M) or a tiled GEMM (``split_k=1``, large M)."""
+        GROUP_M=8, SCALE_AFTER=True, PREFETCH=2, X_IN_REGS=True, num_warps=4, num_stages=1, TAIL=4, ZSUB=False,
+        act=None):
+    """``tl.dot`` kernel: split-K (small M) or a tiled GEMM (``split_k=1``, large M). ``ZSUB``: zero points (and,
+    without ``SCALE_AFTER``, scales) applied to pairs of weights by packed 16-bit instructions (the weight-scaled
+    form needs scales in the activation dtype; otherwise it is ignored)."""
     M, K = x2.shape
     N = scales.shape[1]
     split_k, gps = _split_args(K // group_size, split_k)
@@ -515,7 +631,8 @@ def dot(x2, qweight, qzeros, scales, group_size, bias=None, *, out=None, BLOCK_M
         M, N, N // 8, K, x2.stride(0), y.stride(0), split_k, gps,
         GROUP=group_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M, SCALE_AFTER=SCALE_AFTER,
         HAS_BIAS=bias is not None, DOT_F32=_INTERPRET and x2.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PREFETCH=PREFETCH, X_IN_REGS=X_IN_REGS,
-        TAIL=_tail(TAIL), num_warps=num_warps, num_stages=num_stages, **_PDL_LAUNCH,
+        TAIL=_tail(TAIL), ZSUB=bool(ZSUB) and (SCALE_AFTER or scales.dtype == x2.dtype),
+        num_warps=num_warps, num_stages=num_stages, **_PDL_LAUNCH,
     )
     return finish_split(ws, y, bias, split_k > 1 and TAIL == 0, act)
 

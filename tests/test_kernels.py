@@ -66,6 +66,10 @@ VARIANTS = {
     "gemm": lambda x, w, g, b, out: at.dot(x, *w, g, b, out=out, BLOCK_M=16, BLOCK_N=32, split_k=1,
                                             SCALE_AFTER=False, PREFETCH=2, X_IN_REGS=False),
     "dequant": lambda x, w, g, b, out: at.dequant_matmul(x, *w, g, b, out=out, BLOCK_N=32),
+    # zero points (and, for gemm, scales) applied per pair of weights before the MMA (ZSUB)
+    "splitk_zsub": lambda x, w, g, b, out: at.dot(x, *w, g, b, out=out, BLOCK_M=16, BLOCK_N=32, split_k=2, ZSUB=True),
+    "gemm_zsub": lambda x, w, g, b, out: at.dot(x, *w, g, b, out=out, BLOCK_M=16, BLOCK_N=32, split_k=1,
+                                                 SCALE_AFTER=False, PREFETCH=1, ZSUB=True),
 }
 
 
@@ -171,6 +175,41 @@ def test_decode_split_sums_match_fp64(group, kernel, tail):
                            M, group, M + tail, True)
 
 
+@pytest.mark.parametrize("cfg", [dict(BLOCK_J=8, num_warps=1, split_k=1), dict(BLOCK_J=8, num_warps=1, split_k=3),
+                                 dict(BLOCK_J=16, num_warps=2, split_k=2, TAIL=8), dict(BLOCK_J=8, num_warps=1, R=1)])
+@pytest.mark.parametrize("group", list(GROUPS))
+@pytest.mark.parametrize("M", [1, 3])
+def test_tma_gemv_matches_fp64(M, group, cfg):
+    """The copy-engine GEMV (tensor descriptors under the interpreter): N/8 a multiple of 4 (its requirement),
+    a partial last column tile (N/8 = 12 or 20 words), split-K both ways, a non-default R."""
+    from kernels.awq_gemv_tma import gemv_tma
+
+    K = GROUPS[group]
+    for N in (96, 160):
+        w = random_weights(K, N, group)
+        x = torch.randn(M, K, dtype=torch.bfloat16)
+        bias = torch.randn(N, dtype=torch.bfloat16)
+        out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+        y = gemv_tma(x, *w, group, bias, out=out, **cfg)
+        assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
+        assert rel(y, ref64(x, *w, group, bias)) < 1e-2
+
+
+def test_tma_gemv_refuses_what_the_copy_engine_cannot_read():
+    from kernels.awq_gemv_tma import gemv_tma
+
+    w = random_weights(64, 24, 32)  # N/8 = 3 words: rows of 12 bytes
+    with pytest.raises(ValueError, match="N/8 a multiple of 4"):
+        gemv_tma(torch.randn(1, 64, dtype=torch.bfloat16), *w, 32)
+    w = random_weights(64, 96, 32)
+    with pytest.raises(ValueError, match="BLOCK_J"):
+        gemv_tma(torch.randn(1, 64, dtype=torch.bfloat16), *w, 32, BLOCK_J=6)
+    # through the dispatcher, operands it cannot address fall back to the register-only GEMV
+    xs = torch.randn(1, 65, dtype=torch.bfloat16)[:, 1:]
+    y = dispatch.run_config({"kernel": "tma", "BLOCK_J": 8, "num_warps": 1}, xs, *w, 32)
+    assert rel(y, ref64(xs, *w, 32)) < 1e-2
+
+
 @pytest.mark.parametrize("split", [3, 300])
 def test_reduce_partials_sums_every_split(split):
     """The second launch of ``TAIL=0``: 300 splits take two rounds of its 256-split tile; bias, strided ``y``."""
@@ -267,6 +306,29 @@ def test_swapped_dot_matches_fp64(M, group, split_k):
 
     check_against_fp64(lambda x, w, g, b, out: dot_swap(x, *w, g, b, out=out, BLOCK_M=16, BLOCK_N=16, split_k=split_k),
                        M, group, M, M != 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 16, 33])
+def test_swapped_dot_with_zero_pairs_matches_fp64(M, dtype):
+    """``swap`` with ZSUB (q - z per pair before the MMA), every group size, split-K by a second launch."""
+    from kernels.awq_dot_swap import dot_swap
+
+    for group, K in GROUPS.items():
+        w = random_weights(K, 72, group, dtype)
+        x = torch.randn(M, K, dtype=dtype)
+        out = torch.full((M, 72), float("nan"), dtype=dtype)
+        y = dot_swap(x, *w, group, None, out=out, BLOCK_M=16, BLOCK_N=64, split_k=2, ZSUB=True, TAIL=0)
+        assert torch.isfinite(y).all() and rel(y, ref64(x, *w, group)) < 1e-2
+
+
+def test_weight_scaled_zsub_needs_scales_in_the_activation_dtype():
+    """The gemm path's paired scaling reads scales as 16-bit pairs: fp32 scales fall back to the fp32 route."""
+    w = random_weights(64, 24, 32)
+    w = (w[0], w[1], w[2].float())
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    y = at.dot(x, *w, 32, BLOCK_M=16, BLOCK_N=32, split_k=1, SCALE_AFTER=False, ZSUB=True)
+    assert rel(y, ref64(x, *w, 32)) < 1e-2
 
 
 def test_lanes_gemv_refuses_more_than_8_rows():

@@ -78,6 +78,14 @@ VARIANTS = {
     "splitk_sum_launch": dict(kernel="splitk", BLOCK_M=16, BLOCK_N=128, split_k=4, SCALE_AFTER=True, PREFETCH=1,
                               num_warps=8, num_stages=1, TAIL=0),
     "decode_kw_wide": dict(kernel="decode", KW=2, BLOCK_J=64, split_k=1),
+    "swap_zsub": dict(kernel="swap", BLOCK_M=16, BLOCK_N=128, split_k=4, num_warps=8, TAIL=0, ZSUB=True),
+    "swap_zsub_tail": dict(kernel="swap", BLOCK_M=64, BLOCK_N=256, split_k=3, num_warps=8, ZSUB=True),
+    "splitk_zsub": dict(kernel="splitk", BLOCK_M=16, BLOCK_N=128, split_k=4, SCALE_AFTER=True, PREFETCH=1,
+                        num_warps=8, TAIL=0, ZSUB=True),
+    "gemm_zsub": dict(kernel="gemm", BLOCK_M=128, BLOCK_N=128, split_k=1, SCALE_AFTER=False, PREFETCH=1,
+                      X_IN_REGS=False, num_warps=8, num_stages=3, ZSUB=True),
+    "gemm_zsub_plain": dict(kernel="gemm", BLOCK_M=64, BLOCK_N=128, split_k=1, SCALE_AFTER=False, PREFETCH=0,
+                            num_warps=8, num_stages=3, ZSUB=True),
     "decode_rows_deep": dict(kernel="decode", ROWS=True, BLOCK_M=2, BLOCK_J=128, DEPTH=2, split_k=3, num_warps=4),
 }
 
@@ -95,6 +103,37 @@ def test_every_variant_poisoned_output(variant, g, dtype):
         y = dispatch.run_config(VARIANTS[variant], x, *w, g, bias, out=out)
         assert torch.isfinite(y).all(), (variant, M)
         assert rel(y, ref64(x, *w, g, bias)) <= (1e-2 if dtype == torch.bfloat16 else 2e-3), (variant, M)
+
+
+@pytest.mark.parametrize("cfg", [dict(BLOCK_J=32, num_warps=4, NUM_STAGES=3, split_k=3),
+                                 dict(BLOCK_J=16, num_warps=4, NUM_STAGES=4, split_k=1),
+                                 dict(BLOCK_J=64, num_warps=8, NUM_STAGES=3, split_k=5, TAIL=8)])
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tma_gemv_poisoned_output(cfg, g, dtype):
+    """The copy-engine GEMV on a partial column tile (N/8 = 132), both scale paths (bf16 pairs, fp16), bias,
+    split-K by a second launch and in-kernel; then graph capture; an x the copy engine cannot address (rows
+    not 16-byte aligned) falls back to the register-only GEMV through ``run_config``."""
+    K, N = 1024, 1056
+    w = weights(K, N, g, dtype)
+    bias = torch.randn(N, device="cuda", dtype=dtype)
+    full = dict(kernel="tma", **cfg)
+    for M in (1, 3):
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+        y = dispatch.run_config(full, x, *w, g, bias, out=out)
+        assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= (1e-2 if dtype == torch.bfloat16 else 2e-3)
+    xs = torch.randn(1, K + 1, device="cuda", dtype=dtype)[:, 1:]  # 2-byte offset: no TMA
+    assert rel(dispatch.run_config(full, xs, *w, g, bias), ref64(xs, *w, g, bias)) <= 1e-2
+    x = torch.randn(1, K, device="cuda", dtype=dtype)
+    eager = dispatch.run_config(full, x, *w, g, bias)
+    graph = torch.cuda.CUDAGraph()
+    dispatch.run_config(full, x, *w, g, bias)
+    with torch.cuda.graph(graph):
+        static_y = dispatch.run_config(full, x, *w, g, bias)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, eager)
 
 
 def test_leading_shape_and_bias():
