@@ -3,12 +3,13 @@
 # (each call must fit the 600 s limit). Carry .devbundle with every call.
 #   one H100:   bash benchmarks/gpu_session.sh x1a <commit>, then at once (warm machine) x1c, then x1b
 #   one H100, decode only (M = 1, 2 re-tuned, then the engine):  x1m <commit>, then at once x1n <commit>
+#   one H100, the repacked Gluon kernel (tests + probe):  x1g <commit>
 #   4 H100s:    bash benchmarks/gpu_session.sh x4 <commit>   (x4s: GPU quant-job tests + [SCALING_GPUS, default 1,4,2]-GPU scaling only)
 #   what is left of a budget, 2-4 GPUs:  [SCALING_GPUS=1,2] bash benchmarks/gpu_session.sh x4f <commit>
 # Everything lands under $OUT/<name>/; write the docs sections here afterwards from the JSON files
 # (each benchmark's --report, or benchmarks/_report.py:write_section with its *_section.md).
 set -uo pipefail
-kind=${1:?x1a, x1c, x1b, x4, x4s or x4f}
+kind=${1:?x1a, x1c, x1b, x1g, x1m, x1n, x4, x4s or x4f}
 export RAYAWQ_COMMIT=${2:?commit} PYTHONUNBUFFERED=1
 out=${OUT:?run this through the device tool}
 source .devbundle/setup.sh || exit 1
@@ -29,6 +30,12 @@ case $kind in
     timeout 420 python3 benchmarks/kernels.py --out "$out/kernels" --budget-s 380 \
       --shapes 4096x4096,4096x6144,4096x14336,14336x4096 --also /tmp/rayawq_kernels_results.json 2>&1 | tail -30
     cp "$out/kernels/tuned_h100.json" /tmp/rayawq_tuned_h100.json && echo "table left in /tmp"
+    ;;
+  x1g)
+    # the fragment-repacked Gluon kernel: GPU correctness, then M = 1, 16 side by side with the table's kernel,
+    # PyTorch's int4 kernel and cuBLAS on the four large shapes (no Ray needed)
+    timeout 150 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k gluon 2>&1 | tail -4
+    timeout 300 python3 benchmarks/gluon_probe.py --out "$out/gluon" --ms 1,16 2>&1 | grep -E "^K=|Error" | tail -12
     ;;
   x1m)
     # decode buckets only (M = 1, 2) on all seven shapes, joined into the repo table (left in /tmp for x1n)

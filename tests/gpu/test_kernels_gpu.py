@@ -225,3 +225,23 @@ def test_bad_inputs_raise_on_cuda():
         awq_linear(torch.randn(1, K + 8, device="cuda", dtype=torch.bfloat16), qw, qz, sc, G)
     with pytest.raises(ValueError, match="one device"):
         awq_linear(torch.randn(1, K, dtype=torch.bfloat16), qw, qz.cpu(), sc, G)
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("cfg", [dict(T=1, num_warps=4, split_k=1), dict(T=4, num_warps=4, split_k=3),
+                                 dict(T=2, num_warps=2, BM=16, split_k=1)])
+def test_gluon_mma_on_repacked_weights(cfg, g):
+    """The Gluon kernel on fragment-repacked weights (kernels/awq_repack.py) against fp64: M up to 33 (several
+    row tiles), bias, split-K by a second launch, poisoned output."""
+    from kernels.awq_gluon_mma import gluon_mma
+    from kernels.awq_repack import repack_awq
+
+    K, N = 1024, 1024
+    w = weights(K, N, g)
+    packed = repack_awq(w[0])
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    for M in (1, 3, 8, 16, 33):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        y = gluon_mma(x, packed, w[1], w[2], g, bias, out=out, **cfg)
+        assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= 1e-2, (M, cfg)

@@ -1,0 +1,146 @@
+"""W4A16 for small batches on the tensor cores, weight fragments dequantized in registers (Gluon; experimental).
+
+Why: Triton's ``tl.dot`` gives no control over register layouts, so an operand made by unpacking 4-bit words is
+staged through shared memory every group (the ``swap``/``splitk`` kernels' per-group chain), and the CUDA-core
+GEMVs spend ~4 instructions per weight (issue-bound at M = 1, docs/kernels_notes.md). Gluon (Triton's
+explicit-layout language, Triton >= 3.5) lets the kernel state layouts: with the weights repacked at load time
+into the ``mma.m16n8k16`` fragment order (:mod:`kernels.awq_repack`), one 32-bit word is one thread's 8-weight
+A fragment, and three shifts + four ``lop3`` per word give it as bf16 pairs ``128 + q`` in exactly the register
+layout the MMA reads: the conversion to the dot-operand layout is checked trivial at compile time
+(``convert_layout(assert_trivial=True)``). About one instruction per weight by count (sm_90 SASS) against ~4.
+
+Math per group (fp32 accumulation): ``acc_g = W'^T x^T`` over the group's k on the exact integers ``128 + q``,
+then ``y += s * (acc_g - (128 + z) * sum_k x)``, like ``splitk``. One program: ``16 * num_warps`` output columns
+(one 16-row tile per warp), ``BM`` rows of x (the MMA's N, 8 or 16), a slice of K groups; split-K partials are
+summed by ``awq_triton.reduce_partials``.
+
+Status: compiled for sm_90 with Triton 3.6 (no shared memory in the loop); not wired into the dispatcher or the
+engine (the repacked layout would replace the AutoAWQ one for every kernel). bf16 only. Gluon has no CPU
+interpreter: tested on the GPU only (``tests/gpu``); the repack is tested on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from .awq_repack import check_repackable
+from .awq_triton import _out_and_ws, _split_args, reduce_partials
+
+
+def _layouts(num_warps: int, BK: int, T: int):
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
+    a_l = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_l = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    kh = BK // 16
+    # packed words of one step, [tile (T), n_hi (warp), n_lo (8), k_hi (BK/16), k_mid (4)]: lane = 4 n_lo + k_mid
+    # as in the fragment; the k-tiles of a step in one thread's registers (one 8- or 16-byte load), T n-tiles
+    # per warp sharing each x fragment (the MMA layout repeats over rows beyond 16 x warps)
+    w_l = gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 0, 1 << i, 0] for i in range(kh.bit_length() - 1)]
+        + [[1 << i, 0, 0, 0, 0] for i in range(T.bit_length() - 1)],
+        lane_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 1, 0, 0], [0, 0, 2, 0, 0], [0, 0, 4, 0, 0]],
+        warp_bases=[[0, 1 << i, 0, 0, 0] for i in range(num_warps.bit_length() - 1)],
+        block_bases=[], shape=[T, num_warps, 8, kh, 4])
+    return mma, a_l, b_l, w_l
+
+
+@gluon.jit
+def _fragments(w, a_l: gl.constexpr, W: gl.constexpr, T: gl.constexpr, BK: gl.constexpr):
+    """Words ``[T, W, 8, BK/16, 4]`` -> the A operand ``[16 W T, BK]`` bf16 (``128 + q``) in ``a_l``, in
+    registers."""
+    w2 = gl.join(w, w)
+    w4 = gl.join(w2, w2)
+    w8 = gl.join(w4, w4)  # [tile, n_hi, n_lo, k_hi, k_mid, k3, n3, k0]
+    a8 = gl.inline_asm_elementwise(
+        "{ .reg .b32 t0, t1, t2;\n shr.u32 t0, $4, 4; shr.u32 t1, $4, 8; shr.u32 t2, $4, 12;\n"
+        "lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xea; lop3.b32 $1, t0, 0x000F000F, 0x43004300, 0xea;\n"
+        "lop3.b32 $2, t1, 0x000F000F, 0x43004300, 0xea; lop3.b32 $3, t2, 0x000F000F, 0x43004300, 0xea; }",
+        "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [w8], dtype=gl.bfloat16, is_pure=True, pack=8)
+    a = gl.reshape(gl.permute(a8, [0, 1, 6, 2, 3, 5, 4, 7]), [16 * W * T, BK])
+    return gl.convert_layout(a, a_l, assert_trivial=True)
+
+
+@gluon.jit
+def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr,
+                          M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split,
+                          GROUP: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, W: gl.constexpr, T: gl.constexpr,
+                          HAS_BIAS: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
+                          w_l: gl.constexpr):
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    pid_m = gl.program_id(2)
+    KH: gl.constexpr = BK // 16
+    KC = K // 64
+    # word offsets of step 0: packed[nt, kc, lane, j] at ((nt * KC + kc) * 32 + lane) * 4 + j
+    it = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, w_l)))))
+    i0 = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, w_l)))))
+    i1 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, w_l)))))
+    i2 = gl.arange(0, KH, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, w_l)))))
+    i3 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, w_l)))))
+    nt = (pid_n * T + it)[:, None] * W + i0[None, :]  # the MMA layout: tile-major over warps
+    woff = ((nt[:, :, None, None, None] * KC * 32 + i1[None, None, :, None, None] * 4
+             + i3[None, None, None, None, :]) * 4 + i2[None, None, None, :, None])
+    # x^T [BK, BM] in the B operand layout
+    rk = gl.arange(0, BK, layout=gl.SliceLayout(1, b_l))
+    rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, b_l))
+    xoff = rm[None, :] * stride_xm + rk[:, None]
+    xmask = (rm < M)[None, :] & (rk >= 0)[:, None]
+    # output columns / rows in the accumulator layout
+    on = pid_n * 16 * W * T + gl.arange(0, 16 * W * T, layout=gl.SliceLayout(1, mma))
+    om = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
+
+    num_groups = K // GROUP
+    g0 = pid_k * groups_per_split
+    g1 = gl.minimum(g0 + groups_per_split, num_groups)
+    y_acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
+    for g in range(g0, g1):
+        acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
+        xs = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(0, b_l))
+        for st in range(GROUP // BK):
+            k0 = g * GROUP + st * BK
+            w = gl.load(pw_ptr + woff + (k0 // 64) * 128 + (k0 % 64) // 16)
+            xb = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
+            xs += gl.sum(xb.to(gl.float32), axis=0)
+            acc = gl.nvidia.ampere.mma_v2(_fragments(w, a_l, W, T, BK), xb, acc)
+        z = gl.load(qz_ptr + g * (N // 8) + on // 8)
+        zo = ((z >> ((((on >> 1) & 3) << 2) + ((on & 1) << 4))) & 0xF).to(gl.float32) + 128.0
+        s = gl.load(s_ptr + g * N + on).to(gl.float32)
+        xs_m = gl.convert_layout(xs, gl.SliceLayout(0, mma))
+        y_acc += (acc - zo[:, None] * xs_m[None, :]) * s[:, None]
+
+    omask = (om < M)[None, :] & (on < N)[:, None]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y_acc += gl.load(b_ptr + on).to(gl.float32)[:, None]
+        gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], y_acc.to(gl.bfloat16), mask=omask)
+    else:
+        gl.store(ws_ptr + (pid_k * M + om[None, :]) * N + on[:, None], y_acc, mask=omask)
+
+
+def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+              bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None, BM: int = 8, num_warps: int = 4,
+              T: int = 2, split_k: int = 1) -> torch.Tensor:
+    """``x2 [M, K] @ W`` (bf16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc."""
+    M, K = x2.shape
+    N = scales.shape[1]
+    check_repackable(K, N)
+    if x2.dtype != torch.bfloat16 or x2.stride(1) != 1:
+        raise ValueError("gluon_mma takes bf16 x with unit column stride")
+    if N % (16 * num_warps * T) or group_size % 32:
+        raise ValueError(f"gluon_mma needs N a multiple of {16 * num_warps * T} and group size 32, 64 or 128")
+    BK = min(64, group_size)
+    mma, a_l, b_l, w_l = _layouts(num_warps, BK, T)
+    split_k, gps = _split_args(K // group_size, split_k)
+    y, ws = _out_and_ws(x2, N, out, split_k)
+    grid = (N // (16 * num_warps * T), split_k, triton.cdiv(M, BM))
+    _awq_gluon_mma_kernel[grid](
+        x2, packed, qzeros, scales, bias if bias is not None else y, y, ws, M, N, K, x2.stride(0), y.stride(0),
+        split_k, gps, GROUP=group_size, BK=BK, BM=BM, W=num_warps, T=T, HAS_BIAS=bias is not None,
+        mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, num_warps=num_warps)
+    if split_k > 1:
+        return reduce_partials(ws, y, bias)
+    return y
