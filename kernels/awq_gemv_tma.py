@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .awq_gemv_decode import _finish8, _scales8, _zero_points
+from .awq_gemv_decode import _col, _finish8, _scales8, _zero_points
 from .awq_triton import _out_and_ws, _split_args, _tail, finish_split, pdl_release, tile_counters
 
 try:
@@ -41,10 +41,8 @@ except ImportError:  # pragma: no cover - Triton without host-side tensor descri
 def _cols(w, magic):
     """The eight columns of each word as fp32 ``2**23 + q * 16**p``, in nibble order (columns 0,2,4,6,1,3,5,7)."""
     wh = (w.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)
-    return (((w & 0xF) | magic).to(tl.float32, bitcast=True), ((w & 0xF0) | magic).to(tl.float32, bitcast=True),
-            ((w & 0xF00) | magic).to(tl.float32, bitcast=True), ((w & 0xF000) | magic).to(tl.float32, bitcast=True),
-            ((wh & 0xF) | magic).to(tl.float32, bitcast=True), ((wh & 0xF0) | magic).to(tl.float32, bitcast=True),
-            ((wh & 0xF00) | magic).to(tl.float32, bitcast=True), ((wh & 0xF000) | magic).to(tl.float32, bitcast=True))
+    return (_col(w, 0, 0, magic), _col(w, 0, 1, magic), _col(w, 0, 2, magic), _col(w, 0, 3, magic),
+            _col(wh, 0, 0, magic), _col(wh, 0, 1, magic), _col(wh, 0, 2, magic), _col(wh, 0, 3, magic))
 
 
 @triton.jit

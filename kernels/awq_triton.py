@@ -244,6 +244,12 @@ def _nibbles(w8, n):
 
 
 @triton.jit
+def _code_at(w8, n):
+    """The 4-bit code of column ``n`` in its replicated word ``w8`` (AWQ nibble order), as an integer."""
+    return (w8 >> ((((n >> 1) & 3) << 2) + ((n & 1) << 4))) & 0xF
+
+
+@triton.jit
 def _codes_plus_offset(w, n, dtype: tl.constexpr, USE_ASM: tl.constexpr):
     """int32 ``[R, C]`` -> ``[R, 8C]`` in ``dtype``: ``OFF + q`` (exact), ``OFF`` = 128 (bf16) or 1024 (fp16).
 
@@ -263,8 +269,7 @@ def _codes_plus_offset(w, n, dtype: tl.constexpr, USE_ASM: tl.constexpr):
                                              dtype=tl.float16, is_pure=True, pack=2)
     else:
         off = 128.0 if dtype == tl.bfloat16 else 1024.0
-        q = (w8 >> ((((n >> 1) & 3) << 2) + ((n & 1) << 4))) & 0xF
-        return (q.to(tl.float32) + off).to(dtype)
+        return (_code_at(w8, n).to(tl.float32) + off).to(dtype)
 
 
 @triton.jit
@@ -313,9 +318,8 @@ def _codes_minus_zeros(w, zp, dtype: tl.constexpr, USE_ASM: tl.constexpr):
         return _pairs_ptx(w8, zp, zp, dtype, False)
     else:
         n = tl.broadcast_to(tl.arange(0, w8.shape[1])[None, :], w8.shape)
-        q = (w8 >> ((((n >> 1) & 3) << 2) + ((n & 1) << 4))) & 0xF
         zn = (tl.broadcast_to(zp, w8.shape) >> ((n & 1) << 4)) & 0xF
-        return (q - zn).to(tl.float32).to(dtype)
+        return (_code_at(w8, n) - zn).to(tl.float32).to(dtype)
 
 
 @triton.jit
@@ -329,11 +333,10 @@ def _dequant_scaled(w, zp, sp, dtype: tl.constexpr, USE_ASM: tl.constexpr):
         return _pairs_ptx(w8, zp, sp, dtype, True)
     else:
         n = tl.broadcast_to(tl.arange(0, w8.shape[1])[None, :], w8.shape)
-        q = (w8 >> ((((n >> 1) & 3) << 2) + ((n & 1) << 4))) & 0xF
         half = (n & 1) << 4
         zn = (tl.broadcast_to(zp, w8.shape) >> half) & 0xF
         sn = ((tl.broadcast_to(sp, w8.shape) >> half) & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
-        return ((q - zn).to(tl.float32) * sn.to(tl.float32)).to(dtype)
+        return ((_code_at(w8, n) - zn).to(tl.float32) * sn.to(tl.float32)).to(dtype)
 
 
 @triton.jit
