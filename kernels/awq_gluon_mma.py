@@ -14,7 +14,8 @@ then ``y += s * (acc_g - (128 + z) * sum_k x)``, like ``splitk``. One program: `
 (one 16-row tile per warp), ``BM`` rows of x (the MMA's N, 8 or 16), a slice of K groups; split-K partials are
 summed by ``awq_triton.reduce_partials``.
 
-Status: compiled for sm_90 with Triton 3.6 (no shared memory in the loop); not wired into the dispatcher or the
+Status: compiled for sm_90 with Triton 3.6 (the weights never pass through shared memory; x's small tile does,
+on its way into the B operand layout); not wired into the dispatcher or the
 engine (the repacked layout would replace the AutoAWQ one for every kernel). bf16 only. Gluon has no CPU
 interpreter: tested on the GPU only (``tests/gpu``); the repack is tested on the CPU.
 """
@@ -28,7 +29,10 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from .awq_repack import check_repackable
-from .awq_triton import _out_and_ws, _split_args, reduce_partials
+from .awq_triton import _out_and_ws, _split_args, reduce_partials, tile_counters
+
+# a CTA-wide barrier (Triton 3.6 names it ``thread_barrier``, later releases ``barrier``)
+_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
 
 def _layouts(num_warps: int, BK: int, T: int):
@@ -45,7 +49,10 @@ def _layouts(num_warps: int, BK: int, T: int):
         lane_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 1, 0, 0], [0, 0, 2, 0, 0], [0, 0, 4, 0, 0]],
         warp_bases=[[0, 1 << i, 0, 0, 0] for i in range(num_warps.bit_length() - 1)],
         block_bases=[], shape=[T, num_warps, 8, kh, 4])
-    return mma, a_l, b_l, w_l
+    # x rows [BM, BK]: eight consecutive features (16 bytes) per thread
+    x_l = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 * 8 // BK, BK // 8],
+                           warps_per_cta=[num_warps, 1], order=[1, 0])
+    return mma, a_l, b_l, w_l, x_l
 
 
 @gluon.jit
@@ -65,11 +72,19 @@ def _fragments(w, a_l: gl.constexpr, W: gl.constexpr, T: gl.constexpr, BK: gl.co
 
 
 @gluon.jit
-def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr,
+def _word_offset(k0):
+    """Word offset of the step starting at input feature ``k0`` (a multiple of 16) within a tile's row of words:
+    64-feature chunks are 128 words apart, 16-feature slices one word."""
+    return (k0 // 64) * 128 + (k0 % 64) // 16
+
+
+@gluon.jit
+def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                           M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split,
                           GROUP: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, W: gl.constexpr, T: gl.constexpr,
-                          HAS_BIAS: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
-                          w_l: gl.constexpr):
+                          HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, PREFETCH: gl.constexpr,
+                          mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr, w_l: gl.constexpr,
+                          x_l: gl.constexpr):
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     pid_m = gl.program_id(2)
@@ -85,10 +100,13 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr,
     woff = ((nt[:, :, None, None, None] * KC * 32 + i1[None, None, :, None, None] * 4
              + i3[None, None, None, None, :]) * 4 + i2[None, None, None, :, None])
     # x^T [BK, BM] in the B operand layout
-    rk = gl.arange(0, BK, layout=gl.SliceLayout(1, b_l))
-    rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, b_l))
-    xoff = rm[None, :] * stride_xm + rk[:, None]
-    xmask = (rm < M)[None, :] & (rk >= 0)[:, None]
+    # x [BM, BK] loaded coalesced (16 bytes per thread), then moved into the B operand layout as x^T: loading
+    # straight in the operand layout took one 4-byte load and one 64-bit address per pair of features
+    # (~120 more registers at BM = 16)
+    rk = gl.arange(0, BK, layout=gl.SliceLayout(0, x_l))
+    rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, x_l))
+    xoff = rm[:, None] * stride_xm + rk[None, :]
+    xmask = (rm < M)[:, None] & (rk >= 0)[None, :]
     # output columns / rows in the accumulator layout
     on = pid_n * 16 * W * T + gl.arange(0, 16 * W * T, layout=gl.SliceLayout(1, mma))
     om = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
@@ -97,15 +115,24 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr,
     g0 = pid_k * groups_per_split
     g1 = gl.minimum(g0 + groups_per_split, num_groups)
     y_acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
+    if PREFETCH:
+        w = gl.load(pw_ptr + woff + _word_offset(g0 * GROUP))
     for g in range(g0, g1):
         acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
-        xs = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(0, b_l))
-        for st in range(GROUP // BK):
+        xs = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, x_l))
+        for st in gl.static_range(GROUP // BK):
             k0 = g * GROUP + st * BK
-            w = gl.load(pw_ptr + woff + (k0 // 64) * 128 + (k0 % 64) // 16)
-            xb = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
-            xs += gl.sum(xb.to(gl.float32), axis=0)
+            if PREFETCH:
+                # the next step's words are in flight while this step computes (the last step reloads itself)
+                w_next = gl.load(pw_ptr + woff + _word_offset(gl.minimum(k0 + BK, K - BK)))
+            else:
+                w = gl.load(pw_ptr + woff + _word_offset(k0))
+            xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
+            xs += gl.sum(xr.to(gl.float32), axis=1)
+            xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
             acc = gl.nvidia.ampere.mma_v2(_fragments(w, a_l, W, T, BK), xb, acc)
+            if PREFETCH:
+                w = w_next
         z = gl.load(qz_ptr + g * (N // 8) + on // 8)
         zo = ((z >> ((((on >> 1) & 3) << 2) + ((on & 1) << 4))) & 0xF).to(gl.float32) + 128.0
         s = gl.load(s_ptr + g * N + on).to(gl.float32)
@@ -118,13 +145,34 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr,
             y_acc += gl.load(b_ptr + on).to(gl.float32)[:, None]
         gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], y_acc.to(gl.bfloat16), mask=omask)
     else:
-        gl.store(ws_ptr + (pid_k * M + om[None, :]) * N + on[:, None], y_acc, mask=omask)
+        ws_offs = om[None, :] * N + on[:, None]
+        gl.store(ws_ptr + pid_k * M * N + ws_offs, y_acc, mask=omask)
+        if TAIL:
+            # the last program of this output tile to finish sums every split's partial (fixed order), so no
+            # second launch; the counter is left at 0 for the next launch / graph replay
+            _cta_barrier()
+            tile = pid_m * gl.num_programs(0) + pid_n
+            prev = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if prev == SPLIT_K - 1:
+                tot = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
+                for s0 in range(0, SPLIT_K, 4):
+                    for ds in gl.static_range(4):
+                        tot += gl.load(ws_ptr + (s0 + ds) * M * N + ws_offs, mask=omask & (s0 + ds < SPLIT_K),
+                                       other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    tot += gl.load(b_ptr + on).to(gl.float32)[:, None]
+                gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], tot.to(gl.bfloat16), mask=omask)
+                gl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None, BM: int = 8, num_warps: int = 4,
-              T: int = 2, split_k: int = 1) -> torch.Tensor:
-    """``x2 [M, K] @ W`` (bf16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc."""
+              T: int = 2, split_k: int = 1, TAIL: bool = True, PREFETCH: bool = False) -> torch.Tensor:
+    """``x2 [M, K] @ W`` (bf16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc.
+
+    ``BM``: rows of x per program (8, 16, 32 or 64: the MMA's N); ``TAIL``: split-K partials summed by the last
+    program of each tile (else by ``reduce_partials``, a second launch); ``PREFETCH``: load the next step's words
+    before this step's MMA."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -133,14 +181,18 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     if N % (16 * num_warps * T) or group_size % 32:
         raise ValueError(f"gluon_mma needs N a multiple of {16 * num_warps * T} and group size 32, 64 or 128")
     BK = min(64, group_size)
-    mma, a_l, b_l, w_l = _layouts(num_warps, BK, T)
+    mma, a_l, b_l, w_l, x_l = _layouts(num_warps, BK, T)
     split_k, gps = _split_args(K // group_size, split_k)
     y, ws = _out_and_ws(x2, N, out, split_k)
+    if BM not in (8, 16, 32, 64):
+        raise ValueError(f"gluon_mma takes BM 8, 16, 32 or 64 rows per program, got {BM}")
     grid = (N // (16 * num_warps * T), split_k, triton.cdiv(M, BM))
+    tail = bool(TAIL) and split_k > 1
+    cnt = tile_counters(x2.device, grid[0] * grid[2]) if tail else y
     _awq_gluon_mma_kernel[grid](
-        x2, packed, qzeros, scales, bias if bias is not None else y, y, ws, M, N, K, x2.stride(0), y.stride(0),
-        split_k, gps, GROUP=group_size, BK=BK, BM=BM, W=num_warps, T=T, HAS_BIAS=bias is not None,
-        mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, num_warps=num_warps)
-    if split_k > 1:
+        x2, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, x2.stride(0),
+        y.stride(0), split_k, gps, GROUP=group_size, BK=BK, BM=BM, W=num_warps, T=T, HAS_BIAS=bias is not None,
+        TAIL=tail, PREFETCH=bool(PREFETCH), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l, num_warps=num_warps)
+    if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)
     return y

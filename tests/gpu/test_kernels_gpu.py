@@ -229,10 +229,13 @@ def test_bad_inputs_raise_on_cuda():
 
 @pytest.mark.parametrize("g", [32, 64, 128])
 @pytest.mark.parametrize("cfg", [dict(T=1, num_warps=4, split_k=1), dict(T=4, num_warps=4, split_k=3),
-                                 dict(T=2, num_warps=2, BM=16, split_k=1)])
+                                 dict(T=4, num_warps=4, split_k=3, TAIL=False),
+                                 dict(T=2, num_warps=2, BM=16, split_k=1, PREFETCH=True),
+                                 dict(T=1, num_warps=4, BM=32, split_k=5, PREFETCH=True)])
 def test_gluon_mma_on_repacked_weights(cfg, g):
     """The Gluon kernel on fragment-repacked weights (kernels/awq_repack.py) against fp64: M up to 33 (several
-    row tiles), bias, split-K by a second launch, poisoned output."""
+    row tiles), bias, split-K summed in the kernel (twice: the counters reset) or by a second launch, prefetch,
+    poisoned output."""
     from kernels.awq_gluon_mma import gluon_mma
     from kernels.awq_repack import repack_awq
 
@@ -243,5 +246,7 @@ def test_gluon_mma_on_repacked_weights(cfg, g):
     for M in (1, 3, 8, 16, 33):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
-        y = gluon_mma(x, packed, w[1], w[2], g, bias, out=out, **cfg)
-        assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= 1e-2, (M, cfg)
+        for _ in range(2):
+            y = gluon_mma(x, packed, w[1], w[2], g, bias, out=out, **cfg)
+            assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= 1e-2, (M, cfg)
+            out.fill_(float("nan"))
