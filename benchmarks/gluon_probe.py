@@ -1,6 +1,7 @@
 """Probe of the fragment-repacked Gluon kernel (``kernels/awq_gluon_mma.py``) on one GPU, side by side in one call.
 
     RAYAWQ_COMMIT=<hash> python3 benchmarks/gluon_probe.py --out $OUT
+    python3 benchmarks/gluon_probe.py --report a.json b.json ...   # docs/benchmarks.md section + docs/repacked_probe.png
 
 For each of the issue's four large shapes and M in ``--ms``: correctness of ``gluon_mma`` against an fp64
 reference (fresh inputs, poisoned output), then cold-L2 median µs (``kernels.timing``) of a few ``gluon_mma``
@@ -15,6 +16,7 @@ zeros), cold L2, in a graph like the others.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -29,6 +31,7 @@ from benchmarks.kernels import int4pack_sets, ref_fp64, rel_err  # noqa: E402
 from kernels import dispatch  # noqa: E402
 from kernels.awq_gluon_mma import gluon_mma  # noqa: E402
 from kernels.awq_repack import repack_awq  # noqa: E402
+from kernels.awq_repacked_dot import dequant_matmul_repacked, dot_repacked  # noqa: E402
 from kernels.timing import sets_needed, time_calls  # noqa: E402
 
 SHAPES = [(4096, 14336), (8192, 8192), (14336, 4096), (8192, 28672)]
@@ -66,22 +69,128 @@ def read_floor(nbytes: int) -> tuple[float, str]:
 def gluon_configs(M: int, N: int) -> list[dict]:
     """The probe's Gluon configs for ``M`` rows (register-lean ones: BM 16 with T 4 spills on sm_90)."""
     if M <= 8:
-        cfgs = [dict(T=t, num_warps=w, split_k=s, PREFETCH=pf) for t, w in ((2, 4), (4, 4), (2, 8)) for s in (8, 16)
-                for pf in (False, True)] + [dict(T=2, num_warps=4, split_k=8, TAIL=False)]
+        cfgs = [dict(T=t, num_warps=w, split_k=s, SCALED=sc, TAIL=tail) for t, w in ((2, 4), (4, 4), (1, 8))
+                for s in (8, 16) for sc in (False, True) for tail in (True, False)]
     elif M <= 16:
-        cfgs = [dict(BM=16, T=t, num_warps=w, split_k=s, PREFETCH=pf) for t, w in ((2, 4), (1, 8), (2, 8))
-                for s in (2, 4, 8) for pf in (False, True)]
+        cfgs = [dict(BM=16, T=t, num_warps=w, split_k=s, SCALED=sc) for t, w in ((2, 4), (1, 8), (2, 8))
+                for s in (2, 4, 8) for sc in (False, True)]
     else:
-        cfgs = [dict(BM=bm, T=t, num_warps=4, split_k=s, PREFETCH=True) for bm, t in ((32, 1), (32, 2), (64, 1))
-                for s in (1, 2, 4)]
+        cfgs = [dict(BM=bm, T=t, num_warps=w, split_k=s, BK=bk) for bm, t, w, bk in
+                ((32, 1, 4, 64), (32, 2, 4, 64), (64, 1, 8, 64), (64, 1, 8, 32), (32, 1, 8, 64)) for s in (1, 4)]
+        cfgs += [{**c, "SCALED": True} for c in cfgs]
     return [c for c in cfgs if N % (16 * c["num_warps"] * c["T"]) == 0]
+
+
+def dot_configs(M: int) -> list[dict]:
+    """Configs of the tensor-core kernel on repacked weights (``kernels/awq_repacked_dot.py``) for ``M`` rows."""
+    if M <= 64:
+        base = [dict(BM=bm, BN=bn, num_warps=w, num_stages=st, split_k=s) for bm, bn, w, st in
+                ((32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 3)) for s in (1, 4)]
+    else:
+        base = [dict(BM=bm, BN=bn, num_warps=w, num_stages=st, split_k=s)
+                for bm, bn, w, st in ((64, 128, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 2))
+                for s in (1,)]
+    return [{**c, "SCALE_AFTER": sa, "PREFETCH": pf} for c in base for sa, pf in ((True, False), (True, True),
+                                                                                   (False, False))]
+
+
+def best_of(cfgs: list[dict], launch, xs, packed, sets) -> tuple[float, dict | None, dict]:
+    """Best cold-L2 µs of ``launch(x, packed, set, cfg)`` over ``cfgs``; (µs, cfg, all)."""
+    best, timed = (float("inf"), None), {}
+    for c in cfgs:
+        us = time_calls([lambda x=x, p=p, s=s, c=c: launch(x, p, s, c) for x, p, s in zip(xs, packed, sets)])
+        timed[str(c)] = us
+        if us < best[0]:
+            best = (us, c)
+    return best[0], best[1], timed
+
+
+def _repacked_us(row: dict) -> tuple[float, str]:
+    """A row's best kernel on the repacked weights and its name (older rows timed the Gluon kernel only)."""
+    if "repacked_best_us" in row:
+        best = row["repacked_best"] or {}
+        name = best.get("kernel", "gluon" + (" scaled" if best.get("SCALED") else ""))
+        return row["repacked_best_us"], name
+    return row["gluon_us"], "gluon"
+
+
+def report(paths: list[str], commit: str) -> str:
+    """Join probe files (per K, N, M the fastest repacked kernel, with the table's kernel, cuBLAS and int4 timed in
+    the same call), write ``docs/repacked_probe.png`` and return the markdown section."""
+    from benchmarks._report import DOCS
+
+    best: dict[tuple[int, int, int], dict] = {}
+    device = "?"
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        device = d["device"]
+        for r in d["rows"]:
+            us, name = _repacked_us(r)
+            key = (r["K"], r["N"], r["M"])
+            if key not in best or us < best[key]["us"]:
+                best[key] = {"us": us, "name": name, "table": r["table_us"], "table_kernel": r["table_kernel"],
+                             "cublas": r["cublas_us"], "int4": r["int4_us"]}
+    shapes = sorted({(k, n) for k, n, _ in best}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99)
+    lines = [f"Device: {device} · date: {datetime.date.today().isoformat()} · commit: `{commit}` (probe runs "
+             "on that tree; raw `benchmarks/results/gluon_probe_h100_*.json`)", "",
+             "Not the product path yet: the weights repacked at load time into the `mma.m16n8k16` fragment order "
+             "(`kernels/awq_repack.py`), read by the Gluon kernel (`kernels/awq_gluon_mma.py`) at small M, a "
+             "`tl.dot` kernel or dequantize + cuBLAS (`kernels/awq_repacked_dot.py`) above; each cell is the "
+             "fastest of them and of its configs, beside the dispatcher's kernel on the AutoAWQ layout, cuBLAS and "
+             "PyTorch's int4 kernel timed in the same call (cold L2, CUDA graph, median). Why and what is missing "
+             "before the engine uses it: `docs/kernels_notes.md`.", "",
+             "| K×N | M | cuBLAS µs | int4 µs | table kernel µs | repacked µs | repacked kernel | ×cuBLAS (table) "
+             "| ×cuBLAS (repacked) | ×int4 (repacked) |", "|---|---:|---:|---:|---|---:|---|---:|---:|---:|"]
+    for K, N in shapes:
+        for M in sorted(m for k, n, m in best if (k, n) == (K, N)):
+            b = best[(K, N, M)]
+            lines.append(f"| {K}×{N} | {M} | {b['cublas']:.1f} | {b['int4']:.1f} | {b['table_kernel']} "
+                         f"{b['table']:.1f} | **{b['us']:.1f}** | {b['name']} | {b['cublas'] / b['table']:.2f} | "
+                         f"**{b['cublas'] / b['us']:.2f}** | {b['int4'] / b['us']:.2f} |")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.6), sharey=True)
+        for ax, (K, N) in zip(list(axes) if len(shapes) > 1 else [axes], shapes):
+            ms = sorted(m for k, n, m in best if (k, n) == (K, N))
+            ax.plot(ms, [best[(K, N, m)]["cublas"] / best[(K, N, m)]["table"] for m in ms], "o-",
+                    label="table (AutoAWQ layout)")
+            ax.plot(ms, [best[(K, N, m)]["cublas"] / best[(K, N, m)]["us"] for m in ms], "s-", label="repacked")
+            ax.plot(ms, [best[(K, N, m)]["cublas"] / best[(K, N, m)]["int4"] for m in ms], "^--",
+                    label="PyTorch int4")
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"K={K}, N={N}")
+            ax.set_xlabel("M (rows)")
+        (axes[0] if len(shapes) > 1 else axes).set_ylabel("speedup over cuBLAS bf16")
+        (axes[0] if len(shapes) > 1 else axes).legend(fontsize=8)
+        fig.suptitle(f"W4A16 on repacked weights vs the dispatcher's kernels, {device}")
+        fig.tight_layout()
+        tmp = DOCS / "repacked_probe.tmp.png"
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(DOCS / "repacked_probe.png")
+        lines += ["", "![speedup over cuBLAS vs M](repacked_probe.png)"]
+    except ImportError:
+        pass
+    return "## W4A16 on fragment-repacked weights (`benchmarks/gluon_probe.py`, experimental)\n\n" + "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--report", nargs="+", help="probe JSON files to join into docs/benchmarks.md (no GPU)")
+    ap.add_argument("--commit", default=None, help="commit the probe runs measured (default: this checkout's)")
     ap.add_argument("--out", default="/tmp/gluon_probe")
     ap.add_argument("--ms", default="1,16,64")
+    ap.add_argument("--skip-dot", action="store_true", help="leave out the tl.dot kernel on repacked weights")
     a = ap.parse_args()
+    if a.report:
+        from benchmarks._report import git_commit, write_section
+
+        write_section("repacked", report(a.report, a.commit or git_commit()))
+        return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -94,24 +203,36 @@ def main() -> int:
         for M in [int(m) for m in a.ms.split(",")]:
             xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(max(n, len(wb)))]
             row = {"K": K, "N": N, "M": M}
-            cfgs = gluon_configs(M, N)
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             ref = ref_fp64(x, *sets[0], G)
             errs = {}
-            for c in cfgs:
+            gl_cfgs = gluon_configs(M, N) if M <= 64 else []
+            dot_cfgs = dot_configs(M) if M >= 32 and not a.skip_dot else []
+            launches = [(c, lambda x, p, s, c: gluon_mma(x, p, s[1], s[2], G, **c)) for c in gl_cfgs]
+            launches += [(c, lambda x, p, s, c: dot_repacked(x, p, s[1], s[2], G, **c)) for c in dot_cfgs]
+            if M >= 128:
+                launches.append(({"dequant": True}, lambda x, p, s, c: dequant_matmul_repacked(x, p, s[1], s[2], G)))
+            for c, f in launches:
                 o = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
-                y = gluon_mma(x, packed[0], sets[0][1], sets[0][2], G, out=o, **c)
+                y = f(x, packed[0], sets[0], c) if "dequant" in c else f(x, packed[0], sets[0], {**c, "out": o})
                 errs[str(c)] = rel_err(y, ref) if torch.isfinite(y).all() else float("inf")
             row["rel_err"] = errs
-            best, timed = (float("inf"), None), []
-            for c in cfgs:
-                us = time_calls([lambda x=x, p=p, s=s, c=c: gluon_mma(x, p, s[1], s[2], G, **c)
-                                 for x, p, s in zip(xs, packed, sets)])
-                timed.append((c, us))
-                if us < best[0]:
-                    best = (us, c)
-            row["gluon_us"], row["gluon_cfg"] = best
-            row["gluon_all_us"] = {str(c): u for c, u in timed}
+            best = (float("inf"), None)
+            if gl_cfgs:
+                us, c, row["gluon_all_us"] = best_of(gl_cfgs, lambda x, p, s, c: gluon_mma(x, p, s[1], s[2], G, **c),
+                                                     xs, packed, sets)
+                row["gluon_us"], row["gluon_cfg"] = us, c
+                best = min(best, (us, c), key=lambda t: t[0])
+            if dot_cfgs:
+                us, c, row["dot_all_us"] = best_of(dot_cfgs, lambda x, p, s, c: dot_repacked(x, p, s[1], s[2], G, **c),
+                                                   xs, packed, sets)
+                row["dot_us"], row["dot_cfg"] = us, c
+                best = min(best, (us, {"kernel": "dot_repacked", **c}), key=lambda t: t[0])
+            if M >= 128:
+                row["dequant_repacked_us"] = time_calls([lambda x=x, p=p, s=s: dequant_matmul_repacked(x, p, s[1], s[2], G)
+                                                         for x, p, s in zip(xs, packed, sets)])
+                best = min(best, (row["dequant_repacked_us"], {"kernel": "dequant_repacked"}), key=lambda t: t[0])
+            row["repacked_best_us"], row["repacked_best"] = best
             cfg = dispatch.select_config(M, N, K, G, torch.bfloat16, torch.device("cuda"))
             row["table_us"] = time_calls([lambda x=x, s=s: dispatch.run_config(cfg, x, *s, G) for x, s in zip(xs, sets)])
             row["table_kernel"] = cfg["kernel"]
@@ -123,7 +244,7 @@ def main() -> int:
             rows.append(row)
             read = f"read {row['read_us']:.1f} ({row['read_how']}) " if M == 1 else ""
             print(f"K={K} N={N} M={M} {read}cublas {row['cublas_us']:.1f} int4 {row['int4_us']:.1f} "
-                  f"table({row['table_kernel']}) {row['table_us']:.1f} gluon {best[0]:.1f} {best[1]} "
+                  f"table({row['table_kernel']}) {row['table_us']:.1f} repacked {best[0]:.1f} {best[1]} "
                   f"x{row['cublas_us'] / best[0]:.2f} cuBLAS x{row['int4_us'] / best[0]:.2f} int4 "
                   f"err {max(errs.values()):.1e}", flush=True)
             (out / "gluon_probe.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows},

@@ -34,9 +34,9 @@ case $kind in
   x1g)
     # the fragment-repacked Gluon kernel: GPU correctness, then M = 1, 16 side by side with the table's kernel,
     # PyTorch's int4 kernel and cuBLAS on the four large shapes, and the read floor at M = 1 (no Ray needed)
-    timeout 150 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k gluon 2>&1 | tail -4
-    timeout 400 python3 benchmarks/gluon_probe.py --out "$out/gluon" --ms ${GLUON_MS:-1,16,64} 2>&1 \
-      | grep -E "^K=|Error" | tail -12
+    timeout 150 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k "gluon or repacked" 2>&1 | tail -4
+    timeout 400 python3 benchmarks/gluon_probe.py --out "$out/gluon" --ms ${GLUON_MS:-1,16,64} ${GLUON_ARGS:-} 2>&1 \
+      | grep -E "^K=|Error" | tail -20
     ;;
   x1m)
     # decode buckets only (M = 1, 2) on all seven shapes, joined into the repo table (left in /tmp for x1n)

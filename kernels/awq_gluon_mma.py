@@ -82,7 +82,7 @@ def _word_offset(k0):
 def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                           M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split,
                           GROUP: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, W: gl.constexpr, T: gl.constexpr,
-                          HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, PREFETCH: gl.constexpr,
+                          HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, PREFETCH: gl.constexpr, SCALED: gl.constexpr,
                           mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr, w_l: gl.constexpr,
                           x_l: gl.constexpr):
     pid_n = gl.program_id(0)
@@ -117,6 +117,22 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
     y_acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
     if PREFETCH:
         w = gl.load(pw_ptr + woff + _word_offset(g0 * GROUP))
+    if SCALED:
+        # the weights scaled in the A fragments ((128 + q) - (128 + z)) * s, one accumulator, no sum over x: fewer
+        # registers for 32-64 rows (the product rounds to bf16, as in the ``gemm`` kernel)
+        on_a = pid_n * 16 * W * T + gl.arange(0, 16 * W * T, layout=gl.SliceLayout(1, a_l))
+        for g in range(g0, g1):
+            za = gl.load(qz_ptr + g * (N // 8) + on_a // 8)
+            za = (((za >> ((((on_a >> 1) & 3) << 2) + ((on_a & 1) << 4))) & 0xF) + 128).to(gl.bfloat16)
+            sa = gl.load(s_ptr + g * N + on_a)
+            for st in gl.static_range(GROUP // BK):
+                k0 = g * GROUP + st * BK
+                w = gl.load(pw_ptr + woff + _word_offset(k0))
+                xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
+                xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
+                a = (_fragments(w, a_l, W, T, BK) - za[:, None]) * sa[:, None]
+                y_acc = gl.nvidia.ampere.mma_v2(a, xb, y_acc)
+        g1 = g0  # the exact path below runs no groups
     for g in range(g0, g1):
         acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
         xs = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, x_l))
@@ -167,12 +183,14 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
 
 def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None, BM: int = 8, num_warps: int = 4,
-              T: int = 2, split_k: int = 1, TAIL: bool = True, PREFETCH: bool = False) -> torch.Tensor:
+              T: int = 2, split_k: int = 1, TAIL: bool = True, PREFETCH: bool = False,
+              BK: int | None = None, SCALED: bool = False) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc.
 
     ``BM``: rows of x per program (8, 16, 32 or 64: the MMA's N); ``TAIL``: split-K partials summed by the last
     program of each tile (else by ``reduce_partials``, a second launch); ``PREFETCH``: load the next step's words
-    before this step's MMA."""
+    before this step's MMA; ``BK``: features per step (16, 32 or 64 dividing the group; default ``min(64, group)``:
+    fewer hold less of x in registers at 64 rows)."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -180,7 +198,9 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
         raise ValueError("gluon_mma takes bf16 x with unit column stride")
     if N % (16 * num_warps * T) or group_size % 32:
         raise ValueError(f"gluon_mma needs N a multiple of {16 * num_warps * T} and group size 32, 64 or 128")
-    BK = min(64, group_size)
+    BK = BK or min(64, group_size)
+    if BK not in (16, 32, 64) or group_size % BK:
+        raise ValueError(f"gluon_mma takes BK 16, 32 or 64 dividing the group size {group_size}, got {BK}")
     mma, a_l, b_l, w_l, x_l = _layouts(num_warps, BK, T)
     split_k, gps = _split_args(K // group_size, split_k)
     y, ws = _out_and_ws(x2, N, out, split_k)
@@ -192,7 +212,7 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     _awq_gluon_mma_kernel[grid](
         x2, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, x2.stride(0),
         y.stride(0), split_k, gps, GROUP=group_size, BK=BK, BM=BM, W=num_warps, T=T, HAS_BIAS=bias is not None,
-        TAIL=tail, PREFETCH=bool(PREFETCH), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l, num_warps=num_warps)
+        TAIL=tail, PREFETCH=bool(PREFETCH), SCALED=bool(SCALED), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l, num_warps=num_warps)
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)
     return y

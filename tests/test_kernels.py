@@ -393,6 +393,50 @@ def test_dequantize_kernel_matches_layout_module():
     assert torch.allclose(w, ref, rtol=0, atol=1e-6)
 
 
+def _repacked_module():
+    name = "kernels.awq_repacked_dot"
+    return importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+
+
+@pytest.mark.parametrize("group,K", [(32, 128), (64, 192), (128, 256)])
+@pytest.mark.parametrize("M,split_k,bias,mode", [(1, 1, True, {}), (3, 3, False, dict(PREFETCH=True)),
+                                                 (16, 2, True, dict(SCALE_AFTER=False, PREFETCH=True)),
+                                                 (33, 1, False, dict(SCALE_AFTER=False))])
+def test_repacked_dot_and_dequantize_match_fp64(group, K, M, split_k, bias, mode):
+    """The kernels on fragment-repacked weights (kernels/awq_repacked_dot.py): N = 48 leaves a partial 32-column
+    tile, split-K sums by a second launch, poisoned output; the dense dequantization equals the layout module's."""
+    from kernels.awq_repack import repack_awq
+
+    rd = _repacked_module()
+    N = 48
+    w = random_weights(K, N, group)
+    packed = repack_awq(w[0])
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    b = torch.randn(N, dtype=torch.bfloat16) if bias else None
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+    y = rd.dot_repacked(x, packed, w[1], w[2], group, b, out=out, BM=16, BN=32, split_k=split_k, **mode)
+    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
+    assert rel(y, ref64(x, *w, group, b)) < 1e-2
+    dense = rd.dequantize_repacked(packed, w[1], w[2].float(), group, torch.float32, BN=32)
+    assert torch.allclose(dense, awq_layout.dequantize(*w[:2], w[2].float(), group), rtol=0, atol=1e-6)
+    y2 = rd.dequant_matmul_repacked(x, packed, w[1], w[2], group, b, BN=32)
+    assert rel(y2, ref64(x, *w, group, b)) < 1e-2
+
+
+def test_repacked_kernels_refuse_mismatched_weights():
+    from kernels.awq_repack import repack_awq
+
+    rd = _repacked_module()
+    w = random_weights(128, 32, 64)
+    packed = repack_awq(w[0])
+    with pytest.raises(ValueError, match="repacked weights must be"):
+        rd.dot_repacked(torch.randn(1, 128, dtype=torch.bfloat16), packed[:1], w[1], w[2], 64)
+    with pytest.raises(ValueError, match="x must be"):
+        rd.dot_repacked(torch.randn(1, 64, dtype=torch.bfloat16), packed, w[1], w[2], 64)
+    with pytest.raises(ValueError, match="group sizes"):
+        rd.dot_repacked(torch.randn(1, 128, dtype=torch.bfloat16), packed, w[1], w[2], 16)
+
+
 @pytest.mark.parametrize("M", [1, 3, 16, 33, 300])
 def test_default_configs_run(M):
     """Whatever the dispatcher picks for a shape it has never seen runs correctly (default launch params)."""

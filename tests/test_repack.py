@@ -2,7 +2,7 @@
 
 The Gluon kernel itself cannot run here (Gluon has no interpreter); its build is checked instead: it compiles for
 sm_90 only if the dequantized weights are already in the MMA operand's register layout (``convert_layout(...,
-assert_trivial=True)``), and its TTGIR must allocate no shared memory.
+assert_trivial=True)``), and its TTGIR must allocate no shared memory for them.
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ def test_repack_refuses_shapes_without_whole_tiles():
         codes_to_fragments(torch.zeros((96, 32), dtype=torch.int32))
 
 
-@pytest.mark.parametrize("warps,group,bm,tiles,prefetch", [(4, 128, 8, 4, True), (4, 32, 16, 2, False),
-                                                          (2, 64, 8, 1, True), (4, 128, 32, 1, True)])
-def test_gluon_kernel_builds_for_sm90_without_shared_memory(warps, group, bm, tiles, prefetch):
+@pytest.mark.parametrize("warps,group,bm,tiles,prefetch,scaled", [(4, 128, 8, 4, True, False),
+                                                                 (4, 32, 16, 2, False, True),
+                                                                 (2, 64, 8, 1, True, False),
+                                                                 (4, 128, 32, 1, True, True)])
+def test_gluon_kernel_builds_for_sm90_without_shared_memory(warps, group, bm, tiles, prefetch, scaled):
     triton = pytest.importorskip("triton")
     try:
         from triton.backends.compiler import GPUTarget
@@ -56,7 +58,7 @@ def test_gluon_kernel_builds_for_sm90_without_shared_memory(warps, group, bm, ti
     sig = {"x_ptr": "*bf16", "pw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16",
            "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
            "stride_ym": "i32", "SPLIT_K": "i32", "groups_per_split": "i32"}
-    cst = dict(GROUP=group, BK=bk, BM=bm, W=warps, T=tiles, HAS_BIAS=True, TAIL=True, PREFETCH=prefetch,
+    cst = dict(GROUP=group, BK=bk, BM=bm, W=warps, T=tiles, HAS_BIAS=True, TAIL=True, PREFETCH=prefetch, SCALED=scaled,
                mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l)
     sig.update({k: "constexpr" for k in cst})
     src = gluon._runtime.GluonASTSource(gm._awq_gluon_mma_kernel, signature=sig, constexprs=cst)

@@ -231,7 +231,8 @@ def test_bad_inputs_raise_on_cuda():
 @pytest.mark.parametrize("cfg", [dict(T=1, num_warps=4, split_k=1), dict(T=4, num_warps=4, split_k=3),
                                  dict(T=4, num_warps=4, split_k=3, TAIL=False),
                                  dict(T=2, num_warps=2, BM=16, split_k=1, PREFETCH=True),
-                                 dict(T=1, num_warps=4, BM=32, split_k=5, PREFETCH=True)])
+                                 dict(T=1, num_warps=4, BM=32, split_k=5, PREFETCH=True),
+                                 dict(T=1, num_warps=8, BM=64, split_k=3, SCALED=True, BK=32)])
 def test_gluon_mma_on_repacked_weights(cfg, g):
     """The Gluon kernel on fragment-repacked weights (kernels/awq_repack.py) against fp64: M up to 33 (several
     row tiles), bias, split-K summed in the kernel (twice: the counters reset) or by a second launch, prefetch,
@@ -250,3 +251,25 @@ def test_gluon_mma_on_repacked_weights(cfg, g):
             y = gluon_mma(x, packed, w[1], w[2], g, bias, out=out, **cfg)
             assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= 1e-2, (M, cfg)
             out.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("g", [32, 128])
+@pytest.mark.parametrize("cfg", [dict(BM=64, BN=64, split_k=1), dict(BM=32, BN=64, split_k=3),
+                                 dict(BM=128, BN=128, num_warps=8, num_stages=3)])
+def test_repacked_dot_and_dequant_on_gpu(cfg, g):
+    """The tensor-core kernel and the dequantize + cuBLAS path on repacked weights against fp64: M from 1 to 300,
+    bias, split-K, poisoned output."""
+    from kernels.awq_repack import repack_awq
+    from kernels.awq_repacked_dot import dequant_matmul_repacked, dot_repacked
+
+    K, N = 1024, 1040
+    w = weights(K, N, g)
+    packed = repack_awq(w[0])
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    for M in (1, 33, 300):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        y = dot_repacked(x, packed, w[1], w[2], g, bias, out=out, **cfg)
+        r = ref64(x, *w, g, bias)
+        assert torch.isfinite(y).all() and rel(y, r) <= 1e-2, (M, cfg)
+        assert rel(dequant_matmul_repacked(x, packed, w[1], w[2], g, bias), r) <= 1e-2
