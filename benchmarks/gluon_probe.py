@@ -1,12 +1,14 @@
-"""Probe of the fragment-repacked Gluon kernel (``kernels/awq_gluon_mma.py``) on one GPU, side by side in one call.
+"""Probe of the kernels on fragment-repacked weights on one GPU, side by side in one call; source of
+``kernels/tuned_repacked_h100.json``.
 
-    RAYAWQ_COMMIT=<hash> python3 benchmarks/gluon_probe.py --out $OUT
+    RAYAWQ_COMMIT=<hash> python3 benchmarks/gluon_probe.py --out $OUT [--ms 1,16,64] [--skip-dot] [--skip-mma]
     python3 benchmarks/gluon_probe.py --report a.json b.json ...   # docs/benchmarks.md section + docs/repacked_probe.png
 
-For each of the issue's four large shapes and M in ``--ms``: correctness of ``gluon_mma`` against an fp64
-reference (fresh inputs, poisoned output), then cold-L2 median µs (``kernels.timing``) of a few ``gluon_mma``
-configs, the dispatcher's measured config for the AutoAWQ layout (the product path), PyTorch's int4 kernel and
-cuBLAS. Writes ``gluon_probe.json`` under ``--out``.
+For each of the issue's four large shapes and M in ``--ms``: correctness of every config against an fp64
+reference (fresh inputs, poisoned output), then cold-L2 median µs (``kernels.timing``) of the register-operand
+Gluon kernel (M <= 128), the ``tl.dot`` kernel (M >= 32), the warpgroup-MMA Gluon kernel (M >= 16) and dequantize
++ cuBLAS (M >= 128) on the repacked words, the AutoAWQ-layout table's config, PyTorch's int4 kernel and cuBLAS.
+Writes ``gluon_probe.json`` under ``--out``.
 
 ``read_us`` is the floor the memory system allows in the same harness: the best of a plain streaming-read kernel
 (a sweep of programs and block sizes) and ``torch.sum`` over a buffer of the layer's bytes (words, scales,
@@ -30,6 +32,7 @@ import triton.language as tl  # noqa: E402
 from benchmarks.kernels import int4pack_sets, ref_fp64, rel_err  # noqa: E402
 from kernels import dispatch  # noqa: E402
 from kernels.awq_gluon_mma import gluon_mma  # noqa: E402
+from kernels.awq_gluon_wgmma import gluon_wgmma  # noqa: E402
 from kernels.awq_repack import repack_awq  # noqa: E402
 from kernels.awq_repacked_dot import dequant_matmul_repacked, dot_repacked  # noqa: E402
 from kernels.timing import sets_needed, time_calls  # noqa: E402
@@ -74,10 +77,11 @@ def gluon_configs(M: int, N: int) -> list[dict]:
     elif M <= 16:
         cfgs = [dict(BM=16, T=t, num_warps=w, split_k=s, SCALED=sc) for t, w in ((2, 4), (1, 8), (2, 8))
                 for s in (2, 4, 8) for sc in (False, True)]
-    else:
-        cfgs = [dict(BM=bm, T=t, num_warps=w, split_k=s, BK=bk) for bm, t, w, bk in
-                ((32, 1, 4, 64), (32, 2, 4, 64), (64, 1, 8, 64), (64, 1, 8, 32), (32, 1, 8, 64)) for s in (1, 4)]
-        cfgs += [{**c, "SCALED": True} for c in cfgs]
+    else:  # warps along the rows of x too (WM): at 64 rows one warp cannot hold x's operand and the accumulator
+        tiles = ((32, 1, 4, 1), (32, 2, 4, 2), (32, 2, 2, 2)) if M <= 32 else (
+            ((64, 1, 4, 2), (64, 1, 4, 4), (64, 2, 2, 4)) if M <= 64 else ((128, 1, 4, 4), (64, 1, 4, 2)))
+        cfgs = [dict(BM=bm, T=t, num_warps=w, WM=wm, split_k=s, SCALED=True) for bm, t, w, wm in tiles
+                for s in (1, 2, 4)]
     return [c for c in cfgs if N % (16 * c["num_warps"] * c["T"]) == 0]
 
 
@@ -133,12 +137,14 @@ def report(paths: list[str], commit: str) -> str:
     shapes = sorted({(k, n) for k, n, _ in best}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99)
     lines = [f"Device: {device} · date: {datetime.date.today().isoformat()} · commit: `{commit}` (probe runs "
              "on that tree; raw `benchmarks/results/gluon_probe_h100_*.json`)", "",
-             "Not the product path yet: the weights repacked at load time into the `mma.m16n8k16` fragment order "
-             "(`kernels/awq_repack.py`), read by the Gluon kernel (`kernels/awq_gluon_mma.py`) at small M, a "
-             "`tl.dot` kernel or dequantize + cuBLAS (`kernels/awq_repacked_dot.py`) above; each cell is the "
-             "fastest of them and of its configs, beside the dispatcher's kernel on the AutoAWQ layout, cuBLAS and "
-             "PyTorch's int4 kernel timed in the same call (cold L2, CUDA graph, median). Why and what is missing "
-             "before the engine uses it: `docs/kernels_notes.md`.", "",
+             "The engine's path on sm_90 GPUs with bf16 (`EngineConfig.repack_weights`, on by default): the "
+             "weights repacked at load time into the `mma.m16n8k16` fragment order (`kernels/awq_repack.py`, the "
+             "only copy kept), read by the register-operand Gluon kernel (`kernels/awq_gluon_mma.py`) at small M, "
+             "the warpgroup-MMA Gluon kernel (`kernels/awq_gluon_wgmma.py`) at 32-128 rows, dequantize + cuBLAS "
+             "above (`kernels/awq_repacked_dot.py`), as `kernels/tuned_repacked_h100.json` (these cells) says. "
+             "Each cell is the fastest of those kernels and configs, beside the AutoAWQ-layout table's kernel "
+             "(what fp16 and other GPUs run), cuBLAS and PyTorch's int4 kernel timed in the same call (cold L2, "
+             "CUDA graph, median). Notes: `docs/kernels_notes.md`.", "",
              "| K×N | M | cuBLAS µs | int4 µs | table kernel µs | repacked µs | repacked kernel | ×cuBLAS (table) "
              "| ×cuBLAS (repacked) | ×int4 (repacked) |", "|---|---:|---:|---:|---|---:|---|---:|---:|---:|"]
     for K, N in shapes:
@@ -167,7 +173,7 @@ def report(paths: list[str], commit: str) -> str:
             ax.set_xlabel("M (rows)")
         (axes[0] if len(shapes) > 1 else axes).set_ylabel("speedup over cuBLAS bf16")
         (axes[0] if len(shapes) > 1 else axes).legend(fontsize=8)
-        fig.suptitle(f"W4A16 on repacked weights vs the dispatcher's kernels, {device}")
+        fig.suptitle(f"W4A16 on repacked weights vs the AutoAWQ-layout kernels, {device}")
         fig.tight_layout()
         tmp = DOCS / "repacked_probe.tmp.png"
         fig.savefig(tmp, dpi=110)
@@ -175,7 +181,7 @@ def report(paths: list[str], commit: str) -> str:
         lines += ["", "![speedup over cuBLAS vs M](repacked_probe.png)"]
     except ImportError:
         pass
-    return "## W4A16 on fragment-repacked weights (`benchmarks/gluon_probe.py`, experimental)\n\n" + "\n".join(lines)
+    return "## W4A16 on fragment-repacked weights (`benchmarks/gluon_probe.py`)\n\n" + "\n".join(lines)
 
 
 def main() -> int:
@@ -185,6 +191,7 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/gluon_probe")
     ap.add_argument("--ms", default="1,16,64")
     ap.add_argument("--skip-dot", action="store_true", help="leave out the tl.dot kernel on repacked weights")
+    ap.add_argument("--skip-mma", action="store_true", help="leave out the register-operand Gluon kernel")
     a = ap.parse_args()
     if a.report:
         from benchmarks._report import git_commit, write_section
@@ -206,10 +213,12 @@ def main() -> int:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             ref = ref_fp64(x, *sets[0], G)
             errs = {}
-            gl_cfgs = gluon_configs(M, N) if M <= 64 else []
+            gl_cfgs = gluon_configs(M, N) if M <= 128 and not a.skip_mma else []
+            wg_cfgs = [dict(BN=bn, split_k=s) for bn in (64, 128) for s in (1, 2, 4, 8, 16)] if M >= 16 else []
             dot_cfgs = dot_configs(M) if M >= 32 and not a.skip_dot else []
             launches = [(c, lambda x, p, s, c: gluon_mma(x, p, s[1], s[2], G, **c)) for c in gl_cfgs]
             launches += [(c, lambda x, p, s, c: dot_repacked(x, p, s[1], s[2], G, **c)) for c in dot_cfgs]
+            launches += [(c, lambda x, p, s, c: gluon_wgmma(x, p, s[1], s[2], G, **c)) for c in wg_cfgs]
             if M >= 128:
                 launches.append(({"dequant": True}, lambda x, p, s, c: dequant_matmul_repacked(x, p, s[1], s[2], G)))
             for c, f in launches:
@@ -228,6 +237,11 @@ def main() -> int:
                                                    xs, packed, sets)
                 row["dot_us"], row["dot_cfg"] = us, c
                 best = min(best, (us, {"kernel": "dot_repacked", **c}), key=lambda t: t[0])
+            if wg_cfgs:
+                us, c, row["wgmma_all_us"] = best_of(wg_cfgs, lambda x, p, s, c: gluon_wgmma(x, p, s[1], s[2], G, **c),
+                                                     xs, packed, sets)
+                row["wgmma_us"], row["wgmma_cfg"] = us, c
+                best = min(best, (us, {"kernel": "gluon_wgmma", **c}), key=lambda t: t[0])
             if M >= 128:
                 row["dequant_repacked_us"] = time_calls([lambda x=x, p=p, s=s: dequant_matmul_repacked(x, p, s[1], s[2], G)
                                                          for x, p, s in zip(xs, packed, sets)])

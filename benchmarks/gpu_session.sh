@@ -4,12 +4,13 @@
 #   one H100:   bash benchmarks/gpu_session.sh x1a <commit>, then at once (warm machine) x1c, then x1b
 #   one H100, decode only (M = 1, 2 re-tuned, then the engine):  x1m <commit>, then at once x1n <commit>
 #   one H100, the repacked Gluon kernel (tests + probe):  x1g <commit>
+#   one H100, the product path on repacked weights (kernel + engine GPU tests):  x1r <commit>
 #   4 H100s:    bash benchmarks/gpu_session.sh x4 <commit>   (x4s: GPU quant-job tests + [SCALING_GPUS, default 1,4,2]-GPU scaling only)
 #   what is left of a budget, 2-4 GPUs:  [SCALING_GPUS=1,2] bash benchmarks/gpu_session.sh x4f <commit>
 # Everything lands under $OUT/<name>/; write the docs sections here afterwards from the JSON files
 # (each benchmark's --report, or benchmarks/_report.py:write_section with its *_section.md).
 set -uo pipefail
-kind=${1:?x1a, x1c, x1b, x1g, x1m, x1n, x4, x4s or x4f}
+kind=${1:?x1a, x1c, x1b, x1g, x1r, x1m, x1n, x4, x4s or x4f}
 export RAYAWQ_COMMIT=${2:?commit} PYTHONUNBUFFERED=1
 out=${OUT:?run this through the device tool}
 source .devbundle/setup.sh || exit 1
@@ -34,9 +35,15 @@ case $kind in
   x1g)
     # the fragment-repacked Gluon kernel: GPU correctness, then M = 1, 16 side by side with the table's kernel,
     # PyTorch's int4 kernel and cuBLAS on the four large shapes, and the read floor at M = 1 (no Ray needed)
-    timeout 150 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k "gluon or repacked" 2>&1 | tail -4
+    timeout 150 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k "${GLUON_TESTS:-gluon or repacked}" 2>&1 | tail -4
     timeout 400 python3 benchmarks/gluon_probe.py --out "$out/gluon" --ms ${GLUON_MS:-1,16,64} ${GLUON_ARGS:-} 2>&1 \
       | grep -E "^K=|Error" | tail -20
+    ;;
+  x1r)
+    # the engine on repacked weights (kernels/repacked_dispatch.py): the product path's GPU tests, then the engine's
+    timeout 120 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k "repacked_weights_every_m or wgmma" 2>&1 \
+      | grep -E "Error|assert|passed|failed|FAILED" | tail -12
+    timeout 200 python3 -m pytest -q tests/gpu/test_engine_gpu.py 2>&1 | grep -E "Error|assert|passed|failed|FAILED|repacked" | tail -20
     ;;
   x1m)
     # decode buckets only (M = 1, 2) on all seven shapes, joined into the repo table (left in /tmp for x1n)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import repacked_dispatch
 from .awq_layout import AWQ_ORDER, PACK_FACTOR, dequantize, pack_int4, unpack_int4
 from .dispatch import check_inputs, m_bucket, select_config, warmup
 from .epilogue import check_act, silu_mul
@@ -19,7 +20,8 @@ def awq_linear(
     bias: torch.Tensor | None = None,
     act: str | None = None,
 ) -> torch.Tensor:
-    """``x @ W + bias`` with ``W`` in the AutoAWQ GEMM layout; ``x`` of any leading shape.
+    """``x @ W + bias`` with ``W`` in the AutoAWQ GEMM layout (or repacked at load time by
+    ``repacked_dispatch.repack``: a 4-D ``qweight``); ``x`` of any leading shape.
 
     ``act="silu_mul"``: return ``silu(y[..., :N/2]) * y[..., N/2:]`` instead (a fused gate/up layer's output
     through the MLP's activation), fused into the split-K sum where the chosen kernel has one
@@ -30,6 +32,8 @@ def awq_linear(
     CUDA-graph safe: no host sync; the only allocations are the output and a split-K workspace from the
     caching allocator (call :func:`warmup` before capturing).
     """
+    if qweight.dim() == 4:  # repacked at load time (kernels.awq_repack): its own kernels, see repacked_dispatch
+        return _repacked_linear(x, qweight, qzeros, scales, group_size, bias, act)
     if not x.is_cuda:
         _, N = check_inputs(x, qweight, qzeros, scales, group_size, bias)
         check_act(act, N)
@@ -51,6 +55,23 @@ def awq_linear(
     return run_config(cfg, x2, qweight, qzeros, scales, group_size, bias, act=act).reshape(*lead, width)
 
 
+def _repacked_linear(x, packed, qzeros, scales, group_size, bias, act):
+    K, N = check_inputs(x, packed, qzeros, scales, group_size, bias, for_triton=x.is_cuda)
+    check_act(act, N)
+    if not x.is_cuda:
+        y = repacked_dispatch.reference(x, packed, qzeros, scales, group_size, bias)
+        return y if act is None else silu_mul(y)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.shape[0] == 0:
+        return x.new_empty((*lead, N // 2 if act else N))
+    y = repacked_dispatch.linear(x2, packed, qzeros, scales, group_size, bias)
+    y = y if act is None else silu_mul(y)
+    return y.reshape(*lead, y.shape[-1])
+
+
 def awq_linear_partials(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -62,7 +83,7 @@ def awq_linear_partials(
     rows sums them in a launch of its own, so that the consumer of the output can do that sum instead (the
     engine's RoPE + KV-cache store does, one launch fewer per layer); ``None``, with nothing launched, otherwise
     (then call :func:`awq_linear`). CUDA only (``None`` on CPU)."""
-    if not x.is_cuda:
+    if not x.is_cuda or qweight.dim() == 4:
         return None
     K, N = check_inputs(x, qweight, qzeros, scales, group_size, None, for_triton=True)
     from .dispatch import run_config, split_partials
@@ -80,5 +101,6 @@ def awq_linear_partials(
 
 __all__ = [
     "AWQ_ORDER", "PACK_FACTOR", "awq_linear", "awq_linear_partials", "awq_linear_reference", "check_inputs",
-    "dequantize", "m_bucket", "pack_int4", "select_config", "silu_mul", "unpack_int4", "warmup",
+    "dequantize", "m_bucket", "pack_int4", "repacked_dispatch", "select_config", "silu_mul", "unpack_int4",
+    "warmup",
 ]

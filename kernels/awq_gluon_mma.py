@@ -35,23 +35,27 @@ from .awq_triton import _out_and_ws, _split_args, reduce_partials, tile_counters
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
 
-def _layouts(num_warps: int, BK: int, T: int):
-    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
+def _layouts(num_warps: int, BK: int, T: int, WM: int = 1):
+    """``num_warps`` warps along the output columns (each its own 16-row weight tiles), ``WM`` along the rows of x
+    (each its ``BM / WM`` rows: at 64 rows one warp cannot hold all of x's operand and the accumulator)."""
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, WM], instr_shape=[16, 8])
     a_l = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_l = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     kh = BK // 16
     # packed words of one step, [tile (T), n_hi (warp), n_lo (8), k_hi (BK/16), k_mid (4)]: lane = 4 n_lo + k_mid
     # as in the fragment; the k-tiles of a step in one thread's registers (one 8- or 16-byte load), T n-tiles
-    # per warp sharing each x fragment (the MMA layout repeats over rows beyond 16 x warps)
+    # per warp sharing each x fragment (the MMA layout repeats over rows beyond 16 x warps); the warps along the
+    # rows of x (the low bits of the warp id in the MMA layout) load the same words (zero bases: a broadcast)
     w_l = gl.DistributedLinearLayout(
         reg_bases=[[0, 0, 0, 1 << i, 0] for i in range(kh.bit_length() - 1)]
         + [[1 << i, 0, 0, 0, 0] for i in range(T.bit_length() - 1)],
         lane_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 1, 0, 0], [0, 0, 2, 0, 0], [0, 0, 4, 0, 0]],
-        warp_bases=[[0, 1 << i, 0, 0, 0] for i in range(num_warps.bit_length() - 1)],
+        warp_bases=[[0, 0, 0, 0, 0] for _ in range(WM.bit_length() - 1)]
+        + [[0, 1 << i, 0, 0, 0] for i in range(num_warps.bit_length() - 1)],
         block_bases=[], shape=[T, num_warps, 8, kh, 4])
     # x rows [BM, BK]: eight consecutive features (16 bytes) per thread
     x_l = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 * 8 // BK, BK // 8],
-                           warps_per_cta=[num_warps, 1], order=[1, 0])
+                           warps_per_cta=[num_warps * WM, 1], order=[1, 0])
     return mma, a_l, b_l, w_l, x_l
 
 
@@ -72,6 +76,38 @@ def _fragments(w, a_l: gl.constexpr, W: gl.constexpr, T: gl.constexpr, BK: gl.co
 
 
 @gluon.jit
+def _word_offsets(pid_n, K, w_l: gl.constexpr, W: gl.constexpr, T: gl.constexpr, KH: gl.constexpr):
+    """Word offsets ``[T, W, 8, KH, 4]`` (layout ``w_l``) of column block ``pid_n``'s first step:
+    ``packed[nt, kc, lane, j]`` is word ``((nt * K/64 + kc) * 32 + lane) * 4 + j``, tiles ``nt`` tile-major over
+    warps as in the MMA layout."""
+    it = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, w_l)))))
+    i0 = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, w_l)))))
+    i1 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, w_l)))))
+    i2 = gl.arange(0, KH, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, w_l)))))
+    i3 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, w_l)))))
+    nt = (pid_n * T + it)[:, None] * W + i0[None, :]
+    return ((nt[:, :, None, None, None] * (K // 64) * 32 + i1[None, None, :, None, None] * 4
+             + i3[None, None, None, None, :]) * 4 + i2[None, None, None, :, None])
+
+
+@gluon.jit
+def _x_rows(pid_m, M, stride_xm, BM: gl.constexpr, BK: gl.constexpr, x_l: gl.constexpr):
+    """Offsets and mask of row block ``pid_m``'s first ``[BM, BK]`` step of x (rows past ``M`` masked)."""
+    rk = gl.arange(0, BK, layout=gl.SliceLayout(0, x_l))
+    rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, x_l))
+    return rm[:, None] * stride_xm + rk[None, :], (rm < M)[:, None] & (rk >= 0)[None, :]
+
+
+@gluon.jit
+def _zeros_scales_bf16(qz_ptr, s_ptr, g, n, N):
+    """``128 + z`` (bf16) and the scales of group ``g`` for columns ``n`` (AutoAWQ ``qzeros``/``scales``), in
+    ``n``'s layout: what ``SCALED`` subtracts from and multiplies into the A fragments."""
+    z = gl.load(qz_ptr + g * (N // 8) + n // 8)
+    z = (((z >> ((((n >> 1) & 3) << 2) + ((n & 1) << 4))) & 0xF) + 128).to(gl.bfloat16)
+    return z, gl.load(s_ptr + g * N + n)
+
+
+@gluon.jit
 def _word_offset(k0):
     """Word offset of the step starting at input feature ``k0`` (a multiple of 16) within a tile's row of words:
     64-feature chunks are 128 words apart, 16-feature slices one word."""
@@ -89,24 +125,11 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
     pid_k = gl.program_id(1)
     pid_m = gl.program_id(2)
     KH: gl.constexpr = BK // 16
-    KC = K // 64
-    # word offsets of step 0: packed[nt, kc, lane, j] at ((nt * KC + kc) * 32 + lane) * 4 + j
-    it = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, w_l)))))
-    i0 = gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, w_l)))))
-    i1 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, w_l)))))
-    i2 = gl.arange(0, KH, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, w_l)))))
-    i3 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, w_l)))))
-    nt = (pid_n * T + it)[:, None] * W + i0[None, :]  # the MMA layout: tile-major over warps
-    woff = ((nt[:, :, None, None, None] * KC * 32 + i1[None, None, :, None, None] * 4
-             + i3[None, None, None, None, :]) * 4 + i2[None, None, None, :, None])
-    # x^T [BK, BM] in the B operand layout
+    woff = _word_offsets(pid_n, K, w_l, W, T, KH)
     # x [BM, BK] loaded coalesced (16 bytes per thread), then moved into the B operand layout as x^T: loading
     # straight in the operand layout took one 4-byte load and one 64-bit address per pair of features
     # (~120 more registers at BM = 16)
-    rk = gl.arange(0, BK, layout=gl.SliceLayout(0, x_l))
-    rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, x_l))
-    xoff = rm[:, None] * stride_xm + rk[None, :]
-    xmask = (rm < M)[:, None] & (rk >= 0)[None, :]
+    xoff, xmask = _x_rows(pid_m, M, stride_xm, BM, BK, x_l)
     # output columns / rows in the accumulator layout
     on = pid_n * 16 * W * T + gl.arange(0, 16 * W * T, layout=gl.SliceLayout(1, mma))
     om = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
@@ -122,9 +145,7 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
         # registers for 32-64 rows (the product rounds to bf16, as in the ``gemm`` kernel)
         on_a = pid_n * 16 * W * T + gl.arange(0, 16 * W * T, layout=gl.SliceLayout(1, a_l))
         for g in range(g0, g1):
-            za = gl.load(qz_ptr + g * (N // 8) + on_a // 8)
-            za = (((za >> ((((on_a >> 1) & 3) << 2) + ((on_a & 1) << 4))) & 0xF) + 128).to(gl.bfloat16)
-            sa = gl.load(s_ptr + g * N + on_a)
+            za, sa = _zeros_scales_bf16(qz_ptr, s_ptr, g, on_a, N)
             for st in gl.static_range(GROUP // BK):
                 k0 = g * GROUP + st * BK
                 w = gl.load(pw_ptr + woff + _word_offset(k0))
@@ -132,28 +153,28 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                 xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
                 a = (_fragments(w, a_l, W, T, BK) - za[:, None]) * sa[:, None]
                 y_acc = gl.nvidia.ampere.mma_v2(a, xb, y_acc)
-        g1 = g0  # the exact path below runs no groups
-    for g in range(g0, g1):
-        acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
-        xs = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, x_l))
-        for st in gl.static_range(GROUP // BK):
-            k0 = g * GROUP + st * BK
-            if PREFETCH:
-                # the next step's words are in flight while this step computes (the last step reloads itself)
-                w_next = gl.load(pw_ptr + woff + _word_offset(gl.minimum(k0 + BK, K - BK)))
-            else:
-                w = gl.load(pw_ptr + woff + _word_offset(k0))
-            xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
-            xs += gl.sum(xr.to(gl.float32), axis=1)
-            xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
-            acc = gl.nvidia.ampere.mma_v2(_fragments(w, a_l, W, T, BK), xb, acc)
-            if PREFETCH:
-                w = w_next
-        z = gl.load(qz_ptr + g * (N // 8) + on // 8)
-        zo = ((z >> ((((on >> 1) & 3) << 2) + ((on & 1) << 4))) & 0xF).to(gl.float32) + 128.0
-        s = gl.load(s_ptr + g * N + on).to(gl.float32)
-        xs_m = gl.convert_layout(xs, gl.SliceLayout(0, mma))
-        y_acc += (acc - zo[:, None] * xs_m[None, :]) * s[:, None]
+    else:
+        for g in range(g0, g1):
+            acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
+            xs = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, x_l))
+            for st in gl.static_range(GROUP // BK):
+                k0 = g * GROUP + st * BK
+                if PREFETCH:
+                    # the next step's words are in flight while this step computes (the last step reloads itself)
+                    w_next = gl.load(pw_ptr + woff + _word_offset(gl.minimum(k0 + BK, K - BK)))
+                else:
+                    w = gl.load(pw_ptr + woff + _word_offset(k0))
+                xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
+                xs += gl.sum(xr.to(gl.float32), axis=1)
+                xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
+                acc = gl.nvidia.ampere.mma_v2(_fragments(w, a_l, W, T, BK), xb, acc)
+                if PREFETCH:
+                    w = w_next
+            z = gl.load(qz_ptr + g * (N // 8) + on // 8)
+            zo = ((z >> ((((on >> 1) & 3) << 2) + ((on & 1) << 4))) & 0xF).to(gl.float32) + 128.0
+            s = gl.load(s_ptr + g * N + on).to(gl.float32)
+            xs_m = gl.convert_layout(xs, gl.SliceLayout(0, mma))
+            y_acc += (acc - zo[:, None] * xs_m[None, :]) * s[:, None]
 
     omask = (om < M)[None, :] & (on < N)[:, None]
     if SPLIT_K == 1:
@@ -184,13 +205,14 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
 def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None, BM: int = 8, num_warps: int = 4,
               T: int = 2, split_k: int = 1, TAIL: bool = True, PREFETCH: bool = False,
-              BK: int | None = None, SCALED: bool = False) -> torch.Tensor:
+              BK: int | None = None, SCALED: bool = False, WM: int = 1) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc.
 
     ``BM``: rows of x per program (8, 16, 32 or 64: the MMA's N); ``TAIL``: split-K partials summed by the last
     program of each tile (else by ``reduce_partials``, a second launch); ``PREFETCH``: load the next step's words
     before this step's MMA; ``BK``: features per step (16, 32 or 64 dividing the group; default ``min(64, group)``:
-    fewer hold less of x in registers at 64 rows)."""
+    fewer hold less of x in registers at 64 rows); ``SCALED``: the weights scaled in the fragments (one
+    accumulator); ``WM``: warps along the rows of x (``num_warps`` counts those along the columns)."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -201,7 +223,9 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     BK = BK or min(64, group_size)
     if BK not in (16, 32, 64) or group_size % BK:
         raise ValueError(f"gluon_mma takes BK 16, 32 or 64 dividing the group size {group_size}, got {BK}")
-    mma, a_l, b_l, w_l, x_l = _layouts(num_warps, BK, T)
+    if WM not in (1, 2, 4) or BM % (8 * WM):
+        raise ValueError(f"gluon_mma takes WM 1, 2 or 4 warps along the rows, each of 8 rows or more (BM {BM})")
+    mma, a_l, b_l, w_l, x_l = _layouts(num_warps, BK, T, WM)
     split_k, gps = _split_args(K // group_size, split_k)
     y, ws = _out_and_ws(x2, N, out, split_k)
     if BM not in (8, 16, 32, 64):
@@ -212,7 +236,8 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     _awq_gluon_mma_kernel[grid](
         x2, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, x2.stride(0),
         y.stride(0), split_k, gps, GROUP=group_size, BK=BK, BM=BM, W=num_warps, T=T, HAS_BIAS=bias is not None,
-        TAIL=tail, PREFETCH=bool(PREFETCH), SCALED=bool(SCALED), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l, num_warps=num_warps)
+        TAIL=tail, PREFETCH=bool(PREFETCH), SCALED=bool(SCALED), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l,
+        num_warps=num_warps * WM)
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)
     return y

@@ -65,13 +65,15 @@ def check_inputs(
         raise TypeError(f"awq_linear: qweight and qzeros must be int32, got {qweight.dtype} and {qzeros.dtype}")
     if scales.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"awq_linear: scales must be fp16, bf16 or fp32, got {scales.dtype}")
-    if qweight.dim() != 2 or qzeros.dim() != 2 or scales.dim() != 2:
-        raise ValueError("awq_linear: qweight, qzeros and scales must be 2-D")
+    repacked = qweight.dim() == 4  # kernels.awq_repack's fragment order, [N/16, K/64, 32, 4]
+    if qzeros.dim() != 2 or scales.dim() != 2 or not (qweight.dim() == 2 or repacked and qweight.shape[2:] == (32, 4)):
+        raise ValueError("awq_linear: qzeros and scales must be 2-D, qweight 2-D (AutoAWQ) or [N/16, K/64, 32, 4] "
+                         f"(repacked), got qweight {tuple(qweight.shape)}")
     if x.dim() < 1:
         raise ValueError("awq_linear: x must have at least one dimension")
     if not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"awq_linear: group_size must be a positive int, got {group_size!r}")
-    K, N8 = qweight.shape
+    K, N8 = (qweight.shape[1] * 64, qweight.shape[0] * 2) if repacked else qweight.shape
     N = N8 * 8
     if K % group_size:
         raise ValueError(f"awq_linear: K={K} is not a multiple of group_size={group_size}")

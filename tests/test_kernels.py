@@ -437,6 +437,46 @@ def test_repacked_kernels_refuse_mismatched_weights():
         rd.dot_repacked(torch.randn(1, 128, dtype=torch.bfloat16), packed, w[1], w[2], 16)
 
 
+def test_awq_linear_takes_repacked_weights_on_cpu():
+    """A 4-D qweight (kernels.awq_repack's order) is the same linear as its AutoAWQ source: reference path on the
+    CPU, any leading shape, bias, the fused activation; no split-K partials offered; shapes checked."""
+    from kernels.awq_repack import repack_awq
+
+    K, N, g = 256, 128, 64
+    qw, qz, sc = random_weights(K, N, g)
+    packed = repack_awq(qw)
+    x = torch.randn(2, 3, K, dtype=torch.bfloat16)
+    bias = torch.randn(N, dtype=torch.bfloat16)
+    ref = kernels.awq_linear(x, qw, qz, sc, g, bias)
+    assert torch.equal(kernels.awq_linear(x, packed, qz, sc, g, bias), ref)
+    assert torch.equal(kernels.awq_linear(x, packed, qz, sc, g, bias, act="silu_mul"), kernels.silu_mul(ref))
+    assert kernels.awq_linear_partials(x, packed, qz, sc, g) is None
+    with pytest.raises(ValueError, match="input features"):
+        kernels.awq_linear(x, packed[:, :2].contiguous(), qz, sc, g)
+    with pytest.raises(ValueError, match="repacked"):
+        kernels.awq_linear(x, packed.reshape(N // 16, K // 64, 16, 8), qz, sc, g)
+
+
+def test_repacked_kernel_choice_covers_every_m():
+    """Measured table entries where they exist, the rule elsewhere; every choice names a kernel the runner knows
+    and fits the shape (Gluon column tiles divide N)."""
+    rd = kernels.repacked_dispatch
+    assert [rd.bucket(m) for m in (1, 2, 3, 9, 17, 64, 65, 129, 5000)] == [1, 2, 8, 16, 32, 64, 128, 256, 1024]
+    assert rd.select(1, 14336, 4096, 128) == {k: v for k, v in rd._table()["K4096/N14336/M1"].items() if k != "us"}
+    for N, K in ((14336, 4096), (4096, 4096), (6144, 4096), (28672, 4096), (384, 256)):
+        for M in (1, 2, 5, 16, 24, 64, 100, 256, 3000):
+            for g in (32, 64, 128):
+                cfg = rd.select(M, N, K, g)
+                assert cfg["kernel"] in ("gluon", "wgmma", "dot", "dequant"), cfg
+                if cfg["kernel"] == "gluon":
+                    assert N % (16 * cfg["num_warps"] * cfg["T"]) == 0 and cfg.get("BM", 8) >= min(M, 16)
+                if cfg["kernel"] == "wgmma":
+                    assert N % cfg["BN"] == 0 and M > 16
+    assert rd.select(300, 4096, 4096, 128, torch.float16)["kernel"] == "dequant"
+    assert not rd.supported(4096, 4096, 128, torch.bfloat16, "cpu")
+    assert not rd.supported(4096, 4104, 128, torch.bfloat16, "cpu")
+
+
 @pytest.mark.parametrize("M", [1, 3, 16, 33, 300])
 def test_default_configs_run(M):
     """Whatever the dispatcher picks for a shape it has never seen runs correctly (default launch params)."""

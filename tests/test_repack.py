@@ -40,11 +40,12 @@ def test_repack_refuses_shapes_without_whole_tiles():
         codes_to_fragments(torch.zeros((96, 32), dtype=torch.int32))
 
 
-@pytest.mark.parametrize("warps,group,bm,tiles,prefetch,scaled", [(4, 128, 8, 4, True, False),
-                                                                 (4, 32, 16, 2, False, True),
-                                                                 (2, 64, 8, 1, True, False),
-                                                                 (4, 128, 32, 1, True, True)])
-def test_gluon_kernel_builds_for_sm90_without_shared_memory(warps, group, bm, tiles, prefetch, scaled):
+@pytest.mark.parametrize("warps,group,bm,tiles,prefetch,scaled,wm", [(4, 128, 8, 4, True, False, 1),
+                                                                    (4, 32, 16, 2, False, True, 1),
+                                                                    (2, 64, 8, 1, True, False, 1),
+                                                                    (4, 128, 64, 1, False, True, 2),
+                                                                    (2, 128, 64, 2, False, False, 4)])
+def test_gluon_kernel_builds_for_sm90_without_shared_memory(warps, group, bm, tiles, prefetch, scaled, wm):
     triton = pytest.importorskip("triton")
     try:
         from triton.backends.compiler import GPUTarget
@@ -54,7 +55,7 @@ def test_gluon_kernel_builds_for_sm90_without_shared_memory(warps, group, bm, ti
     except ImportError as e:  # pragma: no cover - Triton without Gluon
         pytest.skip(f"no Gluon: {e}")
     bk = min(64, group)
-    mma, a_l, b_l, w_l, x_l = gm._layouts(warps, bk, tiles)
+    mma, a_l, b_l, w_l, x_l = gm._layouts(warps, bk, tiles, wm)
     sig = {"x_ptr": "*bf16", "pw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16",
            "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
            "stride_ym": "i32", "SPLIT_K": "i32", "groups_per_split": "i32"}
@@ -62,6 +63,6 @@ def test_gluon_kernel_builds_for_sm90_without_shared_memory(warps, group, bm, ti
                mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l)
     sig.update({k: "constexpr" for k in cst})
     src = gluon._runtime.GluonASTSource(gm._awq_gluon_mma_kernel, signature=sig, constexprs=cst)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps * wm})
     ttgir = compiled.asm["ttgir"]
     assert "mma" in ttgir and "local_alloc" not in ttgir

@@ -74,6 +74,8 @@ class ModelRunner:
         if weights is None:
             weights = iter_checkpoint(model_path, progress=engine_cfg.progress and tp.rank == 0)
         load_weights(self.model, weights)
+        if self.device.type == "cuda" and engine_cfg.repack_weights and model_cfg.quant is not None:
+            self._repack_weights()
         self.sampler = Sampler()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -280,6 +282,16 @@ class ModelRunner:
         torch.cuda.synchronize()
         log.info("captured CUDA graphs for decode batch sizes %s", sizes)
 
+    def _repack_weights(self) -> None:
+        """AWQ linears into the fragment-repacked layout where kernels/ runs it faster (one copy: the AutoAWQ
+        words are freed); the others keep the AutoAWQ layout."""
+        from ..layers.linear import Linear
+
+        linears = [m for m in self.model.modules() if isinstance(m, Linear) and m.quant is not None]
+        done = sum(m.repack_weights() for m in linears)
+        if done:
+            log.info("repacked %d of %d AWQ linears into the tensor cores' fragment order", done, len(linears))
+
     def _warmup_kernels(self, sizes: list[int]) -> None:
         """Let kernels/ pick and compile its W4A16 configs (and make its workspaces) before any capture."""
         q = self.cfg.quant
@@ -292,7 +304,7 @@ class ModelRunner:
         from ..layers.linear import Linear
 
         shapes = sorted({(m.in_local, m.out_local) for m in self.model.modules()
-                         if isinstance(m, Linear) and m.quant is not None})
+                         if isinstance(m, Linear) and m.quant is not None and m.qweight.dim() == 2})
         kernels.warmup(shapes, group_size=q.group_size, dtype=self.cfg.dtype, device=self.device, m_values=sizes,
                        tune=self.ecfg.tune_kernels)
 

@@ -105,6 +105,17 @@ class Linear(nn.Module):
         dst.copy_(src)
         self.loaded.add((name, shard_id))
 
+    def repack_weights(self) -> bool:
+        """Replace ``qweight`` by its fragment-repacked copy (the only copy kept) where kernels/ runs that layout
+        faster (an sm_90 GPU, bf16; see ``kernels/repacked_dispatch.py``); False, nothing changed, elsewhere."""
+        if self.quant is None or self.qweight.dim() != 2:
+            return False
+        rd = kernels.repacked_dispatch
+        if not rd.supported(self.in_local, self.out_local, self.group_size, self.scales.dtype, self.qweight.device):
+            return False
+        self.qweight = nn.Parameter(rd.repack(self.qweight.data), requires_grad=False)
+        return True
+
     # -- compute ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
         """``x @ W^T + b``; ``act="silu_mul"`` (a fused gate/up layer) applies the MLP's activation to the halves,

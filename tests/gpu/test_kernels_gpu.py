@@ -232,7 +232,9 @@ def test_bad_inputs_raise_on_cuda():
                                  dict(T=4, num_warps=4, split_k=3, TAIL=False),
                                  dict(T=2, num_warps=2, BM=16, split_k=1, PREFETCH=True),
                                  dict(T=1, num_warps=4, BM=32, split_k=5, PREFETCH=True),
-                                 dict(T=1, num_warps=8, BM=64, split_k=3, SCALED=True, BK=32)])
+                                 dict(T=1, num_warps=8, BM=64, split_k=3, SCALED=True, BK=32),
+                                 dict(T=1, num_warps=4, WM=2, BM=64, split_k=2, SCALED=True),
+                                 dict(T=2, num_warps=2, WM=4, BM=64, split_k=1)])
 def test_gluon_mma_on_repacked_weights(cfg, g):
     """The Gluon kernel on fragment-repacked weights (kernels/awq_repack.py) against fp64: M up to 33 (several
     row tiles), bias, split-K summed in the kernel (twice: the counters reset) or by a second launch, prefetch,
@@ -273,3 +275,49 @@ def test_repacked_dot_and_dequant_on_gpu(cfg, g):
         r = ref64(x, *w, g, bias)
         assert torch.isfinite(y).all() and rel(y, r) <= 1e-2, (M, cfg)
         assert rel(dequant_matmul_repacked(x, packed, w[1], w[2], g, bias), r) <= 1e-2
+
+
+@pytest.mark.parametrize("g", [32, 128])
+@pytest.mark.parametrize("cfg", [dict(BN=64, split_k=1), dict(BN=128, split_k=3)])
+def test_gluon_wgmma_on_repacked_weights(cfg, g):
+    """The warpgroup-MMA kernel on repacked weights against fp64: M from 1 to 130 (partial 64-row tiles), bias,
+    split-K, poisoned output."""
+    from kernels.awq_gluon_wgmma import gluon_wgmma
+    from kernels.awq_repack import repack_awq
+
+    K, N = 1024, 1024
+    w = weights(K, N, g)
+    packed = repack_awq(w[0])
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    for M in (1, 33, 64, 130):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        y = gluon_wgmma(x, packed, w[1], w[2], g, bias, out=out, **cfg)
+        assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= 1e-2, (M, cfg)
+
+
+@pytest.mark.parametrize("g", [64, 128])
+@pytest.mark.parametrize("K,N", [(4096, 14336), (1024, 1152)])
+def test_awq_linear_on_repacked_weights_every_m(K, N, g):
+    """The product path on repacked weights (kernels/repacked_dispatch.py: measured table or rule, every kernel
+    family) against fp64, M from 1 to 300; then a CUDA graph of a few calls replays to the eager outputs."""
+    import kernels
+    from kernels.awq_repack import repack_awq
+
+    if not kernels.repacked_dispatch.supported(K, N, g, torch.bfloat16, "cuda"):
+        pytest.skip("repacked kernels need an sm_90 GPU and Gluon")
+    w = weights(K, N, g)
+    packed = repack_awq(w[0])
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    xs = {M: torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for M in (1, 3, 8, 16, 24, 64, 100, 300)}
+    eager = {}
+    for M, x in xs.items():
+        eager[M] = kernels.awq_linear(x, packed, w[1], w[2], g, bias)
+        assert torch.isfinite(eager[M]).all() and rel(eager[M], ref64(x, *w, g, bias)) <= 1e-2, (M, K, N, g)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = {M: kernels.awq_linear(xs[M], packed, w[1], w[2], g, bias) for M in (1, 16, 64)}
+    graph.replay()
+    torch.cuda.synchronize()
+    for M, y in outs.items():
+        assert torch.equal(y, eager[M]), M

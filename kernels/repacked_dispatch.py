@@ -1,0 +1,127 @@
+"""Kernel choice for weights in the fragment-repacked layout (:mod:`kernels.awq_repack`): one copy serves every M.
+
+Why: on an H100 the kernels that read the repacked words are as fast as or faster than the AutoAWQ-layout
+kernels at every batch size measured (``docs/benchmarks.md``, repacked section): the register-operand Gluon
+kernel up to 16-32 rows (1.05-1.9x), the warpgroup-MMA kernel at 32-128 (up to 1.3x), dequantize + cuBLAS above.
+The measured best config per (K, N, M bucket) at group 128 is kept in ``tuned_repacked_h100.json``; other shapes
+get a rule sized by the number of programs (the measured winners keep ~400-1800 programs in flight).
+
+Requirements (:func:`supported`): an sm_90 GPU (warpgroup MMA), Triton with Gluon, bf16 activations, N a multiple
+of 128, K of 64, groups of 32, 64 or 128. fp16 activations on repacked weights run the ``tl.dot`` kernel /
+dequantize + cuBLAS (the Gluon kernels are bf16 only). CPU: a torch reference on the unpacked codes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .awq_layout import pack_int4
+from .awq_repack import fragments_to_codes, repack_awq
+from .reference import awq_linear_reference
+
+BUCKETS = (1, 2, 8, 16, 32, 64, 128, 256, 1024)
+TABLE = Path(__file__).with_name("tuned_repacked_h100.json")
+
+
+def bucket(M: int) -> int:
+    """The measured row count that stands for ``M`` (the next one up, 1024 beyond)."""
+    return next((b for b in BUCKETS if M <= b), BUCKETS[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def _table() -> dict:
+    return json.loads(TABLE.read_text()).get("configs", {}) if TABLE.exists() else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_ok() -> bool:
+    try:
+        from . import awq_gluon_mma, awq_gluon_wgmma  # noqa: F401
+    except Exception:  # Triton without Gluon, or an API it lacks
+        return False
+    return True
+
+
+def supported(K: int, N: int, group_size: int, dtype: torch.dtype, device: torch.device | str) -> bool:
+    """True where :func:`repack` + :func:`linear` beat the AutoAWQ-layout kernels (see module doc)."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype != torch.bfloat16 or group_size not in (32, 64, 128):
+        return False
+    if K % 64 or K % group_size or N % 128:
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0) and _gluon_ok()
+
+
+def repack(qweight: torch.Tensor) -> torch.Tensor:
+    """AutoAWQ ``qweight [K, N/8]`` -> the repacked ``[N/16, K/64, 32, 4]`` words (same device)."""
+    return repack_awq(qweight)
+
+
+def _split_for(programs_per_split: int, target: int, cap: int = 16) -> int:
+    """The smallest split in 1, 2, 4, ... ``cap`` that reaches ``target`` programs."""
+    split = 1
+    while programs_per_split * split < target and split < cap:
+        split *= 2
+    return split
+
+
+def select(M: int, N: int, K: int, group_size: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The kernel and config for ``M`` rows: the measured table's entry (group 128), else the rule."""
+    if dtype != torch.bfloat16:
+        return {"kernel": "dot", "BM": 64, "BN": 64, "split_k": 1} if M <= 128 else {"kernel": "dequant"}
+    b = bucket(M)
+    if group_size == 128:
+        cfg = _table().get(f"K{K}/N{N}/M{b}")
+        if cfg is not None:
+            return {k: v for k, v in cfg.items() if k != "us"}
+    if b <= 8:
+        return {"kernel": "gluon", "T": 2, "num_warps": 4, "SCALED": True, "TAIL": False,
+                "split_k": _split_for(N // 128, 800)}
+    if b <= 16:
+        return {"kernel": "gluon", "BM": 16, "T": 1, "num_warps": 8, "SCALED": True,
+                "split_k": _split_for(N // 128, 400, cap=8)}
+    if b <= 128:
+        return {"kernel": "wgmma", "BN": 64, "split_k": _split_for(N // 64 * math.ceil(M / 64), 400)}
+    return {"kernel": "dequant"}
+
+
+def run(cfg: dict, x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+        group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch ``cfg`` (from :func:`select`) on ``x2 [M, K]``."""
+    kw = {k: v for k, v in cfg.items() if k != "kernel"}
+    kernel = cfg["kernel"]
+    if kernel == "gluon":
+        from .awq_gluon_mma import gluon_mma
+
+        return gluon_mma(x2, packed, qzeros, scales, group_size, bias, **kw)
+    if kernel == "wgmma":
+        from .awq_gluon_wgmma import gluon_wgmma
+
+        return gluon_wgmma(x2, packed, qzeros, scales, group_size, bias, **kw)
+    from .awq_repacked_dot import dequant_matmul_repacked, dot_repacked
+
+    if kernel == "dot":
+        return dot_repacked(x2, packed, qzeros, scales, group_size, bias, **kw)
+    if kernel == "dequant":
+        return dequant_matmul_repacked(x2, packed, qzeros, scales, group_size, bias, **kw)
+    raise ValueError(f"unknown kernel {kernel!r} for repacked weights (gluon, wgmma, dot or dequant)")
+
+
+def linear(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2 [M, K] @ W (+ bias)`` on repacked weights, the kernel chosen by ``M`` (CUDA)."""
+    M, K = x2.shape
+    cfg = select(M, scales.shape[1], K, group_size, x2.dtype)
+    return run(cfg, x2, packed, qzeros, scales, group_size, bias)
+
+
+def reference(x: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch reference (CPU inference, tests): the AutoAWQ reference on the words packed back, so both layouts
+    give the same result bit for bit."""
+    return awq_linear_reference(x, pack_int4(fragments_to_codes(packed)), qzeros, scales, group_size, bias)
