@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .awq_repack import check_repackable
-from .awq_triton import _INTERPRET, _out_and_ws, _split_args, reduce_partials
+from .awq_triton import _INTERPRET, _code_at, _out_and_ws, _split_args, reduce_partials
 
 
 @triton.jit
@@ -59,8 +59,7 @@ def _group_zeros_scales(qz_ptr, s_ptr, g, n, N):
     """Zero points (int32) and scales (fp32) of group ``g`` for columns ``n`` (AutoAWQ ``qzeros``/``scales``)."""
     nmask = n < N
     zw = tl.load(qz_ptr + g * (N // 8) + n // 8, mask=nmask, other=0)
-    z = (zw >> ((((n >> 1) & 3) << 2) + ((n & 1) << 4))) & 0xF
-    return z, tl.load(s_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
+    return _code_at(zw, n), tl.load(s_ptr + g * N + n, mask=nmask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -71,7 +70,7 @@ def _scale_chunk(q, qz_ptr, s_ptr, nt0, kc, N, GROUP: tl.constexpr, NT: tl.const
     grp = (kc * 64) // GROUP + tl.arange(0, GPC)
     nmask = (n < N)[None, :]
     zw = tl.load(qz_ptr + grp[:, None] * (N // 8) + (n // 8)[None, :], mask=nmask, other=0)  # [GPC, BN]
-    z = (zw >> ((((n >> 1) & 3) << 2) + ((n & 1) << 4))[None, :]) & 0xF
+    z = _code_at(zw, n[None, :])
     s = tl.load(s_ptr + grp[:, None] * N + n[None, :], mask=nmask, other=0.0).to(tl.float32)
     q3 = tl.reshape(q, [GPC, 64 // GPC, 16 * NT]).to(tl.float32)
     w = (q3 - z.to(tl.float32)[:, None, :]) * s[:, None, :]
