@@ -2,6 +2,7 @@
 # Few device calls per machine kind, so a session spends its device time on measuring, not on starts
 # (each call must fit the 600 s limit). Carry .devbundle with every call.
 #   one H100:   bash benchmarks/gpu_session.sh x1a <commit>, then at once (warm machine) x1c, then x1b
+#               (kernels.py also sweeps the repacked path on sm_90: KERNELS_ARGS="--ms 1,2,4,8,16" etc. to split it)
 #   one H100, decode only (M = 1, 2 re-tuned, then the engine):  x1m <commit>, then at once x1n <commit>
 #   one H100, the repacked Gluon kernel (tests + probe):  x1g <commit>
 #   one H100, the product path on repacked weights (kernel + engine GPU tests):  x1r <commit>
@@ -21,7 +22,7 @@ case $kind in
     # in /tmp for x1c and x1b on the same warm machine
     timeout 120 python3 -m pytest -q tests/gpu/test_kernels_gpu.py 2>&1 | tail -4
     timeout 370 python3 benchmarks/kernels.py --out "$out/kernels" --budget-s 330 \
-      --shapes 8192x8192,8192x28672,4096x28672 2>&1 | tail -40
+      --shapes 8192x8192,8192x28672,4096x28672 ${KERNELS_ARGS:-} 2>&1 | tail -40
     cp "$out/kernels/tuned_h100.json" /tmp/rayawq_tuned_h100.json && echo "table left in /tmp"
     cp "$out/kernels/kernels_results.json" /tmp/rayawq_kernels_results.json
     ;;
@@ -29,7 +30,8 @@ case $kind in
     # the other four shapes; rows and table of x1a (same warm machine) join this run's section, plot and table
     [ -f /tmp/rayawq_tuned_h100.json ] && export RAYAWQ_KERNEL_TABLE=/tmp/rayawq_tuned_h100.json
     timeout 420 python3 benchmarks/kernels.py --out "$out/kernels" --budget-s 380 \
-      --shapes 4096x4096,4096x6144,4096x14336,14336x4096 --also /tmp/rayawq_kernels_results.json 2>&1 | tail -30
+      --shapes 4096x4096,4096x6144,4096x14336,14336x4096 --also /tmp/rayawq_kernels_results.json ${KERNELS_ARGS:-} \
+      2>&1 | tail -30
     cp "$out/kernels/tuned_h100.json" /tmp/rayawq_tuned_h100.json && echo "table left in /tmp"
     ;;
   x1g)

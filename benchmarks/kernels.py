@@ -8,12 +8,15 @@ captured in one CUDA graph, median of ``triton.testing.do_bench``; see ``kernels
 * cuBLAS ``x @ w.T`` (bf16),
 * PyTorch's built-in int4 kernel ``torch.ops.aten._weight_int4pack_mm`` (tinygemm),
 * every candidate config of ours (``kernels.dispatch.candidates``: the pruned space), keeping the best per
-  kernel variant and overall, and checking the overall best against an fp64 reference.
+  kernel variant and overall, and checking the overall best against an fp64 reference,
+* on sm_90 with bf16 also the path the engine runs there: the weights repacked into the fragment order and every
+  candidate of ``kernels.repacked_dispatch.candidates`` (Gluon MMA / warpgroup MMA / dequantize + cuBLAS), best
+  checked against fp64 (``--no-repacked`` skips it). The targets are checked on the engine's path.
 
 It writes under ``--out``: ``kernels_results.json`` (every number), ``tuned_h100.json`` (the config table and
 the per-M-bucket kernel choice the dispatcher reads; copy it to ``kernels/``), ``kernels_section.md`` (the
 docs/benchmarks.md section; also written through ``write_section`` when ``--write-docs``) and
-``kernels_speedup.png``.
+``kernels_speedup.png``, and ``tuned_repacked_h100.json`` (the repacked path's table; copy to ``kernels/``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks._report import git_commit, stamp, write_section  # noqa: E402
-from kernels import dispatch  # noqa: E402
+from kernels import dispatch, repacked_dispatch  # noqa: E402
 from kernels.awq_layout import unpack_int4  # noqa: E402
 from kernels.timing import sets_needed, time_calls  # noqa: E402
 
@@ -85,10 +88,41 @@ def int4pack_sets(N, K, n):
     return sets
 
 
-def bench_shape(K, N, ms, sms, results, deadline, on_row=lambda: None):
+def engine_us(r: dict) -> float:
+    """µs of the path the engine runs for this row: the repacked one where measured (sm_90, bf16), else ours."""
+    return r.get("repacked_us", r["ours_us"])
+
+
+def bench_repacked(row, M, N, K, xs, awq_sets, packed_sets):
+    """Time every repacked candidate for this row; keep the best (checked against fp64) and the best per kernel."""
+    best, row["repacked_variants"] = (float("inf"), None), {}
+    for cfg in repacked_dispatch.candidates(M, N, K, GROUP):
+        try:
+            us = time_calls([lambda x=x, p=p, w=w, cfg=cfg: repacked_dispatch.run(cfg, x, p, w[1], w[2], GROUP)
+                             for x, p, w in zip(xs, packed_sets, awq_sets)])
+        except Exception as e:  # noqa: BLE001
+            log("  repacked config failed", cfg, repr(e)[:300])
+            us = float("inf")
+        v = cfg["kernel"]
+        if us < row["repacked_variants"].get(v, (float("inf"),))[0]:
+            row["repacked_variants"][v] = (us, cfg)
+        if us < best[0]:
+            best = (us, cfg)
+    if best[1] is None:
+        return
+    row["repacked_us"], row["repacked_best"] = best
+    x = torch.randn(M, K, device="cuda", dtype=DTYPE)
+    y = repacked_dispatch.run(best[1], x, packed_sets[0], awq_sets[0][1], awq_sets[0][2], GROUP)
+    row["repacked_rel_err"] = rel_err(y, ref_fp64(x, *awq_sets[0], GROUP))
+
+
+def bench_shape(K, N, ms, sms, results, deadline, on_row=lambda: None, repacked=True):
     log(f"== shape K={K} N={N}")
     n_int4 = sets_needed(awq_bytes(1, N, K))
     awq_sets = [dispatch.random_awq(K, N, GROUP, DTYPE, "cuda") for _ in range(n_int4)]
+    packed_sets = None
+    if repacked and repacked_dispatch.supported(K, N, GROUP, DTYPE, "cuda"):
+        packed_sets = [repacked_dispatch.repack(w[0]) for w in awq_sets]
     n_bf16 = sets_needed(K * N * 2)
     w_sets = [torch.randn(N, K, device="cuda", dtype=DTYPE) * 0.02 for _ in range(n_bf16)]
     try:
@@ -133,13 +167,17 @@ def bench_shape(K, N, ms, sms, results, deadline, on_row=lambda: None):
         row["rel_err"] = rel_err(y, ref_fp64(x, qw, qz, sc, GROUP))
         row["all_written"] = bool(torch.isfinite(y).all())
         row["roofline_us"] = awq_bytes(M, N, K) / BW * 1e6
+        if packed_sets is not None:
+            bench_repacked(row, M, N, K, xs, awq_sets, packed_sets)
         results.append(row)
         on_row()  # every row on disk at once: a cut-off run keeps what it measured
         i4 = row.get("int4pack_us", float("nan"))
         log(f"K={K:5d} N={N:5d} M={M:4d} cublas {row['cublas_us']:8.1f} int4 {i4:8.1f} ours {best[0]:8.1f} "
             f"x{row['cublas_us'] / best[0]:.2f} {best[1]['kernel']:7s} err {row['rel_err']:.1e} "
-            + " ".join(f"{k}={v[0]:.1f}" for k, v in row["variants"].items()))
-    del awq_sets, w_sets, i4_sets
+            + " ".join(f"{k}={v[0]:.1f}" for k, v in row["variants"].items())
+            + (f" | repacked {row['repacked_us']:.1f} x{row['cublas_us'] / row['repacked_us']:.2f} "
+               f"{row['repacked_best']['kernel']} err {row['repacked_rel_err']:.1e}" if "repacked_us" in row else ""))
+    del awq_sets, w_sets, i4_sets, packed_sets
     torch.cuda.empty_cache()
 
 
@@ -171,6 +209,16 @@ def tuned_table(results, meta):
     return {"meta": meta, "bucket_kernels": buckets, "configs": configs}
 
 
+def tuned_repacked_table(results, meta, older: dict) -> dict:
+    """The repacked path's table (``kernels/tuned_repacked_h100.json``): the best config per measured (K, N, M),
+    ``older``'s entries kept for what this run did not measure."""
+    configs = dict(older.get("configs", {}))
+    for r in results:
+        if r.get("repacked_best") is not None:
+            configs[f"K{r['K']}/N{r['N']}/M{r['M']}"] = {**r["repacked_best"], "us": round(r["repacked_us"], 1)}
+    return {"meta": {**meta, "source": "benchmarks/kernels.py (rows with repacked_us)"}, "configs": configs}
+
+
 def markdown(results, meta):
     lines = [
         "## W4A16 kernels (`benchmarks/kernels.py`)", "",
@@ -178,7 +226,10 @@ def markdown(results, meta):
         f"bf16, group {GROUP}, AutoAWQ layout read directly. Median µs per call (`triton.testing.do_bench`), "
         "several fresh random input sets per graph so every call starts with cold L2. Speedups are over cuBLAS "
         "(`x @ w.T`). Roofline = bytes moved / 3.0 TB/s (measured copy bandwidth "
-        f"{meta['copy_tbps']:.2f} TB/s this run). Relative error of our output vs an fp64 reference in the last column.",
+        f"{meta['copy_tbps']:.2f} TB/s this run). Relative error of our output vs an fp64 reference in the last column. "
+        "On sm_90 with bf16 the engine runs the repacked path (weights in the tensor cores' fragment order, "
+        "`kernels/repacked_dispatch.py`): its columns are the best of `repacked_dispatch.candidates`, and the "
+        "targets below are checked on the path the engine runs.",
         "",
     ]
     if meta.get("rows_from"):
@@ -186,23 +237,26 @@ def markdown(results, meta):
         lines += [f"Measured in two device calls of one session: the rows of {', '.join(rf['shapes'])} come from the "
                   f"first ({rf['device']}, commit `{rf['commit']}`).", ""]
     lines += [
-        "| K×N | M | cuBLAS µs | int4 (tinygemm) µs | ×cuBLAS | ours µs | ×cuBLAS | ×int4 | kernel | % roofline | rel err |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| K×N | M | cuBLAS µs | int4 (tinygemm) µs | ×cuBLAS | ours µs | ×cuBLAS | ×int4 | kernel | % roofline | rel err "
+        "| repacked µs | ×cuBLAS | ×int4 | kernel | rel err |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:
         i4 = r.get("int4pack_us", float("nan"))
+        rp = (f"{r['repacked_us']:.1f} | **{r['cublas_us'] / r['repacked_us']:.2f}** | {i4 / r['repacked_us']:.2f} | "
+              f"{r['repacked_best']['kernel']} | {r['repacked_rel_err']:.1e}") if "repacked_us" in r else "– | – | – | – | –"
         lines.append(
             f"| {r['K']}×{r['N']} | {r['M']} | {r['cublas_us']:.1f} | {i4:.1f} | {r['cublas_us'] / i4:.2f} | "
             f"{r['ours_us']:.1f} | **{r['cublas_us'] / r['ours_us']:.2f}** | {i4 / r['ours_us']:.2f} | "
-            f"{r['best']['kernel']} | {100 * r['roofline_us'] / r['ours_us']:.0f}% | {r['rel_err']:.1e} |")
-    lines += ["", "Targets on shapes with K·N ≥ 32M (issue #3):", "",
+            f"{r['best']['kernel']} | {100 * r['roofline_us'] / r['ours_us']:.0f}% | {r['rel_err']:.1e} | {rp} |")
+    lines += ["", "Targets on shapes with K·N ≥ 32M (issue #3), on the path the engine runs:", "",
               "| target | shapes met | worst |", "|---|---|---|"]
     big = [r for r in results if r["K"] * r["N"] >= 32 * 2**20 and (r["K"], r["N"]) in ISSUE_SHAPES]
-    checks = [("M=1 ≥ 2.8× cuBLAS", lambda r: r["M"] == 1, lambda r: r["cublas_us"] / r["ours_us"], 2.8),
-              ("M=1 ≥ 1.2× int4", lambda r: r["M"] == 1, lambda r: r.get("int4pack_us", float("nan")) / r["ours_us"], 1.2),
-              ("M=16 ≥ 2.2×", lambda r: r["M"] == 16, lambda r: r["cublas_us"] / r["ours_us"], 2.2),
-              ("M=64 ≥ 1.4×", lambda r: r["M"] == 64, lambda r: r["cublas_us"] / r["ours_us"], 1.4),
-              ("M≥256 ≥ 0.9×", lambda r: r["M"] >= 256, lambda r: r["cublas_us"] / r["ours_us"], 0.9)]
+    checks = [("M=1 ≥ 2.8× cuBLAS", lambda r: r["M"] == 1, lambda r: r["cublas_us"] / engine_us(r), 2.8),
+              ("M=1 ≥ 1.2× int4", lambda r: r["M"] == 1, lambda r: r.get("int4pack_us", float("nan")) / engine_us(r), 1.2),
+              ("M=16 ≥ 2.2×", lambda r: r["M"] == 16, lambda r: r["cublas_us"] / engine_us(r), 2.2),
+              ("M=64 ≥ 1.4×", lambda r: r["M"] == 64, lambda r: r["cublas_us"] / engine_us(r), 1.4),
+              ("M≥256 ≥ 0.9×", lambda r: r["M"] >= 256, lambda r: r["cublas_us"] / engine_us(r), 0.9)]
     for name, sel, val, thr in checks:
         rs = [r for r in big if sel(r)]
         if not rs:
@@ -234,6 +288,9 @@ def plot(results, path, meta):
             if pts:
                 ax.plot(*zip(*pts), st, label=f"ours: {v}", alpha=0.8)
         ax.plot(Ms, [r["cublas_us"] / r["ours_us"] for r in rs], "r-", lw=2.5, alpha=0.5, label="ours (dispatched)")
+        rp = [(r["M"], r["cublas_us"] / r["repacked_us"]) for r in rs if "repacked_us" in r]
+        if rp:
+            ax.plot(*zip(*rp), "b-", lw=2.5, alpha=0.6, label="ours, repacked (the engine on sm_90)")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_title(f"K={K}, N={N}")
@@ -262,6 +319,8 @@ def join_runs(files: list[Path], out: Path, write_docs: bool) -> int:
     (out / "kernels_results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     table = keep_unmeasured(tuned_table(results, meta), dispatch.load_table())
     (out / "tuned_h100.json").write_text(json.dumps(table, indent=1, sort_keys=True))
+    rtable = tuned_repacked_table(results, meta, json.loads(repacked_dispatch.TABLE.read_text()))
+    (out / "tuned_repacked_h100.json").write_text(json.dumps(rtable, indent=1, sort_keys=True))
     md = markdown(results, meta).replace(
         "\n\n| K×N |", f"\n\nJoined from {len(files)} device calls of one session on one machine.\n\n| K×N |", 1)
     (out / "kernels_section.md").write_text(md)
@@ -269,6 +328,7 @@ def join_runs(files: list[Path], out: Path, write_docs: bool) -> int:
     if write_docs:
         write_section("kernels", md)
         Path(dispatch.TABLE_PATH).write_text(json.dumps(table, indent=1, sort_keys=True))
+        repacked_dispatch.TABLE.write_text(json.dumps(rtable, indent=1, sort_keys=True))
     print(md)
     return 0
 
@@ -280,7 +340,8 @@ def main():
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,8192x8192 (K x N)")
     ap.add_argument("--ms", default=None, help="e.g. 1,16,64")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this many seconds")
-    ap.add_argument("--write-docs", action="store_true", help="also write docs/benchmarks.md and the repo table")
+    ap.add_argument("--write-docs", action="store_true", help="also write docs/benchmarks.md and the repo tables")
+    ap.add_argument("--no-repacked", action="store_true", help="leave out the repacked path (sm_90, bf16)")
     ap.add_argument("--also", default=None,
                     help="kernels_results.json of an earlier part of this session (same card): its rows for shapes "
                          "this run does not measure join this run's table, section and plot")
@@ -316,7 +377,7 @@ def main():
         (out / "kernels_results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
     for K, N in sorted(shapes, key=lambda s: -s[0] * s[1]):  # target shapes first, in case the budget runs out
-        bench_shape(K, N, ms, sms, results, t0 + args.budget_s, on_row=dump)
+        bench_shape(K, N, ms, sms, results, t0 + args.budget_s, on_row=dump, repacked=not args.no_repacked)
     if args.also and Path(args.also).exists():  # one benchmark split over two device calls
         done = {(r["K"], r["N"]) for r in results}
         earlier = json.loads(Path(args.also).read_text())
@@ -329,12 +390,15 @@ def main():
         dump()
     table = keep_unmeasured(tuned_table(results, meta), dispatch.load_table())
     (out / "tuned_h100.json").write_text(json.dumps(table, indent=1, sort_keys=True))
+    rtable = tuned_repacked_table(results, meta, json.loads(repacked_dispatch.TABLE.read_text()))
+    (out / "tuned_repacked_h100.json").write_text(json.dumps(rtable, indent=1, sort_keys=True))
     md = markdown(results, meta)
     (out / "kernels_section.md").write_text(md)
     plot(results, out / "kernels_speedup.png", meta)
     if args.write_docs:
         write_section("kernels", md)
         Path(dispatch.TABLE_PATH).write_text(json.dumps(table, indent=1, sort_keys=True))
+        repacked_dispatch.TABLE.write_text(json.dumps(rtable, indent=1, sort_keys=True))
     log(md)
     log(f"total {time.time() - t0:.0f} s")
 

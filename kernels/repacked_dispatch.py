@@ -24,7 +24,7 @@ from .awq_layout import pack_int4
 from .awq_repack import fragments_to_codes, repack_awq
 from .reference import awq_linear_reference
 
-BUCKETS = (1, 2, 8, 16, 32, 64, 128, 256, 1024)
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)  # the M values benchmarks/kernels.py measures
 TABLE = Path(__file__).with_name("tuned_repacked_h100.json")
 
 
@@ -88,6 +88,30 @@ def select(M: int, N: int, K: int, group_size: int, dtype: torch.dtype = torch.b
     if b <= 128:
         return {"kernel": "wgmma", "BN": 64, "split_k": _split_for(N // 64 * math.ceil(M / 64), 400)}
     return {"kernel": "dequant"}
+
+
+def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
+    """The pruned config space ``benchmarks/kernels.py`` times for ``M`` rows (bf16; the families and ranges
+    that won in ``benchmarks/gluon_probe.py``), :func:`select`'s choice first; every entry fits ``N``."""
+    b = bucket(M)
+    out = [select(M, N, K, group_size)]
+    if b <= 8:
+        out += [{"kernel": "gluon", "T": t, "num_warps": w, "split_k": s, "SCALED": sc, "TAIL": False}
+                for t, w in ((2, 4), (4, 4), (1, 8)) for s in (4, 8, 16) for sc in (True, False)]
+    elif b <= 16:
+        out += [{"kernel": "gluon", "BM": 16, "T": t, "num_warps": w, "split_k": s, "SCALED": sc}
+                for t, w in ((2, 4), (1, 8)) for s in (2, 4, 8) for sc in (True, False)]
+        out += [{"kernel": "wgmma", "BN": 64, "split_k": s} for s in (4, 8)]
+    elif b <= 128:
+        if b <= 32:
+            out += [{"kernel": "gluon", "BM": 32, "T": t, "num_warps": 4, "split_k": s, "SCALED": True}
+                    for t in (1, 2) for s in (1, 2, 4)]
+        out += [{"kernel": "wgmma", "BN": bn, "split_k": s} for bn in (64, 128) for s in (1, 2, 4, 8, 16)]
+    else:
+        out += [{"kernel": "dequant"}, {"kernel": "wgmma", "BN": 128, "split_k": 1}]
+    fits = [c for c in out if (c["kernel"] != "gluon" or N % (16 * c["num_warps"] * c["T"]) == 0)
+            and (c["kernel"] != "wgmma" or N % c["BN"] == 0)]
+    return list({json.dumps(c, sort_keys=True): c for c in fits}.values())
 
 
 def run(cfg: dict, x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,

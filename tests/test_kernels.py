@@ -461,7 +461,7 @@ def test_repacked_kernel_choice_covers_every_m():
     """Measured table entries where they exist, the rule elsewhere; every choice names a kernel the runner knows
     and fits the shape (Gluon column tiles divide N)."""
     rd = kernels.repacked_dispatch
-    assert [rd.bucket(m) for m in (1, 2, 3, 9, 17, 64, 65, 129, 5000)] == [1, 2, 8, 16, 32, 64, 128, 256, 1024]
+    assert [rd.bucket(m) for m in (1, 2, 3, 9, 17, 64, 65, 129, 5000)] == [1, 2, 4, 16, 32, 64, 128, 256, 4096]
     assert rd.select(1, 14336, 4096, 128) == {k: v for k, v in rd._table()["K4096/N14336/M1"].items() if k != "us"}
     for N, K in ((14336, 4096), (4096, 4096), (6144, 4096), (28672, 4096), (384, 256)):
         for M in (1, 2, 5, 16, 24, 64, 100, 256, 3000):
@@ -473,6 +473,10 @@ def test_repacked_kernel_choice_covers_every_m():
                 if cfg["kernel"] == "wgmma":
                     assert N % cfg["BN"] == 0 and M > 16
     assert rd.select(300, 4096, 4096, 128, torch.float16)["kernel"] == "dequant"
+    for M in (1, 4, 16, 32, 64, 128, 1024):  # the tuner's space: the current choice first, all distinct, all fit
+        cands = rd.candidates(M, 14336, 4096, 128)
+        assert cands[0] == rd.select(M, 14336, 4096, 128) and len(cands) > 1
+        assert len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands)
     assert not rd.supported(4096, 4096, 128, torch.bfloat16, "cpu")
     assert not rd.supported(4096, 4104, 128, torch.bfloat16, "cpu")
 
