@@ -32,12 +32,12 @@ def awq_linear(
     CUDA-graph safe: no host sync; the only allocations are the output and a split-K workspace from the
     caching allocator (call :func:`warmup` before capturing).
     """
-    if qweight.dim() == 4:  # repacked at load time (kernels.awq_repack): its own kernels, see repacked_dispatch
-        return _repacked_linear(x, qweight, qzeros, scales, group_size, bias, act)
+    repacked = qweight.dim() == 4  # repacked at load time (kernels.awq_repack): its own kernels, repacked_dispatch
     if not x.is_cuda:
         _, N = check_inputs(x, qweight, qzeros, scales, group_size, bias)
         check_act(act, N)
-        y = awq_linear_reference(x, qweight, qzeros, scales, group_size, bias)
+        ref = repacked_dispatch.reference if repacked else awq_linear_reference
+        y = ref(x, qweight, qzeros, scales, group_size, bias)
         return y if act is None else silu_mul(y)
     K, N = check_inputs(x, qweight, qzeros, scales, group_size, bias, for_triton=True)
     check_act(act, N)
@@ -51,25 +51,11 @@ def awq_linear(
     width = N // 2 if act else N
     if M == 0:
         return x.new_empty((*lead, width))
+    if repacked:  # no fused activation in these kernels: a launch of its own
+        y = repacked_dispatch.linear(x2, qweight, qzeros, scales, group_size, bias)
+        return (y if act is None else silu_mul(y)).reshape(*lead, width)
     cfg = select_config(M, N, K, group_size, x.dtype, x.device)
     return run_config(cfg, x2, qweight, qzeros, scales, group_size, bias, act=act).reshape(*lead, width)
-
-
-def _repacked_linear(x, packed, qzeros, scales, group_size, bias, act):
-    K, N = check_inputs(x, packed, qzeros, scales, group_size, bias, for_triton=x.is_cuda)
-    check_act(act, N)
-    if not x.is_cuda:
-        y = repacked_dispatch.reference(x, packed, qzeros, scales, group_size, bias)
-        return y if act is None else silu_mul(y)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if x2.shape[0] == 0:
-        return x.new_empty((*lead, N // 2 if act else N))
-    y = repacked_dispatch.linear(x2, packed, qzeros, scales, group_size, bias)
-    y = y if act is None else silu_mul(y)
-    return y.reshape(*lead, y.shape[-1])
 
 
 def awq_linear_partials(
