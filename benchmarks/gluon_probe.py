@@ -32,6 +32,7 @@ import triton.language as tl  # noqa: E402
 from benchmarks.kernels import int4pack_sets, ref_fp64, rel_err  # noqa: E402
 from kernels import dispatch  # noqa: E402
 from kernels.awq_gluon_mma import gluon_mma  # noqa: E402
+from kernels.awq_gluon_pipelined import gluon_pipelined  # noqa: E402
 from kernels.awq_gluon_wgmma import gluon_wgmma  # noqa: E402
 from kernels.awq_repack import repack_awq  # noqa: E402
 from kernels.awq_repacked_dot import dequant_matmul_repacked, dot_repacked  # noqa: E402
@@ -83,6 +84,22 @@ def gluon_configs(M: int, N: int) -> list[dict]:
         cfgs = [dict(BM=bm, T=t, num_warps=w, WM=wm, split_k=s, SCALED=True) for bm, t, w, wm in tiles
                 for s in (1, 2, 4)]
     return [c for c in cfgs if N % (16 * c["num_warps"] * c["T"]) == 0]
+
+
+def pipe_configs(M: int, N: int) -> list[dict]:
+    """Configs of the pipelined register-A ``wgmma`` kernel (``kernels/awq_gluon_pipelined.py``) for ``M`` rows:
+    (BB rows, W warps, T tiles per warp, STAGES) with splits that keep the GPU's SMs busy at small M."""
+    if M <= 64:
+        tiles, splits = ((64, 4, 1, 4), (64, 8, 1, 4), (64, 4, 2, 4)), (1, 2, 4)
+    elif M <= 128:
+        tiles, splits = ((128, 4, 1, 4), (128, 8, 1, 4), (128, 4, 2, 4)), (1, 2, 4)
+    elif M <= 256:
+        tiles, splits = ((256, 8, 1, 4), (128, 8, 1, 4), (128, 4, 2, 4), (256, 4, 1, 3)), (1, 2)
+    else:
+        tiles, splits = ((256, 8, 1, 4), (256, 8, 1, 3), (128, 8, 2, 3), (256, 4, 1, 3), (128, 4, 2, 4)), (1,)
+    cfgs = [dict(BB=bb, W=w, T=t, STAGES=st, split_k=s, DEPTH=d) for bb, w, t, st in tiles for s in splits
+            for d in (1, 0)]
+    return [c for c in cfgs if N % (16 * c["W"] * c["T"]) == 0]
 
 
 def dot_configs(M: int) -> list[dict]:
@@ -192,6 +209,9 @@ def main() -> int:
     ap.add_argument("--ms", default="1,16,64")
     ap.add_argument("--skip-dot", action="store_true", help="leave out the tl.dot kernel on repacked weights")
     ap.add_argument("--skip-mma", action="store_true", help="leave out the register-operand Gluon kernel")
+    ap.add_argument("--skip-wgmma", action="store_true", help="leave out the unpipelined warpgroup-MMA kernel")
+    ap.add_argument("--skip-pipe", action="store_true", help="leave out the pipelined register-A wgmma kernel")
+    ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,4096x14336 (K x N; default the four large)")
     a = ap.parse_args()
     if a.report:
         from benchmarks._report import git_commit, write_section
@@ -201,7 +221,8 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for K, N in SHAPES:
+    shapes = [tuple(int(v) for v in sh.split("x")) for sh in a.shapes.split(",")] if a.shapes else SHAPES
+    for K, N in shapes:
         n = sets_needed(K * N // 2)
         sets = [dispatch.random_awq(K, N, G, torch.bfloat16, "cuda") for _ in range(n)]
         packed = [repack_awq(s[0]) for s in sets]
@@ -214,16 +235,24 @@ def main() -> int:
             ref = ref_fp64(x, *sets[0], G)
             errs = {}
             gl_cfgs = gluon_configs(M, N) if M <= 128 and not a.skip_mma else []
-            wg_cfgs = [dict(BN=bn, split_k=s) for bn in (64, 128) for s in (1, 2, 4, 8, 16)] if M >= 16 else []
+            wg_cfgs = [dict(BN=bn, split_k=s) for bn in (64, 128) for s in (1, 2, 4, 8, 16)] \
+                if M >= 16 and not a.skip_wgmma else []
+            pipe_cfgs = pipe_configs(M, N) if M >= 16 and not a.skip_pipe else []
             dot_cfgs = dot_configs(M) if M >= 32 and not a.skip_dot else []
             launches = [(c, lambda x, p, s, c: gluon_mma(x, p, s[1], s[2], G, **c)) for c in gl_cfgs]
             launches += [(c, lambda x, p, s, c: dot_repacked(x, p, s[1], s[2], G, **c)) for c in dot_cfgs]
             launches += [(c, lambda x, p, s, c: gluon_wgmma(x, p, s[1], s[2], G, **c)) for c in wg_cfgs]
+            launches += [(c, lambda x, p, s, c: gluon_pipelined(x, p, s[1], s[2], G, **c)) for c in pipe_cfgs]
             if M >= 128:
                 launches.append(({"dequant": True}, lambda x, p, s, c: dequant_matmul_repacked(x, p, s[1], s[2], G)))
             for c, f in launches:
                 o = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
-                y = f(x, packed[0], sets[0], c) if "dequant" in c else f(x, packed[0], sets[0], {**c, "out": o})
+                try:
+                    y = f(x, packed[0], sets[0], c) if "dequant" in c else f(x, packed[0], sets[0], {**c, "out": o})
+                except Exception as e:  # a config that does not build (shared memory, registers) is reported
+                    print(f"  {c}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    errs[str(c)] = float("inf")
+                    continue
                 errs[str(c)] = rel_err(y, ref) if torch.isfinite(y).all() else float("inf")
             row["rel_err"] = errs
             best = (float("inf"), None)
@@ -242,6 +271,13 @@ def main() -> int:
                                                      xs, packed, sets)
                 row["wgmma_us"], row["wgmma_cfg"] = us, c
                 best = min(best, (us, {"kernel": "gluon_wgmma", **c}), key=lambda t: t[0])
+            if pipe_cfgs:
+                ok = [c for c in pipe_cfgs if errs[str(c)] <= 1e-2]  # a wrong config is reported, not timed
+                us, c, row["pipe_all_us"] = best_of(ok, lambda x, p, s, c: gluon_pipelined(x, p, s[1], s[2], G, **c),
+                                                    xs, packed, sets)
+                row["pipe_us"], row["pipe_cfg"] = us, c
+                if c is not None:
+                    best = min(best, (us, {"kernel": "pipelined", **c}), key=lambda t: t[0])
             if M >= 128:
                 row["dequant_repacked_us"] = time_calls([lambda x=x, p=p, s=s: dequant_matmul_repacked(x, p, s[1], s[2], G)
                                                          for x, p, s in zip(xs, packed, sets)])
@@ -257,7 +293,10 @@ def main() -> int:
                 row["read_us"], row["read_how"] = read_floor(K * N // 2 + (K // G) * N * 5 // 2)
             rows.append(row)
             read = f"read {row['read_us']:.1f} ({row['read_how']}) " if M == 1 else ""
-            print(f"K={K} N={N} M={M} {read}cublas {row['cublas_us']:.1f} int4 {row['int4_us']:.1f} "
+            fam = " ".join(f"{k[:-3]} {row[k]:.1f}" for k in ("gluon_us", "dot_us", "wgmma_us", "pipe_us",
+                                                                 "dequant_repacked_us") if k in row)
+            errs = {k: v for k, v in errs.items() if v != float("inf")} or {"none": float("inf")}
+            print(f"K={K} N={N} M={M} [{fam}] {read}cublas {row['cublas_us']:.1f} int4 {row['int4_us']:.1f} "
                   f"table({row['table_kernel']}) {row['table_us']:.1f} repacked {best[0]:.1f} {best[1]} "
                   f"x{row['cublas_us'] / best[0]:.2f} cuBLAS x{row['int4_us'] / best[0]:.2f} int4 "
                   f"err {max(errs.values()):.1e}", flush=True)

@@ -6,12 +6,13 @@
 #   one H100, decode only (M = 1, 2 re-tuned, then the engine):  x1m <commit>, then at once x1n <commit>
 #   one H100, the repacked Gluon kernel (tests + probe):  x1g <commit>
 #   one H100, the product path on repacked weights (kernel + engine GPU tests):  x1r <commit>
+#   one H100, the same with the pipelined prefill kernel, then the engine benchmark:  x1e <commit>
 #   4 H100s:    bash benchmarks/gpu_session.sh x4 <commit>   (x4s: GPU quant-job tests + [SCALING_GPUS, default 1,4,2]-GPU scaling only)
 #   what is left of a budget, 2-4 GPUs:  [SCALING_GPUS=1,2] bash benchmarks/gpu_session.sh x4f <commit>
 # Everything lands under $OUT/<name>/; write the docs sections here afterwards from the JSON files
 # (each benchmark's --report, or benchmarks/_report.py:write_section with its *_section.md).
 set -uo pipefail
-kind=${1:?x1a, x1c, x1b, x1g, x1r, x1m, x1n, x4, x4s or x4f}
+kind=${1:?x1a, x1c, x1b, x1g, x1r, x1e, x1m, x1n, x4, x4s or x4f}
 export RAYAWQ_COMMIT=${2:?commit} PYTHONUNBUFFERED=1
 out=${OUT:?run this through the device tool}
 source .devbundle/setup.sh || exit 1
@@ -46,6 +47,14 @@ case $kind in
     timeout 120 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k "repacked_weights_every_m or wgmma" 2>&1 \
       | grep -E "Error|assert|passed|failed|FAILED" | tail -12
     timeout 200 python3 -m pytest -q tests/gpu/test_engine_gpu.py 2>&1 | grep -E "Error|assert|passed|failed|FAILED|repacked" | tail -20
+    ;;
+  x1e)
+    # the product path on repacked weights with the pipelined prefill kernel: kernel + engine GPU tests, then the
+    # engine benchmark (the transformers row from an earlier run: ENGINE_ARGS="--hf-from <json>")
+    timeout 150 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k "repacked_weights_every_m or pipelined" 2>&1 \
+      | grep -E "Error|assert|passed|failed|FAILED" | tail -8
+    timeout 200 python3 -m pytest -q tests/gpu/test_engine_gpu.py 2>&1 | grep -E "Error|assert|passed|failed|FAILED" | tail -8
+    timeout 330 python3 benchmarks/engine.py --out "$out/engine" ${ENGINE_ARGS:-} 2>&1 | tail -12
     ;;
   x1m)
     # decode buckets only (M = 1, 2) on all seven shapes, joined into the repo table (left in /tmp for x1n)

@@ -2,7 +2,9 @@
 
 Why: on an H100 the kernels that read the repacked words are as fast as or faster than the AutoAWQ-layout
 kernels at every batch size measured (``docs/benchmarks.md``, repacked section): the register-operand Gluon
-kernel up to 16-32 rows (1.05-1.9x), the warpgroup-MMA kernel at 32-128 (up to 1.3x), dequantize + cuBLAS above.
+kernel up to 16-32 rows (1.05-1.9x), the warpgroup-MMA kernel at 32 rows, the pipelined register-A ``wgmma``
+kernel (:mod:`kernels.awq_gluon_pipelined`) from 64 rows up (1.3-2x at 64-128 rows, 0.8-1.1x of cuBLAS from 256),
+where dequantize + cuBLAS was 0.5-0.9x.
 The measured best config per (K, N, M bucket) at group 128 is kept in ``tuned_repacked_h100.json``; other shapes
 get a rule sized by the number of programs (the measured winners keep ~400-1800 programs in flight).
 
@@ -41,7 +43,7 @@ def _table() -> dict:
 @functools.lru_cache(maxsize=None)
 def _gluon_ok() -> bool:
     try:
-        from . import awq_gluon_mma, awq_gluon_wgmma  # noqa: F401
+        from . import awq_gluon_mma, awq_gluon_pipelined, awq_gluon_wgmma  # noqa: F401
     except Exception:  # Triton without Gluon, or an API it lacks
         return False
     return True
@@ -85,9 +87,18 @@ def select(M: int, N: int, K: int, group_size: int, dtype: torch.dtype = torch.b
     if b <= 16:
         return {"kernel": "gluon", "BM": 16, "T": 1, "num_warps": 8, "SCALED": True,
                 "split_k": _split_for(N // 128, 400, cap=8)}
-    if b <= 128:
+    if b <= 32:
         return {"kernel": "wgmma", "BN": 64, "split_k": _split_for(N // 64 * math.ceil(M / 64), 400)}
-    return {"kernel": "dequant"}
+    if b <= 128:  # 64-row tiles up to 64 rows, 128 above; split until ~400 / ~200 programs (probe winners)
+        bb = 64 if b <= 64 else 128
+        return {"kernel": "pipelined", "BB": bb, "W": 4, "T": 1, "STAGES": 4, "DEPTH": 0,
+                "split_k": _split_for(N // 64 * math.ceil(M / bb), 400 if b <= 64 else 200, cap=8)}
+    if b <= 256:  # one warpgroup per program, two programs per SM
+        return {"kernel": "pipelined", "BB": 256, "W": 4, "T": 1, "STAGES": 3, "DEPTH": 1,
+                "split_k": _split_for(N // 64, 200, cap=2)}
+    # prefill: two warpgroups share each x tile; no bf16 copy of the weights (dequantize + cuBLAS needs K x N
+    # bf16 of scratch and was within 1-3 % either way at 4096 rows)
+    return {"kernel": "pipelined", "BB": 256, "W": 8, "T": 1, "STAGES": 4, "DEPTH": 1, "split_k": 1}
 
 
 def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
@@ -106,11 +117,23 @@ def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
         if b <= 32:
             out += [{"kernel": "gluon", "BM": 32, "T": t, "num_warps": 4, "split_k": s, "SCALED": True}
                     for t in (1, 2) for s in (1, 2, 4)]
-        out += [{"kernel": "wgmma", "BN": bn, "split_k": s} for bn in (64, 128) for s in (1, 2, 4, 8, 16)]
+        if b <= 32:
+            out += [{"kernel": "wgmma", "BN": bn, "split_k": s} for bn in (64, 128) for s in (1, 2, 4, 8, 16)]
+        else:
+            out += [{"kernel": "wgmma", "BN": 64, "split_k": s} for s in (2, 4, 8)]
+        tiles = ((64, 4, 1, 4), (64, 8, 1, 4), (64, 4, 2, 4)) if b <= 64 else ((128, 4, 1, 4), (128, 8, 1, 4),
+                                                                                 (128, 4, 2, 4))
+        out += [{"kernel": "pipelined", "BB": bb, "W": w, "T": t, "STAGES": st, "DEPTH": d, "split_k": s}
+                for bb, w, t, st in tiles for s in (1, 2, 4) for d in (0, 1)]
     else:
-        out += [{"kernel": "dequant"}, {"kernel": "wgmma", "BN": 128, "split_k": 1}]
+        out += [{"kernel": "dequant"}]
+        tiles = ((256, 4, 1, 3), (256, 8, 1, 4), (128, 8, 1, 4), (128, 4, 2, 4)) if b <= 256 else (
+            (256, 8, 1, 4), (256, 8, 1, 3), (128, 8, 2, 3), (128, 4, 2, 4))
+        out += [{"kernel": "pipelined", "BB": bb, "W": w, "T": t, "STAGES": st, "DEPTH": 1, "split_k": s}
+                for bb, w, t, st in tiles for s in ((1, 2) if b <= 256 else (1,))]
     fits = [c for c in out if (c["kernel"] != "gluon" or N % (16 * c["num_warps"] * c["T"]) == 0)
-            and (c["kernel"] != "wgmma" or N % c["BN"] == 0)]
+            and (c["kernel"] != "wgmma" or N % c["BN"] == 0)
+            and (c["kernel"] != "pipelined" or N % (16 * c["W"] * c["T"]) == 0)]
     return list({json.dumps(c, sort_keys=True): c for c in fits}.values())
 
 
@@ -127,6 +150,10 @@ def run(cfg: dict, x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor,
         from .awq_gluon_wgmma import gluon_wgmma
 
         return gluon_wgmma(x2, packed, qzeros, scales, group_size, bias, **kw)
+    if kernel == "pipelined":
+        from .awq_gluon_pipelined import gluon_pipelined
+
+        return gluon_pipelined(x2, packed, qzeros, scales, group_size, bias, **kw)
     from .awq_repacked_dot import dequant_matmul_repacked, dot_repacked
 
     if kernel == "dot":

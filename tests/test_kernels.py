@@ -467,11 +467,15 @@ def test_repacked_kernel_choice_covers_every_m():
         for M in (1, 2, 5, 16, 24, 64, 100, 256, 3000):
             for g in (32, 64, 128):
                 cfg = rd.select(M, N, K, g)
-                assert cfg["kernel"] in ("gluon", "wgmma", "dot", "dequant"), cfg
+                assert cfg["kernel"] in ("gluon", "wgmma", "pipelined", "dot", "dequant"), cfg
                 if cfg["kernel"] == "gluon":
                     assert N % (16 * cfg["num_warps"] * cfg["T"]) == 0 and cfg.get("BM", 8) >= min(M, 16)
                 if cfg["kernel"] == "wgmma":
                     assert N % cfg["BN"] == 0 and M > 16
+                if cfg["kernel"] == "pipelined":  # the register-A wgmma kernel from 64 rows up
+                    assert N % (16 * cfg["W"] * cfg["T"]) == 0 and M > 32 and cfg["DEPTH"] in (0, 1)
+                else:
+                    assert M <= 32, (M, N, K, g, cfg)
     assert rd.select(300, 4096, 4096, 128, torch.float16)["kernel"] == "dequant"
     for M in (1, 4, 16, 32, 64, 128, 1024):  # the tuner's space: the current choice first, all distinct, all fit
         cands = rd.candidates(M, 14336, 4096, 128)

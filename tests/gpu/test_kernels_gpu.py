@@ -296,6 +296,32 @@ def test_gluon_wgmma_on_repacked_weights(cfg, g):
         assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= 1e-2, (M, cfg)
 
 
+@pytest.mark.parametrize("g", [32, 128])
+@pytest.mark.parametrize("cfg", [dict(BB=64, W=4, T=1, STAGES=2, split_k=1), dict(BB=128, W=4, T=2, split_k=3),
+                                 dict(BB=256, W=8, T=1, STAGES=4, split_k=1), dict(BB=128, W=8, T=2, split_k=2),
+                                 dict(BB=64, W=4, T=1, STAGES=4, split_k=2, DEPTH=1),
+                                 dict(BB=256, W=8, T=1, STAGES=3, split_k=1, DEPTH=1),
+                                 dict(BB=128, W=4, T=2, STAGES=4, split_k=3, DEPTH=1)])
+def test_gluon_pipelined_on_repacked_weights(cfg, g):
+    """The pipelined register-A wgmma kernel on repacked weights against fp64: M from 1 to 300 (partial row
+    tiles: TMA fills them with zeros), fewer steps than stages (K 128), odd step counts (K 192), bias, split-K,
+    poisoned output, a strided x."""
+    from kernels.awq_gluon_pipelined import gluon_pipelined
+    from kernels.awq_repack import repack_awq
+
+    for K, N in ((1024, 1024), (128, 512), (192, 256)):
+        if K % g:
+            continue
+        w = weights(K, N, g)
+        packed = repack_awq(w[0])
+        bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+        for M in (1, 33, 64, 130, 300):
+            x = torch.randn(M, K + 64, device="cuda", dtype=torch.bfloat16)[:, :K]
+            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+            y = gluon_pipelined(x, packed, w[1], w[2], g, bias, out=out, **cfg)
+            assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= 1e-2, (K, N, M, cfg)
+
+
 @pytest.mark.parametrize("g", [64, 128])
 @pytest.mark.parametrize("K,N", [(4096, 14336), (1024, 1152)])
 def test_awq_linear_on_repacked_weights_every_m(K, N, g):

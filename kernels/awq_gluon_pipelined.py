@@ -1,0 +1,194 @@
+"""W4A16 for large batches (prefill) on Hopper: weights as ``wgmma``'s register operand, x pipelined by TMA (Gluon).
+
+Why: above ~128 rows the engine fell back to dequantize + cuBLAS, which writes and re-reads a bf16 copy of every
+weight (0.5x of cuBLAS at 256 rows), and the unpipelined :mod:`kernels.awq_gluon_wgmma` stages the dequantized
+tile through shared memory every step. Here the product is computed transposed, ``y^T = W x^T``: the weights are
+``wgmma``'s A operand, which Hopper takes from registers, and the fragment-repacked words
+(:mod:`kernels.awq_repack`) dequantize (three shifts + four ``lop3`` per word, then ``(q - z) * s`` in bf16, as
+``SCALED`` in :mod:`kernels.awq_gluon_mma`) straight into that register layout (checked trivial at compile time).
+x is the B operand: ``[BB, BK]`` tiles of x loaded by TMA into a ring of ``STAGES`` shared-memory buffers
+(mbarrier per buffer) and read K-major by ``wgmma``. Each step's ``wgmma`` runs asynchronously while the next
+step's words are unpacked (into other registers: two steps per loop iteration); the words, zero points and
+scales of step ``i + 2`` are loaded at step ``i`` (registers), so neither DRAM latency nor the dequantization sits
+on the MMA's path.
+
+One program: ``16 * W * T`` output features (``W`` warps, 4 or 8: one or two warpgroups, each warp its own
+16-feature tiles, ``T`` per warp) by ``BB`` rows of x (``wgmma``'s N, up to 256); split-K partials are summed by
+``reduce_partials``. The output tile goes through shared memory so each thread stores 16 contiguous bytes.
+bf16 only; tested on the GPU (``tests/gpu``; Gluon has no CPU interpreter) and compiled for sm_90 on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma, warpgroup_mma_init,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .awq_gluon_mma import _cta_barrier, _fragments, _layouts, _word_offset, _word_offsets, _zeros_scales_bf16
+from .awq_repack import check_repackable
+from .awq_triton import _out_and_ws, _split_args, reduce_partials
+
+# the TMA load (Triton 3.6 names it ``async_copy_global_to_shared``, later releases ``async_load``)
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+
+
+@gluon.jit
+def _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, k0, GROUP: gl.constexpr, BK: gl.constexpr):
+    """Words, ``128 + z`` and scales of the step at input feature ``k0`` (clamped to the last step, so the
+    prefetch past a split's end reads valid memory)."""
+    k0 = gl.minimum(k0, K - BK)
+    w = gl.load(pw_ptr + woff + _word_offset(k0))
+    z, s = _zeros_scales_bf16(qz_ptr, s_ptr, k0 // GROUP, on_a, N)
+    return w, z, s
+
+
+@gluon.jit
+def _advance(acc, a_prev, a, x_desc, x_smem, bars, m0, s0, i, nst, BK: gl.constexpr, STAGES: gl.constexpr,
+             W: gl.constexpr, DEPTH: gl.constexpr):
+    """Step ``i`` on A fragments ``a`` (step ``i - 1``'s, ``a_prev``, stay live until its wgmma is known done).
+
+    ``DEPTH = 0``: wait for step ``i - 1``'s wgmma, refill its x buffer with step ``i - 1 + STAGES``, issue step
+    ``i``'s. ``DEPTH = 1``: issue step ``i``'s first, then wait until only it is in flight (the tensor cores always
+    have the next wgmma queued), then refill."""
+    slot = i % STAGES
+    if DEPTH == 0:
+        acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
+    else:
+        mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+        acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
+        acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+    if W > 4:
+        _cta_barrier()  # both warpgroups are done with the buffer the next load overwrites
+    nxt = i - 1 + STAGES
+    ok = (i >= 1) & (nxt < nst)
+    mbarrier.expect(bars.index(nxt % STAGES), x_desc.block_type.nbytes, pred=ok)
+    _tma_load(x_desc, [m0, (s0 + nxt) * BK], bars.index(nxt % STAGES),
+                                    x_smem.index(nxt % STAGES), pred=ok)
+    if DEPTH == 0:
+        mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+        acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
+    return acc
+
+
+@gluon.jit
+def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, stride_ym,
+                                SPLIT_K, steps_per_split, GROUP: gl.constexpr, BK: gl.constexpr, BB: gl.constexpr,
+                                W: gl.constexpr, T: gl.constexpr, STAGES: gl.constexpr, DEPTH: gl.constexpr,
+                                HAS_BIAS: gl.constexpr,
+                                acc_l: gl.constexpr, a_l: gl.constexpr, w_l: gl.constexpr, o_l: gl.constexpr):
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    pid_m = gl.program_id(2)
+    KH: gl.constexpr = BK // 16
+    BF: gl.constexpr = 16 * W * T
+    woff = _word_offsets(pid_n, K, w_l, W, T, KH)
+    on_a = pid_n * BF + gl.arange(0, BF, layout=gl.SliceLayout(1, a_l))
+    m0 = pid_m * BB
+    s0 = pid_k * steps_per_split
+    nst = gl.minimum(s0 + steps_per_split, K // BK) - s0
+
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BB, BK], x_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.expect(bars.index(i), x_desc.block_type.nbytes, pred=i < nst)
+        _tma_load(x_desc, [m0, (s0 + i) * BK], bars.index(i), x_smem.index(i), pred=i < nst)
+
+    w0, z0, sc0 = _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, s0 * BK, GROUP, BK)
+    w1, z1, sc1 = _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + 1) * BK, GROUP, BK)
+    acc = gl.zeros([BF, BB], gl.float32, layout=acc_l)
+    if DEPTH == 0:
+        acc = warpgroup_mma_init(acc)
+    # Two steps per iteration, their A operands in two variables: a wgmma reads its register operand while it
+    # runs, so the next step's fragments must go to other registers (ptxas does not guard this: one variable
+    # rewritten at the top of a loop gave wrong sums). Each step unpacks its fragments while the previous
+    # step's wgmma runs, then waits for it and issues its own.
+    a1 = gl.zeros([BF, BK], gl.bfloat16, layout=a_l)
+    for j in range(0, nst - 1, 2):
+        # operands of steps j + 2, j + 3 in flight while steps j, j + 1 compute
+        w2, z2, sc2 = _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + j + 2) * BK, GROUP, BK)
+        a0 = (_fragments(w0, a_l, W, T, BK) - z0[:, None]) * sc0[:, None]
+        acc = _advance(acc, a1, a0, x_desc, x_smem, bars, m0, s0, j, nst, BK, STAGES, W, DEPTH)
+        w3, z3, sc3 = _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + j + 3) * BK, GROUP, BK)
+        a1 = (_fragments(w1, a_l, W, T, BK) - z1[:, None]) * sc1[:, None]
+        acc = _advance(acc, a0, a1, x_desc, x_smem, bars, m0, s0, j + 1, nst, BK, STAGES, W, DEPTH)
+        w0, z0, sc0 = w2, z2, sc2
+        w1, z1, sc1 = w3, z3, sc3
+    if nst % 2 == 1:  # an odd step count (a split of an odd number of groups at BK = GROUP): the last step
+        a0 = (_fragments(w0, a_l, W, T, BK) - z0[:, None]) * sc0[:, None]
+        acc = _advance(acc, a1, a0, x_desc, x_smem, bars, m0, s0, nst - 1, nst, BK, STAGES, W, DEPTH)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    # features [BF] x rows [BB] -> y[rows, features]: through shared memory into a layout where each thread holds
+    # eight consecutive features of one row (16-byte stores)
+    on = pid_n * BF + gl.arange(0, BF, layout=gl.SliceLayout(1, o_l))
+    om = m0 + gl.arange(0, BB, layout=gl.SliceLayout(0, o_l))
+    omask = (om < M)[None, :] & (on < N)[:, None]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += gl.load(b_ptr + pid_n * BF + gl.arange(0, BF, layout=gl.SliceLayout(1, acc_l))
+                           ).to(gl.float32)[:, None]
+        gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], gl.convert_layout(acc.to(gl.bfloat16), o_l),
+                 mask=omask)
+    else:
+        gl.store(ws_ptr + (pid_k * M + om[None, :]) * N + on[:, None], gl.convert_layout(acc, o_l), mask=omask)
+
+
+def _pipelined_layouts(W: int, T: int, BB: int, BK: int):
+    """The accumulator (``wgmma`` over ``W`` warps along the features), the register A operand, the words' load
+    layout (as :func:`kernels.awq_gluon_mma._layouts`) and the output store layout."""
+    _, _, _, w_l, _ = _layouts(W, BK, T)
+    acc_l = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, BB, 16])
+    a_l = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    BF = 16 * W * T
+    tf = min(32, BF // 8)
+    o_l = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[tf, 32 // tf], warps_per_cta=[1, W],
+                           order=[0, 1])
+    return acc_l, a_l, w_l, o_l
+
+
+def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                    group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+                    BB: int = 128, W: int = 4, T: int = 2, STAGES: int = 3, split_k: int = 1,
+                    BK: int | None = None, DEPTH: int = 0) -> torch.Tensor:
+    """``x2 [M, K] @ W`` (bf16) on repacked weights; see the module doc. ``BB``: rows of x per program (64, 128
+    or 256: ``wgmma``'s N); ``W``: warps (4 or 8); ``T``: 16-feature tiles per warp; ``STAGES``: x buffers;
+    ``BK``: input features per step (16, 32 or 64 dividing the group size; default ``min(64, group)``);
+    ``DEPTH``: wgmmas left in flight when a step waits (0 or 1, see ``_advance``)."""
+    M, K = x2.shape
+    N = scales.shape[1]
+    check_repackable(K, N)
+    if x2.dtype != torch.bfloat16:
+        raise ValueError("gluon_pipelined takes bf16 x")
+    if BB not in (64, 128, 256) or W not in (4, 8) or T not in (1, 2, 4) or STAGES < 2 or DEPTH not in (0, 1):
+        raise ValueError(f"gluon_pipelined takes BB 64/128/256, W 4/8, T 1/2/4, STAGES >= 2, DEPTH 0/1; got "
+                         f"{BB}, {W}, {T}, {STAGES}, {DEPTH}")
+    BF = 16 * W * T
+    if N % BF:
+        raise ValueError(f"gluon_pipelined needs N = {N} a multiple of {BF} (16 * W * T)")
+    BK = BK or min(64, group_size)
+    if BK not in (16, 32, 64) or group_size % BK:
+        raise ValueError(f"gluon_pipelined takes BK 16, 32 or 64 dividing the group size {group_size}, got {BK}")
+    # TMA: 16-byte aligned base and row stride, unit column stride
+    if x2.stride(1) != 1 or (x2.stride(0) * 2) % 16 or x2.data_ptr() % 16:
+        x2 = x2.contiguous() if x2.data_ptr() % 16 == 0 else x2.clone()
+    acc_l, a_l, w_l, o_l = _pipelined_layouts(W, T, BB, BK)
+    x_desc = TensorDescriptor.from_tensor(x2, [BB, BK], gl.NVMMASharedLayout.get_default_for([BB, BK], gl.bfloat16))
+    split_k, gps = _split_args(K // group_size, split_k)
+    y, ws = _out_and_ws(x2, N, out, split_k)
+    grid = (N // BF, split_k, triton.cdiv(M, BB))
+    _awq_gluon_pipelined_kernel[grid](
+        x_desc, packed, qzeros, scales, bias if bias is not None else y, y, ws, M, N, K, y.stride(0), split_k,
+        gps * group_size // BK, GROUP=group_size, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH,
+        HAS_BIAS=bias is not None, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l, num_warps=W)
+    if split_k > 1:
+        return reduce_partials(ws, y, bias)
+    return y

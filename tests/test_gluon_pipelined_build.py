@@ -1,0 +1,86 @@
+"""CPU checks of the pipelined register-A wgmma kernel's sm_90 build (kernels/awq_gluon_pipelined.py).
+
+Gluon has no interpreter, so the kernel runs only on the GPU (tests/gpu); here its build is checked with the
+ptxas and cuobjdump that ship with Triton: the dequantized weights reach ``wgmma`` straight from registers (the
+layout conversion is trivial or the build fails), ptxas keeps the wgmmas asynchronous (no C7513 serialization)
+and no instruction writes a register an in-flight ``HGMMA`` still reads (``tests/sass_hazards.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import torch
+
+from tests.sass_hazards import hazards
+
+
+def _build(W, T, BB, BK, STAGES, DEPTH, group):
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.experimental import gluon
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        from triton.runtime.jit import mangle_type
+
+        from kernels import awq_gluon_pipelined as gp
+    except ImportError as e:  # pragma: no cover - Triton without Gluon
+        pytest.skip(f"no Gluon: {e}")
+    acc_l, a_l, w_l, o_l = gp._pipelined_layouts(W, T, BB, BK)
+    x = torch.zeros((512, 1024), dtype=torch.bfloat16)
+    desc = TensorDescriptor.from_tensor(x, [BB, BK], gl.NVMMASharedLayout.get_default_for([BB, BK], gl.bfloat16))
+    sig = {"x_desc": mangle_type(desc), "pw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16",
+           "y_ptr": "*bf16", "ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32",
+           "SPLIT_K": "i32", "steps_per_split": "i32"}
+    cst = dict(GROUP=group, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH, HAS_BIAS=True, acc_l=acc_l,
+               a_l=a_l, w_l=w_l, o_l=o_l)
+    sig.update({k: "constexpr" for k in cst})
+    src = gluon._runtime.GluonASTSource(gp._awq_gluon_pipelined_kernel, signature=sig, constexprs=cst)
+    return triton, triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": W})
+
+
+@pytest.mark.parametrize("W,T,BB,BK,STAGES,DEPTH,group", [(4, 1, 128, 64, 4, 1, 128), (8, 1, 256, 64, 4, 1, 128),
+                                                          (4, 2, 64, 32, 3, 0, 32), (8, 1, 128, 64, 2, 1, 64)])
+def test_pipelined_kernel_builds_async_without_register_hazards(W, T, BB, BK, STAGES, DEPTH, group, tmp_path):
+    triton, compiled = _build(W, T, BB, BK, STAGES, DEPTH, group)
+    ptx = compiled.asm["ptx"]
+    assert ptx.count("wgmma.mma_async") >= 2 * T * (BK // 16)  # both unrolled steps, every 16-feature slice
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    cuobjdump = os.path.join(bindir, "cuobjdump")
+    (tmp_path / "k.ptx").write_text(ptx)
+    built = None
+    for name in ("ptxas", "ptxas-blackwell"):  # the first that takes this PTX version (Triton 3.9: the second)
+        exe = os.path.join(bindir, name)
+        if os.access(exe, os.X_OK):
+            run = subprocess.run([exe, "-arch=sm_90a", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+                                 capture_output=True, text=True)
+            if run.returncode == 0:
+                built = run
+                break
+    if built is None or not os.access(cuobjdump, os.X_OK):
+        pytest.skip("this Triton ships no ptxas that takes its PTX, or no cuobjdump")
+    assert "C7513" not in built.stderr + built.stdout, "ptxas serialized the wgmmas"
+    sass = subprocess.run([cuobjdump, "-sass", str(tmp_path / "k.cubin")], capture_output=True, text=True,
+                          check=True).stdout
+    assert "HGMMA" in sass and ("DEPBAR.LE gsb0, 0x1" in sass) == (DEPTH == 1)
+    assert hazards(sass) == []
+
+
+def test_hazard_reader_finds_a_rewritten_operand():
+    """The reader itself: a write to an in-flight HGMMA's A registers inside a loop is found; after the retiring
+    DEPBAR it is not."""
+    sass = """
+        /*0000*/ HGMMA.64x128x16.F32.BF16 R24, R92, gdesc[UR8], R24, gsb0 ;
+        /*0010*/ LOP3.LUT R93, R7, 0xf000f, R8, 0xea, !PT ;
+        /*0020*/ WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0030*/ @P0 BRA 0x0 ;
+        /*0040*/ EXIT ;
+    """
+    assert len(hazards(sass)) == 1
+    assert hazards(sass.replace("LOP3.LUT R93", "LOP3.LUT R13")) == []
+    late = sass.replace("/*0010*/ LOP3.LUT R93, R7, 0xf000f, R8, 0xea, !PT ;", "/*0010*/ NOP ;").replace(
+        "/*0030*/ @P0 BRA 0x0 ;", "/*0030*/ IADD3 R92, R1, 1, RZ ;")
+    assert hazards(late) == []
