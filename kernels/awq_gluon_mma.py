@@ -114,7 +114,7 @@ def _word_offset(k0):
     return (k0 // 64) * 128 + (k0 % 64) // 16
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["M"])  # one build serves every row count (no compile on a request)
 def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                           M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split,
                           GROUP: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, W: gl.constexpr, T: gl.constexpr,

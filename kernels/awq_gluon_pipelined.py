@@ -75,7 +75,7 @@ def _advance(acc, a_prev, a, x_desc, x_smem, bars, m0, s0, i, nst, BK: gl.conste
     return acc
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["M"])  # one build serves every row count (no compile on a request)
 def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, stride_ym,
                                 SPLIT_K, steps_per_split, GROUP: gl.constexpr, BK: gl.constexpr, BB: gl.constexpr,
                                 W: gl.constexpr, T: gl.constexpr, STAGES: gl.constexpr, DEPTH: gl.constexpr,

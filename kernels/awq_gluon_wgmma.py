@@ -28,7 +28,7 @@ ROWS = 64  # rows of x per program: one warpgroup's wgmma M
 BM = gl.constexpr(ROWS)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["M"])  # one build serves every row count (no compile on a request)
 def _awq_gluon_wgmma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, stride_xm, stride_ym,
                             SPLIT_K, groups_per_split, GROUP: gl.constexpr, BK: gl.constexpr, BN: gl.constexpr,
                             T: gl.constexpr, HAS_BIAS: gl.constexpr, a_l: gl.constexpr, w_l: gl.constexpr,

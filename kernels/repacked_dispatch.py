@@ -176,3 +176,27 @@ def reference(x: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scale
     """Torch reference (CPU inference, tests): the AutoAWQ reference on the words packed back, so both layouts
     give the same result bit for bit."""
     return awq_linear_reference(x, pack_int4(fragments_to_codes(packed)), qzeros, scales, group_size, bias)
+
+
+def warmup(shapes, group_size: int, device: torch.device | str = "cuda", max_rows: int = 4096) -> int:
+    """Compile every kernel config :func:`select` picks for the repacked ``(K, N)`` ``shapes`` at each measured
+    row count up to ``max_rows`` (prefill included), so no Gluon kernel compiles on a request; returns the
+    number of launches. Weights and inputs are random: only the launches matter."""
+    from .dispatch import random_awq
+
+    device = torch.device(device)
+    launches = 0
+    for K, N in shapes:
+        qw, qz, sc = random_awq(K, N, group_size, torch.bfloat16, device)
+        packed, seen = repack(qw), set()
+        for b in [b for b in BUCKETS if b <= max(1, max_rows)]:
+            cfg = select(b, N, K, group_size)
+            if json.dumps(cfg, sort_keys=True) in seen:
+                continue
+            seen.add(json.dumps(cfg, sort_keys=True))
+            for m in {b, max(1, b - 1)}:  # kernels outside Gluon specialize on M % 16: both kinds of M
+                run(cfg, torch.randn(m, K, dtype=torch.bfloat16, device=device), packed, qz, sc, group_size)
+                launches += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return launches

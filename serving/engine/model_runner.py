@@ -307,6 +307,12 @@ class ModelRunner:
                          if isinstance(m, Linear) and m.quant is not None and m.qweight.dim() == 2})
         kernels.warmup(shapes, group_size=q.group_size, dtype=self.cfg.dtype, device=self.device, m_values=sizes,
                        tune=self.ecfg.tune_kernels)
+        # repacked linears: every config their dispatcher picks up to a full prefill chunk, compiled now
+        repacked = sorted({(m.in_local, m.out_local) for m in self.model.modules()
+                           if isinstance(m, Linear) and m.quant is not None and m.qweight.dim() == 4})
+        if repacked:
+            kernels.repacked_dispatch.warmup(repacked, q.group_size, self.device,
+                                             max_rows=self.ecfg.max_num_batched_tokens)
 
     def _replay(self, graph_bs, ids, pos, slots, kv_lens, tables, fed: torch.Tensor | None = None) -> torch.Tensor:
         """Write the step's inputs into pinned mirrors, copy them to the graph's inputs, replay.
