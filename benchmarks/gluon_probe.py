@@ -157,8 +157,10 @@ def report(paths: list[str], commit: str) -> str:
              "The engine's path on sm_90 GPUs with bf16 (`EngineConfig.repack_weights`, on by default): the "
              "weights repacked at load time into the `mma.m16n8k16` fragment order (`kernels/awq_repack.py`, the "
              "only copy kept), read by the register-operand Gluon kernel (`kernels/awq_gluon_mma.py`) at small M, "
-             "the warpgroup-MMA Gluon kernel (`kernels/awq_gluon_wgmma.py`) at 32-128 rows, dequantize + cuBLAS "
-             "above (`kernels/awq_repacked_dot.py`), as `kernels/tuned_repacked_h100.json` (these cells) says. "
+             "the warpgroup-MMA Gluon kernel (`kernels/awq_gluon_wgmma.py`) at 32 rows, the pipelined register-operand "
+             "`wgmma` kernel (`kernels/awq_gluon_pipelined.py`) from 64 rows, dequantize + cuBLAS "
+             "(`kernels/awq_repacked_dot.py`) where it measured faster, as `kernels/tuned_repacked_h100.json` "
+             "(these cells) says. "
              "Each cell is the fastest of those kernels and configs, beside the AutoAWQ-layout table's kernel "
              "(what fp16 and other GPUs run), cuBLAS and PyTorch's int4 kernel timed in the same call (cold L2, "
              "CUDA graph, median). Notes: `docs/kernels_notes.md`.", "",
