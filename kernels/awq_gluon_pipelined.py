@@ -50,7 +50,8 @@ def _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, k0, GROUP: gl.conste
 @gluon.jit
 def _advance(acc, a_prev, a, x_desc, x_smem, bars, m0, s0, i, nst, BK: gl.constexpr, STAGES: gl.constexpr,
              W: gl.constexpr, DEPTH: gl.constexpr):
-    """Step ``i`` on A fragments ``a`` (step ``i - 1``'s, ``a_prev``, stay live until its wgmma is known done).
+    """Step ``i`` on A fragments ``a``; ``a_prev`` are step ``i - 1``'s (passed to the wait as its dependency;
+    what keeps their registers from being rewritten early is the two-variable loop in the caller).
 
     ``DEPTH = 0``: wait for step ``i - 1``'s wgmma, refill its x buffer with step ``i - 1 + STAGES``, issue step
     ``i``'s. ``DEPTH = 1``: issue step ``i``'s first, then wait until only it is in flight (the tensor cores always
@@ -179,7 +180,7 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
         raise ValueError(f"gluon_pipelined takes BK 16, 32 or 64 dividing the group size {group_size}, got {BK}")
     # TMA: 16-byte aligned base and row stride, unit column stride
     if x2.stride(1) != 1 or (x2.stride(0) * 2) % 16 or x2.data_ptr() % 16:
-        x2 = x2.contiguous() if x2.data_ptr() % 16 == 0 else x2.clone()
+        x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh allocation: aligned, rows K apart
     acc_l, a_l, w_l, o_l = _pipelined_layouts(W, T, BB, BK)
     x_desc = TensorDescriptor.from_tensor(x2, [BB, BK], gl.NVMMASharedLayout.get_default_for([BB, BK], gl.bfloat16))
     split_k, gps = _split_args(K // group_size, split_k)
