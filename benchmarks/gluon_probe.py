@@ -77,7 +77,7 @@ def gluon_configs(M: int, N: int) -> list[dict]:
                 for s in (8, 16) for sc in (False, True) for tail in (True, False)]
     elif M <= 16:
         cfgs = [dict(BM=16, T=t, num_warps=w, split_k=s, SCALED=sc) for t, w in ((2, 4), (1, 8), (2, 8))
-                for s in (2, 4, 8) for sc in (False, True)]
+                for s in (2, 4, 8, 16) for sc in (False, True)]
     else:  # warps along the rows of x too (WM): at 64 rows one warp cannot hold x's operand and the accumulator
         tiles = ((32, 1, 4, 1), (32, 2, 4, 2), (32, 2, 2, 2)) if M <= 32 else (
             ((64, 1, 4, 2), (64, 1, 4, 4), (64, 2, 2, 4)) if M <= 64 else ((128, 1, 4, 4), (64, 1, 4, 2)))
@@ -99,6 +99,8 @@ def pipe_configs(M: int, N: int) -> list[dict]:
         tiles, splits = ((256, 8, 1, 4), (256, 8, 1, 3), (128, 8, 2, 3), (256, 4, 1, 3), (128, 4, 2, 4)), (1,)
     cfgs = [dict(BB=bb, W=w, T=t, STAGES=st, split_k=s, DEPTH=d) for bb, w, t, st in tiles for s in splits
             for d in (1, 0)]
+    # split-K partials summed by each tile's last program instead of a second launch
+    cfgs += [{**c, "TAIL": 1} for c in cfgs if c["split_k"] > 1]
     return [c for c in cfgs if N % (16 * c["W"] * c["T"]) == 0]
 
 
@@ -135,6 +137,34 @@ def _repacked_us(row: dict) -> tuple[float, str]:
     return row["gluon_us"], "gluon"
 
 
+def latest_rows(paths: list[str]) -> dict[tuple[int, int, int], dict]:
+    """Per (K, N, M) the row of the last file that measured it (pass the files oldest first): every cell is one
+    call's side-by-side timing of the code of that run, not the best of several runs (cuBLAS alone moved by up
+    to ~20 % between the H100s of different calls)."""
+    rows = {}
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        for r in d["rows"]:
+            rows[(r["K"], r["N"], r["M"])] = {**r, "device": d["device"]}
+    return rows
+
+
+_TABLE_NAMES = {"dot_repacked": "dot", "gluon_wgmma": "wgmma", "dequant_repacked": "dequant"}
+
+
+def table_entries(paths: list[str]) -> dict[str, dict]:
+    """``kernels/tuned_repacked_h100.json`` entries (``K{K}/N{N}/M{M}``) from the rows of :func:`latest_rows`:
+    each row's fastest kernel and config, named as ``kernels.repacked_dispatch.run`` takes them."""
+    out = {}
+    for (K, N, M), r in latest_rows(paths).items():
+        best = dict(r.get("repacked_best") or {})
+        if not best:
+            continue
+        best["kernel"] = _TABLE_NAMES.get(best.get("kernel"), best.get("kernel", "gluon"))
+        out[f"K{K}/N{N}/M{M}"] = {**best, "us": round(r["repacked_best_us"], 1)}
+    return out
+
+
 def report(paths: list[str], commit: str) -> str:
     """Join probe files (per K, N, M the fastest repacked kernel, with the table's kernel, cuBLAS and int4 timed in
     the same call), write ``docs/repacked_probe.png`` and return the markdown section."""
@@ -142,15 +172,11 @@ def report(paths: list[str], commit: str) -> str:
 
     best: dict[tuple[int, int, int], dict] = {}
     device = "?"
-    for p in paths:
-        d = json.loads(Path(p).read_text())
-        device = d["device"]
-        for r in d["rows"]:
-            us, name = _repacked_us(r)
-            key = (r["K"], r["N"], r["M"])
-            if key not in best or us < best[key]["us"]:
-                best[key] = {"us": us, "name": name, "table": r["table_us"], "table_kernel": r["table_kernel"],
-                             "cublas": r["cublas_us"], "int4": r["int4_us"]}
+    for key, r in latest_rows(paths).items():
+        us, name = _repacked_us(r)
+        best[key] = {"us": us, "name": name, "table": r["table_us"], "table_kernel": r["table_kernel"],
+                     "cublas": r["cublas_us"], "int4": r["int4_us"]}
+        device = r["device"]
     shapes = sorted({(k, n) for k, n, _ in best}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99)
     lines = [f"Device: {device} · date: {datetime.date.today().isoformat()} · commit: `{commit}` (probe runs "
              "on that tree; raw `benchmarks/results/gluon_probe_h100_*.json`)", "",
@@ -205,7 +231,10 @@ def report(paths: list[str], commit: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--report", nargs="+", help="probe JSON files to join into docs/benchmarks.md (no GPU)")
+    ap.add_argument("--report", nargs="+", help="probe JSON files (oldest first) to join into docs/benchmarks.md "
+                    "(no GPU)")
+    ap.add_argument("--table", nargs="+", help="probe JSON files (oldest first) whose rows' fastest configs go "
+                    "into kernels/tuned_repacked_h100.json (no GPU)")
     ap.add_argument("--commit", default=None, help="commit the probe runs measured (default: this checkout's)")
     ap.add_argument("--out", default="/tmp/gluon_probe")
     ap.add_argument("--ms", default="1,16,64")
@@ -213,8 +242,23 @@ def main() -> int:
     ap.add_argument("--skip-mma", action="store_true", help="leave out the register-operand Gluon kernel")
     ap.add_argument("--skip-wgmma", action="store_true", help="leave out the unpipelined warpgroup-MMA kernel")
     ap.add_argument("--skip-pipe", action="store_true", help="leave out the pipelined register-A wgmma kernel")
+    ap.add_argument("--pipe-tiles", default=None, help="only these pipelined tiles, e.g. 256/8/1/4,256/4/1/3 "
+                    "(BB/W/T/STAGES)")
     ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,4096x14336 (K x N; default the four large)")
     a = ap.parse_args()
+    if a.table:
+        from kernels import repacked_dispatch
+
+        table = json.loads(repacked_dispatch.TABLE.read_text())
+        new = table_entries(a.table)
+        table["configs"].update(new)
+        table["meta"]["source"] += f"; {len(new)} entries from {', '.join(Path(p).name for p in a.table)}"
+        tmp = repacked_dispatch.TABLE.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        tmp.replace(repacked_dispatch.TABLE)
+        print(f"{len(new)} entries into {repacked_dispatch.TABLE}")
+        if not a.report:
+            return 0
     if a.report:
         from benchmarks._report import git_commit, write_section
 
@@ -240,6 +284,9 @@ def main() -> int:
             wg_cfgs = [dict(BN=bn, split_k=s) for bn in (64, 128) for s in (1, 2, 4, 8, 16)] \
                 if M >= 16 and not a.skip_wgmma else []
             pipe_cfgs = pipe_configs(M, N) if M >= 16 and not a.skip_pipe else []
+            if a.pipe_tiles:
+                keep = {tuple(int(v) for v in t.split("/")) for t in a.pipe_tiles.split(",")}
+                pipe_cfgs = [c for c in pipe_cfgs if (c["BB"], c["W"], c["T"], c["STAGES"]) in keep]
             dot_cfgs = dot_configs(M) if M >= 32 and not a.skip_dot else []
             launches = [(c, lambda x, p, s, c: gluon_mma(x, p, s[1], s[2], G, **c)) for c in gl_cfgs]
             launches += [(c, lambda x, p, s, c: dot_repacked(x, p, s[1], s[2], G, **c)) for c in dot_cfgs]

@@ -7,12 +7,13 @@
 #   one H100, the repacked Gluon kernel (tests + probe):  x1g <commit>
 #   one H100, the product path on repacked weights (kernel + engine GPU tests):  x1r <commit>
 #   one H100, the same with the pipelined prefill kernel, then the engine benchmark:  x1e <commit>
+#   one H100, prefill kernels on repacked weights (tests, ncu, probe from 256 rows):  x1p <commit>
 #   4 H100s:    bash benchmarks/gpu_session.sh x4 <commit>   (x4s: GPU quant-job tests + [SCALING_GPUS, default 1,4,2]-GPU scaling only)
 #   what is left of a budget, 2-4 GPUs:  [SCALING_GPUS=1,2] bash benchmarks/gpu_session.sh x4f <commit>
 # Everything lands under $OUT/<name>/; write the docs sections here afterwards from the JSON files
 # (each benchmark's --report, or benchmarks/_report.py:write_section with its *_section.md).
 set -uo pipefail
-kind=${1:?x1a, x1c, x1b, x1g, x1r, x1e, x1m, x1n, x4, x4s or x4f}
+kind=${1:?x1a, x1c, x1b, x1g, x1r, x1e, x1p, x1m, x1n, x4, x4s or x4f}
 export RAYAWQ_COMMIT=${2:?commit} PYTHONUNBUFFERED=1
 out=${OUT:?run this through the device tool}
 source .devbundle/setup.sh || exit 1
@@ -55,6 +56,25 @@ case $kind in
       | grep -E "Error|assert|passed|failed|FAILED" | tail -8
     timeout 200 python3 -m pytest -q tests/gpu/test_engine_gpu.py 2>&1 | grep -E "Error|assert|passed|failed|FAILED" | tail -8
     timeout 330 python3 benchmarks/engine.py --out "$out/engine" ${ENGINE_ARGS:-} 2>&1 | tail -12
+    ;;
+  x1p)
+    # prefill work on repacked weights: Gluon kernel tests, Nsight Compute on the pipelined kernel's launches named
+    # in NCU_CASES ("KxN:M:cfg-json;..."), then the probe at PROBE_MS (default 256,1024,4096) on PIPE_TILES
+    timeout 200 python3 -m pytest -q tests/gpu/test_kernels_gpu.py -k "${GLUON_TESTS:-gluon or repacked}" 2>&1 \
+      | grep -E "Error|assert|passed|failed|FAILED" | tail -8
+    IFS=';' read -ra cases <<< "${NCU_CASES:-}"
+    for i in "${!cases[@]}"; do
+      IFS=':' read -r shape m cfg <<< "${cases[$i]}"
+      timeout 150 ncu --clock-control none -k regex:_awq_gluon --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+        --section MemoryWorkloadAnalysis --section LaunchStats \
+        python3 benchmarks/one_launch.py --shape "$shape" --m "$m" --cfg "$cfg" > "$out/ncu_$i.txt" 2>&1
+      echo "ncu $shape M=$m $cfg"
+      grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Stall|Issued Warp|No Eligible|Warp Cycles Per Issued|L2 Hit|Block Limit" "$out/ncu_$i.txt" | head -24
+    done
+    timeout ${PROBE_S:-330} python3 benchmarks/gluon_probe.py --out "$out/gluon" --ms ${PROBE_MS:-256,1024,4096} \
+      --skip-dot --skip-wgmma --skip-mma ${PIPE_TILES:+--pipe-tiles $PIPE_TILES} ${GLUON_ARGS:-} 2>&1 \
+      | grep -E "^K=|Error" | tail -20
     ;;
   x1m)
     # decode buckets only (M = 1, 2) on all seven shapes, joined into the repo table (left in /tmp for x1n)

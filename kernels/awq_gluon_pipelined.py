@@ -14,8 +14,9 @@ on the MMA's path.
 
 One program: ``16 * W * T`` output features (``W`` warps, 4 or 8: one or two warpgroups, each warp its own
 16-feature tiles, ``T`` per warp) by ``BB`` rows of x (``wgmma``'s N, up to 256); split-K partials are summed by
-``reduce_partials``. The output tile goes through shared memory so each thread stores 16 contiguous bytes.
-bf16 only; tested on the GPU (``tests/gpu``; Gluon has no CPU interpreter) and compiled for sm_90 on the CPU.
+``reduce_partials`` or by each tile's last program (``TAIL``). The output tile goes through shared memory so each
+thread stores 16 contiguous bytes. bf16 only; tested on the GPU (``tests/gpu``; Gluon has no CPU interpreter) and
+compiled for sm_90 on the CPU.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .awq_gluon_mma import _cta_barrier, _fragments, _layouts, _word_offset, _word_offsets, _zeros_scales_bf16
 from .awq_repack import check_repackable
-from .awq_triton import _out_and_ws, _split_args, reduce_partials
+from .awq_triton import _out_and_ws, _split_args, reduce_partials, tile_counters
 
 # the TMA load (Triton 3.6 names it ``async_copy_global_to_shared``, later releases ``async_load``)
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -42,7 +43,7 @@ def _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, k0, GROUP: gl.conste
     """Words, ``128 + z`` and scales of the step at input feature ``k0`` (clamped to the last step, so the
     prefetch past a split's end reads valid memory)."""
     k0 = gl.minimum(k0, K - BK)
-    w = gl.load(pw_ptr + woff + _word_offset(k0))
+    w = gl.load(pw_ptr + woff + _word_offset(k0, BK))
     z, s = _zeros_scales_bf16(qz_ptr, s_ptr, k0 // GROUP, on_a, N)
     return w, z, s
 
@@ -77,10 +78,10 @@ def _advance(acc, a_prev, a, x_desc, x_smem, bars, m0, s0, i, nst, BK: gl.conste
 
 
 @gluon.jit(do_not_specialize=["M"])  # one build serves every row count (no compile on a request)
-def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, stride_ym,
+def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym,
                                 SPLIT_K, steps_per_split, GROUP: gl.constexpr, BK: gl.constexpr, BB: gl.constexpr,
                                 W: gl.constexpr, T: gl.constexpr, STAGES: gl.constexpr, DEPTH: gl.constexpr,
-                                HAS_BIAS: gl.constexpr,
+                                HAS_BIAS: gl.constexpr, TAIL: gl.constexpr,
                                 acc_l: gl.constexpr, a_l: gl.constexpr, w_l: gl.constexpr, o_l: gl.constexpr):
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
@@ -140,7 +141,22 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
         gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], gl.convert_layout(acc.to(gl.bfloat16), o_l),
                  mask=omask)
     else:
-        gl.store(ws_ptr + (pid_k * M + om[None, :]) * N + on[:, None], gl.convert_layout(acc, o_l), mask=omask)
+        ws_offs = om[None, :] * N + on[:, None]
+        gl.store(ws_ptr + pid_k * M * N + ws_offs, gl.convert_layout(acc, o_l), mask=omask)
+        if TAIL:
+            # the last program of this tile to finish sums every split's partial (fixed order), so no second
+            # launch; its counter is left at 0 for the next launch / graph replay (as in kernels.awq_gluon_mma)
+            _cta_barrier()
+            tile = pid_m * gl.num_programs(0) + pid_n
+            prev = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if prev == SPLIT_K - 1:
+                tot = gl.zeros([BF, BB], gl.float32, layout=o_l)
+                for k in range(0, SPLIT_K):
+                    tot += gl.load(ws_ptr + k * M * N + ws_offs, mask=omask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    tot += gl.load(b_ptr + on).to(gl.float32)[:, None]
+                gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], tot.to(gl.bfloat16), mask=omask)
+                gl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 def _pipelined_layouts(W: int, T: int, BB: int, BK: int):
@@ -159,11 +175,12 @@ def _pipelined_layouts(W: int, T: int, BB: int, BK: int):
 def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                     group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                     BB: int = 128, W: int = 4, T: int = 2, STAGES: int = 3, split_k: int = 1,
-                    BK: int | None = None, DEPTH: int = 0) -> torch.Tensor:
+                    BK: int | None = None, DEPTH: int = 0, TAIL: int = 0) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16) on repacked weights; see the module doc. ``BB``: rows of x per program (64, 128
     or 256: ``wgmma``'s N); ``W``: warps (4 or 8); ``T``: 16-feature tiles per warp; ``STAGES``: x buffers;
     ``BK``: input features per step (16, 32 or 64 dividing the group size; default ``min(64, group)``);
-    ``DEPTH``: wgmmas left in flight when a step waits (0 or 1, see ``_advance``)."""
+    ``DEPTH``: wgmmas left in flight when a step waits (0 or 1, see ``_advance``); ``TAIL``: split-K partials
+    summed by each tile's last program (else by ``reduce_partials``, a second launch)."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -186,10 +203,12 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     split_k, gps = _split_args(K // group_size, split_k)
     y, ws = _out_and_ws(x2, N, out, split_k)
     grid = (N // BF, split_k, triton.cdiv(M, BB))
+    tail = bool(TAIL) and split_k > 1
+    cnt = tile_counters(x2.device, grid[0] * grid[2]) if tail else y
     _awq_gluon_pipelined_kernel[grid](
-        x_desc, packed, qzeros, scales, bias if bias is not None else y, y, ws, M, N, K, y.stride(0), split_k,
+        x_desc, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, y.stride(0), split_k,
         gps * group_size // BK, GROUP=group_size, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH,
-        HAS_BIAS=bias is not None, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l, num_warps=W)
-    if split_k > 1:
+        HAS_BIAS=bias is not None, TAIL=tail, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l, num_warps=W)
+    if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)
     return y

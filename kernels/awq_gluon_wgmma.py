@@ -52,7 +52,7 @@ def _awq_gluon_wgmma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, 
         za, sa = _zeros_scales_bf16(qz_ptr, s_ptr, g, on_a, N)
         for st in gl.static_range(GROUP // BK):
             k0 = g * GROUP + st * BK
-            w = gl.load(pw_ptr + woff + _word_offset(k0))
+            w = gl.load(pw_ptr + woff + _word_offset(k0, BK))
             xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
             a = (_fragments(w, a_l, W, T, BK) - za[:, None]) * sa[:, None]
             _cta_barrier()  # the last step's wgmma has read both tiles

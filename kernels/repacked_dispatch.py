@@ -111,7 +111,7 @@ def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
                 for t, w in ((2, 4), (4, 4), (1, 8)) for s in (4, 8, 16) for sc in (True, False)]
     elif b <= 16:
         out += [{"kernel": "gluon", "BM": 16, "T": t, "num_warps": w, "split_k": s, "SCALED": sc}
-                for t, w in ((2, 4), (1, 8)) for s in (2, 4, 8) for sc in (True, False)]
+                for t, w in ((2, 4), (1, 8)) for s in (2, 4, 8, 16) for sc in (True, False)]
         out += [{"kernel": "wgmma", "BN": 64, "split_k": s} for s in (4, 8)]
     elif b <= 128:
         if b <= 32:
@@ -123,14 +123,17 @@ def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
             out += [{"kernel": "wgmma", "BN": 64, "split_k": s} for s in (2, 4, 8)]
         tiles = ((64, 4, 1, 4), (64, 8, 1, 4), (64, 4, 2, 4)) if b <= 64 else ((128, 4, 1, 4), (128, 8, 1, 4),
                                                                                  (128, 4, 2, 4))
-        out += [{"kernel": "pipelined", "BB": bb, "W": w, "T": t, "STAGES": st, "DEPTH": d, "split_k": s}
-                for bb, w, t, st in tiles for s in (1, 2, 4) for d in (0, 1)]
+        out += [{"kernel": "pipelined", "BB": bb, "W": w, "T": t, "STAGES": st, "DEPTH": d, "split_k": s,
+                 **({"TAIL": 1} if tail else {})}
+                for bb, w, t, st in tiles for s in (1, 2, 4) for d in (0, 1) for tail in ((0, 1) if s > 1 else (0,))]
     else:
         out += [{"kernel": "dequant"}]
         tiles = ((256, 4, 1, 3), (256, 8, 1, 4), (128, 8, 1, 4), (128, 4, 2, 4)) if b <= 256 else (
             (256, 8, 1, 4), (256, 8, 1, 3), (128, 8, 2, 3), (128, 4, 2, 4))
-        out += [{"kernel": "pipelined", "BB": bb, "W": w, "T": t, "STAGES": st, "DEPTH": 1, "split_k": s}
-                for bb, w, t, st in tiles for s in ((1, 2) if b <= 256 else (1,))]
+        out += [{"kernel": "pipelined", "BB": bb, "W": w, "T": t, "STAGES": st, "DEPTH": 1, "split_k": s,
+                 **({"TAIL": 1} if tail else {})}
+                for bb, w, t, st in tiles for s in ((1, 2) if b <= 256 else (1,))
+                for tail in ((0, 1) if s > 1 else (0,))]
     fits = [c for c in out if (c["kernel"] != "gluon" or N % (16 * c["num_warps"] * c["T"]) == 0)
             and (c["kernel"] != "wgmma" or N % c["BN"] == 0)
             and (c["kernel"] != "pipelined" or N % (16 * c["W"] * c["T"]) == 0)]
@@ -160,7 +163,8 @@ def run(cfg: dict, x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor,
         return dot_repacked(x2, packed, qzeros, scales, group_size, bias, **kw)
     if kernel == "dequant":
         return dequant_matmul_repacked(x2, packed, qzeros, scales, group_size, bias, **kw)
-    raise ValueError(f"unknown kernel {kernel!r} for repacked weights (gluon, wgmma, dot or dequant)")
+    raise ValueError(f"unknown kernel {kernel!r} for repacked weights (gluon, wgmma, pipelined, dot or "
+                     "dequant)")
 
 
 def linear(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,

@@ -33,12 +33,16 @@ def _build(W, T, BB, BK, STAGES, DEPTH, group):
     x = torch.zeros((512, 1024), dtype=torch.bfloat16)
     desc = TensorDescriptor.from_tensor(x, [BB, BK], gl.NVMMASharedLayout.get_default_for([BB, BK], gl.bfloat16))
     sig = {"x_desc": mangle_type(desc), "pw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16",
-           "y_ptr": "*bf16", "ws_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32",
-           "SPLIT_K": "i32", "steps_per_split": "i32"}
-    cst = dict(GROUP=group, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH, HAS_BIAS=True, acc_l=acc_l,
-               a_l=a_l, w_l=w_l, o_l=o_l)
+           "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+           "stride_ym": "i32", "SPLIT_K": "i32", "steps_per_split": "i32"}
+    cst = dict(GROUP=group, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH, HAS_BIAS=True, TAIL=True,
+               acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l)
+    # the divisibility the launcher gives aligned pointers and sizes that are multiples of 16 (as on the GPU)
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("pw_ptr", "qz_ptr", "s_ptr", "b_ptr", "y_ptr",
+                                                                      "N", "K", "stride_ym")}
     sig.update({k: "constexpr" for k in cst})
-    src = gluon._runtime.GluonASTSource(gp._awq_gluon_pipelined_kernel, signature=sig, constexprs=cst)
+    src = gluon._runtime.GluonASTSource(gp._awq_gluon_pipelined_kernel, signature=sig, constexprs=cst, attrs=attrs)
     return triton, triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": W})
 
 

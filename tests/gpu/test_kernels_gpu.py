@@ -301,10 +301,13 @@ def test_gluon_wgmma_on_repacked_weights(cfg, g):
                                  dict(BB=256, W=8, T=1, STAGES=4, split_k=1), dict(BB=128, W=8, T=2, split_k=2),
                                  dict(BB=64, W=4, T=1, STAGES=4, split_k=2, DEPTH=1),
                                  dict(BB=256, W=8, T=1, STAGES=3, split_k=1, DEPTH=1),
-                                 dict(BB=128, W=4, T=2, STAGES=4, split_k=3, DEPTH=1)])
+                                 dict(BB=128, W=4, T=2, STAGES=4, split_k=3, DEPTH=1),
+                                 dict(BB=64, W=4, T=1, STAGES=4, split_k=2, DEPTH=1, TAIL=1),
+                                 dict(BB=256, W=8, T=1, STAGES=3, split_k=4, DEPTH=0, TAIL=1)])
 def test_gluon_pipelined_on_repacked_weights(cfg, g):
     """The pipelined register-A wgmma kernel on repacked weights against fp64: M from 1 to 300 (partial row
-    tiles: TMA fills them with zeros), fewer steps than stages (K 128), odd step counts (K 192), bias, split-K,
+    tiles: TMA fills them with zeros), fewer steps than stages (K 128), odd step counts (K 192), bias, split-K
+    (summed by a second launch or by each tile's last program, whose counters every launch must leave at 0),
     poisoned output, a strided x."""
     from kernels.awq_gluon_pipelined import gluon_pipelined
     from kernels.awq_repack import repack_awq
