@@ -242,9 +242,19 @@ def breakdown(eng) -> dict:
             import kernels
 
             h, i = r.cfg.hidden_size, r.cfg.intermediate_size
-            out["awq_kernel_by_m"] = {m: {f"{k}x{n}": kernels.select_config(m, n, k, r.cfg.quant.group_size,
-                                                                         r.cfg.dtype, r.device)["kernel"]
-                                          for k, n in ((h, 2 * i), (i, h))} for m in (1, 32, 128, 2048)}
+            g = r.cfg.quant.group_size
+            # what the engine runs: the repacked table's kernel for linears repacked at load (4-D words), else
+            # the AutoAWQ-layout dispatcher's
+            repacked = {(m.in_local, m.out_local) for m in model.model.modules()
+                        if isinstance(m, Linear) and m.quant is not None and m.qweight.dim() == 4}
+
+            def chosen(m: int, k: int, n: int) -> str:
+                if (k, n) in repacked:
+                    return "repacked " + kernels.repacked_dispatch.select(m, n, k, g, r.cfg.dtype)["kernel"]
+                return kernels.select_config(m, n, k, g, r.cfg.dtype, r.device)["kernel"]
+
+            out["awq_kernel_by_m"] = {m: {f"{k}x{n}": chosen(m, k, n) for k, n in ((h, 2 * i), (i, h))}
+                                      for m in (1, 32, 128, 2048)}
         except Exception as e:  # the dispatcher's API is the kernel engineer's to change
             out["awq_kernel_by_m"] = repr(e)
     lins = [m for m in model.model.modules() if isinstance(m, Linear)]

@@ -75,9 +75,13 @@ def gluon_configs(M: int, N: int) -> list[dict]:
     if M <= 8:
         cfgs = [dict(T=t, num_warps=w, split_k=s, SCALED=sc, TAIL=tail) for t, w in ((2, 4), (4, 4), (1, 8))
                 for s in (8, 16) for sc in (False, True) for tail in (True, False)]
+        cfgs += [dict(T=t, num_warps=4, split_k=s, SCALED=True, TAIL=tail) for t, s in ((1, 8), (1, 16), (2, 28))
+                 for tail in (True, False)]
     elif M <= 16:
         cfgs = [dict(BM=16, T=t, num_warps=w, split_k=s, SCALED=sc) for t, w in ((2, 4), (1, 8), (2, 8))
                 for s in (2, 4, 8, 16) for sc in (False, True)]
+        cfgs += [dict(BM=16, T=t, num_warps=w, split_k=s, SCALED=True, TAIL=False) for t, w in ((1, 4), (1, 8))
+                 for s in (8, 16)]
     else:  # warps along the rows of x too (WM): at 64 rows one warp cannot hold x's operand and the accumulator
         tiles = ((32, 1, 4, 1), (32, 2, 4, 2), (32, 2, 2, 2)) if M <= 32 else (
             ((64, 1, 4, 2), (64, 1, 4, 4), (64, 2, 2, 4)) if M <= 64 else ((128, 1, 4, 4), (64, 1, 4, 2)))
@@ -179,7 +183,8 @@ def report(paths: list[str], commit: str) -> str:
         device = r["device"]
     shapes = sorted({(k, n) for k, n, _ in best}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99)
     lines = [f"Device: {device} · date: {datetime.date.today().isoformat()} · commit: `{commit}` (probe runs "
-             "on that tree; raw `benchmarks/results/gluon_probe_h100_*.json`)", "",
+             "on that tree's kernels; raw `benchmarks/results/gluon_probe_h100_*.json`; each cell is the latest "
+             f"call that measured it, from: {', '.join(f'`{Path(p).stem}`' for p in paths)})", "",
              "The engine's path on sm_90 GPUs with bf16 (`EngineConfig.repack_weights`, on by default): the "
              "weights repacked at load time into the `mma.m16n8k16` fragment order (`kernels/awq_repack.py`, the "
              "only copy kept), read by the register-operand Gluon kernel (`kernels/awq_gluon_mma.py`) at small M, "
