@@ -191,21 +191,29 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
         ws_offs = om[None, :] * N + on[:, None]
         gl.store(ws_ptr + pid_k * M * N + ws_offs, y_acc, mask=omask)
         if TAIL:
-            # the last program of this output tile to finish sums every split's partial (fixed order), so no
-            # second launch; the counter is left at 0 for the next launch / graph replay
-            _cta_barrier()
-            tile = pid_m * gl.num_programs(0) + pid_n
-            prev = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if prev == SPLIT_K - 1:
-                tot = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
-                for s0 in range(0, SPLIT_K, 4):
-                    for ds in gl.static_range(4):
-                        tot += gl.load(ws_ptr + (s0 + ds) * M * N + ws_offs, mask=omask & (s0 + ds < SPLIT_K),
-                                       other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    tot += gl.load(b_ptr + on).to(gl.float32)[:, None]
-                gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], tot.to(gl.bfloat16), mask=omask)
-                gl.atomic_xchg(cnt_ptr + tile, 0)
+            _sum_in_last_split(gl.zeros([16 * W * T, BM], gl.float32, layout=mma), ws_ptr, ws_offs, omask,
+                               y_ptr + om[None, :] * stride_ym + on[:, None], b_ptr + on, cnt_ptr,
+                               pid_m * gl.num_programs(0) + pid_n, M, N, SPLIT_K, HAS_BIAS)
+
+
+@gluon.jit
+def _sum_in_last_split(tot, ws_ptr, ws_offs, omask, y_ptrs, b_ptrs, cnt_ptr, tile, M, N, SPLIT_K,
+                       HAS_BIAS: gl.constexpr):
+    """Split-K without a second launch: after this program's partial is in ``ws``, the last program of output
+    ``tile`` to arrive (a counter per tile) sums every split's partial in a fixed order (``tot``: zeros in the
+    partials' layout), adds the bias, stores bf16 ``y`` and leaves the counter at 0 for the next launch / graph
+    replay."""
+    _cta_barrier()  # every thread's partial is written before the counter says so
+    prev = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if prev == SPLIT_K - 1:
+        for s0 in range(0, SPLIT_K, 4):
+            for ds in gl.static_range(4):
+                tot += gl.load(ws_ptr + (s0 + ds) * M * N + ws_offs, mask=omask & (s0 + ds < SPLIT_K),
+                               other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            tot += gl.load(b_ptrs).to(gl.float32)[:, None]
+        gl.store(y_ptrs, tot.to(gl.bfloat16), mask=omask)
+        gl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,

@@ -30,7 +30,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, war
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .awq_gluon_mma import _cta_barrier, _fragments, _layouts, _word_offset, _word_offsets, _zeros_scales_bf16
+from .awq_gluon_mma import (_cta_barrier, _fragments, _layouts, _sum_in_last_split, _word_offset, _word_offsets,
+                            _zeros_scales_bf16)
 from .awq_repack import check_repackable
 from .awq_triton import _out_and_ws, _split_args, reduce_partials, tile_counters
 
@@ -144,19 +145,9 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
         ws_offs = om[None, :] * N + on[:, None]
         gl.store(ws_ptr + pid_k * M * N + ws_offs, gl.convert_layout(acc, o_l), mask=omask)
         if TAIL:
-            # the last program of this tile to finish sums every split's partial (fixed order), so no second
-            # launch; its counter is left at 0 for the next launch / graph replay (as in kernels.awq_gluon_mma)
-            _cta_barrier()
-            tile = pid_m * gl.num_programs(0) + pid_n
-            prev = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if prev == SPLIT_K - 1:
-                tot = gl.zeros([BF, BB], gl.float32, layout=o_l)
-                for k in range(0, SPLIT_K):
-                    tot += gl.load(ws_ptr + k * M * N + ws_offs, mask=omask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    tot += gl.load(b_ptr + on).to(gl.float32)[:, None]
-                gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], tot.to(gl.bfloat16), mask=omask)
-                gl.atomic_xchg(cnt_ptr + tile, 0)
+            _sum_in_last_split(gl.zeros([BF, BB], gl.float32, layout=o_l), ws_ptr, ws_offs, omask,
+                               y_ptr + om[None, :] * stride_ym + on[:, None], b_ptr + on, cnt_ptr,
+                               pid_m * gl.num_programs(0) + pid_n, M, N, SPLIT_K, HAS_BIAS)
 
 
 def _pipelined_layouts(W: int, T: int, BB: int, BK: int):
