@@ -108,7 +108,7 @@ def _zeros_scales_bf16(qz_ptr, s_ptr, g, n, N):
 
 
 @gluon.jit
-def _word_offset(k0, BK: gl.constexpr = 16):
+def _word_offset(k0, BK: gl.constexpr):
     """Word offset of the step starting at input feature ``k0`` (a multiple of ``BK``, 16 or more) within a
     tile's row of words: 64-feature chunks are 128 words apart, 16-feature slices one word. At ``BK = 64`` the
     slice term is 0, and leaving it out lets the compiler prove 16-byte alignment (one 16-byte load per thread

@@ -121,7 +121,6 @@ def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
         if b <= 32:
             out += [{"kernel": "gluon", "BM": 32, "T": t, "num_warps": 4, "split_k": s, "SCALED": True}
                     for t in (1, 2) for s in (1, 2, 4)]
-        if b <= 32:
             out += [{"kernel": "wgmma", "BN": bn, "split_k": s} for bn in (64, 128) for s in (1, 2, 4, 8, 16)]
         else:
             out += [{"kernel": "wgmma", "BN": 64, "split_k": s} for s in (2, 4, 8)]
