@@ -358,6 +358,16 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+COPY_TBS = {"": 3.0, "_h200": 4.3}  # device-to-device copy bandwidth measured on each card (read + write)
+
+
+def card_tag(device: str) -> str:
+    """Suffix of a card's docs section, plot and raw file: none for the H100, ``_h200`` for an H200."""
+    from kernels.repacked_dispatch import card_of
+
+    return "" if card_of(device) == "h100" else f"_{card_of(device)}"
+
+
 def report(res: dict, commit: str | None = None) -> str:
     import os
 
@@ -371,7 +381,9 @@ def report(res: dict, commit: str | None = None) -> str:
     bs = res["batches"]
     head = "| system | batch 1 tok/s | ms/token | " + " | ".join(f"batch {b} out tok/s" for b in bs) + \
            " | TTFT 2048 (ms) | weights GiB | peak GiB |"
-    lines = ["## Inference engine (`benchmarks/engine.py`)", "", stamp(res["device"]), "",
+    tag = card_tag(res["device"])
+    lines = ["## Inference engine (`benchmarks/engine.py`" + (f", {res['device']})" if tag else ")"), "",
+             stamp(res["device"]), "",
              f"Llama-3-8B shape (random weights), prompt {res['prompt_len']} tokens, {res['new_tokens']} new "
              f"tokens per request (transformers: {res.get('hf_bf16', {}).get('b1_new_tokens', '-')}); "
              f"torch {res['torch']}, triton {res.get('triton', '-')}, transformers {res['transformers']}; "
@@ -405,7 +417,7 @@ def report(res: dict, commit: str | None = None) -> str:
         if "weights_gib" in r:
             lines.append(f"- {name}: weights {r['weights_gib']:.1f} GiB read per decode step at batch 1 in "
                          f"{r['b1_ms_tok']:.2f} ms: {r['weights_gib'] * 2**30 / r['b1_ms_tok'] / 1e9:.2f} TB/s "
-                         "effective (H100 copy bandwidth ≈ 3.0 TB/s).")
+                         f"effective ({res['device']} copy bandwidth ≈ {COPY_TBS.get(tag, 3.0):.1f} TB/s).")
         if "b1_step_graph_ms" in r:
             rest = r["b1_step_graph_ms"] - r["b1_linears_ms"]
             lines.append(f"  Batch-1 step on the GPU (CUDA graph replay, no Python): {r['b1_step_graph_ms']:.2f} ms, of "
@@ -422,9 +434,10 @@ def report(res: dict, commit: str | None = None) -> str:
                 f"M={m}: {', '.join(v.values())}" for m, v in r["awq_kernel_by_m"].items()))
     if res.get("note"):
         lines += ["", res["note"]]
-    lines += ["", "![engine benchmark](engine.png)", "",
-              "Raw numbers: `docs/engine_results_h100.json`. Reproduce: `python benchmarks/engine.py --out /tmp/bench` on one H100, then "
-              "`python benchmarks/engine.py --report /tmp/bench/engine_results.json`."]
+    card = tag[1:] or "h100"
+    lines += ["", f"![engine benchmark](engine{tag}.png)", "",
+              f"Raw numbers: `docs/engine_results_{card}.json`. Reproduce: `python benchmarks/engine.py --out /tmp/bench` "
+              f"on one {card.upper()}, then `python benchmarks/engine.py --report /tmp/bench/engine_results.json`."]
     return "\n".join(lines)
 
 
@@ -450,7 +463,7 @@ def main(argv=None) -> int:
         res = json.loads(Path(args.report).read_text())
         if args.note:
             res["note"] = args.note
-        write_section("engine", report(res))
+        write_section("engine" + card_tag(res["device"]), report(res))
         return 0
     res = measure(args)
     print(report(res))

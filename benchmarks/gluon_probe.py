@@ -1,5 +1,5 @@
 """Probe of the kernels on fragment-repacked weights on one GPU, side by side in one call; source of
-``kernels/tuned_repacked_h100.json``.
+``kernels/tuned_repacked_<card>.json`` (h100, h200).
 
     RAYAWQ_COMMIT=<hash> python3 benchmarks/gluon_probe.py --out $OUT [--ms 1,16,64] [--skip-dot] [--skip-mma]
     python3 benchmarks/gluon_probe.py --report a.json b.json ...   # docs/benchmarks.md section + docs/repacked_probe.png
@@ -35,7 +35,7 @@ from kernels.awq_gluon_mma import gluon_mma  # noqa: E402
 from kernels.awq_gluon_pipelined import gluon_pipelined  # noqa: E402
 from kernels.awq_gluon_wgmma import gluon_wgmma  # noqa: E402
 from kernels.awq_repack import repack_awq  # noqa: E402
-from kernels.awq_repacked_dot import dequant_matmul_repacked, dot_repacked  # noqa: E402
+from kernels.awq_repacked_dot import dequant_matmul_repacked, dequantize_repacked, dot_repacked  # noqa: E402
 from kernels.timing import sets_needed, time_calls  # noqa: E402
 
 SHAPES = [(4096, 14336), (8192, 8192), (14336, 4096), (8192, 28672)]
@@ -97,12 +97,12 @@ def pipe_configs(M: int, N: int) -> list[dict]:
         tiles, splits = ((64, 4, 1, 4), (64, 8, 1, 4), (64, 4, 2, 4)), (1, 2, 4)
     elif M <= 128:
         tiles, splits = ((128, 4, 1, 4), (128, 8, 1, 4), (128, 4, 2, 4)), (1, 2, 4)
-    elif M <= 256:
-        tiles, splits = ((256, 8, 1, 4), (128, 8, 1, 4), (128, 4, 2, 4), (256, 4, 1, 3)), (1, 2)
+    elif M <= 256:  # split 4 too: N = 4096 has only 32-64 feature tiles
+        tiles, splits = ((256, 8, 1, 4), (128, 8, 1, 4), (128, 4, 2, 4), (256, 4, 1, 3), (128, 4, 1, 4)), (1, 2, 4)
     else:
         tiles, splits = ((256, 8, 1, 4), (256, 8, 1, 3), (128, 8, 2, 3), (256, 4, 1, 3), (128, 4, 2, 4)), (1,)
     cfgs = [dict(BB=bb, W=w, T=t, STAGES=st, split_k=s, DEPTH=d) for bb, w, t, st in tiles for s in splits
-            for d in (1, 0)]
+            for d in ((1,) if M >= 256 else (1, 0))]  # DEPTH 0 never won from 256 rows (H100, H200)
     # split-K partials summed by each tile's last program instead of a second launch
     cfgs += [{**c, "TAIL": 1} for c in cfgs if c["split_k"] > 1]
     return [c for c in cfgs if N % (16 * c["W"] * c["T"]) == 0]
@@ -119,6 +119,27 @@ def dot_configs(M: int) -> list[dict]:
                 for s in (1,)]
     return [{**c, "SCALE_AFTER": sa, "PREFETCH": pf} for c in base for sa, pf in ((True, False), (True, True),
                                                                                    (False, False))]
+
+
+def dequant_configs() -> list[dict]:
+    """Dequantize + cuBLAS variants: the weight written ``[K, N]`` (``x @ W``) or ``[N, K]`` (``NK``: ``x @ W^T``,
+    cuBLAS's "TN" operand order, as the bf16 baseline), by tiles of 64-256 columns."""
+    return [dict(NK=nk, BN=bn, num_warps=w) for nk in (0, 1) for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8))]
+
+
+def dequant_parts(cfg: dict, K: int, N: int, xs, packed, sets, wb) -> dict:
+    """Where dequantize + cuBLAS spends its time, each part timed alone like the whole: the dequantize kernel
+    (with its read + write bandwidth), cuBLAS on the dense weight in the layout ``cfg`` writes, and a plain copy
+    of the bf16 weight (the copy ceiling)."""
+    dq = {k: v for k, v in cfg.items() if k != "NK"}
+    only = time_calls([lambda p=p, s=s: dequantize_repacked(p, s[1], s[2], G, torch.bfloat16, nk=bool(cfg["NK"]), **dq)
+                       for p, s in zip(packed, sets)])
+    dense = [dequantize_repacked(p, s[1], s[2], G, torch.bfloat16, nk=bool(cfg["NK"]), **dq) for p, s in zip(packed, sets)]
+    mm = time_calls([lambda x=x, w=w: x @ (w.t() if cfg["NK"] else w) for x, w in zip(xs, dense)])
+    copy = time_calls([lambda w=w: w.clone() for w in wb])
+    moved = K * N // 2 + (K // G) * N * 5 // 2 + K * N * 2
+    return {"dequant_only_us": only, "dequant_tbs": moved / only / 1e6, "dequant_cublas_us": mm,
+            "copy_us": copy, "copy_tbs": 4 * K * N / copy / 1e6}
 
 
 def best_of(cfgs: list[dict], launch, xs, packed, sets) -> tuple[float, dict | None, dict]:
@@ -157,7 +178,7 @@ _TABLE_NAMES = {"dot_repacked": "dot", "gluon_wgmma": "wgmma", "dequant_repacked
 
 
 def table_entries(paths: list[str]) -> dict[str, dict]:
-    """``kernels/tuned_repacked_h100.json`` entries (``K{K}/N{N}/M{M}``) from the rows of :func:`latest_rows`:
+    """``kernels/tuned_repacked_<card>.json`` entries (``K{K}/N{N}/M{M}``) from the rows of :func:`latest_rows`:
     each row's fastest kernel and config, named as ``kernels.repacked_dispatch.run`` takes them."""
     out = {}
     for (K, N, M), r in latest_rows(paths).items():
@@ -182,15 +203,18 @@ def report(paths: list[str], commit: str) -> str:
                      "cublas": r["cublas_us"], "int4": r["int4_us"]}
         device = r["device"]
     shapes = sorted({(k, n) for k, n, _ in best}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99)
+    from kernels.repacked_dispatch import card_of
+
+    tag = "" if card_of(device) == "h100" else f"_{card_of(device)}"
     lines = [f"Device: {device} · date: {datetime.date.today().isoformat()} · commit: `{commit}` (probe runs "
-             "on that tree's kernels; raw `benchmarks/results/gluon_probe_h100_*.json`; each cell is the latest "
+             "on that tree's kernels; raw `benchmarks/results/gluon_probe_*.json`; each cell is the latest "
              f"call that measured it, from: {', '.join(f'`{Path(p).stem}`' for p in paths)})", "",
              "The engine's path on sm_90 GPUs with bf16 (`EngineConfig.repack_weights`, on by default): the "
              "weights repacked at load time into the `mma.m16n8k16` fragment order (`kernels/awq_repack.py`, the "
              "only copy kept), read by the register-operand Gluon kernel (`kernels/awq_gluon_mma.py`) at small M, "
              "the warpgroup-MMA Gluon kernel (`kernels/awq_gluon_wgmma.py`) at 32 rows, the pipelined register-operand "
              "`wgmma` kernel (`kernels/awq_gluon_pipelined.py`) from 64 rows, dequantize + cuBLAS "
-             "(`kernels/awq_repacked_dot.py`) where it measured faster, as `kernels/tuned_repacked_h100.json` "
+             "(`kernels/awq_repacked_dot.py`) where it measured faster, as `kernels/tuned_repacked_<card>.json` "
              "(these cells) says. "
              "Each cell is the fastest of those kernels and configs, beside the AutoAWQ-layout table's kernel "
              "(what fp16 and other GPUs run), cuBLAS and PyTorch's int4 kernel timed in the same call (cold L2, "
@@ -225,13 +249,14 @@ def report(paths: list[str], commit: str) -> str:
         (axes[0] if len(shapes) > 1 else axes).legend(fontsize=8)
         fig.suptitle(f"W4A16 on repacked weights vs the AutoAWQ-layout kernels, {device}")
         fig.tight_layout()
-        tmp = DOCS / "repacked_probe.tmp.png"
+        tmp = DOCS / f"repacked_probe{tag}.tmp.png"
         fig.savefig(tmp, dpi=110)
-        tmp.replace(DOCS / "repacked_probe.png")
-        lines += ["", "![speedup over cuBLAS vs M](repacked_probe.png)"]
+        tmp.replace(DOCS / f"repacked_probe{tag}.png")
+        lines += ["", f"![speedup over cuBLAS vs M](repacked_probe{tag}.png)"]
     except ImportError:
         pass
-    return "## W4A16 on fragment-repacked weights (`benchmarks/gluon_probe.py`)\n\n" + "\n".join(lines)
+    return (f"## W4A16 on fragment-repacked weights (`benchmarks/gluon_probe.py`{', ' + device if tag else ''})\n\n"
+            + "\n".join(lines))
 
 
 def main() -> int:
@@ -239,7 +264,7 @@ def main() -> int:
     ap.add_argument("--report", nargs="+", help="probe JSON files (oldest first) to join into docs/benchmarks.md "
                     "(no GPU)")
     ap.add_argument("--table", nargs="+", help="probe JSON files (oldest first) whose rows' fastest configs go "
-                    "into kernels/tuned_repacked_h100.json (no GPU)")
+                    "into kernels/tuned_repacked_<card>.json, the card named by the last file (no GPU)")
     ap.add_argument("--commit", default=None, help="commit the probe runs measured (default: this checkout's)")
     ap.add_argument("--out", default="/tmp/gluon_probe")
     ap.add_argument("--ms", default="1,16,64")
@@ -254,20 +279,28 @@ def main() -> int:
     if a.table:
         from kernels import repacked_dispatch
 
-        table = json.loads(repacked_dispatch.TABLE.read_text())
+        device = json.loads(Path(a.table[-1]).read_text())["device"]
+        path = repacked_dispatch.table_path(repacked_dispatch.card_of(device))
+        table = json.loads(path.read_text()) if path.exists() else {
+            "meta": {"device": device, "dtype": "bf16", "group": 128, "source": "benchmarks/gluon_probe.py runs: "
+                     "per (K, N, M) the fastest repacked kernel and config (shapes not measured on this card read "
+                     "the H100 table)"}, "configs": {}}
         new = table_entries(a.table)
         table["configs"].update(new)
         table["meta"]["source"] += f"; {len(new)} entries from {', '.join(Path(p).name for p in a.table)}"
-        tmp = repacked_dispatch.TABLE.with_suffix(".tmp")
+        tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-        tmp.replace(repacked_dispatch.TABLE)
-        print(f"{len(new)} entries into {repacked_dispatch.TABLE}")
+        tmp.replace(path)
+        print(f"{len(new)} entries into {path}")
         if not a.report:
             return 0
     if a.report:
         from benchmarks._report import git_commit, write_section
 
-        write_section("repacked", report(a.report, a.commit or git_commit()))
+        from kernels.repacked_dispatch import card_of
+
+        card = card_of(json.loads(Path(a.report[-1]).read_text())["device"])
+        write_section("repacked" + ("" if card == "h100" else f"_{card}"), report(a.report, a.commit or git_commit()))
         return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -297,8 +330,9 @@ def main() -> int:
             launches += [(c, lambda x, p, s, c: dot_repacked(x, p, s[1], s[2], G, **c)) for c in dot_cfgs]
             launches += [(c, lambda x, p, s, c: gluon_wgmma(x, p, s[1], s[2], G, **c)) for c in wg_cfgs]
             launches += [(c, lambda x, p, s, c: gluon_pipelined(x, p, s[1], s[2], G, **c)) for c in pipe_cfgs]
-            if M >= 128:
-                launches.append(({"dequant": True}, lambda x, p, s, c: dequant_matmul_repacked(x, p, s[1], s[2], G)))
+            dq_cfgs = dequant_configs() if M >= 1024 else []  # 0.5-0.8x of the fused kernels below
+            launches += [({"dequant": True, **c}, lambda x, p, s, c: dequant_matmul_repacked(
+                x, p, s[1], s[2], G, **{k: v for k, v in c.items() if k != "dequant"})) for c in dq_cfgs]
             for c, f in launches:
                 o = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
                 try:
@@ -332,10 +366,12 @@ def main() -> int:
                 row["pipe_us"], row["pipe_cfg"] = us, c
                 if c is not None:
                     best = min(best, (us, {"kernel": "pipelined", **c}), key=lambda t: t[0])
-            if M >= 128:
-                row["dequant_repacked_us"] = time_calls([lambda x=x, p=p, s=s: dequant_matmul_repacked(x, p, s[1], s[2], G)
-                                                         for x, p, s in zip(xs, packed, sets)])
-                best = min(best, (row["dequant_repacked_us"], {"kernel": "dequant_repacked"}), key=lambda t: t[0])
+            if dq_cfgs:
+                us, c, row["dequant_all_us"] = best_of(
+                    dq_cfgs, lambda x, p, s, c: dequant_matmul_repacked(x, p, s[1], s[2], G, **c), xs, packed, sets)
+                row["dequant_repacked_us"], row["dequant_cfg"] = us, c
+                best = min(best, (us, {"kernel": "dequant_repacked", **c}), key=lambda t: t[0])
+                row.update(dequant_parts(c, K, N, xs, packed, sets, wb))
             row["repacked_best_us"], row["repacked_best"] = best
             cfg = dispatch.select_config(M, N, K, G, torch.bfloat16, torch.device("cuda"))
             row["table_us"] = time_calls([lambda x=x, s=s: dispatch.run_config(cfg, x, *s, G) for x, s in zip(xs, sets)])
@@ -347,6 +383,9 @@ def main() -> int:
                 row["read_us"], row["read_how"] = read_floor(K * N // 2 + (K // G) * N * 5 // 2)
             rows.append(row)
             read = f"read {row['read_us']:.1f} ({row['read_how']}) " if M == 1 else ""
+            if "dequant_only_us" in row:
+                read += (f"[dequant alone {row['dequant_only_us']:.1f} ({row['dequant_tbs']:.2f} TB/s, copy "
+                         f"{row['copy_tbs']:.2f}) + cublas {row['dequant_cublas_us']:.1f} {row['dequant_cfg']}] ")
             fam = " ".join(f"{k[:-3]} {row[k]:.1f}" for k in ("gluon_us", "dot_us", "wgmma_us", "pipe_us",
                                                                  "dequant_repacked_us") if k in row)
             errs = {k: v for k, v in errs.items() if v != float("inf")} or {"none": float("inf")}

@@ -93,10 +93,12 @@ def engine_us(r: dict) -> float:
     return r.get("repacked_us", r["ours_us"])
 
 
-def bench_repacked(row, M, N, K, xs, awq_sets, packed_sets):
-    """Time every repacked candidate for this row; keep the best (checked against fp64) and the best per kernel."""
+def bench_repacked(row, M, N, K, xs, awq_sets, packed_sets, table_only=False):
+    """Time every repacked candidate for this row (``table_only``: the table's choice alone); keep the best
+    (checked against fp64) and the best per kernel."""
     best, row["repacked_variants"] = (float("inf"), None), {}
-    for cfg in repacked_dispatch.candidates(M, N, K, GROUP):
+    cands = [repacked_dispatch.select(M, N, K, GROUP)] if table_only else repacked_dispatch.candidates(M, N, K, GROUP)
+    for cfg in cands:
         try:
             us = time_calls([lambda x=x, p=p, w=w, cfg=cfg: repacked_dispatch.run(cfg, x, p, w[1], w[2], GROUP)
                              for x, p, w in zip(xs, packed_sets, awq_sets)])
@@ -116,7 +118,7 @@ def bench_repacked(row, M, N, K, xs, awq_sets, packed_sets):
     row["repacked_rel_err"] = rel_err(y, ref_fp64(x, *awq_sets[0], GROUP))
 
 
-def bench_shape(K, N, ms, sms, results, deadline, on_row=lambda: None, repacked=True):
+def bench_shape(K, N, ms, sms, results, deadline, on_row=lambda: None, repacked=True, table_only=False):
     log(f"== shape K={K} N={N}")
     n_int4 = sets_needed(awq_bytes(1, N, K))
     awq_sets = [dispatch.random_awq(K, N, GROUP, DTYPE, "cuda") for _ in range(n_int4)]
@@ -145,7 +147,9 @@ def bench_shape(K, N, ms, sms, results, deadline, on_row=lambda: None, repacked=
                 log("int4pack failed:", repr(e)[:200])
                 row["int4pack_us"] = float("nan")
         best = (float("inf"), None)
-        for cfg in dispatch.candidates(M, N, K, GROUP, sms):
+        cands = [dispatch.select_config(M, N, K, GROUP, DTYPE, torch.device("cuda"))] if table_only else \
+            dispatch.candidates(M, N, K, GROUP, sms)
+        for cfg in cands:
             try:
                 us = time_calls([lambda x=x, w=w, cfg=cfg: dispatch.run_config(cfg, x, *w, GROUP)
                                  for x, w in zip(xs, awq_sets)])
@@ -168,7 +172,7 @@ def bench_shape(K, N, ms, sms, results, deadline, on_row=lambda: None, repacked=
         row["all_written"] = bool(torch.isfinite(y).all())
         row["roofline_us"] = awq_bytes(M, N, K) / BW * 1e6
         if packed_sets is not None:
-            bench_repacked(row, M, N, K, xs, awq_sets, packed_sets)
+            bench_repacked(row, M, N, K, xs, awq_sets, packed_sets, table_only)
         results.append(row)
         on_row()  # every row on disk at once: a cut-off run keeps what it measured
         i4 = row.get("int4pack_us", float("nan"))
@@ -219,17 +223,27 @@ def tuned_repacked_table(results, meta, older: dict) -> dict:
     return {"meta": {**meta, "source": "benchmarks/kernels.py (rows with repacked_us)"}, "configs": configs}
 
 
+def card_tag(meta: dict) -> str:
+    """Suffix of this card's docs section and plot: none for the H100 (the issue's card), ``_h200`` for an H200."""
+    card = repacked_dispatch.card_of(meta["device"])
+    return "" if card == "h100" else f"_{card}"
+
+
 def markdown(results, meta):
+    tag = card_tag(meta)
+    chosen = ("the config the repo's tables choose (`--table-only`: what `awq_linear` runs, no tuning in this run)"
+              if meta.get("table_only") else "the best of `repacked_dispatch.candidates`")
     lines = [
-        "## W4A16 kernels (`benchmarks/kernels.py`)", "",
+        "## W4A16 kernels (`benchmarks/kernels.py`" + (f", {meta['device']})" if tag else ")"), "",
         stamp(meta["device"]) + f" · torch {meta['torch']} · triton {meta['triton']}", "",
         f"bf16, group {GROUP}, AutoAWQ layout read directly. Median µs per call (`triton.testing.do_bench`), "
         "several fresh random input sets per graph so every call starts with cold L2. Speedups are over cuBLAS "
         "(`x @ w.T`). Roofline = bytes moved / 3.0 TB/s (measured copy bandwidth "
         f"{meta['copy_tbps']:.2f} TB/s this run). Relative error of our output vs an fp64 reference in the last column. "
         "On sm_90 with bf16 the engine runs the repacked path (weights in the tensor cores' fragment order, "
-        "`kernels/repacked_dispatch.py`): its columns are the best of `repacked_dispatch.candidates`, and the "
-        "targets below are checked on the path the engine runs.",
+        f"`kernels/repacked_dispatch.py`): its columns are {chosen}, and the targets below are checked on the "
+        "path the engine runs." + (" The AutoAWQ-layout columns are likewise the table's choice." if
+                                  meta.get("table_only") else ""),
         "",
     ]
     if meta.get("rows_from"):
@@ -265,7 +279,7 @@ def markdown(results, meta):
         met = sum(v >= thr for v in vals)
         worst = min(zip(vals, rs), key=lambda t: t[0])
         lines.append(f"| {name} | {met}/{len(rs)} | {worst[0]:.2f} ({worst[1]['K']}×{worst[1]['N']}, M={worst[1]['M']}) |")
-    lines += ["", "![speedup vs M](kernels_speedup.png)", ""]
+    lines += ["", f"![speedup vs M](kernels_speedup{tag}.png)", ""]
     return "\n".join(lines)
 
 
@@ -317,16 +331,19 @@ def join_runs(files: list[Path], out: Path, write_docs: bool) -> int:
     meta = dict(metas[0])
     meta["joined_runs"] = [{"date": m["date"], "copy_tbps": m["copy_tbps"]} for m in metas]
     (out / "kernels_results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    table = keep_unmeasured(tuned_table(results, meta), dispatch.load_table())
-    (out / "tuned_h100.json").write_text(json.dumps(table, indent=1, sort_keys=True))
-    rtable = tuned_repacked_table(results, meta, json.loads(repacked_dispatch.TABLE.read_text()))
-    (out / "tuned_repacked_h100.json").write_text(json.dumps(rtable, indent=1, sort_keys=True))
+    table_only = meta.get("table_only", False)
+    if not table_only:
+        table = keep_unmeasured(tuned_table(results, meta), dispatch.load_table())
+        (out / "tuned_h100.json").write_text(json.dumps(table, indent=1, sort_keys=True))
+        rtable = tuned_repacked_table(results, meta, json.loads(repacked_dispatch.TABLE.read_text()))
+        (out / "tuned_repacked_h100.json").write_text(json.dumps(rtable, indent=1, sort_keys=True))
     md = markdown(results, meta).replace(
         "\n\n| K×N |", f"\n\nJoined from {len(files)} device calls of one session on one machine.\n\n| K×N |", 1)
     (out / "kernels_section.md").write_text(md)
-    plot(results, out / "kernels_speedup.png", meta)
+    plot(results, out / f"kernels_speedup{card_tag(meta)}.png", meta)
     if write_docs:
-        write_section("kernels", md)
+        write_section(f"kernels{card_tag(meta)}", md)
+    if write_docs and not table_only:
         Path(dispatch.TABLE_PATH).write_text(json.dumps(table, indent=1, sort_keys=True))
         repacked_dispatch.TABLE.write_text(json.dumps(rtable, indent=1, sort_keys=True))
     print(md)
@@ -342,6 +359,9 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this many seconds")
     ap.add_argument("--write-docs", action="store_true", help="also write docs/benchmarks.md and the repo tables")
     ap.add_argument("--no-repacked", action="store_true", help="leave out the repacked path (sm_90, bf16)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="time only the configs the repo's tables choose (what awq_linear runs), no tuning; "
+                         "writes no tables")
     ap.add_argument("--also", default=None,
                     help="kernels_results.json of an earlier part of this session (same card): its rows for shapes "
                          "this run does not measure join this run's table, section and plot")
@@ -368,6 +388,7 @@ def main():
     meta = {"device": dev, "sms": sms, "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.date.today().isoformat(), "commit": git_commit(), "group": GROUP, "dtype": "bf16"}
     meta["copy_tbps"] = copy_bandwidth() / 1e12
+    meta["table_only"] = args.table_only
     log(json.dumps(meta))
     t0 = time.time()
     results = []
@@ -377,7 +398,8 @@ def main():
         (out / "kernels_results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
     for K, N in sorted(shapes, key=lambda s: -s[0] * s[1]):  # target shapes first, in case the budget runs out
-        bench_shape(K, N, ms, sms, results, t0 + args.budget_s, on_row=dump, repacked=not args.no_repacked)
+        bench_shape(K, N, ms, sms, results, t0 + args.budget_s, on_row=dump, repacked=not args.no_repacked,
+                    table_only=args.table_only)
     if args.also and Path(args.also).exists():  # one benchmark split over two device calls
         done = {(r["K"], r["N"]) for r in results}
         earlier = json.loads(Path(args.also).read_text())
@@ -388,15 +410,17 @@ def main():
         shapes = list(dict.fromkeys(shapes + [(r["K"], r["N"]) for r in extra]))
         results.extend(extra)
         dump()
-    table = keep_unmeasured(tuned_table(results, meta), dispatch.load_table())
-    (out / "tuned_h100.json").write_text(json.dumps(table, indent=1, sort_keys=True))
-    rtable = tuned_repacked_table(results, meta, json.loads(repacked_dispatch.TABLE.read_text()))
-    (out / "tuned_repacked_h100.json").write_text(json.dumps(rtable, indent=1, sort_keys=True))
+    if not args.table_only:
+        table = keep_unmeasured(tuned_table(results, meta), dispatch.load_table())
+        (out / "tuned_h100.json").write_text(json.dumps(table, indent=1, sort_keys=True))
+        rtable = tuned_repacked_table(results, meta, json.loads(repacked_dispatch.TABLE.read_text()))
+        (out / "tuned_repacked_h100.json").write_text(json.dumps(rtable, indent=1, sort_keys=True))
     md = markdown(results, meta)
     (out / "kernels_section.md").write_text(md)
-    plot(results, out / "kernels_speedup.png", meta)
+    plot(results, out / f"kernels_speedup{card_tag(meta)}.png", meta)
     if args.write_docs:
-        write_section("kernels", md)
+        write_section(f"kernels{card_tag(meta)}", md)
+    if args.write_docs and not args.table_only:
         Path(dispatch.TABLE_PATH).write_text(json.dumps(table, indent=1, sort_keys=True))
         repacked_dispatch.TABLE.write_text(json.dumps(rtable, indent=1, sort_keys=True))
     log(md)

@@ -144,15 +144,20 @@ def _awq_repacked_dot_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr,
 
 
 @triton.jit
-def _awq_repacked_dequant_kernel(pw_ptr, qz_ptr, s_ptr, w_ptr, N, K, GROUP: tl.constexpr, NT: tl.constexpr):
-    """Dense ``W [K, N]`` tile of ``16 NT`` columns by one 64-feature chunk."""
+def _awq_repacked_dequant_kernel(pw_ptr, qz_ptr, s_ptr, w_ptr, N, K, GROUP: tl.constexpr, NT: tl.constexpr,
+                                 NK: tl.constexpr):
+    """Dense weight tile of ``16 NT`` columns by one 64-feature chunk, stored as ``W [K, N]`` or (``NK``) as the
+    ``nn.Linear`` weight ``[N, K]``."""
     pid_n = tl.program_id(0)
     kc = tl.program_id(1)
     w = _scale_chunk(_repacked_codes(pw_ptr, pid_n * NT, kc, K // 64, N // 16, NT), qz_ptr, s_ptr, pid_n * NT, kc,
                      N, GROUP, NT)
     n = pid_n * 16 * NT + tl.arange(0, 16 * NT)
     k = kc * 64 + tl.arange(0, 64)
-    tl.store(w_ptr + k[:, None] * N + n[None, :], w.to(w_ptr.dtype.element_ty), mask=(n < N)[None, :])
+    if NK:
+        tl.store(w_ptr + n[None, :] * K + k[:, None], w.to(w_ptr.dtype.element_ty), mask=(n < N)[None, :])
+    else:
+        tl.store(w_ptr + k[:, None] * N + n[None, :], w.to(w_ptr.dtype.element_ty), mask=(n < N)[None, :])
 
 
 def _check(x2: torch.Tensor | None, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> tuple[int, int]:
@@ -189,20 +194,23 @@ def dot_repacked(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, s
 
 
 def dequantize_repacked(packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
-                        dtype: torch.dtype | None = None, *, BN: int = 64, num_warps: int = 4) -> torch.Tensor:
-    """Dense ``[K, N]`` weight from repacked words (math in fp32)."""
+                        dtype: torch.dtype | None = None, *, BN: int = 64, num_warps: int = 4,
+                        nk: bool = False) -> torch.Tensor:
+    """Dense weight from repacked words (math in fp32): ``[K, N]``, or with ``nk`` the ``nn.Linear`` ``[N, K]``."""
     K, N = _check(None, packed, scales, group_size)
-    w = torch.empty((K, N), dtype=dtype or scales.dtype, device=packed.device)
+    w = torch.empty((N, K) if nk else (K, N), dtype=dtype or scales.dtype, device=packed.device)
     _awq_repacked_dequant_kernel[(triton.cdiv(N, BN), K // 64)](packed, qzeros, scales, w, N, K, GROUP=group_size,
-                                                                 NT=BN // 16, num_warps=num_warps)
+                                                                 NT=BN // 16, NK=bool(nk), num_warps=num_warps)
     return w
 
 
 def dequant_matmul_repacked(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                             group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-                            BN: int = 64, num_warps: int = 4) -> torch.Tensor:
-    """Dequantize the repacked words (Triton), then ``torch.matmul`` (cuBLAS): the prefill path."""
-    w = dequantize_repacked(packed, qzeros, scales, group_size, x2.dtype, BN=BN, num_warps=num_warps)
+                            BN: int = 64, num_warps: int = 4, NK: bool = False) -> torch.Tensor:
+    """Dequantize the repacked words (Triton), then ``torch.matmul`` (cuBLAS): the prefill path. ``NK``: the
+    weight is written ``[N, K]`` and multiplied as ``x @ W^T``, the operand order of ``nn.Linear`` (cuBLAS "TN")."""
+    w = dequantize_repacked(packed, qzeros, scales, group_size, x2.dtype, BN=BN, num_warps=num_warps, nk=NK)
+    w = w.t() if NK else w
     if bias is not None:
         return torch.addmm(bias.to(x2.dtype), x2, w, out=out) if out is not None else torch.addmm(
             bias.to(x2.dtype), x2, w)

@@ -5,8 +5,9 @@ kernels at every batch size measured (``docs/benchmarks.md``, repacked section):
 kernel up to 16-32 rows (1.05-1.9x), the warpgroup-MMA kernel at 32 rows, the pipelined register-A ``wgmma``
 kernel (:mod:`kernels.awq_gluon_pipelined`) from 64 rows up (1.3-2x at 64-128 rows, 0.8-1.1x of cuBLAS from 256),
 where dequantize + cuBLAS was 0.5-0.9x.
-The measured best config per (K, N, M bucket) at group 128 is kept in ``tuned_repacked_h100.json``; other shapes
-get a rule sized by the number of programs (the measured winners keep ~400-1800 programs in flight).
+The measured best config per (K, N, M bucket) at group 128 is kept per card in ``tuned_repacked_<card>.json``
+(``h100``, ``h200``: the card's own entries first, then the H100's); other shapes get a rule sized by the number of
+programs (the measured winners keep ~400-1800 programs in flight).
 
 Requirements (:func:`supported`): an sm_90 GPU (warpgroup MMA), Triton with Gluon, bf16 activations, N a multiple
 of 128, K of 64, groups of 32, 64 or 128. fp16 activations on repacked weights run the ``tl.dot`` kernel /
@@ -27,7 +28,23 @@ from .awq_repack import fragments_to_codes, repack_awq
 from .reference import awq_linear_reference
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)  # the M values benchmarks/kernels.py measures
-TABLE = Path(__file__).with_name("tuned_repacked_h100.json")
+CARDS = ("h100", "h200")  # cards with a measured table; any other sm_90 GPU reads the H100's
+TABLE = Path(__file__).with_name("tuned_repacked_h100.json")  # the reference table (and every other card's fallback)
+
+
+def table_path(card: str = "h100") -> Path:
+    """The measured table of ``card`` (one of :data:`CARDS`)."""
+    return Path(__file__).with_name(f"tuned_repacked_{card}.json")
+
+
+def card_of(device_name: str) -> str:
+    """The table card for a CUDA device name ('NVIDIA H200' -> 'h200'); 'h100' for any card without a table."""
+    return next((c for c in CARDS if c in device_name.lower()), "h100")
+
+
+@functools.lru_cache(maxsize=None)
+def _current_card() -> str:
+    return card_of(torch.cuda.get_device_name()) if torch.cuda.is_available() else "h100"
 
 
 def bucket(M: int) -> int:
@@ -35,9 +52,14 @@ def bucket(M: int) -> int:
     return next((b for b in BUCKETS if M <= b), BUCKETS[-1])
 
 
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()).get("configs", {}) if path.exists() else {}
+
+
 @functools.lru_cache(maxsize=None)
-def _table() -> dict:
-    return json.loads(TABLE.read_text()).get("configs", {}) if TABLE.exists() else {}
+def _table(card: str = "h100") -> dict:
+    """Entries measured on ``card``, over the H100's (a shape the card's probe has not measured keeps the H100's)."""
+    return {**_read(TABLE), **(_read(table_path(card)) if card != "h100" else {})}
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,21 +94,23 @@ def _split_for(programs_per_split: int, target: int, cap: int = 16) -> int:
     return split
 
 
-def select(M: int, N: int, K: int, group_size: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """The kernel and config for ``M`` rows: the measured table's entry (group 128), else the rule."""
+def select(M: int, N: int, K: int, group_size: int, dtype: torch.dtype = torch.bfloat16,
+           card: str | None = None) -> dict:
+    """The kernel and config for ``M`` rows: the measured table's entry of ``card`` (default: this process's GPU;
+    group 128), else the rule."""
     if dtype != torch.bfloat16:
         return {"kernel": "dot", "BM": 64, "BN": 64, "split_k": 1} if M <= 128 else {"kernel": "dequant"}
     b = bucket(M)
     if group_size == 128:
-        cfg = _table().get(f"K{K}/N{N}/M{b}")
+        cfg = _table(card or _current_card()).get(f"K{K}/N{N}/M{b}")
         if cfg is not None:
             return {k: v for k, v in cfg.items() if k != "us"}
     if b <= 8:
         return {"kernel": "gluon", "T": 2, "num_warps": 4, "SCALED": True, "TAIL": False,
                 "split_k": _split_for(N // 128, 800)}
-    if b <= 16:
-        return {"kernel": "gluon", "BM": 16, "T": 1, "num_warps": 8, "SCALED": True,
-                "split_k": _split_for(N // 128, 400, cap=8)}
+    if b <= 16:  # the H200 winners on all four probed shapes: 4 warps, split 8 (16 where K >= 14336)
+        return {"kernel": "gluon", "BM": 16, "T": 1, "num_warps": 4, "SCALED": True, "TAIL": False,
+                "split_k": 16 if K >= 14336 else 8}
     if b <= 32:
         return {"kernel": "wgmma", "BN": 64, "split_k": _split_for(N // 64 * math.ceil(M / 64), 400)}
     if b <= 128:  # 64-row tiles up to 64 rows, 128 above; split until ~400 / ~200 programs (probe winners)
@@ -130,7 +154,8 @@ def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
                  **({"TAIL": 1} if tail else {})}
                 for bb, w, t, st in tiles for s in (1, 2, 4) for d in (0, 1) for tail in ((0, 1) if s > 1 else (0,))]
     else:
-        out += [{"kernel": "dequant"}]
+        out += [{"kernel": "dequant"}] + [{"kernel": "dequant", "NK": 1, "BN": bn, "num_warps": w}
+                                          for bn, w in ((64, 4), (128, 8))]
         tiles = ((256, 4, 1, 3), (256, 8, 1, 4), (128, 8, 1, 4), (128, 4, 2, 4)) if b <= 256 else (
             (256, 8, 1, 4), (256, 8, 1, 3), (128, 8, 2, 3), (128, 4, 2, 4))
         out += [{"kernel": "pipelined", "BB": bb, "W": w, "T": t, "STAGES": st, "DEPTH": 1, "split_k": s,

@@ -274,7 +274,8 @@ def test_repacked_dot_and_dequant_on_gpu(cfg, g):
         y = dot_repacked(x, packed, w[1], w[2], g, bias, out=out, **cfg)
         r = ref64(x, *w, g, bias)
         assert torch.isfinite(y).all() and rel(y, r) <= 1e-2, (M, cfg)
-        assert rel(dequant_matmul_repacked(x, packed, w[1], w[2], g, bias), r) <= 1e-2
+        for nk in (False, True):
+            assert rel(dequant_matmul_repacked(x, packed, w[1], w[2], g, bias, NK=nk), r) <= 1e-2
 
 
 @pytest.mark.parametrize("g", [32, 128])
