@@ -21,9 +21,19 @@ def git_commit() -> str:
         return "unknown"
 
 
-def stamp(device: str) -> str:
-    """The line every section starts with: device, date, commit."""
-    return f"Device: {device} · date: {datetime.date.today().isoformat()} · commit: `{git_commit()}`"
+def card_suffix(device: str) -> str:
+    """Suffix of a card's docs sections, plots and raw files: none for the H100 (the issue's card, whose
+    sections keep their names), ``_h200`` for an H200 (the card names of ``kernels.repacked_dispatch``)."""
+    from kernels.repacked_dispatch import card_of
+
+    card = card_of(device)
+    return "" if card == "h100" else f"_{card}"
+
+
+def stamp(device: str, commit: str | None = None, date: str | None = None) -> str:
+    """The line every section starts with: device, date, commit (defaults: today, the tree being measured)."""
+    return (f"Device: {device} · date: {date or datetime.date.today().isoformat()} · "
+            f"commit: `{commit or git_commit()}`")
 
 
 def write_section(name: str, markdown: str, path: Path = DOCS / "benchmarks.md") -> None:

@@ -361,17 +361,10 @@ def plot(res: dict, path: Path) -> None:
 COPY_TBS = {"": 3.0, "_h200": 4.3}  # device-to-device copy bandwidth measured on each card (read + write)
 
 
-def card_tag(device: str) -> str:
-    """Suffix of a card's docs section, plot and raw file: none for the H100, ``_h200`` for an H200."""
-    from kernels.repacked_dispatch import card_of
-
-    return "" if card_of(device) == "h100" else f"_{card_of(device)}"
-
-
 def report(res: dict, commit: str | None = None) -> str:
     import os
 
-    from benchmarks._report import stamp
+    from benchmarks._report import card_suffix, stamp
 
     if res.get("commit"):
         os.environ["RAYAWQ_COMMIT"] = res["commit"]
@@ -381,7 +374,7 @@ def report(res: dict, commit: str | None = None) -> str:
     bs = res["batches"]
     head = "| system | batch 1 tok/s | ms/token | " + " | ".join(f"batch {b} out tok/s" for b in bs) + \
            " | TTFT 2048 (ms) | weights GiB | peak GiB |"
-    tag = card_tag(res["device"])
+    tag = card_suffix(res["device"])
     lines = ["## Inference engine (`benchmarks/engine.py`" + (f", {res['device']})" if tag else ")"), "",
              stamp(res["device"]), "",
              f"Llama-3-8B shape (random weights), prompt {res['prompt_len']} tokens, {res['new_tokens']} new "
@@ -458,12 +451,12 @@ def main(argv=None) -> int:
     p.add_argument("--tune", action="store_true", help="autotune W4A16 shapes missing from kernels/' table")
     args = p.parse_args(argv)
     if args.report:
-        from benchmarks._report import write_section
+        from benchmarks._report import card_suffix, write_section
 
         res = json.loads(Path(args.report).read_text())
         if args.note:
             res["note"] = args.note
-        write_section("engine" + card_tag(res["device"]), report(res))
+        write_section("engine" + card_suffix(res["device"]), report(res))
         return 0
     res = measure(args)
     print(report(res))

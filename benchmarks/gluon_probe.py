@@ -193,7 +193,7 @@ def table_entries(paths: list[str]) -> dict[str, dict]:
 def report(paths: list[str], commit: str) -> str:
     """Join probe files (per K, N, M the fastest repacked kernel, with the table's kernel, cuBLAS and int4 timed in
     the same call), write ``docs/repacked_probe.png`` and return the markdown section."""
-    from benchmarks._report import DOCS
+    from benchmarks._report import DOCS, card_suffix
 
     best: dict[tuple[int, int, int], dict] = {}
     device = "?"
@@ -203,9 +203,7 @@ def report(paths: list[str], commit: str) -> str:
                      "cublas": r["cublas_us"], "int4": r["int4_us"]}
         device = r["device"]
     shapes = sorted({(k, n) for k, n, _ in best}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99)
-    from kernels.repacked_dispatch import card_of
-
-    tag = "" if card_of(device) == "h100" else f"_{card_of(device)}"
+    tag = card_suffix(device)
     lines = [f"Device: {device} · date: {datetime.date.today().isoformat()} · commit: `{commit}` (probe runs "
              "on that tree's kernels; raw `benchmarks/results/gluon_probe_*.json`; each cell is the latest "
              f"call that measured it, from: {', '.join(f'`{Path(p).stem}`' for p in paths)})", "",
@@ -295,12 +293,10 @@ def main() -> int:
         if not a.report:
             return 0
     if a.report:
-        from benchmarks._report import git_commit, write_section
+        from benchmarks._report import card_suffix, git_commit, write_section
 
-        from kernels.repacked_dispatch import card_of
-
-        card = card_of(json.loads(Path(a.report[-1]).read_text())["device"])
-        write_section("repacked" + ("" if card == "h100" else f"_{card}"), report(a.report, a.commit or git_commit()))
+        device = json.loads(Path(a.report[-1]).read_text())["device"]
+        write_section("repacked" + card_suffix(device), report(a.report, a.commit or git_commit()))
         return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks._report import git_commit, stamp, write_section  # noqa: E402
+from benchmarks._report import card_suffix, git_commit, stamp, write_section  # noqa: E402
 from kernels import dispatch, repacked_dispatch  # noqa: E402
 from kernels.awq_layout import unpack_int4  # noqa: E402
 from kernels.timing import sets_needed, time_calls  # noqa: E402
@@ -223,19 +223,13 @@ def tuned_repacked_table(results, meta, older: dict) -> dict:
     return {"meta": {**meta, "source": "benchmarks/kernels.py (rows with repacked_us)"}, "configs": configs}
 
 
-def card_tag(meta: dict) -> str:
-    """Suffix of this card's docs section and plot: none for the H100 (the issue's card), ``_h200`` for an H200."""
-    card = repacked_dispatch.card_of(meta["device"])
-    return "" if card == "h100" else f"_{card}"
-
-
 def markdown(results, meta):
-    tag = card_tag(meta)
+    tag = card_suffix(meta["device"])
     chosen = ("the config the repo's tables choose (`--table-only`: what `awq_linear` runs, no tuning in this run)"
               if meta.get("table_only") else "the best of `repacked_dispatch.candidates`")
     lines = [
         "## W4A16 kernels (`benchmarks/kernels.py`" + (f", {meta['device']})" if tag else ")"), "",
-        stamp(meta["device"]) + f" · torch {meta['torch']} · triton {meta['triton']}", "",
+        stamp(meta["device"], meta.get("commit"), meta.get("date")) + f" · torch {meta['torch']} · triton {meta['triton']}", "",
         f"bf16, group {GROUP}, AutoAWQ layout read directly. Median µs per call (`triton.testing.do_bench`), "
         "several fresh random input sets per graph so every call starts with cold L2. Speedups are over cuBLAS "
         "(`x @ w.T`). Roofline = bytes moved / 3.0 TB/s (measured copy bandwidth "
@@ -340,9 +334,9 @@ def join_runs(files: list[Path], out: Path, write_docs: bool) -> int:
     md = markdown(results, meta).replace(
         "\n\n| K×N |", f"\n\nJoined from {len(files)} device calls of one session on one machine.\n\n| K×N |", 1)
     (out / "kernels_section.md").write_text(md)
-    plot(results, out / f"kernels_speedup{card_tag(meta)}.png", meta)
+    plot(results, out / f"kernels_speedup{card_suffix(meta['device'])}.png", meta)
     if write_docs:
-        write_section(f"kernels{card_tag(meta)}", md)
+        write_section(f"kernels{card_suffix(meta['device'])}", md)
     if write_docs and not table_only:
         Path(dispatch.TABLE_PATH).write_text(json.dumps(table, indent=1, sort_keys=True))
         repacked_dispatch.TABLE.write_text(json.dumps(rtable, indent=1, sort_keys=True))
@@ -417,9 +411,9 @@ def main():
         (out / "tuned_repacked_h100.json").write_text(json.dumps(rtable, indent=1, sort_keys=True))
     md = markdown(results, meta)
     (out / "kernels_section.md").write_text(md)
-    plot(results, out / f"kernels_speedup{card_tag(meta)}.png", meta)
+    plot(results, out / f"kernels_speedup{card_suffix(meta['device'])}.png", meta)
     if args.write_docs:
-        write_section(f"kernels{card_tag(meta)}", md)
+        write_section(f"kernels{card_suffix(meta['device'])}", md)
     if args.write_docs and not args.table_only:
         Path(dispatch.TABLE_PATH).write_text(json.dumps(table, indent=1, sort_keys=True))
         repacked_dispatch.TABLE.write_text(json.dumps(rtable, indent=1, sort_keys=True))
