@@ -358,7 +358,7 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-COPY_TBS = {"": 3.0, "_h200": 4.3}  # device-to-device copy bandwidth measured on each card (read + write)
+COPY_TBS = {"h100": 3.0, "h200": 4.3}  # device-to-device copy bandwidth measured on each card (read + write)
 
 
 def report(res: dict, commit: str | None = None) -> str:
@@ -375,6 +375,7 @@ def report(res: dict, commit: str | None = None) -> str:
     head = "| system | batch 1 tok/s | ms/token | " + " | ".join(f"batch {b} out tok/s" for b in bs) + \
            " | TTFT 2048 (ms) | weights GiB | peak GiB |"
     tag = card_suffix(res["device"])
+    card = tag[1:] or "h100"
     lines = ["## Inference engine (`benchmarks/engine.py`" + (f", {res['device']})" if tag else ")"), "",
              stamp(res["device"]), "",
              f"Llama-3-8B shape (random weights), prompt {res['prompt_len']} tokens, {res['new_tokens']} new "
@@ -410,7 +411,7 @@ def report(res: dict, commit: str | None = None) -> str:
         if "weights_gib" in r:
             lines.append(f"- {name}: weights {r['weights_gib']:.1f} GiB read per decode step at batch 1 in "
                          f"{r['b1_ms_tok']:.2f} ms: {r['weights_gib'] * 2**30 / r['b1_ms_tok'] / 1e9:.2f} TB/s "
-                         f"effective ({res['device']} copy bandwidth ≈ {COPY_TBS.get(tag, 3.0):.1f} TB/s).")
+                         f"effective ({res['device']} copy bandwidth ≈ {COPY_TBS.get(card, 3.0):.1f} TB/s).")
         if "b1_step_graph_ms" in r:
             rest = r["b1_step_graph_ms"] - r["b1_linears_ms"]
             lines.append(f"  Batch-1 step on the GPU (CUDA graph replay, no Python): {r['b1_step_graph_ms']:.2f} ms, of "
@@ -427,7 +428,6 @@ def report(res: dict, commit: str | None = None) -> str:
                 f"M={m}: {', '.join(v.values())}" for m, v in r["awq_kernel_by_m"].items()))
     if res.get("note"):
         lines += ["", res["note"]]
-    card = tag[1:] or "h100"
     lines += ["", f"![engine benchmark](engine{tag}.png)", "",
               f"Raw numbers: `docs/engine_results_{card}.json`. Reproduce: `python benchmarks/engine.py --out /tmp/bench` "
               f"on one {card.upper()}, then `python benchmarks/engine.py --report /tmp/bench/engine_results.json`."]

@@ -16,7 +16,8 @@ captured in one CUDA graph, median of ``triton.testing.do_bench``; see ``kernels
 It writes under ``--out``: ``kernels_results.json`` (every number), ``tuned_h100.json`` (the config table and
 the per-M-bucket kernel choice the dispatcher reads; copy it to ``kernels/``), ``kernels_section.md`` (the
 docs/benchmarks.md section; also written through ``write_section`` when ``--write-docs``) and
-``kernels_speedup.png``, and ``tuned_repacked_h100.json`` (the repacked path's table; copy to ``kernels/``).
+``kernels_speedup.png``, and ``tuned_repacked_<card>.json`` (the repacked path's table of this card; copy to
+``kernels/``).
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ def tuned_table(results, meta):
 
 
 def tuned_repacked_table(results, meta, older: dict) -> dict:
-    """The repacked path's table (``kernels/tuned_repacked_h100.json``): the best config per measured (K, N, M),
+    """The repacked path's table (``kernels/tuned_repacked_<card>.json``): the best config per measured (K, N, M),
     ``older``'s entries kept for what this run did not measure."""
     configs = dict(older.get("configs", {}))
     for r in results:
@@ -313,6 +314,29 @@ def plot(results, path, meta):
     fig.savefig(path, dpi=110)
 
 
+def write_outputs(results, meta, out: Path, md: str, write_docs: bool) -> None:
+    """Section, plot and (unless the run only timed the tables' choices) the tables under ``out``; with
+    ``write_docs`` also docs/benchmarks.md and the repo's tables. The repacked table is the card's own
+    (``tuned_repacked_<card>.json``); the AutoAWQ-layout table is the H100's, installed only from an H100 run."""
+    card = repacked_dispatch.card_of(meta["device"])
+    tables = []  # (file under out, repo path it is installed to or None, table)
+    if not meta.get("table_only"):
+        tables.append(("tuned_h100.json", Path(dispatch.TABLE_PATH) if card == "h100" else None,
+                       keep_unmeasured(tuned_table(results, meta), dispatch.load_table())))
+        rpath = repacked_dispatch.table_path(card)
+        older = json.loads(rpath.read_text()) if rpath.exists() else {}
+        tables.append((rpath.name, rpath, tuned_repacked_table(results, meta, older)))
+    for name, _, table in tables:
+        (out / name).write_text(json.dumps(table, indent=1, sort_keys=True))
+    (out / "kernels_section.md").write_text(md)
+    plot(results, out / f"kernels_speedup{card_suffix(meta['device'])}.png", meta)
+    if write_docs:
+        write_section(f"kernels{card_suffix(meta['device'])}", md)
+        for _, repo_path, table in tables:
+            if repo_path is not None:
+                repo_path.write_text(json.dumps(table, indent=1, sort_keys=True))
+
+
 def join_runs(files: list[Path], out: Path, write_docs: bool) -> int:
     """One table, section and plot from partial runs (rows keyed by shape and M; a later file wins)."""
     runs = [json.loads(f.read_text()) for f in files]
@@ -325,21 +349,9 @@ def join_runs(files: list[Path], out: Path, write_docs: bool) -> int:
     meta = dict(metas[0])
     meta["joined_runs"] = [{"date": m["date"], "copy_tbps": m["copy_tbps"]} for m in metas]
     (out / "kernels_results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    table_only = meta.get("table_only", False)
-    if not table_only:
-        table = keep_unmeasured(tuned_table(results, meta), dispatch.load_table())
-        (out / "tuned_h100.json").write_text(json.dumps(table, indent=1, sort_keys=True))
-        rtable = tuned_repacked_table(results, meta, json.loads(repacked_dispatch.TABLE.read_text()))
-        (out / "tuned_repacked_h100.json").write_text(json.dumps(rtable, indent=1, sort_keys=True))
     md = markdown(results, meta).replace(
         "\n\n| K×N |", f"\n\nJoined from {len(files)} device calls of one session on one machine.\n\n| K×N |", 1)
-    (out / "kernels_section.md").write_text(md)
-    plot(results, out / f"kernels_speedup{card_suffix(meta['device'])}.png", meta)
-    if write_docs:
-        write_section(f"kernels{card_suffix(meta['device'])}", md)
-    if write_docs and not table_only:
-        Path(dispatch.TABLE_PATH).write_text(json.dumps(table, indent=1, sort_keys=True))
-        repacked_dispatch.TABLE.write_text(json.dumps(rtable, indent=1, sort_keys=True))
+    write_outputs(results, meta, out, md, write_docs)
     print(md)
     return 0
 
@@ -404,19 +416,8 @@ def main():
         shapes = list(dict.fromkeys(shapes + [(r["K"], r["N"]) for r in extra]))
         results.extend(extra)
         dump()
-    if not args.table_only:
-        table = keep_unmeasured(tuned_table(results, meta), dispatch.load_table())
-        (out / "tuned_h100.json").write_text(json.dumps(table, indent=1, sort_keys=True))
-        rtable = tuned_repacked_table(results, meta, json.loads(repacked_dispatch.TABLE.read_text()))
-        (out / "tuned_repacked_h100.json").write_text(json.dumps(rtable, indent=1, sort_keys=True))
     md = markdown(results, meta)
-    (out / "kernels_section.md").write_text(md)
-    plot(results, out / f"kernels_speedup{card_suffix(meta['device'])}.png", meta)
-    if args.write_docs:
-        write_section(f"kernels{card_suffix(meta['device'])}", md)
-    if args.write_docs and not args.table_only:
-        Path(dispatch.TABLE_PATH).write_text(json.dumps(table, indent=1, sort_keys=True))
-        repacked_dispatch.TABLE.write_text(json.dumps(rtable, indent=1, sort_keys=True))
+    write_outputs(results, meta, out, md, args.write_docs)
     log(md)
     log(f"total {time.time() - t0:.0f} s")
 
