@@ -30,8 +30,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, war
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .awq_gluon_mma import (_cta_barrier, _fragments, _layouts, _sum_in_last_split, _word_offset, _word_offsets,
-                            _zeros_scales_bf16)
+from .awq_gluon_mma import _cta_barrier, _fragments, _layouts, _sum_in_last_split, _word_offset, _word_offsets
 from .awq_repack import check_repackable
 from .awq_triton import _out_and_ws, _split_args, reduce_partials, tile_counters
 
@@ -41,12 +40,31 @@ _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_glo
 
 @gluon.jit
 def _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, k0, GROUP: gl.constexpr, BK: gl.constexpr):
-    """Words, ``128 + z`` and scales of the step at input feature ``k0`` (clamped to the last step, so the
-    prefetch past a split's end reads valid memory)."""
+    """Words, packed zero-point words and scales of the step at input feature ``k0`` (clamped to the last step, so
+    the prefetch past a split's end reads valid memory), all as loaded: what turns them into operands runs at the
+    step that uses them (:func:`_step_a`). Unpacking the zero points here, next to their load, stalled every step
+    on the load's latency (Nsight Compute on the H200: ~23 % of the warps' samples on one shift)."""
     k0 = gl.minimum(k0, K - BK)
     w = gl.load(pw_ptr + woff + _word_offset(k0, BK))
-    z, s = _zeros_scales_bf16(qz_ptr, s_ptr, k0 // GROUP, on_a, N)
-    return w, z, s
+    g = k0 // GROUP
+    return w, gl.load(qz_ptr + g * (N // 8) + on_a // 8), gl.load(s_ptr + g * N + on_a)
+
+
+@gluon.jit
+def _odd_step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, k0, zw, s, GROUP: gl.constexpr, BK: gl.constexpr):
+    """:func:`_step_operands` for an odd step (splits hold whole groups, so even steps start a group): at
+    ``GROUP = 2 BK`` it shares the even step's zero points and scales ``zw``, ``s`` and loads only its words."""
+    if GROUP == 2 * BK:
+        return gl.load(pw_ptr + woff + _word_offset(gl.minimum(k0, K - BK), BK)), zw, s
+    else:
+        return _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, k0, GROUP, BK)
+
+
+@gluon.jit
+def _step_a(w, zw, s, on_a, a_l: gl.constexpr, W: gl.constexpr, T: gl.constexpr, BK: gl.constexpr):
+    """The A operand of a step from :func:`_step_operands`' loads: ``((128 + q) - (128 + z)) * s`` in bf16."""
+    z = (((zw >> ((((on_a >> 1) & 3) << 2) + ((on_a & 1) << 4))) & 0xF) + 128).to(gl.bfloat16)
+    return (_fragments(w, a_l, W, T, BK) - z[:, None]) * s[:, None]
 
 
 @gluon.jit
@@ -104,7 +122,7 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
         _tma_load(x_desc, [m0, (s0 + i) * BK], bars.index(i), x_smem.index(i), pred=i < nst)
 
     w0, z0, sc0 = _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, s0 * BK, GROUP, BK)
-    w1, z1, sc1 = _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + 1) * BK, GROUP, BK)
+    w1, z1, sc1 = _odd_step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + 1) * BK, z0, sc0, GROUP, BK)
     acc = gl.zeros([BF, BB], gl.float32, layout=acc_l)
     if DEPTH == 0:
         acc = warpgroup_mma_init(acc)
@@ -116,15 +134,16 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
     for j in range(0, nst - 1, 2):
         # operands of steps j + 2, j + 3 in flight while steps j, j + 1 compute
         w2, z2, sc2 = _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + j + 2) * BK, GROUP, BK)
-        a0 = (_fragments(w0, a_l, W, T, BK) - z0[:, None]) * sc0[:, None]
+        a0 = _step_a(w0, z0, sc0, on_a, a_l, W, T, BK)
         acc = _advance(acc, a1, a0, x_desc, x_smem, bars, m0, s0, j, nst, BK, STAGES, W, DEPTH)
-        w3, z3, sc3 = _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + j + 3) * BK, GROUP, BK)
-        a1 = (_fragments(w1, a_l, W, T, BK) - z1[:, None]) * sc1[:, None]
+        w3, z3, sc3 = _odd_step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + j + 3) * BK, z2, sc2, GROUP,
+                                         BK)
+        a1 = _step_a(w1, z1, sc1, on_a, a_l, W, T, BK)
         acc = _advance(acc, a0, a1, x_desc, x_smem, bars, m0, s0, j + 1, nst, BK, STAGES, W, DEPTH)
         w0, z0, sc0 = w2, z2, sc2
         w1, z1, sc1 = w3, z3, sc3
     if nst % 2 == 1:  # an odd step count (a split of an odd number of groups at BK = GROUP): the last step
-        a0 = (_fragments(w0, a_l, W, T, BK) - z0[:, None]) * sc0[:, None]
+        a0 = _step_a(w0, z0, sc0, on_a, a_l, W, T, BK)
         acc = _advance(acc, a1, a0, x_desc, x_smem, bars, m0, s0, nst - 1, nst, BK, STAGES, W, DEPTH)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     for i in gl.static_range(STAGES):

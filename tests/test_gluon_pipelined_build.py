@@ -17,41 +17,53 @@ import torch
 from tests.sass_hazards import hazards
 
 
-def _build(W, T, BB, BK, STAGES, DEPTH, group):
+def _compile(kernel, sig, cst, num_warps):
+    """``kernel`` built for sm_90 with the divisibility the launcher gives aligned pointers and sizes that are
+    multiples of 16 (as on the GPU)."""
     triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental import gluon
+
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("pw_ptr", "qz_ptr", "s_ptr", "b_ptr", "y_ptr",
+                                                                      "N", "K", "stride_ym")}
+    sig = {**sig, **{k: "constexpr" for k in cst}}
+    src = gluon._runtime.GluonASTSource(kernel, signature=sig, constexprs=cst, attrs=attrs)
+    return triton, triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def _gluon():
     try:
-        from triton.backends.compiler import GPUTarget
-        from triton.experimental import gluon
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         from triton.runtime.jit import mangle_type
 
         from kernels import awq_gluon_pipelined as gp
+        from kernels import awq_gluon_ws as gw
     except ImportError as e:  # pragma: no cover - Triton without Gluon
         pytest.skip(f"no Gluon: {e}")
-    acc_l, a_l, w_l, o_l = gp._pipelined_layouts(W, T, BB, BK)
+    return gl, TensorDescriptor, mangle_type, gp, gw
+
+
+def _signature(BB, BK, extra):
+    gl, TensorDescriptor, mangle_type, _, _ = _gluon()
     x = torch.zeros((512, 1024), dtype=torch.bfloat16)
     desc = TensorDescriptor.from_tensor(x, [BB, BK], gl.NVMMASharedLayout.get_default_for([BB, BK], gl.bfloat16))
-    sig = {"x_desc": mangle_type(desc), "pw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16",
-           "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-           "stride_ym": "i32", "SPLIT_K": "i32", "steps_per_split": "i32"}
+    return {"x_desc": mangle_type(desc), "pw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16",
+            "y_ptr": "*bf16", "ws_ptr": "*fp32", **extra, "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32",
+            "SPLIT_K": "i32", "steps_per_split": "i32"}
+
+
+def _build(W, T, BB, BK, STAGES, DEPTH, group):
+    _, _, _, gp, _ = _gluon()
+    acc_l, a_l, w_l, o_l = gp._pipelined_layouts(W, T, BB, BK)
     cst = dict(GROUP=group, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH, HAS_BIAS=True, TAIL=True,
                acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l)
-    # the divisibility the launcher gives aligned pointers and sizes that are multiples of 16 (as on the GPU)
-    names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("pw_ptr", "qz_ptr", "s_ptr", "b_ptr", "y_ptr",
-                                                                      "N", "K", "stride_ym")}
-    sig.update({k: "constexpr" for k in cst})
-    src = gluon._runtime.GluonASTSource(gp._awq_gluon_pipelined_kernel, signature=sig, constexprs=cst, attrs=attrs)
-    return triton, triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": W})
+    return _compile(gp._awq_gluon_pipelined_kernel, _signature(BB, BK, {"cnt_ptr": "*i32"}), cst, W)
 
 
-@pytest.mark.parametrize("W,T,BB,BK,STAGES,DEPTH,group", [(4, 1, 128, 64, 4, 1, 128), (8, 1, 256, 64, 4, 1, 128),
-                                                          (4, 2, 64, 32, 3, 0, 32), (8, 1, 128, 64, 2, 1, 64)])
-def test_pipelined_kernel_builds_async_without_register_hazards(W, T, BB, BK, STAGES, DEPTH, group, tmp_path):
-    triton, compiled = _build(W, T, BB, BK, STAGES, DEPTH, group)
-    ptx = compiled.asm["ptx"]
-    assert ptx.count("wgmma.mma_async") >= 2 * T * (BK // 16)  # both unrolled steps, every 16-feature slice
+def _sass(triton, ptx, tmp_path):
+    """ptxas's report and the SASS of ``ptx`` for sm_90a, with the tools that ship with Triton."""
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     cuobjdump = os.path.join(bindir, "cuobjdump")
     (tmp_path / "k.ptx").write_text(ptx)
@@ -66,10 +78,39 @@ def test_pipelined_kernel_builds_async_without_register_hazards(W, T, BB, BK, ST
                 break
     if built is None or not os.access(cuobjdump, os.X_OK):
         pytest.skip("this Triton ships no ptxas that takes its PTX, or no cuobjdump")
-    assert "C7513" not in built.stderr + built.stdout, "ptxas serialized the wgmmas"
     sass = subprocess.run([cuobjdump, "-sass", str(tmp_path / "k.cubin")], capture_output=True, text=True,
                           check=True).stdout
+    return built.stderr + built.stdout, sass
+
+
+@pytest.mark.parametrize("W,T,BB,BK,STAGES,DEPTH,group", [(4, 1, 128, 64, 4, 1, 128), (8, 1, 256, 64, 4, 1, 128),
+                                                          (4, 2, 64, 32, 3, 0, 32), (8, 1, 128, 64, 2, 1, 64)])
+def test_pipelined_kernel_builds_async_without_register_hazards(W, T, BB, BK, STAGES, DEPTH, group, tmp_path):
+    triton, compiled = _build(W, T, BB, BK, STAGES, DEPTH, group)
+    ptx = compiled.asm["ptx"]
+    assert ptx.count("wgmma.mma_async") >= 2 * T * (BK // 16)  # both unrolled steps, every 16-feature slice
+    report, sass = _sass(triton, ptx, tmp_path)
+    assert "C7513" not in report, "ptxas serialized the wgmmas"
     assert "HGMMA" in sass and ("DEPBAR.LE gsb0, 0x1" in sass) == (DEPTH == 1)
+    assert hazards(sass) == []
+
+
+@pytest.mark.parametrize("BB,BK,STAGES,SLACK,group", [(128, 64, 4, 2, 128), (256, 64, 2, 1, 128),
+                                                      (128, 64, 3, 1, 64), (64, 32, 5, 3, 32)])
+def test_warp_specialized_kernel_builds_async_without_register_hazards(BB, BK, STAGES, SLACK, group, tmp_path):
+    """Both consumer partitions keep their wgmmas asynchronous (a third, loader partition capped the launch at
+    168 registers and ptxas serialized every wgmma: C7512) and never rewrite an in-flight A operand."""
+    _, _, _, gp, gw = _gluon()
+    acc_l, a_l, w_l, o_l = gp._pipelined_layouts(4, 1, BB, BK)
+    cst = dict(GROUP=group, BK=BK, BB=BB, T=1, STAGES=STAGES, SLACK=SLACK, REGS=gw._CONSUMER_REGS, HAS_BIAS=True,
+               acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l)
+    triton, compiled = _compile(gw._awq_gluon_ws_kernel, _signature(BB, BK, {}), cst, 4)
+    ptx = compiled.asm["ptx"]
+    assert ".reqntid 256" in ptx and ptx.count("wgmma.mma_async") >= 2 * 2 * (BK // 16)  # 2 partitions x 2 steps
+    report, sass = _sass(triton, ptx, tmp_path)
+    assert "C7512" not in report and "C7513" not in report, "ptxas serialized the wgmmas"
+    assert sass.count("DEPBAR.LE gsb0, 0x1") >= 4  # each partition's two loop steps leave one wgmma in flight
+    assert sass.count("HGMMA") >= 2 * 3 * (BK // 16)  # per partition: the loop's two steps and an odd last one
     assert hazards(sass) == []
 
 
