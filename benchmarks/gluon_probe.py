@@ -30,10 +30,9 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from benchmarks.kernels import int4pack_sets, ref_fp64, rel_err  # noqa: E402
-from kernels import dispatch, repacked_dispatch  # noqa: E402
+from kernels import dispatch  # noqa: E402
 from kernels.awq_gluon_mma import gluon_mma  # noqa: E402
 from kernels.awq_gluon_pipelined import gluon_pipelined  # noqa: E402
-from kernels.awq_gluon_ws import gluon_ws  # noqa: E402
 from kernels.awq_gluon_wgmma import gluon_wgmma  # noqa: E402
 from kernels.awq_repack import repack_awq  # noqa: E402
 from kernels.awq_repacked_dot import dequant_matmul_repacked, dequantize_repacked, dot_repacked  # noqa: E402
@@ -107,14 +106,6 @@ def pipe_configs(M: int, N: int) -> list[dict]:
     # split-K partials summed by each tile's last program instead of a second launch
     cfgs += [{**c, "TAIL": 1} for c in cfgs if c["split_k"] > 1]
     return [c for c in cfgs if N % (16 * c["W"] * c["T"]) == 0]
-
-
-def ws_configs(M: int, N: int) -> list[dict]:
-    """Configs of the warp-specialized pipelined kernel (``kernels/awq_gluon_ws.py``, 128 features per program)
-    for ``M`` rows: ``kernels.repacked_dispatch.ws_tiles`` with splits for the smaller batches."""
-    b = repacked_dispatch.bucket(M)
-    cfgs = [dict(**t, split_k=s) for t in repacked_dispatch.ws_tiles(b) for s in ((1, 2, 4) if b <= 256 else (1,))]
-    return [c for c in cfgs if N % 128 == 0]
 
 
 def dot_configs(M: int) -> list[dict]:
@@ -200,13 +191,11 @@ def table_entries(paths: list[str]) -> dict[str, dict]:
         best, us = dict(r.get("repacked_best") or {}), r.get("repacked_best_us")
         if not best:
             continue
-        if best.get("kernel") == "dequant_repacked":
-            fused = [(r[k + "_us"], {"kernel": name, **r[k + "_cfg"]}) for k, name in (("pipe", "pipelined"),
-                                                                                     ("ws", "ws"))
-                     if r.get(k + "_cfg") is not None]
-            if fused and min(fused, key=lambda t: t[0])[0] <= us * (1 + DEQUANT_MARGIN):
-                us, best = min(fused, key=lambda t: t[0])
-                best = dict(best)
+        pipe = (r["pipe_us"], {"kernel": "pipelined", **r["pipe_cfg"]}) if r.get("pipe_cfg") else None
+        if best.get("kernel") == "ws":  # rows of 2026-11-28 timed a warp-specialized kernel since removed
+            us, best = pipe
+        if best.get("kernel") == "dequant_repacked" and pipe and pipe[0] <= us * (1 + DEQUANT_MARGIN):
+            us, best = pipe
         best["kernel"] = _TABLE_NAMES.get(best.get("kernel"), best.get("kernel", "gluon"))
         out[f"K{K}/N{N}/M{M}"] = {**best, "us": round(us, 1)}
     return out
@@ -292,7 +281,6 @@ def main() -> int:
     ap.add_argument("--skip-mma", action="store_true", help="leave out the register-operand Gluon kernel")
     ap.add_argument("--skip-wgmma", action="store_true", help="leave out the unpipelined warpgroup-MMA kernel")
     ap.add_argument("--skip-pipe", action="store_true", help="leave out the pipelined register-A wgmma kernel")
-    ap.add_argument("--skip-ws", action="store_true", help="leave out the warp-specialized pipelined kernel")
     ap.add_argument("--pipe-tiles", default=None, help="only these pipelined tiles, e.g. 256/8/1/4,256/4/1/3 "
                     "(BB/W/T/STAGES)")
     ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,4096x14336 (K x N; default the four large)")
@@ -344,14 +332,11 @@ def main() -> int:
             if a.pipe_tiles:
                 keep = {tuple(int(v) for v in t.split("/")) for t in a.pipe_tiles.split(",")}
                 pipe_cfgs = [c for c in pipe_cfgs if (c["BB"], c["W"], c["T"], c["STAGES"]) in keep]
-            ws_cfgs = ws_configs(M, N) if M >= 64 and not a.skip_ws else []
             dot_cfgs = dot_configs(M) if M >= 32 and not a.skip_dot else []
             launches = [(c, lambda x, p, s, c: gluon_mma(x, p, s[1], s[2], G, **c)) for c in gl_cfgs]
             launches += [(c, lambda x, p, s, c: dot_repacked(x, p, s[1], s[2], G, **c)) for c in dot_cfgs]
             launches += [(c, lambda x, p, s, c: gluon_wgmma(x, p, s[1], s[2], G, **c)) for c in wg_cfgs]
             launches += [(c, lambda x, p, s, c: gluon_pipelined(x, p, s[1], s[2], G, **c)) for c in pipe_cfgs]
-            launches += [({"ws": 1, **c}, lambda x, p, s, c: gluon_ws(
-                x, p, s[1], s[2], G, **{k: v for k, v in c.items() if k != "ws"})) for c in ws_cfgs]
             dq_cfgs = dequant_configs() if M >= 1024 else []  # 0.5-0.8x of the fused kernels below
             launches += [({"dequant": True, **c}, lambda x, p, s, c: dequant_matmul_repacked(
                 x, p, s[1], s[2], G, **{k: v for k, v in c.items() if k != "dequant"})) for c in dq_cfgs]
@@ -388,13 +373,6 @@ def main() -> int:
                 row["pipe_us"], row["pipe_cfg"] = us, c
                 if c is not None:
                     best = min(best, (us, {"kernel": "pipelined", **c}), key=lambda t: t[0])
-            if ws_cfgs:
-                ok = [c for c in ws_cfgs if errs[str({"ws": 1, **c})] <= 1e-2]
-                us, c, row["ws_all_us"] = best_of(ok, lambda x, p, s, c: gluon_ws(x, p, s[1], s[2], G, **c),
-                                                  xs, packed, sets)
-                row["ws_us"], row["ws_cfg"] = us, c
-                if c is not None:
-                    best = min(best, (us, {"kernel": "ws", **c}), key=lambda t: t[0])
             if dq_cfgs:
                 us, c, row["dequant_all_us"] = best_of(
                     dq_cfgs, lambda x, p, s, c: dequant_matmul_repacked(x, p, s[1], s[2], G, **c), xs, packed, sets)
@@ -416,7 +394,7 @@ def main() -> int:
                 read += (f"[dequant alone {row['dequant_only_us']:.1f} ({row['dequant_tbs']:.2f} TB/s, copy "
                          f"{row['copy_tbs']:.2f}) + cublas {row['dequant_cublas_us']:.1f} {row['dequant_cfg']}] ")
             fam = " ".join(f"{k[:-3]} {row[k]:.1f}" for k in ("gluon_us", "dot_us", "wgmma_us", "pipe_us",
-                                                                 "ws_us", "dequant_repacked_us") if k in row)
+                                                                 "dequant_repacked_us") if k in row)
             errs = {k: v for k, v in errs.items() if v != float("inf")} or {"none": float("inf")}
             print(f"K={K} N={N} M={M} [{fam}] {read}cublas {row['cublas_us']:.1f} int4 {row['int4_us']:.1f} "
                   f"table({row['table_kernel']}) {row['table_us']:.1f} repacked {best[0]:.1f} {best[1]} "

@@ -125,19 +125,6 @@ def select(M: int, N: int, K: int, group_size: int, dtype: torch.dtype = torch.b
     return {"kernel": "pipelined", "BB": 256, "W": 8, "T": 1, "STAGES": 4, "DEPTH": 1, "split_k": 1}
 
 
-def ws_tiles(b: int) -> list[dict]:
-    """Tiles of the warp-specialized kernel (:mod:`kernels.awq_gluon_ws`) for bucket ``b``: rows ``BB``, ring
-    slots ``STAGES`` (two x tiles each: 64 KB a slot at 256 rows) and ``SLACK``. 128-row tiles keep 256-row batches
-    on ~128 programs of 128 features; 256-row tiles serve prefill."""
-    if b <= 128:
-        tiles = ((64, 4, 2), (128, 3, 1))
-    elif b <= 256:
-        tiles = ((128, 3, 1), (128, 4, 2), (256, 2, 1))
-    else:
-        tiles = ((256, 2, 1), (128, 4, 2))
-    return [{"BB": bb, "T": 1, "STAGES": st, "SLACK": sl} for bb, st, sl in tiles]
-
-
 def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
     """The pruned config space ``benchmarks/kernels.py`` times for ``M`` rows (bf16; the families and ranges
     that won in ``benchmarks/gluon_probe.py``), :func:`select`'s choice first; every entry fits ``N``."""
@@ -175,11 +162,9 @@ def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
                  **({"TAIL": 1} if tail else {})}
                 for bb, w, t, st in tiles for s in ((1, 2) if b <= 256 else (1,))
                 for tail in ((0, 1) if s > 1 else (0,))]
-        out += [{"kernel": "ws", **t, "split_k": s} for t in ws_tiles(b) for s in ((1, 2) if b <= 256 else (1,))]
     fits = [c for c in out if (c["kernel"] != "gluon" or N % (16 * c["num_warps"] * c["T"]) == 0)
             and (c["kernel"] != "wgmma" or N % c["BN"] == 0)
-            and (c["kernel"] != "pipelined" or N % (16 * c["W"] * c["T"]) == 0)
-            and (c["kernel"] != "ws" or N % (128 * c["T"]) == 0)]
+            and (c["kernel"] != "pipelined" or N % (16 * c["W"] * c["T"]) == 0)]
     return list({json.dumps(c, sort_keys=True): c for c in fits}.values())
 
 
@@ -200,17 +185,13 @@ def run(cfg: dict, x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor,
         from .awq_gluon_pipelined import gluon_pipelined
 
         return gluon_pipelined(x2, packed, qzeros, scales, group_size, bias, **kw)
-    if kernel == "ws":
-        from .awq_gluon_ws import gluon_ws
-
-        return gluon_ws(x2, packed, qzeros, scales, group_size, bias, **kw)
     from .awq_repacked_dot import dequant_matmul_repacked, dot_repacked
 
     if kernel == "dot":
         return dot_repacked(x2, packed, qzeros, scales, group_size, bias, **kw)
     if kernel == "dequant":
         return dequant_matmul_repacked(x2, packed, qzeros, scales, group_size, bias, **kw)
-    raise ValueError(f"unknown kernel {kernel!r} for repacked weights (gluon, wgmma, pipelined, ws, dot or "
+    raise ValueError(f"unknown kernel {kernel!r} for repacked weights (gluon, wgmma, pipelined, dot or "
                      "dequant)")
 
 

@@ -470,15 +470,13 @@ def test_repacked_kernel_choice_covers_every_m():
         for M in (1, 2, 5, 16, 24, 64, 100, 256, 3000):
             for g in (32, 64, 128):
                 cfg = rd.select(M, N, K, g)
-                assert cfg["kernel"] in ("gluon", "wgmma", "pipelined", "ws", "dot", "dequant"), cfg
+                assert cfg["kernel"] in ("gluon", "wgmma", "pipelined", "dot", "dequant"), cfg
                 if cfg["kernel"] == "gluon":
                     assert N % (16 * cfg["num_warps"] * cfg["T"]) == 0 and cfg.get("BM", 8) >= min(M, 16)
                 if cfg["kernel"] == "wgmma":
                     assert N % cfg["BN"] == 0 and M > 16
                 if cfg["kernel"] == "pipelined":  # the register-A wgmma kernel from 64 rows up
                     assert N % (16 * cfg["W"] * cfg["T"]) == 0 and M > 32 and cfg["DEPTH"] in (0, 1)
-                elif cfg["kernel"] == "ws":  # its warp-specialized form: 128 features per program
-                    assert N % (128 * cfg["T"]) == 0 and M > 32 and 1 <= cfg["SLACK"] < cfg["STAGES"]
                 elif cfg["kernel"] != "dequant" or M < 256:  # dequantize + cuBLAS only where it was measured
                     assert M <= 32, (M, N, K, g, cfg)
     assert rd.select(300, 4096, 4096, 128, torch.float16)["kernel"] == "dequant"
@@ -511,10 +509,10 @@ def test_every_table_entry_launches_with_its_kernels_arguments():
     would reject it on the request path)."""
     import inspect
 
-    from kernels import awq_gluon_mma, awq_gluon_pipelined, awq_gluon_wgmma, awq_gluon_ws, awq_repacked_dot
+    from kernels import awq_gluon_mma, awq_gluon_pipelined, awq_gluon_wgmma, awq_repacked_dot
 
     launchers = {"gluon": awq_gluon_mma.gluon_mma, "wgmma": awq_gluon_wgmma.gluon_wgmma,
-                 "pipelined": awq_gluon_pipelined.gluon_pipelined, "ws": awq_gluon_ws.gluon_ws,
+                 "pipelined": awq_gluon_pipelined.gluon_pipelined,
                  "dot": awq_repacked_dot.dot_repacked, "dequant": awq_repacked_dot.dequant_matmul_repacked}
     rd = kernels.repacked_dispatch
     for card in rd.CARDS:

@@ -326,31 +326,6 @@ def test_gluon_pipelined_on_repacked_weights(cfg, g):
             assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= 1e-2, (K, N, M, cfg)
 
 
-@pytest.mark.parametrize("g", [32, 64, 128])
-@pytest.mark.parametrize("cfg", [dict(BB=128, STAGES=4, SLACK=2), dict(BB=256, STAGES=2, SLACK=1),
-                                 dict(BB=128, STAGES=3, SLACK=1), dict(BB=64, STAGES=5, SLACK=3, split_k=3),
-                                 dict(BB=128, STAGES=2, SLACK=1, split_k=2), dict(BB=64, STAGES=3, SLACK=2, BK=32)])
-def test_gluon_ws_on_repacked_weights(cfg, g):
-    """The warp-specialized kernel (two consumers, consumer 0 refilling the shared x ring, two steps a slot)
-    against fp64: M from 1 to 300, fewer steps than stages (K 128), odd step counts (K 192 at group 64, split-K
-    at group 32), 32-feature steps (a group of four steps), many more steps than stages (K 4096, where a wrong ring
-    phase would hang or mix tiles), bias, split-K, poisoned output, a strided x."""
-    from kernels.awq_gluon_ws import gluon_ws
-    from kernels.awq_repack import repack_awq
-
-    for K, N in ((1024, 1024), (128, 512), (192, 256), (4096, 384)):
-        if K % g:
-            continue
-        w = weights(K, N, g)
-        packed = repack_awq(w[0])
-        bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-        for M in (1, 33, 64, 130, 300):
-            x = torch.randn(M, K + 64, device="cuda", dtype=torch.bfloat16)[:, :K]
-            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
-            y = gluon_ws(x, packed, w[1], w[2], g, bias, out=out, **cfg)
-            assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= 1e-2, (K, N, M, cfg)
-
-
 @pytest.mark.parametrize("g", [64, 128])
 @pytest.mark.parametrize("K,N", [(4096, 14336), (1024, 1152)])
 def test_awq_linear_on_repacked_weights_every_m(K, N, g):
