@@ -102,9 +102,13 @@ def _x_rows(pid_m, M, stride_xm, BM: gl.constexpr, BK: gl.constexpr, x_l: gl.con
 def _zeros_scales_bf16(qz_ptr, s_ptr, g, n, N):
     """``128 + z`` (bf16) and the scales of group ``g`` for columns ``n`` (AutoAWQ ``qzeros``/``scales``), in
     ``n``'s layout: what ``SCALED`` subtracts from and multiplies into the A fragments."""
-    z = gl.load(qz_ptr + g * (N // 8) + n // 8)
-    z = (((z >> ((((n >> 1) & 3) << 2) + ((n & 1) << 4))) & 0xF) + 128).to(gl.bfloat16)
-    return z, gl.load(s_ptr + g * N + n)
+    return _zeros_bf16(gl.load(qz_ptr + g * (N // 8) + n // 8), n), gl.load(s_ptr + g * N + n)
+
+
+@gluon.jit
+def _zeros_bf16(zw, n):
+    """``128 + z`` (bf16) of columns ``n`` from their packed ``qzeros`` words ``zw`` (AutoAWQ nibble order)."""
+    return (((zw >> ((((n >> 1) & 3) << 2) + ((n & 1) << 4))) & 0xF) + 128).to(gl.bfloat16)
 
 
 @gluon.jit
