@@ -153,14 +153,28 @@ def best_of(cfgs: list[dict], launch, xs, packed, sets) -> tuple[float, dict | N
     return best[0], best[1], timed
 
 
+# dequantize + cuBLAS allocates a K x N bf16 weight per call (470 MB at 8192 x 28672): the table takes it only
+# where it beats the best fused kernel of its row by more than this
+DEQUANT_MARGIN = 0.05
+
+
+def row_choice(r: dict) -> tuple[float | None, dict]:
+    """What the table runs for a probe row, and its µs: the row's fastest kernel and config, except that
+    dequantize + cuBLAS must beat the pipelined kernel by more than ``DEQUANT_MARGIN`` and that rows whose
+    fastest was the warp-specialized kernel (timed on 2026-11-28, since removed) take their pipelined best."""
+    best, us = dict(r.get("repacked_best") or {}), r.get("repacked_best_us")
+    pipe = (r["pipe_us"], {"kernel": "pipelined", **r["pipe_cfg"]}) if r.get("pipe_cfg") else None
+    if best.get("kernel") == "ws" or (best.get("kernel") == "dequant_repacked" and pipe
+                                      and pipe[0] <= us * (1 + DEQUANT_MARGIN)):
+        return pipe
+    return us, best
+
+
 def _repacked_us(row: dict) -> tuple[float, str]:
     """A row's best kernel on the repacked weights and its name (older rows timed the Gluon kernel only)."""
     if "repacked_best_us" in row:
-        best = row["repacked_best"] or {}
-        name = best.get("kernel", "gluon" + (" scaled" if best.get("SCALED") else ""))
-        if name == "ws":  # a warp-specialized kernel timed on 2026-11-28 and removed: what the table runs instead
-            return row["pipe_us"], "pipelined"
-        return row["repacked_best_us"], name
+        us, best = row_choice(row)
+        return us, best.get("kernel", "gluon" + (" scaled" if best.get("SCALED") else ""))
     return row["gluon_us"], "gluon"
 
 
@@ -179,25 +193,14 @@ def latest_rows(paths: list[str]) -> dict[tuple[int, int, int], dict]:
 _TABLE_NAMES = {"dot_repacked": "dot", "gluon_wgmma": "wgmma", "dequant_repacked": "dequant"}
 
 
-# dequantize + cuBLAS allocates a K x N bf16 weight per call (470 MB at 8192 x 28672): the table takes it only
-# where it beats the best fused kernel of its row by more than this
-DEQUANT_MARGIN = 0.05
-
-
 def table_entries(paths: list[str]) -> dict[str, dict]:
     """``kernels/tuned_repacked_<card>.json`` entries (``K{K}/N{N}/M{M}``) from the rows of :func:`latest_rows`:
-    each row's fastest kernel and config, named as ``kernels.repacked_dispatch.run`` takes them (dequantize +
-    cuBLAS only by more than ``DEQUANT_MARGIN`` over the fastest fused kernel)."""
+    each row's :func:`row_choice`, named as ``kernels.repacked_dispatch.run`` takes them."""
     out = {}
     for (K, N, M), r in latest_rows(paths).items():
-        best, us = dict(r.get("repacked_best") or {}), r.get("repacked_best_us")
+        us, best = row_choice(r)
         if not best:
             continue
-        pipe = (r["pipe_us"], {"kernel": "pipelined", **r["pipe_cfg"]}) if r.get("pipe_cfg") else None
-        if best.get("kernel") == "ws":  # rows of 2026-11-28 timed a warp-specialized kernel since removed
-            us, best = pipe
-        if best.get("kernel") == "dequant_repacked" and pipe and pipe[0] <= us * (1 + DEQUANT_MARGIN):
-            us, best = pipe
         best["kernel"] = _TABLE_NAMES.get(best.get("kernel"), best.get("kernel", "gluon"))
         out[f"K{K}/N{N}/M{M}"] = {**best, "us": round(us, 1)}
     return out
