@@ -90,21 +90,25 @@ def gluon_configs(M: int, N: int) -> list[dict]:
     return [c for c in cfgs if N % (16 * c["num_warps"] * c["T"]) == 0]
 
 
-def pipe_configs(M: int, N: int) -> list[dict]:
+def pipe_configs(M: int, N: int, splits: tuple[int, ...] | None = None) -> list[dict]:
     """Configs of the pipelined register-A ``wgmma`` kernel (``kernels/awq_gluon_pipelined.py``) for ``M`` rows:
-    (BB rows, W warps, T tiles per warp, STAGES) with splits that keep the GPU's SMs busy at small M."""
+    (BB rows, W warps, T tiles per warp, STAGES) with splits that keep the GPU's SMs busy at small M (``splits``
+    instead, if given)."""
+    given = splits
     if M <= 64:
-        tiles, splits = ((64, 4, 1, 4), (64, 8, 1, 4), (64, 4, 2, 4)), (1, 2, 4)
+        tiles, splits = ((64, 4, 1, 4), (64, 8, 1, 4), (64, 4, 2, 4)), (1, 2, 4, 8)
     elif M <= 128:
         tiles, splits = ((128, 4, 1, 4), (128, 8, 1, 4), (128, 4, 2, 4)), (1, 2, 4)
     elif M <= 256:  # split 4 too: N = 4096 has only 32-64 feature tiles
         tiles, splits = ((256, 8, 1, 4), (128, 8, 1, 4), (128, 4, 2, 4), (256, 4, 1, 3), (128, 4, 1, 4)), (1, 2, 4)
     else:
         tiles, splits = ((256, 8, 1, 4), (256, 8, 1, 3), (128, 8, 2, 3), (256, 4, 1, 3), (128, 4, 2, 4)), (1,)
+    splits = given or splits
     cfgs = [dict(BB=bb, W=w, T=t, STAGES=st, split_k=s, DEPTH=d) for bb, w, t, st in tiles for s in splits
             for d in ((1,) if M >= 256 else (1, 0))]  # DEPTH 0 never won from 256 rows (H100, H200)
-    # split-K partials summed by each tile's last program instead of a second launch
-    cfgs += [{**c, "TAIL": 1} for c in cfgs if c["split_k"] > 1]
+    # split-K partials summed by each tile's last program (from memory: 1, in its registers: 2) instead of a
+    # second launch
+    cfgs += [{**c, "TAIL": t} for c in cfgs if c["split_k"] > 1 for t in (1, 2)]
     return [c for c in cfgs if N % (16 * c["W"] * c["T"]) == 0]
 
 
@@ -288,6 +292,8 @@ def main() -> int:
     ap.add_argument("--skip-pipe", action="store_true", help="leave out the pipelined register-A wgmma kernel")
     ap.add_argument("--pipe-tiles", default=None, help="only these pipelined tiles, e.g. 256/8/1/4,256/4/1/3 "
                     "(BB/W/T/STAGES)")
+    ap.add_argument("--pipe-splits", default=None, help="pipelined split-K values instead of the M rule, e.g. 1,2")
+    ap.add_argument("--tails", default=None, help="only pipelined configs with these TAIL values, e.g. 0,2")
     ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,4096x14336 (K x N; default the four large)")
     a = ap.parse_args()
     if a.table:
@@ -333,7 +339,10 @@ def main() -> int:
             gl_cfgs = gluon_configs(M, N) if M <= 128 and not a.skip_mma else []
             wg_cfgs = [dict(BN=bn, split_k=s) for bn in (64, 128) for s in (1, 2, 4, 8, 16)] \
                 if M >= 16 and not a.skip_wgmma else []
-            pipe_cfgs = pipe_configs(M, N) if M >= 16 and not a.skip_pipe else []
+            pipe_cfgs = pipe_configs(M, N, a.pipe_splits and tuple(int(v) for v in a.pipe_splits.split(","))) \
+                if M >= 16 and not a.skip_pipe else []
+            if a.tails:
+                pipe_cfgs = [c for c in pipe_cfgs if c.get("TAIL", 0) in {int(v) for v in a.tails.split(",")}]
             if a.pipe_tiles:
                 keep = {tuple(int(v) for v in t.split("/")) for t in a.pipe_tiles.split(",")}
                 pipe_cfgs = [c for c in pipe_cfgs if (c["BB"], c["W"], c["T"], c["STAGES"]) in keep]

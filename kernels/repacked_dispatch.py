@@ -151,17 +151,18 @@ def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
         tiles = ((64, 4, 1, 4), (64, 8, 1, 4), (64, 4, 2, 4)) if b <= 64 else ((128, 4, 1, 4), (128, 8, 1, 4),
                                                                                  (128, 4, 2, 4))
         out += [{"kernel": "pipelined", "BB": bb, "W": w, "T": t, "STAGES": st, "DEPTH": d, "split_k": s,
-                 **({"TAIL": 1} if tail else {})}
-                for bb, w, t, st in tiles for s in (1, 2, 4) for d in (0, 1) for tail in ((0, 1) if s > 1 else (0,))]
+                 **({"TAIL": tail} if tail else {})}
+                for bb, w, t, st in tiles for s in (1, 2, 4, 8) for d in (0, 1)
+                for tail in ((0, 1, 2) if s > 1 else (0,))]
     else:
         out += [{"kernel": "dequant"}] + [{"kernel": "dequant", "NK": 1, "BN": bn, "num_warps": w}
                                           for bn, w in ((64, 4), (128, 8))]
         tiles = ((256, 4, 1, 3), (256, 8, 1, 4), (128, 8, 1, 4), (128, 4, 2, 4)) if b <= 256 else (
             (256, 8, 1, 4), (256, 8, 1, 3), (128, 8, 2, 3), (128, 4, 2, 4))
         out += [{"kernel": "pipelined", "BB": bb, "W": w, "T": t, "STAGES": st, "DEPTH": 1, "split_k": s,
-                 **({"TAIL": 1} if tail else {})}
-                for bb, w, t, st in tiles for s in ((1, 2) if b <= 256 else (1,))
-                for tail in ((0, 1) if s > 1 else (0,))]
+                 **({"TAIL": tail} if tail else {})}
+                for bb, w, t, st in tiles for s in ((1, 2, 4) if b <= 256 else (1,))
+                for tail in ((0, 1, 2) if s > 1 else (0,))]
     fits = [c for c in out if (c["kernel"] != "gluon" or N % (16 * c["num_warps"] * c["T"]) == 0)
             and (c["kernel"] != "wgmma" or N % c["BN"] == 0)
             and (c["kernel"] != "pipelined" or N % (16 * c["W"] * c["T"]) == 0)]

@@ -9,6 +9,7 @@ and no instruction writes a register an in-flight ``HGMMA`` still reads (``tests
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -53,10 +54,10 @@ def _signature(BB, BK, extra):
             "SPLIT_K": "i32", "steps_per_split": "i32"}
 
 
-def _build(W, T, BB, BK, STAGES, DEPTH, group):
+def _build(W, T, BB, BK, STAGES, DEPTH, group, TAIL=True):
     _, _, _, gp = _gluon()
     acc_l, a_l, w_l, o_l = gp._pipelined_layouts(W, T, BB, BK)
-    cst = dict(GROUP=group, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH, HAS_BIAS=True, TAIL=True,
+    cst = dict(GROUP=group, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH, HAS_BIAS=True, TAIL=TAIL,
                acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l)
     return _compile(gp._awq_gluon_pipelined_kernel, _signature(BB, BK, {"cnt_ptr": "*i32"}), cst, W)
 
@@ -92,6 +93,17 @@ def test_pipelined_kernel_builds_async_without_register_hazards(W, T, BB, BK, ST
     assert "C7513" not in report, "ptxas serialized the wgmmas"
     assert "HGMMA" in sass and ("DEPBAR.LE gsb0, 0x1" in sass) == (DEPTH == 1)
     assert hazards(sass) == []
+
+
+def test_register_tail_keeps_two_programs_per_sm_without_spills(tmp_path):
+    """``TAIL = 2`` at 256 rows, one warpgroup: the split-K sum adds the other splits into the accumulator
+    itself, so the build fits 256 registers a thread without spilling (two programs per SM: the point of splitting
+    at 256 rows), where the last-program sum from memory (``TAIL = 1``) keeps a second tile live and spills."""
+    triton, compiled = _build(4, 1, 256, 64, 3, 1, 128, TAIL=2)
+    report, _ = _sass(triton, compiled.asm["ptx"], tmp_path)
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    assert regs <= 256 and re.search(r"\b0 bytes spill stores", report), report
+    assert compiled.metadata.shared <= 228 * 1024 // 2 - 1024  # two programs' shared memory fit one SM
 
 
 def test_hazard_reader_finds_a_rewritten_operand():
