@@ -87,6 +87,9 @@ def gluon_configs(M: int, N: int) -> list[dict]:
             ((64, 1, 4, 2), (64, 1, 4, 4), (64, 2, 2, 4)) if M <= 64 else ((128, 1, 4, 4), (64, 1, 4, 2)))
         cfgs = [dict(BM=bm, T=t, num_warps=w, WM=wm, split_k=s, SCALED=True) for bm, t, w, wm in tiles
                 for s in (1, 2, 4)]
+    if M <= 16:  # split-K summed in the last split's registers, from fewer splits up
+        cfgs += [dict(**({"BM": 16} if M > 8 else {}), T=t, num_warps=4, split_k=s, SCALED=True, TAIL=2)
+                 for t in (1, 2) for s in (2, 4, 8, 16, 28)]
     return [c for c in cfgs if N % (16 * c["num_warps"] * c["T"]) == 0]
 
 
@@ -293,7 +296,8 @@ def main() -> int:
     ap.add_argument("--pipe-tiles", default=None, help="only these pipelined tiles, e.g. 256/8/1/4,256/4/1/3 "
                     "(BB/W/T/STAGES)")
     ap.add_argument("--pipe-splits", default=None, help="pipelined split-K values instead of the M rule, e.g. 1,2")
-    ap.add_argument("--tails", default=None, help="only pipelined configs with these TAIL values, e.g. 0,2")
+    ap.add_argument("--tails", default=None, help="only Gluon and pipelined configs with these TAIL values "
+                    "(0: a second launch sums the splits; 1, 2: the last program), e.g. 0,2")
     ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,4096x14336 (K x N; default the four large)")
     a = ap.parse_args()
     if a.table:
@@ -337,6 +341,8 @@ def main() -> int:
             ref = ref_fp64(x, *sets[0], G)
             errs = {}
             gl_cfgs = gluon_configs(M, N) if M <= 128 and not a.skip_mma else []
+            if a.tails:
+                gl_cfgs = [c for c in gl_cfgs if int(c.get("TAIL", 1)) in {int(v) for v in a.tails.split(",")}]
             wg_cfgs = [dict(BN=bn, split_k=s) for bn in (64, 128) for s in (1, 2, 4, 8, 16)] \
                 if M >= 16 and not a.skip_wgmma else []
             pipe_cfgs = pipe_configs(M, N, a.pipe_splits and tuple(int(v) for v in a.pipe_splits.split(","))) \

@@ -187,17 +187,29 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
             y_acc += (acc - zo[:, None] * xs_m[None, :]) * s[:, None]
 
     omask = (om < M)[None, :] & (on < N)[:, None]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y_acc += gl.load(b_ptr + on).to(gl.float32)[:, None]
-        gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], y_acc.to(gl.bfloat16), mask=omask)
+    y_ptrs = y_ptr + om[None, :] * stride_ym + on[:, None]
+    if TAIL == 2:  # split-K (the launcher passes 2 only then)
+        y_acc = _add_other_splits(y_acc, ws_ptr, cnt_ptr, pid_m * gl.num_programs(0) + pid_n, pid_k, SPLIT_K,
+                                  16 * W * T, BM, mma)
+        if pid_k == SPLIT_K - 1:
+            _store_y(y_acc, y_ptrs, b_ptr + on, omask, HAS_BIAS)
+    elif SPLIT_K == 1:
+        _store_y(y_acc, y_ptrs, b_ptr + on, omask, HAS_BIAS)
     else:
         ws_offs = om[None, :] * N + on[:, None]
         gl.store(ws_ptr + pid_k * M * N + ws_offs, y_acc, mask=omask)
         if TAIL:
             _sum_in_last_split(gl.zeros([16 * W * T, BM], gl.float32, layout=mma), ws_ptr, ws_offs, omask,
-                               y_ptr + om[None, :] * stride_ym + on[:, None], b_ptr + on, cnt_ptr,
-                               pid_m * gl.num_programs(0) + pid_n, M, N, SPLIT_K, HAS_BIAS)
+                               y_ptrs, b_ptr + on, cnt_ptr, pid_m * gl.num_programs(0) + pid_n, M, N, SPLIT_K,
+                               HAS_BIAS)
+
+
+@gluon.jit
+def _store_y(acc, y_ptrs, b_ptrs, omask, HAS_BIAS: gl.constexpr):
+    """The tile's total (+ bias) as bf16, in the accumulator's layout."""
+    if HAS_BIAS:
+        acc += gl.load(b_ptrs).to(gl.float32)[:, None]
+    gl.store(y_ptrs, acc.to(gl.bfloat16), mask=omask)
 
 
 @gluon.jit
@@ -220,14 +232,51 @@ def _sum_in_last_split(tot, ws_ptr, ws_offs, omask, y_ptrs, b_ptrs, cnt_ptr, til
         gl.atomic_xchg(cnt_ptr + tile, 0)
 
 
+@gluon.jit
+def _add_other_splits(acc, ws_ptr, cnt_ptr, tile, pid_k, SPLIT_K, R0: gl.constexpr, R1: gl.constexpr,
+                      acc_l: gl.constexpr):
+    """Split-K summed in the registers of the tile's last split (``TAIL = 2``); returns the tile's total there
+    (the caller stores it when ``pid_k == SPLIT_K - 1``). Why: the last-program sum of ``TAIL = 1`` stores every
+    partial and reads them all back, and the second launch (``TAIL = 0``) re-reads them from memory: 8-14 us on a
+    56 us kernel at 256 rows (pipelined kernel), 3-9 us on 13-16 us at 1-16 rows (this kernel; Nsight Compute, H200).
+
+    Splits ``0 .. SPLIT_K - 2`` store their ``[R0, R1]`` accumulator as it sits in registers (each thread its own
+    fragments, in a per-tile slot only this function reads: whole 32-byte sectors, no layout conversion) and count
+    it on the tile's counter; split ``SPLIT_K - 1`` waits for the count and adds the slots to its own registers in
+    split order, so the sum's order, and every bit, is fixed, and leaves the counter at 0. The wait cannot hang:
+    the last split's programs have the highest block indices of their tile, and CUDA starts blocks in index order,
+    so the others are running or done (the rule stream-K GEMMs rely on)."""
+    offs = (gl.arange(0, R0, layout=gl.SliceLayout(1, acc_l))[:, None] * R1
+            + gl.arange(0, R1, layout=gl.SliceLayout(0, acc_l))[None, :])
+    slots = ws_ptr + tile.to(gl.int64) * ((SPLIT_K - 1) * R0 * R1)
+    if pid_k < SPLIT_K - 1:
+        gl.store(slots + pid_k * (R0 * R1) + offs, acc)
+        _cta_barrier()  # every thread's partial is written before the counter says so
+        gl.atomic_add(cnt_ptr + tile, 1, sem="release", scope="gpu")
+    else:
+        seen = gl.atomic_add(cnt_ptr + tile, 0, sem="acquire", scope="gpu")
+        while seen < SPLIT_K - 1:
+            seen = gl.atomic_add(cnt_ptr + tile, 0, sem="acquire", scope="gpu")
+        for s in range(0, SPLIT_K - 1):
+            acc += gl.load(slots + s * (R0 * R1) + offs, cache_modifier=".cg")
+        gl.atomic_xchg(cnt_ptr + tile, 0)
+    return acc
+
+
+def register_tail_ws(tiles: int, split_k: int, tile_elems: int, device: torch.device) -> torch.Tensor:
+    """The fp32 slots :func:`_add_other_splits` stores the first ``split_k - 1`` splits' partials in."""
+    return torch.empty(tiles * (split_k - 1) * tile_elems, dtype=torch.float32, device=device)
+
+
 def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None, BM: int = 8, num_warps: int = 4,
               T: int = 2, split_k: int = 1, TAIL: bool = True, PREFETCH: bool = False,
               BK: int | None = None, SCALED: bool = False, WM: int = 1) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc.
 
-    ``BM``: rows of x per program (8, 16, 32 or 64: the MMA's N); ``TAIL``: split-K partials summed by the last
-    program of each tile (else by ``reduce_partials``, a second launch); ``PREFETCH``: load the next step's words
+    ``BM``: rows of x per program (8, 16, 32 or 64: the MMA's N); ``TAIL``: split-K partials summed by
+    ``reduce_partials``, a second launch (0), by the last program of each tile from memory (1) or in the last
+    split's registers (2, :func:`_add_other_splits`); ``PREFETCH``: load the next step's words
     before this step's MMA; ``BK``: features per step (16, 32 or 64 dividing the group; default ``min(64, group)``:
     fewer hold less of x in registers at 64 rows); ``SCALED``: the weights scaled in the fragments (one
     accumulator); ``WM``: warps along the rows of x (``num_warps`` counts those along the columns)."""
@@ -249,7 +298,11 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     if BM not in (8, 16, 32, 64):
         raise ValueError(f"gluon_mma takes BM 8, 16, 32 or 64 rows per program, got {BM}")
     grid = (N // (16 * num_warps * T), split_k, triton.cdiv(M, BM))
-    tail = bool(TAIL) and split_k > 1
+    if TAIL not in (0, 1, 2):
+        raise ValueError(f"gluon_mma takes TAIL 0 (a second launch sums), 1 or 2 (the last program); got {TAIL}")
+    tail = int(TAIL) if split_k > 1 else 0
+    if tail == 2:
+        ws = register_tail_ws(grid[0] * grid[2], split_k, 16 * num_warps * T * BM, x2.device)
     cnt = tile_counters(x2.device, grid[0] * grid[2]) if tail else y
     _awq_gluon_mma_kernel[grid](
         x2, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, x2.stride(0),

@@ -30,8 +30,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, war
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .awq_gluon_mma import (_cta_barrier, _fragments, _layouts, _sum_in_last_split, _word_offset, _word_offsets,
-                            _zeros_bf16)
+from .awq_gluon_mma import (_add_other_splits, _cta_barrier, _fragments, _layouts, _sum_in_last_split, _word_offset,
+                            _word_offsets, _zeros_bf16, register_tail_ws)
 from .awq_repack import check_repackable
 from .awq_triton import _out_and_ws, _split_args, reduce_partials, tile_counters
 
@@ -153,8 +153,10 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
     if SPLIT_K == 1:
         _store_tile(acc, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym, BF, BB, HAS_BIAS, acc_l, o_l)
     elif TAIL == 2:
-        _sum_splits_in_registers(acc, ws_ptr, cnt_ptr, y_ptr, b_ptr, pid_m * gl.num_programs(0) + pid_n, pid_k, pid_n,
-                                 m0, M, N, stride_ym, SPLIT_K, BF, BB, HAS_BIAS, acc_l, o_l)
+        acc = _add_other_splits(acc, ws_ptr, cnt_ptr, pid_m * gl.num_programs(0) + pid_n, pid_k, SPLIT_K, BF, BB,
+                                acc_l)
+        if pid_k == SPLIT_K - 1:
+            _store_tile(acc, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym, BF, BB, HAS_BIAS, acc_l, o_l)
     else:
         on = pid_n * BF + gl.arange(0, BF, layout=gl.SliceLayout(1, o_l))
         om = m0 + gl.arange(0, BB, layout=gl.SliceLayout(0, o_l))
@@ -180,37 +182,6 @@ def _store_tile(acc, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym, BF: gl.constexpr,
              mask=(om < M)[None, :] & (on < N)[:, None])
 
 
-@gluon.jit
-def _sum_splits_in_registers(acc, ws_ptr, cnt_ptr, y_ptr, b_ptr, tile, pid_k, pid_n, m0, M, N, stride_ym, SPLIT_K,
-                             BF: gl.constexpr, BB: gl.constexpr, HAS_BIAS: gl.constexpr, acc_l: gl.constexpr,
-                             o_l: gl.constexpr):
-    """Split-K summed in the registers of the tile's last split (``TAIL = 2``). Why: the last-program sum of
-    ``TAIL = 1`` stores every partial in the output's layout and reads them all back, and the second launch
-    (``TAIL = 0``) re-reads them from memory: at 256 rows either cost 8-14 us on a kernel of 56.
-
-    Splits ``0 .. SPLIT_K - 2`` store their accumulator as it sits in registers (each thread its own fragments, in
-    a per-tile slot only this function reads: whole 32-byte sectors, no layout conversion) and count it on the
-    tile's counter; split ``SPLIT_K - 1`` waits for the count and adds the slots to its own registers in split
-    order, so the sum's order, and every bit, is fixed. The wait cannot hang: the last split's programs have the
-    highest block indices of their tile, and CUDA starts blocks in index order, so the others are running or done
-    (the rule stream-K GEMMs rely on)."""
-    offs = (gl.arange(0, BF, layout=gl.SliceLayout(1, acc_l))[:, None] * BB
-            + gl.arange(0, BB, layout=gl.SliceLayout(0, acc_l))[None, :])
-    slots = ws_ptr + tile.to(gl.int64) * ((SPLIT_K - 1) * BF * BB)
-    if pid_k < SPLIT_K - 1:
-        gl.store(slots + pid_k * (BF * BB) + offs, acc)
-        _cta_barrier()  # every thread's partial is written before the counter says so
-        gl.atomic_add(cnt_ptr + tile, 1, sem="release", scope="gpu")
-    else:
-        seen = gl.atomic_add(cnt_ptr + tile, 0, sem="acquire", scope="gpu")
-        while seen < SPLIT_K - 1:
-            seen = gl.atomic_add(cnt_ptr + tile, 0, sem="acquire", scope="gpu")
-        for s in range(0, SPLIT_K - 1):
-            acc += gl.load(slots + s * (BF * BB) + offs, cache_modifier=".cg")
-        _store_tile(acc, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym, BF, BB, HAS_BIAS, acc_l, o_l)
-        gl.atomic_xchg(cnt_ptr + tile, 0)
-
-
 def _pipelined_layouts(W: int, T: int, BB: int, BK: int):
     """The accumulator (``wgmma`` over ``W`` warps along the features), the register A operand, the words' load
     layout (as :func:`kernels.awq_gluon_mma._layouts`) and the output store layout."""
@@ -233,7 +204,7 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     ``BK``: input features per step (16, 32 or 64 dividing the group size; default ``min(64, group)``);
     ``DEPTH``: wgmmas left in flight when a step waits (0 or 1, see ``_advance``); ``TAIL``: split-K partials
     summed by ``reduce_partials``, a second launch (0), by each tile's last program from memory (1) or from its
-    registers, the others' partials stored in their register layout (2, :func:`_sum_splits_in_registers`)."""
+    registers, the others' partials stored in their register layout (2, :func:`awq_gluon_mma._add_other_splits`)."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -258,11 +229,9 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     split_k, gps = _split_args(K // group_size, split_k)
     grid = (N // BF, split_k, triton.cdiv(M, BB))
     tail = TAIL if split_k > 1 else 0
-    if tail == 2:  # one register-layout slot per split and tile (see _sum_splits_in_registers)
-        y, _ = _out_and_ws(x2, N, out, 1)
-        ws = torch.empty(grid[0] * grid[2] * (split_k - 1) * BF * BB, dtype=torch.float32, device=x2.device)
-    else:
-        y, ws = _out_and_ws(x2, N, out, split_k)
+    y, ws = _out_and_ws(x2, N, out, split_k if tail != 2 else 1)
+    if tail == 2:
+        ws = register_tail_ws(grid[0] * grid[2], split_k, BF * BB, x2.device)
     cnt = tile_counters(x2.device, grid[0] * grid[2]) if tail else y
     _awq_gluon_pipelined_kernel[grid](
         x_desc, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, y.stride(0), split_k,

@@ -141,11 +141,15 @@ def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
                 for t, w in ((2, 4), (4, 4), (1, 8)) for s in (4, 8, 16) for sc in (True, False)]
         out += [{"kernel": "gluon", "T": t, "num_warps": 4, "split_k": s, "SCALED": True, "TAIL": tail}
                 for t, s in ((1, 8), (1, 16), (2, 28)) for tail in (True, False)]
+        out += [{"kernel": "gluon", "T": t, "num_warps": 4, "split_k": s, "SCALED": True, "TAIL": 2}
+                for t in (1, 2) for s in (4, 8, 16)]
     elif b <= 16:
         out += [{"kernel": "gluon", "BM": 16, "T": t, "num_warps": w, "split_k": s, "SCALED": sc}
                 for t, w in ((2, 4), (1, 8)) for s in (2, 4, 8, 16) for sc in (True, False)]
         out += [{"kernel": "gluon", "BM": 16, "T": t, "num_warps": w, "split_k": s, "SCALED": True, "TAIL": False}
                 for t, w in ((1, 4), (1, 8)) for s in (8, 16)]
+        out += [{"kernel": "gluon", "BM": 16, "T": t, "num_warps": 4, "split_k": s, "SCALED": True, "TAIL": 2}
+                for t in (1, 2) for s in (4, 8, 16)]
         out += [{"kernel": "wgmma", "BN": 64, "split_k": s} for s in (4, 8)]
     elif b <= 128:
         if b <= 32:

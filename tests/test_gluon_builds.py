@@ -37,14 +37,15 @@ def _loads(ptx: str) -> dict:
     return {m: ptx.count(m) for m in set(re.findall(r"ld\.global[\w.]*", ptx))}
 
 
-@pytest.mark.parametrize("SCALED", [True, False])
-def test_decode_kernel_loads_words_16_bytes_at_a_time(SCALED):
+@pytest.mark.parametrize("SCALED,TAIL", [(True, 0), (False, 0), (True, 1), (True, 2)])
+def test_decode_kernel_loads_words_16_bytes_at_a_time(SCALED, TAIL):
+    """Every split-K sum builds too (a second launch, the last program from memory, the last split's registers)."""
     W, T, BK = 4, 2, 64
     mma, a_l, b_l, w_l, x_l = gm._layouts(W, BK, T)
     sig = dict(zip(["x_ptr", "pw_ptr", "qz_ptr", "s_ptr", "b_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "M", "N", "K",
                     "stride_xm", "stride_ym", "SPLIT_K", "groups_per_split"],
                    ["*bf16", "*i32", "*i32", "*bf16", "*bf16", "*bf16", "*fp32", "*i32"] + ["i32"] * 7))
-    cst = dict(GROUP=128, BK=BK, BM=8, W=W, T=T, HAS_BIAS=False, TAIL=False, PREFETCH=False, SCALED=SCALED,
+    cst = dict(GROUP=128, BK=BK, BM=8, W=W, T=T, HAS_BIAS=False, TAIL=TAIL, PREFETCH=False, SCALED=SCALED,
                mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l)
     ptx = _ptx(gm._awq_gluon_mma_kernel, sig, cst, [n for n in sig if n not in ("M", "SPLIT_K",
                                                                                "groups_per_split")], W)

@@ -234,13 +234,16 @@ def test_bad_inputs_raise_on_cuda():
                                  dict(T=1, num_warps=4, BM=32, split_k=5, PREFETCH=True),
                                  dict(T=1, num_warps=8, BM=64, split_k=3, SCALED=True, BK=32),
                                  dict(T=1, num_warps=4, WM=2, BM=64, split_k=2, SCALED=True),
-                                 dict(T=2, num_warps=2, WM=4, BM=64, split_k=1)])
+                                 dict(T=2, num_warps=2, WM=4, BM=64, split_k=1),
+                                 dict(T=2, num_warps=4, split_k=8, SCALED=True, TAIL=2),
+                                 dict(T=1, num_warps=4, BM=16, split_k=3, SCALED=True, TAIL=2)])
 def test_gluon_mma_on_repacked_weights(cfg, g):
     """The Gluon kernel on fragment-repacked weights (kernels/awq_repack.py) against fp64: M up to 33 (several
-    row tiles), bias, split-K summed in the kernel (twice: the counters reset) or by a second launch, prefetch,
-    poisoned output."""
+    row tiles), bias, split-K summed in the kernel (twice: the counters reset; in the last split's registers
+    bit for bit the same) or by a second launch, prefetch, poisoned output."""
     from kernels.awq_gluon_mma import gluon_mma
     from kernels.awq_repack import repack_awq
+    from kernels.awq_triton import tile_counters
 
     K, N = 1024, 1024
     w = weights(K, N, g)
@@ -249,10 +252,14 @@ def test_gluon_mma_on_repacked_weights(cfg, g):
     for M in (1, 3, 8, 16, 33):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        ys = []
         for _ in range(2):
             y = gluon_mma(x, packed, w[1], w[2], g, bias, out=out, **cfg)
             assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= 1e-2, (M, cfg)
+            ys.append(y.clone())
             out.fill_(float("nan"))
+        if cfg.get("TAIL") == 2:
+            assert torch.equal(ys[0], ys[1]) and not tile_counters(x.device, 1).any(), (M, cfg)
 
 
 @pytest.mark.parametrize("g", [32, 128])
