@@ -112,6 +112,9 @@ def pipe_configs(M: int, N: int, splits: tuple[int, ...] | None = None) -> list[
     # split-K partials summed by each tile's last program (from memory: 1, in its registers: 2) instead of a
     # second launch
     cfgs += [{**c, "TAIL": t} for c in cfgs if c["split_k"] > 1 for t in (1, 2)]
+    if M >= 256:  # the tiles of a partly filled last wave split along K (SLOTS: programs one SM holds)
+        cfgs += [{**c, "SLOTS": 2 if (c["BB"], c["W"], c["STAGES"]) == (256, 4, 3) else 1} for c in cfgs
+                 if c["split_k"] == 1]
     return [c for c in cfgs if N % (16 * c["W"] * c["T"]) == 0]
 
 

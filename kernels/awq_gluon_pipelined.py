@@ -99,15 +99,19 @@ def _advance(acc, a_prev, a, x_desc, x_smem, bars, m0, s0, i, nst, BK: gl.conste
 
 @gluon.jit(do_not_specialize=["M"])  # one build serves every row count (no compile on a request)
 def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym,
-                                SPLIT_K, steps_per_split, GROUP: gl.constexpr, BK: gl.constexpr, BB: gl.constexpr,
-                                W: gl.constexpr, T: gl.constexpr, STAGES: gl.constexpr, DEPTH: gl.constexpr,
-                                HAS_BIAS: gl.constexpr, TAIL: gl.constexpr,
+                                SPLIT_K, steps_per_split, FULL, GROUP: gl.constexpr, BK: gl.constexpr,
+                                BB: gl.constexpr, W: gl.constexpr, T: gl.constexpr, STAGES: gl.constexpr,
+                                DEPTH: gl.constexpr, HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, LAST_WAVE: gl.constexpr,
                                 acc_l: gl.constexpr, a_l: gl.constexpr, w_l: gl.constexpr, o_l: gl.constexpr):
-    pid_n = gl.program_id(0)
-    pid_k = gl.program_id(1)
-    pid_m = gl.program_id(2)
     KH: gl.constexpr = BK // 16
     BF: gl.constexpr = 16 * W * T
+    if LAST_WAVE:  # a 1-D grid: FULL whole tiles, then SPLIT_K programs for each tile left (see gluon_pipelined)
+        pid_n, pid_k, pid_m, n_split, tile, steps_per_split = _last_wave_program(N, K, SPLIT_K, steps_per_split,
+                                                                                 FULL, BK, BF)
+    else:
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        pid_m = gl.program_id(2)
     woff = _word_offsets(pid_n, K, w_l, W, T, KH)
     on_a = pid_n * BF + gl.arange(0, BF, layout=gl.SliceLayout(1, a_l))
     m0 = pid_m * BB
@@ -150,7 +154,14 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
-    if SPLIT_K == 1:
+    if LAST_WAVE:  # whole tiles store, split ones sum in their last split's registers
+        if n_split == 1:
+            _store_tile(acc, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym, BF, BB, HAS_BIAS, acc_l, o_l)
+        else:
+            acc = _add_other_splits(acc, ws_ptr, cnt_ptr, tile, pid_k, n_split, BF, BB, acc_l)
+            if pid_k == n_split - 1:
+                _store_tile(acc, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym, BF, BB, HAS_BIAS, acc_l, o_l)
+    elif SPLIT_K == 1:
         _store_tile(acc, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym, BF, BB, HAS_BIAS, acc_l, o_l)
     elif TAIL == 2:
         acc = _add_other_splits(acc, ws_ptr, cnt_ptr, pid_m * gl.num_programs(0) + pid_n, pid_k, SPLIT_K, BF, BB,
@@ -167,6 +178,21 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
             _sum_in_last_split(gl.zeros([BF, BB], gl.float32, layout=o_l), ws_ptr, ws_offs, omask,
                                y_ptr + om[None, :] * stride_ym + on[:, None], b_ptr + on, cnt_ptr,
                                pid_m * gl.num_programs(0) + pid_n, M, N, SPLIT_K, HAS_BIAS)
+
+
+@gluon.jit
+def _last_wave_program(N, K, SPLIT_K, steps_per_split, FULL, BK: gl.constexpr, BF: gl.constexpr):
+    """Program ``i`` of a last-wave split grid: below ``FULL`` a whole tile (tiles in row-block-major order, as the
+    3-D grid runs them), above it split ``k`` of tile ``FULL + j`` (each tile's splits consecutive, its last split
+    last). Returns the feature and row blocks, the split and split count, the index of the tile's counter and
+    slots (split tiles only) and the steps of one split."""
+    pid = gl.program_id(0)
+    split = pid >= FULL
+    rest = gl.maximum(pid - FULL, 0)
+    t = gl.where(split, FULL + rest // SPLIT_K, pid)
+    NT = N // BF
+    return (t % NT, gl.where(split, rest % SPLIT_K, 0), t // NT, gl.where(split, SPLIT_K, 1), t - FULL,
+            gl.where(split, steps_per_split, K // BK))
 
 
 @gluon.jit
@@ -195,16 +221,42 @@ def _pipelined_layouts(W: int, T: int, BB: int, BK: int):
     return acc_l, a_l, w_l, o_l
 
 
+def _last_wave_split(tiles: int, groups: int, slots: int) -> tuple[int, int]:
+    """(whole tiles, splits of each tile left): the tiles of a partly filled last wave split into as many parts as
+    the free slots allow (at least 2, at most one group each), or all tiles whole."""
+    rest = tiles % slots
+    if rest == 0 or tiles < slots:
+        return tiles, 1
+    split = min(slots // rest, groups)
+    return (tiles - rest, split) if split > 1 else (tiles, 1)
+
+
+_SMS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SMS[key]
+
+
 def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                     group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                     BB: int = 128, W: int = 4, T: int = 2, STAGES: int = 3, split_k: int = 1,
-                    BK: int | None = None, DEPTH: int = 0, TAIL: int = 0) -> torch.Tensor:
+                    BK: int | None = None, DEPTH: int = 0, TAIL: int = 0, SLOTS: int = 0,
+                    sms: int | None = None) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16) on repacked weights; see the module doc. ``BB``: rows of x per program (64, 128
     or 256: ``wgmma``'s N); ``W``: warps (4 or 8); ``T``: 16-feature tiles per warp; ``STAGES``: x buffers;
     ``BK``: input features per step (16, 32 or 64 dividing the group size; default ``min(64, group)``);
     ``DEPTH``: wgmmas left in flight when a step waits (0 or 1, see ``_advance``); ``TAIL``: split-K partials
     summed by ``reduce_partials``, a second launch (0), by each tile's last program from memory (1) or from its
-    registers, the others' partials stored in their register layout (2, :func:`awq_gluon_mma._add_other_splits`)."""
+    registers, the others' partials stored in their register layout (2, :func:`awq_gluon_mma._add_other_splits`).
+
+    ``SLOTS`` (with ``split_k = 1``): programs of this config one SM holds (1 or 2; 0: off). The tiles that would
+    run as a partly filled last wave are split along K instead (as many splits as that wave has free slots for,
+    summed as ``TAIL = 2``): 448 tiles on 132 SMs are four waves of work, 396 whole tiles and 52 tiles split in
+    two are three and a half. ``sms``: the SM count that arithmetic assumes (default: the GPU's; tests set it)."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -226,17 +278,26 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     x_desc = TensorDescriptor.from_tensor(x2, [BB, BK], gl.NVMMASharedLayout.get_default_for([BB, BK], gl.bfloat16))
     if TAIL not in (0, 1, 2):
         raise ValueError(f"gluon_pipelined takes TAIL 0 (a second launch sums), 1 or 2 (the last program); got {TAIL}")
-    split_k, gps = _split_args(K // group_size, split_k)
-    grid = (N // BF, split_k, triton.cdiv(M, BB))
-    tail = TAIL if split_k > 1 else 0
+    tiles = N // BF * triton.cdiv(M, BB)
+    full, last_split = _last_wave_split(tiles, K // group_size, SLOTS * (sms or _sm_count(x2.device))) \
+        if SLOTS and split_k == 1 else (tiles, 1)
+    if last_split > 1:  # (_split_args keeps 2 or more splits here: last_split <= groups)
+        split_k, gps = _split_args(K // group_size, last_split)
+        grid = (full + (tiles - full) * split_k, 1, 1)
+        tail, ctr_tiles = 2, tiles - full
+    else:
+        split_k, gps = _split_args(K // group_size, split_k)
+        grid = (N // BF, split_k, triton.cdiv(M, BB))
+        tail, ctr_tiles = (TAIL if split_k > 1 else 0), tiles
     y, ws = _out_and_ws(x2, N, out, split_k if tail != 2 else 1)
     if tail == 2:
-        ws = register_tail_ws(grid[0] * grid[2], split_k, BF * BB, x2.device)
-    cnt = tile_counters(x2.device, grid[0] * grid[2]) if tail else y
+        ws = register_tail_ws(ctr_tiles, split_k, BF * BB, x2.device)
+    cnt = tile_counters(x2.device, ctr_tiles) if tail else y
     _awq_gluon_pipelined_kernel[grid](
         x_desc, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, y.stride(0), split_k,
-        gps * group_size // BK, GROUP=group_size, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH,
-        HAS_BIAS=bias is not None, TAIL=tail, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l, num_warps=W)
+        gps * group_size // BK, full, GROUP=group_size, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH,
+        HAS_BIAS=bias is not None, TAIL=tail, LAST_WAVE=last_split > 1, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l,
+        num_warps=W)
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)
     return y

@@ -173,6 +173,8 @@ def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
                  **({"TAIL": tail} if tail else {})}
                 for bb, w, t, st in tiles for s in ((1, 2, 4) if b <= 256 else (1,))
                 for tail in ((0, 1, 2) if s > 1 else (0,))]
+        out += [{"kernel": "pipelined", "BB": bb, "W": w, "T": t, "STAGES": st, "DEPTH": 1, "split_k": 1,
+                 "SLOTS": 2 if (bb, w, st) == (256, 4, 3) else 1} for bb, w, t, st in tiles]
     fits = [c for c in out if (c["kernel"] != "gluon" or N % (16 * c["num_warps"] * c["T"]) == 0)
             and (c["kernel"] != "wgmma" or N % c["BN"] == 0)
             and (c["kernel"] != "pipelined" or N % (16 * c["W"] * c["T"]) == 0)]

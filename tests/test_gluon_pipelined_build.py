@@ -51,13 +51,16 @@ def _signature(BB, BK, extra):
     desc = TensorDescriptor.from_tensor(x, [BB, BK], gl.NVMMASharedLayout.get_default_for([BB, BK], gl.bfloat16))
     return {"x_desc": mangle_type(desc), "pw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16",
             "y_ptr": "*bf16", "ws_ptr": "*fp32", **extra, "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32",
-            "SPLIT_K": "i32", "steps_per_split": "i32"}
+            "SPLIT_K": "i32", "steps_per_split": "i32", "FULL": "i32"}
 
 
-def _build(W, T, BB, BK, STAGES, DEPTH, group, TAIL=True):
+def _build(W, T, BB, BK, STAGES, DEPTH, group, TAIL=True, LAST_WAVE=False, **specialized):
+    """The kernel built for sm_90; ``specialized``: runtime arguments as the launcher's specialization makes them
+    constants (an integer argument equal to 1, e.g. ``SPLIT_K=1``)."""
     _, _, _, gp = _gluon()
     acc_l, a_l, w_l, o_l = gp._pipelined_layouts(W, T, BB, BK)
-    cst = dict(GROUP=group, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH, HAS_BIAS=True, TAIL=TAIL,
+    cst = dict(**specialized, GROUP=group, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH, HAS_BIAS=True,
+               TAIL=TAIL, LAST_WAVE=LAST_WAVE,
                acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l)
     return _compile(gp._awq_gluon_pipelined_kernel, _signature(BB, BK, {"cnt_ptr": "*i32"}), cst, W)
 
@@ -99,11 +102,21 @@ def test_register_tail_keeps_two_programs_per_sm_without_spills(tmp_path):
     """``TAIL = 2`` at 256 rows, one warpgroup: the split-K sum adds the other splits into the accumulator
     itself, so the build fits 256 registers a thread without spilling (two programs per SM: the point of splitting
     at 256 rows), where the last-program sum from memory (``TAIL = 1``) keeps a second tile live and spills."""
-    triton, compiled = _build(4, 1, 256, 64, 3, 1, 128, TAIL=2)
-    report, _ = _sass(triton, compiled.asm["ptx"], tmp_path)
-    regs = int(re.search(r"Used (\d+) registers", report).group(1))
-    assert regs <= 256 and re.search(r"\b0 bytes spill stores", report), report
-    assert compiled.metadata.shared <= 228 * 1024 // 2 - 1024  # two programs' shared memory fit one SM
+    for last_wave in (False, True):  # the last-wave split grid too
+        triton, compiled = _build(4, 1, 256, 64, 3, 1, 128, TAIL=2, LAST_WAVE=last_wave)
+        report, _ = _sass(triton, compiled.asm["ptx"], tmp_path)
+        regs = int(re.search(r"Used (\d+) registers", report).group(1))
+        assert regs <= 256 and re.search(r"\b0 bytes spill stores", report), (last_wave, report)
+        assert compiled.metadata.shared <= 228 * 1024 // 2 - 1024  # two programs' shared memory fit one SM
+
+
+@pytest.mark.parametrize("TAIL", [0, 1, 2])
+def test_split_one_launch_builds(TAIL):
+    """A launch without split-K passes ``SPLIT_K = 1``, which Triton turns into a constant: every epilogue must
+    build that way too (an epilogue that routed the constant through a variable crashed the LLVM lowering of
+    Triton 3.6, seen only on the GPU; the last-wave grid always has 2 or more splits)."""
+    _, compiled = _build(4, 1, 256, 64, 3, 1, 128, TAIL=TAIL, SPLIT_K=1)
+    assert "wgmma.mma_async" in compiled.asm["ptx"]
 
 
 def test_hazard_reader_finds_a_rewritten_operand():

@@ -314,12 +314,15 @@ def test_gluon_wgmma_on_repacked_weights(cfg, g):
                                  dict(BB=256, W=8, T=1, STAGES=3, split_k=4, DEPTH=0, TAIL=1),
                                  dict(BB=64, W=4, T=1, STAGES=4, split_k=2, DEPTH=0, TAIL=2),
                                  dict(BB=256, W=4, T=1, STAGES=3, split_k=3, DEPTH=1, TAIL=2),
-                                 dict(BB=128, W=8, T=2, STAGES=4, split_k=4, DEPTH=1, TAIL=2)])
+                                 dict(BB=128, W=8, T=2, STAGES=4, split_k=4, DEPTH=1, TAIL=2),
+                                 dict(BB=64, W=4, T=1, STAGES=4, SLOTS=1, sms=6),
+                                 dict(BB=128, W=8, T=1, STAGES=3, DEPTH=1, SLOTS=1, sms=5)])
 def test_gluon_pipelined_on_repacked_weights(cfg, g):
     """The pipelined register-A wgmma kernel on repacked weights against fp64: M from 1 to 300 (partial row
     tiles: TMA fills them with zeros), fewer steps than stages (K 128), odd step counts (K 192), bias, split-K
     (summed by a second launch, by each tile's last program, or in the last split's registers, whose counters
-    every launch must leave at 0 and whose output repeats bit for bit),
+    every launch must leave at 0 and whose output repeats bit for bit), the last-wave split grid (a made-up SM
+    count of 5-6 makes 16-80 tiles leave a partial last wave),
     poisoned output, a strided x."""
     from kernels.awq_gluon_pipelined import gluon_pipelined
     from kernels.awq_repack import repack_awq
@@ -336,7 +339,7 @@ def test_gluon_pipelined_on_repacked_weights(cfg, g):
             out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
             y = gluon_pipelined(x, packed, w[1], w[2], g, bias, out=out, **cfg)
             assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= 1e-2, (K, N, M, cfg)
-            if cfg.get("TAIL") == 2:  # the sum's order is fixed: every bit repeats, and the counters are back at 0
+            if cfg.get("TAIL") == 2 or cfg.get("SLOTS"):  # fixed sum order: every bit repeats, counters back at 0
                 assert torch.equal(gluon_pipelined(x, packed, w[1], w[2], g, bias, **cfg), y), (K, N, M, cfg)
                 assert not tile_counters(x.device, 1).any(), (K, N, M, cfg)
 
