@@ -30,7 +30,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from benchmarks.kernels import int4pack_sets, ref_fp64, rel_err  # noqa: E402
-from kernels import dispatch  # noqa: E402
+from kernels import dispatch, repacked_dispatch  # noqa: E402
 from kernels.awq_gluon_mma import gluon_mma  # noqa: E402
 from kernels.awq_gluon_pipelined import gluon_pipelined  # noqa: E402
 from kernels.awq_gluon_wgmma import gluon_wgmma  # noqa: E402
@@ -113,7 +113,7 @@ def pipe_configs(M: int, N: int, splits: tuple[int, ...] | None = None) -> list[
     # second launch
     cfgs += [{**c, "TAIL": t} for c in cfgs if c["split_k"] > 1 for t in (1, 2)]
     if M >= 256:  # the tiles of a partly filled last wave split along K (SLOTS: programs one SM holds)
-        cfgs += [{**c, "SLOTS": 2 if (c["BB"], c["W"], c["STAGES"]) == (256, 4, 3) else 1} for c in cfgs
+        cfgs += [{**c, "SLOTS": repacked_dispatch.pipelined_slots(c["BB"], c["W"], c["STAGES"])} for c in cfgs
                  if c["split_k"] == 1]
     return [c for c in cfgs if N % (16 * c["W"] * c["T"]) == 0]
 
@@ -304,8 +304,6 @@ def main() -> int:
     ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,4096x14336 (K x N; default the four large)")
     a = ap.parse_args()
     if a.table:
-        from kernels import repacked_dispatch
-
         device = json.loads(Path(a.table[-1]).read_text())["device"]
         path = repacked_dispatch.table_path(repacked_dispatch.card_of(device))
         table = json.loads(path.read_text()) if path.exists() else {

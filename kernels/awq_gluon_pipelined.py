@@ -34,6 +34,7 @@ from .awq_gluon_mma import (_add_other_splits, _cta_barrier, _fragments, _layout
                             _word_offsets, _zeros_bf16, register_tail_ws)
 from .awq_repack import check_repackable
 from .awq_triton import _out_and_ws, _split_args, reduce_partials, tile_counters
+from .dispatch import num_sms
 
 # the TMA load (Triton 3.6 names it ``async_copy_global_to_shared``, later releases ``async_load``)
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -154,20 +155,19 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
+    # (SPLIT_K is read as itself, not through a variable: a launch without split-K specializes it to the constant
+    # 1, and an epilogue choosing on a variable holding it crashed Triton 3.6's LLVM lowering)
     if LAST_WAVE:  # whole tiles store, split ones sum in their last split's registers
         if n_split == 1:
             _store_tile(acc, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym, BF, BB, HAS_BIAS, acc_l, o_l)
         else:
-            acc = _add_other_splits(acc, ws_ptr, cnt_ptr, tile, pid_k, n_split, BF, BB, acc_l)
-            if pid_k == n_split - 1:
-                _store_tile(acc, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym, BF, BB, HAS_BIAS, acc_l, o_l)
+            _sum_splits_and_store(acc, ws_ptr, cnt_ptr, tile, pid_k, n_split, y_ptr, b_ptr, pid_n, m0, M, N,
+                                  stride_ym, BF, BB, HAS_BIAS, acc_l, o_l)
     elif SPLIT_K == 1:
         _store_tile(acc, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym, BF, BB, HAS_BIAS, acc_l, o_l)
     elif TAIL == 2:
-        acc = _add_other_splits(acc, ws_ptr, cnt_ptr, pid_m * gl.num_programs(0) + pid_n, pid_k, SPLIT_K, BF, BB,
-                                acc_l)
-        if pid_k == SPLIT_K - 1:
-            _store_tile(acc, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym, BF, BB, HAS_BIAS, acc_l, o_l)
+        _sum_splits_and_store(acc, ws_ptr, cnt_ptr, pid_m * gl.num_programs(0) + pid_n, pid_k, SPLIT_K, y_ptr, b_ptr,
+                              pid_n, m0, M, N, stride_ym, BF, BB, HAS_BIAS, acc_l, o_l)
     else:
         on = pid_n * BF + gl.arange(0, BF, layout=gl.SliceLayout(1, o_l))
         om = m0 + gl.arange(0, BB, layout=gl.SliceLayout(0, o_l))
@@ -193,6 +193,16 @@ def _last_wave_program(N, K, SPLIT_K, steps_per_split, FULL, BK: gl.constexpr, B
     NT = N // BF
     return (t % NT, gl.where(split, rest % SPLIT_K, 0), t // NT, gl.where(split, SPLIT_K, 1), t - FULL,
             gl.where(split, steps_per_split, K // BK))
+
+
+@gluon.jit
+def _sum_splits_and_store(acc, ws_ptr, cnt_ptr, tile, pid_k, n_split, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym,
+                          BF: gl.constexpr, BB: gl.constexpr, HAS_BIAS: gl.constexpr, acc_l: gl.constexpr,
+                          o_l: gl.constexpr):
+    """``TAIL = 2``: the splits' partials summed in the last split's registers, which stores the tile."""
+    acc = _add_other_splits(acc, ws_ptr, cnt_ptr, tile, pid_k, n_split, BF, BB, acc_l)
+    if pid_k == n_split - 1:
+        _store_tile(acc, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym, BF, BB, HAS_BIAS, acc_l, o_l)
 
 
 @gluon.jit
@@ -223,22 +233,13 @@ def _pipelined_layouts(W: int, T: int, BB: int, BK: int):
 
 def _last_wave_split(tiles: int, groups: int, slots: int) -> tuple[int, int]:
     """(whole tiles, splits of each tile left): the tiles of a partly filled last wave split into as many parts as
-    the free slots allow (at least 2, at most one group each), or all tiles whole."""
+    the free slots allow (at least 2, at most one group each), or all tiles whole (also when all tiles fit one wave:
+    splitting every tile is what a ``split_k`` config does)."""
     rest = tiles % slots
     if rest == 0 or tiles < slots:
         return tiles, 1
     split = min(slots // rest, groups)
     return (tiles - rest, split) if split > 1 else (tiles, 1)
-
-
-_SMS: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _SMS:
-        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
-    return _SMS[key]
 
 
 def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -279,7 +280,7 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     if TAIL not in (0, 1, 2):
         raise ValueError(f"gluon_pipelined takes TAIL 0 (a second launch sums), 1 or 2 (the last program); got {TAIL}")
     tiles = N // BF * triton.cdiv(M, BB)
-    full, last_split = _last_wave_split(tiles, K // group_size, SLOTS * (sms or _sm_count(x2.device))) \
+    full, last_split = _last_wave_split(tiles, K // group_size, SLOTS * (sms or num_sms(x2.device))) \
         if SLOTS and split_k == 1 else (tiles, 1)
     if last_split > 1:  # (_split_args keeps 2 or more splits here: last_split <= groups)
         split_k, gps = _split_args(K // group_size, last_split)

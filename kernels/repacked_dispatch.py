@@ -126,9 +126,16 @@ def select(M: int, N: int, K: int, group_size: int, dtype: torch.dtype = torch.b
 
 
 def _register_tail(cfg: dict) -> dict:
-    """A split pipelined config sums its splits in the last split's registers (``TAIL = 2``: the H200 probes'
-    winner at 32-256 rows on every large shape, 3-14 us ahead of a second launch)."""
+    """A split pipelined config sums its splits in the last split's registers (``TAIL = 2``: in the H200 probes
+    0.6-12 us ahead of a second launch at 64 and 256 rows wherever a split won, and on 3 of 4 shapes at 128)."""
     return {**cfg, "TAIL": 2} if cfg["split_k"] > 1 else cfg
+
+
+def pipelined_slots(BB: int, W: int, STAGES: int) -> int:
+    """Programs of a pipelined config one SM holds (its ``SLOTS``, for the last-wave split): two for one warpgroup
+    on 256-row tiles with three x buffers (253 registers, 98 KB of shared memory: Nsight Compute's block limit on
+    the H200), else one, the count that is sure (a config that fits more splits fewer tiles than it could)."""
+    return 2 if (BB, W, STAGES) == (256, 4, 3) else 1
 
 
 def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
@@ -174,7 +181,7 @@ def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
                 for bb, w, t, st in tiles for s in ((1, 2, 4) if b <= 256 else (1,))
                 for tail in ((0, 1, 2) if s > 1 else (0,))]
         out += [{"kernel": "pipelined", "BB": bb, "W": w, "T": t, "STAGES": st, "DEPTH": 1, "split_k": 1,
-                 "SLOTS": 2 if (bb, w, st) == (256, 4, 3) else 1} for bb, w, t, st in tiles]
+                 "SLOTS": pipelined_slots(bb, w, st)} for bb, w, t, st in tiles]
     fits = [c for c in out if (c["kernel"] != "gluon" or N % (16 * c["num_warps"] * c["T"]) == 0)
             and (c["kernel"] != "wgmma" or N % c["BN"] == 0)
             and (c["kernel"] != "pipelined" or N % (16 * c["W"] * c["T"]) == 0)]
