@@ -326,6 +326,7 @@ def main() -> int:
         write_section("repacked" + card_suffix(device), report(a.report, a.commit or git_commit()))
         return 0
     out = Path(a.out)
+    tails = {int(v) for v in a.tails.split(",")} if a.tails else None
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     shapes = [tuple(int(v) for v in sh.split("x")) for sh in a.shapes.split(",")] if a.shapes else SHAPES
@@ -342,14 +343,14 @@ def main() -> int:
             ref = ref_fp64(x, *sets[0], G)
             errs = {}
             gl_cfgs = gluon_configs(M, N) if M <= 128 and not a.skip_mma else []
-            if a.tails:
-                gl_cfgs = [c for c in gl_cfgs if int(c.get("TAIL", 1)) in {int(v) for v in a.tails.split(",")}]
+            if tails is not None:  # (the Gluon launcher's TAIL defaults to 1, the pipelined one's to 0)
+                gl_cfgs = [c for c in gl_cfgs if int(c.get("TAIL", 1)) in tails]
             wg_cfgs = [dict(BN=bn, split_k=s) for bn in (64, 128) for s in (1, 2, 4, 8, 16)] \
                 if M >= 16 and not a.skip_wgmma else []
             pipe_cfgs = pipe_configs(M, N, a.pipe_splits and tuple(int(v) for v in a.pipe_splits.split(","))) \
                 if M >= 16 and not a.skip_pipe else []
-            if a.tails:
-                pipe_cfgs = [c for c in pipe_cfgs if c.get("TAIL", 0) in {int(v) for v in a.tails.split(",")}]
+            if tails is not None:
+                pipe_cfgs = [c for c in pipe_cfgs if c.get("TAIL", 0) in tails]
             if a.pipe_tiles:
                 keep = {tuple(int(v) for v in t.split("/")) for t in a.pipe_tiles.split(",")}
                 pipe_cfgs = [c for c in pipe_cfgs if (c["BB"], c["W"], c["T"], c["STAGES"]) in keep]

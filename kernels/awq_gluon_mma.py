@@ -263,6 +263,13 @@ def _add_other_splits(acc, ws_ptr, cnt_ptr, tile, pid_k, SPLIT_K, R0: gl.constex
     return acc
 
 
+def check_tail(launcher: str, TAIL: int) -> None:
+    """The split-K sums the Gluon launchers take, before a launch."""
+    if TAIL not in (0, 1, 2):
+        raise ValueError(f"{launcher} takes TAIL 0 (a second launch sums the splits), 1 (the last program, from "
+                         f"memory) or 2 (the last split, in registers); got {TAIL!r}")
+
+
 def register_tail_ws(tiles: int, split_k: int, tile_elems: int, device: torch.device) -> torch.Tensor:
     """The fp32 slots :func:`_add_other_splits` stores the first ``split_k - 1`` splits' partials in."""
     return torch.empty(tiles * (split_k - 1) * tile_elems, dtype=torch.float32, device=device)
@@ -298,8 +305,7 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     if BM not in (8, 16, 32, 64):
         raise ValueError(f"gluon_mma takes BM 8, 16, 32 or 64 rows per program, got {BM}")
     grid = (N // (16 * num_warps * T), split_k, triton.cdiv(M, BM))
-    if TAIL not in (0, 1, 2):
-        raise ValueError(f"gluon_mma takes TAIL 0 (a second launch sums), 1 or 2 (the last program); got {TAIL}")
+    check_tail("gluon_mma", TAIL)
     tail = int(TAIL) if split_k > 1 else 0
     if tail == 2:
         ws = register_tail_ws(grid[0] * grid[2], split_k, 16 * num_warps * T * BM, x2.device)

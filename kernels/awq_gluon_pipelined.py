@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, war
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .awq_gluon_mma import (_add_other_splits, _cta_barrier, _fragments, _layouts, _sum_in_last_split, _word_offset,
-                            _word_offsets, _zeros_bf16, register_tail_ws)
+                            _word_offsets, _zeros_bf16, check_tail, register_tail_ws)
 from .awq_repack import check_repackable
 from .awq_triton import _out_and_ws, _split_args, reduce_partials, tile_counters
 from .dispatch import num_sms
@@ -277,8 +277,7 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
         x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh allocation: aligned, rows K apart
     acc_l, a_l, w_l, o_l = _pipelined_layouts(W, T, BB, BK)
     x_desc = TensorDescriptor.from_tensor(x2, [BB, BK], gl.NVMMASharedLayout.get_default_for([BB, BK], gl.bfloat16))
-    if TAIL not in (0, 1, 2):
-        raise ValueError(f"gluon_pipelined takes TAIL 0 (a second launch sums), 1 or 2 (the last program); got {TAIL}")
+    check_tail("gluon_pipelined", TAIL)
     tiles = N // BF * triton.cdiv(M, BB)
     full, last_split = _last_wave_split(tiles, K // group_size, SLOTS * (sms or num_sms(x2.device))) \
         if SLOTS and split_k == 1 else (tiles, 1)
