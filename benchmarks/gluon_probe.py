@@ -93,11 +93,14 @@ def gluon_configs(M: int, N: int) -> list[dict]:
     return [c for c in cfgs if N % (16 * c["num_warps"] * c["T"]) == 0]
 
 
-def pipe_configs(M: int, N: int, splits: tuple[int, ...] | None = None) -> list[dict]:
+def pipe_configs(M: int, N: int, splits: tuple[int, ...] | None = None, pair: bool = False,
+                 tiles: tuple[tuple[int, int, int, int], ...] | None = None) -> list[dict]:
     """Configs of the pipelined register-A ``wgmma`` kernel (``kernels/awq_gluon_pipelined.py``) for ``M`` rows:
     (BB rows, W warps, T tiles per warp, STAGES) with splits that keep the GPU's SMs busy at small M (``splits``
-    instead, if given)."""
-    given = splits
+    instead, if given; ``tiles`` instead of the rule's tiles, if given); ``pair``: each config with an even
+    ``STAGES`` of 4 or more also with ``PAIR`` (x's buffers filled two steps at a time; group 128, 64-feature
+    steps)."""
+    given, given_tiles = splits, tiles
     if M <= 64:
         tiles, splits = ((64, 4, 1, 4), (64, 8, 1, 4), (64, 4, 2, 4)), (1, 2, 4, 8)
     elif M <= 128:
@@ -106,7 +109,7 @@ def pipe_configs(M: int, N: int, splits: tuple[int, ...] | None = None) -> list[
         tiles, splits = ((256, 8, 1, 4), (128, 8, 1, 4), (128, 4, 2, 4), (256, 4, 1, 3), (128, 4, 1, 4)), (1, 2, 4)
     else:
         tiles, splits = ((256, 8, 1, 4), (256, 8, 1, 3), (128, 8, 2, 3), (256, 4, 1, 3), (128, 4, 2, 4)), (1,)
-    splits = given or splits
+    splits, tiles = given or splits, given_tiles or tiles
     cfgs = [dict(BB=bb, W=w, T=t, STAGES=st, split_k=s, DEPTH=d) for bb, w, t, st in tiles for s in splits
             for d in ((1,) if M >= 256 else (1, 0))]  # DEPTH 0 never won from 256 rows (H100, H200)
     # split-K partials summed by each tile's last program (from memory: 1, in its registers: 2) instead of a
@@ -115,6 +118,8 @@ def pipe_configs(M: int, N: int, splits: tuple[int, ...] | None = None) -> list[
     if M >= 256:  # the tiles of a partly filled last wave split along K (SLOTS: programs one SM holds)
         cfgs += [{**c, "SLOTS": repacked_dispatch.pipelined_slots(c["BB"], c["W"], c["STAGES"])} for c in cfgs
                  if c["split_k"] == 1]
+    if pair:
+        cfgs += [{**c, "PAIR": True} for c in cfgs if c["STAGES"] >= 4 and c["STAGES"] % 2 == 0]
     return [c for c in cfgs if N % (16 * c["W"] * c["T"]) == 0]
 
 
@@ -296,9 +301,11 @@ def main() -> int:
     ap.add_argument("--skip-mma", action="store_true", help="leave out the register-operand Gluon kernel")
     ap.add_argument("--skip-wgmma", action="store_true", help="leave out the unpipelined warpgroup-MMA kernel")
     ap.add_argument("--skip-pipe", action="store_true", help="leave out the pipelined register-A wgmma kernel")
-    ap.add_argument("--pipe-tiles", default=None, help="only these pipelined tiles, e.g. 256/8/1/4,256/4/1/3 "
-                    "(BB/W/T/STAGES)")
+    ap.add_argument("--pipe-tiles", default=None, help="these pipelined tiles instead of the M rule's, e.g. "
+                    "256/8/1/4,256/4/1/3 (BB/W/T/STAGES)")
     ap.add_argument("--pipe-splits", default=None, help="pipelined split-K values instead of the M rule, e.g. 1,2")
+    ap.add_argument("--pair", action="store_true", help="pipelined configs also with PAIR (x's buffers filled two "
+                    "steps at a time)")
     ap.add_argument("--tails", default=None, help="only Gluon and pipelined configs with these TAIL values "
                     "(0: a second launch sums the splits; 1, 2: the last program), e.g. 0,2")
     ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,4096x14336 (K x N; default the four large)")
@@ -347,13 +354,12 @@ def main() -> int:
                 gl_cfgs = [c for c in gl_cfgs if int(c.get("TAIL", 1)) in tails]
             wg_cfgs = [dict(BN=bn, split_k=s) for bn in (64, 128) for s in (1, 2, 4, 8, 16)] \
                 if M >= 16 and not a.skip_wgmma else []
-            pipe_cfgs = pipe_configs(M, N, a.pipe_splits and tuple(int(v) for v in a.pipe_splits.split(","))) \
+            pipe_cfgs = pipe_configs(M, N, a.pipe_splits and tuple(int(v) for v in a.pipe_splits.split(",")),
+                                     a.pair, a.pipe_tiles and tuple(tuple(int(v) for v in t.split("/"))
+                                                                    for t in a.pipe_tiles.split(","))) \
                 if M >= 16 and not a.skip_pipe else []
             if tails is not None:
                 pipe_cfgs = [c for c in pipe_cfgs if c.get("TAIL", 0) in tails]
-            if a.pipe_tiles:
-                keep = {tuple(int(v) for v in t.split("/")) for t in a.pipe_tiles.split(",")}
-                pipe_cfgs = [c for c in pipe_cfgs if (c["BB"], c["W"], c["T"], c["STAGES"]) in keep]
             dot_cfgs = dot_configs(M) if M >= 32 and not a.skip_dot else []
             launches = [(c, lambda x, p, s, c: gluon_mma(x, p, s[1], s[2], G, **c)) for c in gl_cfgs]
             launches += [(c, lambda x, p, s, c: dot_repacked(x, p, s[1], s[2], G, **c)) for c in dot_cfgs]

@@ -128,8 +128,8 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                           M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split,
                           GROUP: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, W: gl.constexpr, T: gl.constexpr,
                           HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, PREFETCH: gl.constexpr, SCALED: gl.constexpr,
-                          mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr, w_l: gl.constexpr,
-                          x_l: gl.constexpr):
+                          UNROLL: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
+                          w_l: gl.constexpr, x_l: gl.constexpr):
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     pid_m = gl.program_id(2)
@@ -190,7 +190,7 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
     y_ptrs = y_ptr + om[None, :] * stride_ym + on[:, None]
     if TAIL == 2:  # split-K (the launcher passes 2 only then)
         y_acc = _add_other_splits(y_acc, ws_ptr, cnt_ptr, pid_m * gl.num_programs(0) + pid_n, pid_k, SPLIT_K,
-                                  16 * W * T, BM, mma)
+                                  M - pid_m * BM, 16 * W * T, BM, mma, UNROLL, True)
         if pid_k == SPLIT_K - 1:
             _store_y(y_acc, y_ptrs, b_ptr + on, omask, HAS_BIAS)
     elif SPLIT_K == 1:
@@ -233,8 +233,8 @@ def _sum_in_last_split(tot, ws_ptr, ws_offs, omask, y_ptrs, b_ptrs, cnt_ptr, til
 
 
 @gluon.jit
-def _add_other_splits(acc, ws_ptr, cnt_ptr, tile, pid_k, SPLIT_K, R0: gl.constexpr, R1: gl.constexpr,
-                      acc_l: gl.constexpr):
+def _add_other_splits(acc, ws_ptr, cnt_ptr, tile, pid_k, SPLIT_K, live, R0: gl.constexpr, R1: gl.constexpr,
+                      acc_l: gl.constexpr, UNROLL: gl.constexpr, LIVE: gl.constexpr):
     """Split-K summed in the registers of the tile's last split (``TAIL = 2``); returns the tile's total there
     (the caller stores it when ``pid_k == SPLIT_K - 1``). Why: the last-program sum of ``TAIL = 1`` stores every
     partial and reads them all back, and the second launch (``TAIL = 0``) re-reads them from memory: 8-14 us on a
@@ -245,22 +245,36 @@ def _add_other_splits(acc, ws_ptr, cnt_ptr, tile, pid_k, SPLIT_K, R0: gl.constex
     it on the tile's counter; split ``SPLIT_K - 1`` waits for the count and adds the slots to its own registers in
     split order, so the sum's order, and every bit, is fixed, and leaves the counter at 0. The wait cannot hang:
     the last split's programs have the highest block indices of their tile, and CUDA starts blocks in index order,
-    so the others are running or done (the rule stream-K GEMMs rely on)."""
-    offs = (gl.arange(0, R0, layout=gl.SliceLayout(1, acc_l))[:, None] * R1
-            + gl.arange(0, R1, layout=gl.SliceLayout(0, acc_l))[None, :])
+    so the others are running or done (the rule stream-K GEMMs rely on).
+
+    ``LIVE``: only the first ``live`` of the ``R1`` rows (the rows of x that exist) are stored and read: at M = 1
+    an 8-row tile moves an eighth of the bytes (the pipelined kernel's 64-256-row tiles are full or nearly, and a
+    predicate per element there costs the registers that keep two programs per SM). The last split reads ``UNROLL`` slots per round, all in flight together:
+    at 16-28 splits one load after another is 15-27 L2 round trips on the program's path."""
+    r1 = gl.arange(0, R1, layout=gl.SliceLayout(0, acc_l))
+    offs = gl.arange(0, R0, layout=gl.SliceLayout(1, acc_l))[:, None] * R1 + r1[None, :]
+    rows = ((r1 < live) | (not LIVE))[None, :] & (offs >= 0)
     slots = ws_ptr + tile.to(gl.int64) * ((SPLIT_K - 1) * R0 * R1)
     if pid_k < SPLIT_K - 1:
-        gl.store(slots + pid_k * (R0 * R1) + offs, acc)
+        gl.store(slots + pid_k * (R0 * R1) + offs, acc, mask=rows)
         _cta_barrier()  # every thread's partial is written before the counter says so
         gl.atomic_add(cnt_ptr + tile, 1, sem="release", scope="gpu")
     else:
         seen = gl.atomic_add(cnt_ptr + tile, 0, sem="acquire", scope="gpu")
         while seen < SPLIT_K - 1:
             seen = gl.atomic_add(cnt_ptr + tile, 0, sem="acquire", scope="gpu")
-        for s in range(0, SPLIT_K - 1):
-            acc += gl.load(slots + s * (R0 * R1) + offs, cache_modifier=".cg")
-        gl.atomic_xchg(cnt_ptr + tile, 0)
+        for s0 in range(0, SPLIT_K - 1, UNROLL):
+            for ds in gl.static_range(UNROLL):  # (masked slots past the last add 0: the order stays fixed)
+                acc += gl.load(slots + (s0 + ds) * (R0 * R1) + offs, mask=rows & (s0 + ds < SPLIT_K - 1),
+                               other=0.0, cache_modifier=".cg")
+        gl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")  # (seen by the next launch: no fence needed here)
     return acc
+
+
+def tail_unroll(tile_elems: int, threads: int) -> int:
+    """Slots the last split of ``TAIL = 2`` reads per round: as many as keep ~64 registers of loads in flight
+    (8 at 1-16 rows of the small-M kernel, 1 for the pipelined kernel's 64-256-row accumulators)."""
+    return max(1, min(8, 64 * threads // tile_elems))
 
 
 def check_tail(launcher: str, TAIL: int) -> None:
@@ -313,7 +327,8 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     _awq_gluon_mma_kernel[grid](
         x2, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, x2.stride(0),
         y.stride(0), split_k, gps, GROUP=group_size, BK=BK, BM=BM, W=num_warps, T=T, HAS_BIAS=bias is not None,
-        TAIL=tail, PREFETCH=bool(PREFETCH), SCALED=bool(SCALED), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l,
+        TAIL=tail, PREFETCH=bool(PREFETCH), SCALED=bool(SCALED),
+        UNROLL=tail_unroll(16 * num_warps * T * BM, 32 * num_warps * WM), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l,
         num_warps=num_warps * WM)
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)

@@ -98,12 +98,56 @@ def _advance(acc, a_prev, a, x_desc, x_smem, bars, m0, s0, i, nst, BK: gl.conste
     return acc
 
 
+@gluon.jit
+def _refill_pair(x_desc, x_smem, bars, m0, s0, p, npairs, BK: gl.constexpr, PAIRS: gl.constexpr, W: gl.constexpr):
+    """``PAIR``: pair ``p - 1``'s two x buffers (free: its wgmmas have retired) refilled with pair
+    ``p - 1 + PAIRS``: one barrier expecting both boxes, two TMA loads."""
+    if W > 4:
+        _cta_barrier()  # both warpgroups are done with the buffers the loads overwrite
+    nxt = p - 1 + PAIRS
+    ok = (p >= 1) & (nxt < npairs)
+    slot = nxt % PAIRS
+    mbarrier.expect(bars.index(slot), 2 * x_desc.block_type.nbytes, pred=ok)
+    _tma_load(x_desc, [m0, (s0 + 2 * nxt) * BK], bars.index(slot), x_smem.index(2 * slot), pred=ok)
+    _tma_load(x_desc, [m0, (s0 + 2 * nxt + 1) * BK], bars.index(slot), x_smem.index(2 * slot + 1), pred=ok)
+
+
+@gluon.jit
+def _advance_pair(acc, a_prev, a, x_desc, x_smem, bars, m0, s0, p, npairs, SECOND: gl.constexpr,
+                  BK: gl.constexpr, PAIRS: gl.constexpr, W: gl.constexpr, DEPTH: gl.constexpr):
+    """:func:`_advance` with x in pairs of steps (``PAIR``): the pair's first step waits for its barrier and
+    refills the previous pair's buffers, the second only waits for the wgmma before it (``DEPTH`` as there). Why:
+    the barrier wait and the refill (warpgroup barriers, elect, TMA issue; with two warpgroups a CTA barrier)
+    were ~40 % of a step's instructions that are not unpacking (Nsight Compute, H200): once per 128 features."""
+    buf = 2 * (p % PAIRS) + SECOND
+    if SECOND:
+        if DEPTH == 0:
+            acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
+            acc = warpgroup_mma(a, x_smem.index(buf).permute((1, 0)), acc, is_async=True)
+        else:
+            acc = warpgroup_mma(a, x_smem.index(buf).permute((1, 0)), acc, is_async=True)
+            acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+    else:
+        if DEPTH == 0:
+            acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
+            _refill_pair(x_desc, x_smem, bars, m0, s0, p, npairs, BK, PAIRS, W)
+            mbarrier.wait(bars.index(p % PAIRS), (p // PAIRS) & 1)
+            acc = warpgroup_mma(a, x_smem.index(buf).permute((1, 0)), acc, is_async=True)
+        else:
+            mbarrier.wait(bars.index(p % PAIRS), (p // PAIRS) & 1)
+            acc = warpgroup_mma(a, x_smem.index(buf).permute((1, 0)), acc, is_async=True)
+            acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+            _refill_pair(x_desc, x_smem, bars, m0, s0, p, npairs, BK, PAIRS, W)
+    return acc
+
+
 @gluon.jit(do_not_specialize=["M"])  # one build serves every row count (no compile on a request)
 def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym,
                                 SPLIT_K, steps_per_split, FULL, GROUP: gl.constexpr, BK: gl.constexpr,
                                 BB: gl.constexpr, W: gl.constexpr, T: gl.constexpr, STAGES: gl.constexpr,
                                 DEPTH: gl.constexpr, HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, LAST_WAVE: gl.constexpr,
-                                acc_l: gl.constexpr, a_l: gl.constexpr, w_l: gl.constexpr, o_l: gl.constexpr):
+                                PAIR: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr, w_l: gl.constexpr,
+                                o_l: gl.constexpr):
     KH: gl.constexpr = BK // 16
     BF: gl.constexpr = 16 * W * T
     if LAST_WAVE:  # a 1-D grid: FULL whole tiles, then SPLIT_K programs for each tile left (see gluon_pipelined)
@@ -121,11 +165,20 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
 
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BB, BK], x_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
+    # PAIR: the STAGES buffers hold STAGES / 2 pairs of steps, a barrier per pair (steps come in pairs: GROUP = 2 BK)
+    PAIRS: gl.constexpr = STAGES // 2
+    NBARS: gl.constexpr = PAIRS if PAIR else STAGES
+    for i in gl.static_range(NBARS):
         mbarrier.init(bars.index(i), count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.expect(bars.index(i), x_desc.block_type.nbytes, pred=i < nst)
-        _tma_load(x_desc, [m0, (s0 + i) * BK], bars.index(i), x_smem.index(i), pred=i < nst)
+    if PAIR:
+        for i in gl.static_range(PAIRS):
+            mbarrier.expect(bars.index(i), 2 * x_desc.block_type.nbytes, pred=2 * i < nst)
+            _tma_load(x_desc, [m0, (s0 + 2 * i) * BK], bars.index(i), x_smem.index(2 * i), pred=2 * i < nst)
+            _tma_load(x_desc, [m0, (s0 + 2 * i + 1) * BK], bars.index(i), x_smem.index(2 * i + 1), pred=2 * i < nst)
+    else:
+        for i in gl.static_range(STAGES):
+            mbarrier.expect(bars.index(i), x_desc.block_type.nbytes, pred=i < nst)
+            _tma_load(x_desc, [m0, (s0 + i) * BK], bars.index(i), x_smem.index(i), pred=i < nst)
 
     w0, z0, sc0 = _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, s0 * BK, GROUP, BK)
     w1, z1, sc1 = _odd_step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + 1) * BK, z0, sc0, GROUP, BK)
@@ -141,18 +194,27 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
         # operands of steps j + 2, j + 3 in flight while steps j, j + 1 compute
         w2, z2, sc2 = _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + j + 2) * BK, GROUP, BK)
         a0 = _step_a(w0, z0, sc0, on_a, a_l, W, T, BK)
-        acc = _advance(acc, a1, a0, x_desc, x_smem, bars, m0, s0, j, nst, BK, STAGES, W, DEPTH)
+        if PAIR:
+            acc = _advance_pair(acc, a1, a0, x_desc, x_smem, bars, m0, s0, j // 2, nst // 2, False, BK, PAIRS, W,
+                                DEPTH)
+        else:
+            acc = _advance(acc, a1, a0, x_desc, x_smem, bars, m0, s0, j, nst, BK, STAGES, W, DEPTH)
         w3, z3, sc3 = _odd_step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + j + 3) * BK, z2, sc2, GROUP,
                                          BK)
         a1 = _step_a(w1, z1, sc1, on_a, a_l, W, T, BK)
-        acc = _advance(acc, a0, a1, x_desc, x_smem, bars, m0, s0, j + 1, nst, BK, STAGES, W, DEPTH)
+        if PAIR:
+            acc = _advance_pair(acc, a0, a1, x_desc, x_smem, bars, m0, s0, j // 2, nst // 2, True, BK, PAIRS, W,
+                                DEPTH)
+        else:
+            acc = _advance(acc, a0, a1, x_desc, x_smem, bars, m0, s0, j + 1, nst, BK, STAGES, W, DEPTH)
         w0, z0, sc0 = w2, z2, sc2
         w1, z1, sc1 = w3, z3, sc3
-    if nst % 2 == 1:  # an odd step count (a split of an odd number of groups at BK = GROUP): the last step
-        a0 = _step_a(w0, z0, sc0, on_a, a_l, W, T, BK)
-        acc = _advance(acc, a1, a0, x_desc, x_smem, bars, m0, s0, nst - 1, nst, BK, STAGES, W, DEPTH)
+    if not PAIR:  # (PAIR: the step count is even)
+        if nst % 2 == 1:  # an odd step count (a split of an odd number of groups at BK = GROUP): the last step
+            a0 = _step_a(w0, z0, sc0, on_a, a_l, W, T, BK)
+            acc = _advance(acc, a1, a0, x_desc, x_smem, bars, m0, s0, nst - 1, nst, BK, STAGES, W, DEPTH)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    for i in gl.static_range(STAGES):
+    for i in gl.static_range(NBARS):
         mbarrier.invalidate(bars.index(i))
 
     # (SPLIT_K is read as itself, not through a variable: a launch without split-K specializes it to the constant
@@ -200,7 +262,7 @@ def _sum_splits_and_store(acc, ws_ptr, cnt_ptr, tile, pid_k, n_split, y_ptr, b_p
                           BF: gl.constexpr, BB: gl.constexpr, HAS_BIAS: gl.constexpr, acc_l: gl.constexpr,
                           o_l: gl.constexpr):
     """``TAIL = 2``: the splits' partials summed in the last split's registers, which stores the tile."""
-    acc = _add_other_splits(acc, ws_ptr, cnt_ptr, tile, pid_k, n_split, BF, BB, acc_l)
+    acc = _add_other_splits(acc, ws_ptr, cnt_ptr, tile, pid_k, n_split, M - m0, BF, BB, acc_l, 1, False)
     if pid_k == n_split - 1:
         _store_tile(acc, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym, BF, BB, HAS_BIAS, acc_l, o_l)
 
@@ -245,7 +307,7 @@ def _last_wave_split(tiles: int, groups: int, slots: int) -> tuple[int, int]:
 def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                     group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                     BB: int = 128, W: int = 4, T: int = 2, STAGES: int = 3, split_k: int = 1,
-                    BK: int | None = None, DEPTH: int = 0, TAIL: int = 0, SLOTS: int = 0,
+                    BK: int | None = None, DEPTH: int = 0, TAIL: int = 0, SLOTS: int = 0, PAIR: bool = False,
                     sms: int | None = None) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16) on repacked weights; see the module doc. ``BB``: rows of x per program (64, 128
     or 256: ``wgmma``'s N); ``W``: warps (4 or 8); ``T``: 16-feature tiles per warp; ``STAGES``: x buffers;
@@ -257,7 +319,9 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     ``SLOTS`` (with ``split_k = 1``): programs of this config one SM holds (1 or 2; 0: off). The tiles that would
     run as a partly filled last wave are split along K instead (as many splits as that wave has free slots for,
     summed as ``TAIL = 2``): 448 tiles on 132 SMs are four waves of work, 396 whole tiles and 52 tiles split in
-    two are three and a half. ``sms``: the SM count that arithmetic assumes (default: the GPU's; tests set it)."""
+    two are three and a half. ``PAIR``: x's buffers filled and waited for two steps at a time (``STAGES`` even,
+    4 or more, and ``BK`` half the group: see :func:`_advance_pair`). ``sms``: the SM count that arithmetic
+    assumes (default: the GPU's; tests set it)."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -272,6 +336,9 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     BK = BK or min(64, group_size)
     if BK not in (16, 32, 64) or group_size % BK:
         raise ValueError(f"gluon_pipelined takes BK 16, 32 or 64 dividing the group size {group_size}, got {BK}")
+    if PAIR and (group_size != 2 * BK or STAGES % 2 or STAGES < 4):
+        raise ValueError(f"gluon_pipelined PAIR needs BK half the group size (group {group_size}, BK {BK}) and an "
+                         f"even STAGES of 4 or more (got {STAGES}): the buffers are filled two steps at a time")
     # TMA: 16-byte aligned base and row stride, unit column stride
     if x2.stride(1) != 1 or (x2.stride(0) * 2) % 16 or x2.data_ptr() % 16:
         x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh allocation: aligned, rows K apart
@@ -296,7 +363,8 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     _awq_gluon_pipelined_kernel[grid](
         x_desc, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, y.stride(0), split_k,
         gps * group_size // BK, full, GROUP=group_size, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH,
-        HAS_BIAS=bias is not None, TAIL=tail, LAST_WAVE=last_split > 1, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l,
+        HAS_BIAS=bias is not None, TAIL=tail, LAST_WAVE=last_split > 1, PAIR=bool(PAIR), acc_l=acc_l, a_l=a_l,
+        w_l=w_l, o_l=o_l,
         num_warps=W)
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)

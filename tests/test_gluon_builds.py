@@ -45,8 +45,9 @@ def test_decode_kernel_loads_words_16_bytes_at_a_time(SCALED, TAIL):
     sig = dict(zip(["x_ptr", "pw_ptr", "qz_ptr", "s_ptr", "b_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "M", "N", "K",
                     "stride_xm", "stride_ym", "SPLIT_K", "groups_per_split"],
                    ["*bf16", "*i32", "*i32", "*bf16", "*bf16", "*bf16", "*fp32", "*i32"] + ["i32"] * 7))
+    unroll = gm.tail_unroll(16 * W * T * 8, 32 * W)
     cst = dict(GROUP=128, BK=BK, BM=8, W=W, T=T, HAS_BIAS=False, TAIL=TAIL, PREFETCH=False, SCALED=SCALED,
-               mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l)
+               UNROLL=unroll, mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l)
     ptx = _ptx(gm._awq_gluon_mma_kernel, sig, cst, [n for n in sig if n not in ("M", "SPLIT_K",
                                                                                "groups_per_split")], W)
     loads = _loads(ptx)

@@ -54,14 +54,13 @@ def _signature(BB, BK, extra):
             "SPLIT_K": "i32", "steps_per_split": "i32", "FULL": "i32"}
 
 
-def _build(W, T, BB, BK, STAGES, DEPTH, group, TAIL=True, LAST_WAVE=False, **specialized):
+def _build(W, T, BB, BK, STAGES, DEPTH, group, TAIL=True, LAST_WAVE=False, PAIR=False, **specialized):
     """The kernel built for sm_90; ``specialized``: runtime arguments as the launcher's specialization makes them
     constants (an integer argument equal to 1, e.g. ``SPLIT_K=1``)."""
     _, _, _, gp = _gluon()
     acc_l, a_l, w_l, o_l = gp._pipelined_layouts(W, T, BB, BK)
     cst = dict(**specialized, GROUP=group, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH, HAS_BIAS=True,
-               TAIL=TAIL, LAST_WAVE=LAST_WAVE,
-               acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l)
+               TAIL=TAIL, LAST_WAVE=LAST_WAVE, PAIR=PAIR, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l)
     return _compile(gp._awq_gluon_pipelined_kernel, _signature(BB, BK, {"cnt_ptr": "*i32"}), cst, W)
 
 
@@ -86,16 +85,22 @@ def _sass(triton, ptx, tmp_path):
     return built.stderr + built.stdout, sass
 
 
-@pytest.mark.parametrize("W,T,BB,BK,STAGES,DEPTH,group", [(4, 1, 128, 64, 4, 1, 128), (8, 1, 256, 64, 4, 1, 128),
-                                                          (4, 2, 64, 32, 3, 0, 32), (8, 1, 128, 64, 2, 1, 64)])
-def test_pipelined_kernel_builds_async_without_register_hazards(W, T, BB, BK, STAGES, DEPTH, group, tmp_path):
-    triton, compiled = _build(W, T, BB, BK, STAGES, DEPTH, group)
+@pytest.mark.parametrize("W,T,BB,BK,STAGES,DEPTH,group,PAIR", [
+    (4, 1, 128, 64, 4, 1, 128, False), (8, 1, 256, 64, 4, 1, 128, False), (4, 2, 64, 32, 3, 0, 32, False),
+    (8, 1, 128, 64, 2, 1, 64, False), (8, 1, 256, 64, 4, 1, 128, True), (4, 1, 128, 64, 4, 0, 128, True),
+    (4, 2, 64, 32, 6, 1, 64, True)])
+def test_pipelined_kernel_builds_async_without_register_hazards(W, T, BB, BK, STAGES, DEPTH, group, PAIR, tmp_path):
+    """``PAIR`` too (x's buffers filled and waited for in pairs of steps): one TMA barrier wait per two steps."""
+    triton, compiled = _build(W, T, BB, BK, STAGES, DEPTH, group, PAIR=PAIR)
     ptx = compiled.asm["ptx"]
     assert ptx.count("wgmma.mma_async") >= 2 * T * (BK // 16)  # both unrolled steps, every 16-feature slice
     report, sass = _sass(triton, ptx, tmp_path)
     assert "C7513" not in report, "ptxas serialized the wgmmas"
     assert "HGMMA" in sass and ("DEPBAR.LE gsb0, 0x1" in sass) == (DEPTH == 1)
     assert hazards(sass) == []
+    if PAIR:  # the loop body (two steps) waits on one barrier and issues one refill (two boxes)
+        unpaired = _build(W, T, BB, BK, STAGES, DEPTH, group)[1].asm["ptx"]
+        assert ptx.count("mbarrier.try_wait") < unpaired.count("mbarrier.try_wait"), "no barrier wait saved"
 
 
 def test_register_tail_keeps_two_programs_per_sm_without_spills(tmp_path):

@@ -236,7 +236,8 @@ def test_bad_inputs_raise_on_cuda():
                                  dict(T=1, num_warps=4, WM=2, BM=64, split_k=2, SCALED=True),
                                  dict(T=2, num_warps=2, WM=4, BM=64, split_k=1),
                                  dict(T=2, num_warps=4, split_k=8, SCALED=True, TAIL=2),
-                                 dict(T=1, num_warps=4, BM=16, split_k=3, SCALED=True, TAIL=2)])
+                                 dict(T=1, num_warps=4, BM=16, split_k=3, SCALED=True, TAIL=2),
+                                 dict(T=1, num_warps=4, split_k=16, SCALED=True, TAIL=2)])
 def test_gluon_mma_on_repacked_weights(cfg, g):
     """The Gluon kernel on fragment-repacked weights (kernels/awq_repack.py) against fp64: M up to 33 (several
     row tiles), bias, split-K summed in the kernel (twice: the counters reset; in the last split's registers
@@ -316,14 +317,17 @@ def test_gluon_wgmma_on_repacked_weights(cfg, g):
                                  dict(BB=256, W=4, T=1, STAGES=3, split_k=3, DEPTH=1, TAIL=2),
                                  dict(BB=128, W=8, T=2, STAGES=4, split_k=4, DEPTH=1, TAIL=2),
                                  dict(BB=64, W=4, T=1, STAGES=4, SLOTS=1, sms=6),
-                                 dict(BB=128, W=8, T=1, STAGES=3, DEPTH=1, SLOTS=1, sms=5)])
+                                 dict(BB=128, W=8, T=1, STAGES=3, DEPTH=1, SLOTS=1, sms=5),
+                                 dict(BB=256, W=8, T=1, STAGES=4, DEPTH=1, PAIR=True),
+                                 dict(BB=128, W=4, T=2, STAGES=4, DEPTH=0, split_k=3, TAIL=2, PAIR=True),
+                                 dict(BB=64, W=4, T=1, STAGES=6, DEPTH=1, SLOTS=1, sms=6, PAIR=True)])
 def test_gluon_pipelined_on_repacked_weights(cfg, g):
     """The pipelined register-A wgmma kernel on repacked weights against fp64: M from 1 to 300 (partial row
     tiles: TMA fills them with zeros), fewer steps than stages (K 128), odd step counts (K 192), bias, split-K
     (summed by a second launch, by each tile's last program, or in the last split's registers, whose counters
     every launch must leave at 0 and whose output repeats bit for bit), the last-wave split grid (a made-up SM
-    count of 5-6 makes 16-80 tiles leave a partial last wave),
-    poisoned output, a strided x."""
+    count of 5-6 makes 16-80 tiles leave a partial last wave), x's buffers filled in pairs of steps (``PAIR``,
+    steps of half a group), poisoned output, a strided x."""
     from kernels.awq_gluon_pipelined import gluon_pipelined
     from kernels.awq_repack import repack_awq
     from kernels.awq_triton import tile_counters
@@ -334,6 +338,8 @@ def test_gluon_pipelined_on_repacked_weights(cfg, g):
         w = weights(K, N, g)
         packed = repack_awq(w[0])
         bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+        if cfg.get("PAIR"):
+            cfg = {**cfg, "BK": g // 2}
         for M in (1, 33, 64, 130, 300):
             x = torch.randn(M, K + 64, device="cuda", dtype=torch.bfloat16)[:, :K]
             out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
