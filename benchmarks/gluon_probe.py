@@ -100,16 +100,15 @@ def pipe_configs(M: int, N: int, splits: tuple[int, ...] | None = None, pair: bo
     instead, if given; ``tiles`` instead of the rule's tiles, if given); ``pair``: each config with an even
     ``STAGES`` of 4 or more also with ``PAIR`` (x's buffers filled two steps at a time; group 128, 64-feature
     steps)."""
-    given, given_tiles = splits, tiles
     if M <= 64:
-        tiles, splits = ((64, 4, 1, 4), (64, 8, 1, 4), (64, 4, 2, 4)), (1, 2, 4, 8)
+        rule = ((64, 4, 1, 4), (64, 8, 1, 4), (64, 4, 2, 4)), (1, 2, 4, 8)
     elif M <= 128:
-        tiles, splits = ((128, 4, 1, 4), (128, 8, 1, 4), (128, 4, 2, 4)), (1, 2, 4)
+        rule = ((128, 4, 1, 4), (128, 8, 1, 4), (128, 4, 2, 4)), (1, 2, 4)
     elif M <= 256:  # split 4 too: N = 4096 has only 32-64 feature tiles
-        tiles, splits = ((256, 8, 1, 4), (128, 8, 1, 4), (128, 4, 2, 4), (256, 4, 1, 3), (128, 4, 1, 4)), (1, 2, 4)
+        rule = ((256, 8, 1, 4), (128, 8, 1, 4), (128, 4, 2, 4), (256, 4, 1, 3), (128, 4, 1, 4)), (1, 2, 4)
     else:
-        tiles, splits = ((256, 8, 1, 4), (256, 8, 1, 3), (128, 8, 2, 3), (256, 4, 1, 3), (128, 4, 2, 4)), (1,)
-    splits, tiles = given or splits, given_tiles or tiles
+        rule = ((256, 8, 1, 4), (256, 8, 1, 3), (128, 8, 2, 3), (256, 4, 1, 3), (128, 4, 2, 4)), (1,)
+    tiles, splits = tiles or rule[0], splits or rule[1]
     cfgs = [dict(BB=bb, W=w, T=t, STAGES=st, split_k=s, DEPTH=d) for bb, w, t, st in tiles for s in splits
             for d in ((1,) if M >= 256 else (1, 0))]  # DEPTH 0 never won from 256 rows (H100, H200)
     # split-K partials summed by each tile's last program (from memory: 1, in its registers: 2) instead of a

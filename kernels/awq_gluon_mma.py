@@ -249,8 +249,9 @@ def _add_other_splits(acc, ws_ptr, cnt_ptr, tile, pid_k, SPLIT_K, live, R0: gl.c
 
     ``LIVE``: only the first ``live`` of the ``R1`` rows (the rows of x that exist) are stored and read: at M = 1
     an 8-row tile moves an eighth of the bytes (the pipelined kernel's 64-256-row tiles are full or nearly, and a
-    predicate per element there costs the registers that keep two programs per SM). The last split reads ``UNROLL`` slots per round, all in flight together:
-    at 16-28 splits one load after another is 15-27 L2 round trips on the program's path."""
+    predicate per element there costs the registers that keep two programs per SM). The last split reads
+    ``UNROLL`` slots per round, all in flight together: at 16-28 splits one load after another is 15-27 L2 round
+    trips on the program's path. (Neither moved the small-M timings on the H200: docs/kernels_notes.md.)"""
     r1 = gl.arange(0, R1, layout=gl.SliceLayout(0, acc_l))
     offs = gl.arange(0, R0, layout=gl.SliceLayout(1, acc_l))[:, None] * R1 + r1[None, :]
     rows = ((r1 < live) | (not LIVE))[None, :] & (offs >= 0)
@@ -328,8 +329,8 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
         x2, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, x2.stride(0),
         y.stride(0), split_k, gps, GROUP=group_size, BK=BK, BM=BM, W=num_warps, T=T, HAS_BIAS=bias is not None,
         TAIL=tail, PREFETCH=bool(PREFETCH), SCALED=bool(SCALED),
-        UNROLL=tail_unroll(16 * num_warps * T * BM, 32 * num_warps * WM), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l,
-        num_warps=num_warps * WM)
+        UNROLL=tail_unroll(16 * num_warps * T * BM, 32 * num_warps * WM), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l,
+        x_l=x_l, num_warps=num_warps * WM)
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)
     return y

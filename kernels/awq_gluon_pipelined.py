@@ -70,74 +70,53 @@ def _step_a(w, zw, s, on_a, a_l: gl.constexpr, W: gl.constexpr, T: gl.constexpr,
 
 
 @gluon.jit
+def _load_x(x_desc, x_smem, bars, m0, s0, u, ok, BK: gl.constexpr, NB: gl.constexpr, PAIR: gl.constexpr):
+    """Fill ring slot ``u % NB`` with x's step ``u`` (``PAIR``: steps ``2u``, ``2u + 1``, both boxes on the
+    slot's one barrier) if ``ok``."""
+    slot = u % NB
+    if PAIR:
+        mbarrier.expect(bars.index(slot), 2 * x_desc.block_type.nbytes, pred=ok)
+        _tma_load(x_desc, [m0, (s0 + 2 * u) * BK], bars.index(slot), x_smem.index(2 * slot), pred=ok)
+        _tma_load(x_desc, [m0, (s0 + 2 * u + 1) * BK], bars.index(slot), x_smem.index(2 * slot + 1), pred=ok)
+    else:
+        mbarrier.expect(bars.index(slot), x_desc.block_type.nbytes, pred=ok)
+        _tma_load(x_desc, [m0, (s0 + u) * BK], bars.index(slot), x_smem.index(slot), pred=ok)
+
+
+@gluon.jit
 def _advance(acc, a_prev, a, x_desc, x_smem, bars, m0, s0, i, nst, BK: gl.constexpr, STAGES: gl.constexpr,
-             W: gl.constexpr, DEPTH: gl.constexpr):
+             W: gl.constexpr, DEPTH: gl.constexpr, PAIR: gl.constexpr, SECOND: gl.constexpr):
     """Step ``i`` on A fragments ``a``; ``a_prev`` are step ``i - 1``'s (passed to the wait as its dependency;
     what keeps their registers from being rewritten early is the two-variable loop in the caller).
 
     ``DEPTH = 0``: wait for step ``i - 1``'s wgmma, refill its x buffer with step ``i - 1 + STAGES``, issue step
     ``i``'s. ``DEPTH = 1``: issue step ``i``'s first, then wait until only it is in flight (the tensor cores always
-    have the next wgmma queued), then refill."""
-    slot = i % STAGES
+    have the next wgmma queued), then refill.
+
+    ``PAIR``: the ring's slots are pairs of buffers, steps ``2u`` and ``2u + 1`` (``SECOND``: this is the pair's
+    second step, which neither waits for a barrier nor refills). Why: the barrier wait and the refill (warpgroup
+    barriers, elect, TMA issue; with two warpgroups a CTA barrier) were ~40 % of a step's instructions that are
+    not unpacking (Nsight Compute, H200); paired, once per 128 features."""
+    NB: gl.constexpr = STAGES // 2 if PAIR else STAGES
+    SYNC: gl.constexpr = not (PAIR and SECOND)
+    u = i // 2 if PAIR else i  # the slot's use: a pair of steps or one step
+    buf = 2 * (u % NB) + SECOND if PAIR else u % NB
     if DEPTH == 0:
         acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
     else:
-        mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
-        acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
+        if SYNC:
+            mbarrier.wait(bars.index(u % NB), (u // NB) & 1)
+        acc = warpgroup_mma(a, x_smem.index(buf).permute((1, 0)), acc, is_async=True)
         acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
-    if W > 4:
-        _cta_barrier()  # both warpgroups are done with the buffer the next load overwrites
-    nxt = i - 1 + STAGES
-    ok = (i >= 1) & (nxt < nst)
-    mbarrier.expect(bars.index(nxt % STAGES), x_desc.block_type.nbytes, pred=ok)
-    _tma_load(x_desc, [m0, (s0 + nxt) * BK], bars.index(nxt % STAGES),
-                                    x_smem.index(nxt % STAGES), pred=ok)
+    if SYNC:
+        if W > 4:
+            _cta_barrier()  # both warpgroups are done with the buffer the next load overwrites
+        nxt = u - 1 + NB
+        _load_x(x_desc, x_smem, bars, m0, s0, nxt, (u >= 1) & (nxt < (nst // 2 if PAIR else nst)), BK, NB, PAIR)
     if DEPTH == 0:
-        mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
-        acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
-    return acc
-
-
-@gluon.jit
-def _refill_pair(x_desc, x_smem, bars, m0, s0, p, npairs, BK: gl.constexpr, PAIRS: gl.constexpr, W: gl.constexpr):
-    """``PAIR``: pair ``p - 1``'s two x buffers (free: its wgmmas have retired) refilled with pair
-    ``p - 1 + PAIRS``: one barrier expecting both boxes, two TMA loads."""
-    if W > 4:
-        _cta_barrier()  # both warpgroups are done with the buffers the loads overwrite
-    nxt = p - 1 + PAIRS
-    ok = (p >= 1) & (nxt < npairs)
-    slot = nxt % PAIRS
-    mbarrier.expect(bars.index(slot), 2 * x_desc.block_type.nbytes, pred=ok)
-    _tma_load(x_desc, [m0, (s0 + 2 * nxt) * BK], bars.index(slot), x_smem.index(2 * slot), pred=ok)
-    _tma_load(x_desc, [m0, (s0 + 2 * nxt + 1) * BK], bars.index(slot), x_smem.index(2 * slot + 1), pred=ok)
-
-
-@gluon.jit
-def _advance_pair(acc, a_prev, a, x_desc, x_smem, bars, m0, s0, p, npairs, SECOND: gl.constexpr,
-                  BK: gl.constexpr, PAIRS: gl.constexpr, W: gl.constexpr, DEPTH: gl.constexpr):
-    """:func:`_advance` with x in pairs of steps (``PAIR``): the pair's first step waits for its barrier and
-    refills the previous pair's buffers, the second only waits for the wgmma before it (``DEPTH`` as there). Why:
-    the barrier wait and the refill (warpgroup barriers, elect, TMA issue; with two warpgroups a CTA barrier)
-    were ~40 % of a step's instructions that are not unpacking (Nsight Compute, H200): once per 128 features."""
-    buf = 2 * (p % PAIRS) + SECOND
-    if SECOND:
-        if DEPTH == 0:
-            acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
-            acc = warpgroup_mma(a, x_smem.index(buf).permute((1, 0)), acc, is_async=True)
-        else:
-            acc = warpgroup_mma(a, x_smem.index(buf).permute((1, 0)), acc, is_async=True)
-            acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
-    else:
-        if DEPTH == 0:
-            acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
-            _refill_pair(x_desc, x_smem, bars, m0, s0, p, npairs, BK, PAIRS, W)
-            mbarrier.wait(bars.index(p % PAIRS), (p // PAIRS) & 1)
-            acc = warpgroup_mma(a, x_smem.index(buf).permute((1, 0)), acc, is_async=True)
-        else:
-            mbarrier.wait(bars.index(p % PAIRS), (p // PAIRS) & 1)
-            acc = warpgroup_mma(a, x_smem.index(buf).permute((1, 0)), acc, is_async=True)
-            acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
-            _refill_pair(x_desc, x_smem, bars, m0, s0, p, npairs, BK, PAIRS, W)
+        if SYNC:
+            mbarrier.wait(bars.index(u % NB), (u // NB) & 1)
+        acc = warpgroup_mma(a, x_smem.index(buf).permute((1, 0)), acc, is_async=True)
     return acc
 
 
@@ -145,8 +124,8 @@ def _advance_pair(acc, a_prev, a, x_desc, x_smem, bars, m0, s0, p, npairs, SECON
 def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym,
                                 SPLIT_K, steps_per_split, FULL, GROUP: gl.constexpr, BK: gl.constexpr,
                                 BB: gl.constexpr, W: gl.constexpr, T: gl.constexpr, STAGES: gl.constexpr,
-                                DEPTH: gl.constexpr, HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, LAST_WAVE: gl.constexpr,
-                                PAIR: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr, w_l: gl.constexpr,
+                                DEPTH: gl.constexpr, HAS_BIAS: gl.constexpr, TAIL: gl.constexpr,
+                                LAST_WAVE: gl.constexpr, PAIR: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr, w_l: gl.constexpr,
                                 o_l: gl.constexpr):
     KH: gl.constexpr = BK // 16
     BF: gl.constexpr = 16 * W * T
@@ -166,19 +145,11 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BB, BK], x_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     # PAIR: the STAGES buffers hold STAGES / 2 pairs of steps, a barrier per pair (steps come in pairs: GROUP = 2 BK)
-    PAIRS: gl.constexpr = STAGES // 2
-    NBARS: gl.constexpr = PAIRS if PAIR else STAGES
+    NBARS: gl.constexpr = STAGES // 2 if PAIR else STAGES
     for i in gl.static_range(NBARS):
         mbarrier.init(bars.index(i), count=1)
-    if PAIR:
-        for i in gl.static_range(PAIRS):
-            mbarrier.expect(bars.index(i), 2 * x_desc.block_type.nbytes, pred=2 * i < nst)
-            _tma_load(x_desc, [m0, (s0 + 2 * i) * BK], bars.index(i), x_smem.index(2 * i), pred=2 * i < nst)
-            _tma_load(x_desc, [m0, (s0 + 2 * i + 1) * BK], bars.index(i), x_smem.index(2 * i + 1), pred=2 * i < nst)
-    else:
-        for i in gl.static_range(STAGES):
-            mbarrier.expect(bars.index(i), x_desc.block_type.nbytes, pred=i < nst)
-            _tma_load(x_desc, [m0, (s0 + i) * BK], bars.index(i), x_smem.index(i), pred=i < nst)
+    for i in gl.static_range(NBARS):
+        _load_x(x_desc, x_smem, bars, m0, s0, i, i < (nst // 2 if PAIR else nst), BK, NBARS, PAIR)
 
     w0, z0, sc0 = _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, s0 * BK, GROUP, BK)
     w1, z1, sc1 = _odd_step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + 1) * BK, z0, sc0, GROUP, BK)
@@ -194,25 +165,18 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
         # operands of steps j + 2, j + 3 in flight while steps j, j + 1 compute
         w2, z2, sc2 = _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + j + 2) * BK, GROUP, BK)
         a0 = _step_a(w0, z0, sc0, on_a, a_l, W, T, BK)
-        if PAIR:
-            acc = _advance_pair(acc, a1, a0, x_desc, x_smem, bars, m0, s0, j // 2, nst // 2, False, BK, PAIRS, W,
-                                DEPTH)
-        else:
-            acc = _advance(acc, a1, a0, x_desc, x_smem, bars, m0, s0, j, nst, BK, STAGES, W, DEPTH)
+        acc = _advance(acc, a1, a0, x_desc, x_smem, bars, m0, s0, j, nst, BK, STAGES, W, DEPTH, PAIR, False)
         w3, z3, sc3 = _odd_step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + j + 3) * BK, z2, sc2, GROUP,
                                          BK)
         a1 = _step_a(w1, z1, sc1, on_a, a_l, W, T, BK)
-        if PAIR:
-            acc = _advance_pair(acc, a0, a1, x_desc, x_smem, bars, m0, s0, j // 2, nst // 2, True, BK, PAIRS, W,
-                                DEPTH)
-        else:
-            acc = _advance(acc, a0, a1, x_desc, x_smem, bars, m0, s0, j + 1, nst, BK, STAGES, W, DEPTH)
+        acc = _advance(acc, a0, a1, x_desc, x_smem, bars, m0, s0, j + 1, nst, BK, STAGES, W, DEPTH, PAIR, True)
         w0, z0, sc0 = w2, z2, sc2
         w1, z1, sc1 = w3, z3, sc3
     if not PAIR:  # (PAIR: the step count is even)
         if nst % 2 == 1:  # an odd step count (a split of an odd number of groups at BK = GROUP): the last step
             a0 = _step_a(w0, z0, sc0, on_a, a_l, W, T, BK)
-            acc = _advance(acc, a1, a0, x_desc, x_smem, bars, m0, s0, nst - 1, nst, BK, STAGES, W, DEPTH)
+            acc = _advance(acc, a1, a0, x_desc, x_smem, bars, m0, s0, nst - 1, nst, BK, STAGES, W, DEPTH, False,
+                           False)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     for i in gl.static_range(NBARS):
         mbarrier.invalidate(bars.index(i))
@@ -320,7 +284,7 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     run as a partly filled last wave are split along K instead (as many splits as that wave has free slots for,
     summed as ``TAIL = 2``): 448 tiles on 132 SMs are four waves of work, 396 whole tiles and 52 tiles split in
     two are three and a half. ``PAIR``: x's buffers filled and waited for two steps at a time (``STAGES`` even,
-    4 or more, and ``BK`` half the group: see :func:`_advance_pair`). ``sms``: the SM count that arithmetic
+    4 or more, and ``BK`` half the group: see :func:`_advance`). ``sms``: the SM count that arithmetic
     assumes (default: the GPU's; tests set it)."""
     M, K = x2.shape
     N = scales.shape[1]
@@ -364,8 +328,7 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
         x_desc, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, y.stride(0), split_k,
         gps * group_size // BK, full, GROUP=group_size, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH,
         HAS_BIAS=bias is not None, TAIL=tail, LAST_WAVE=last_split > 1, PAIR=bool(PAIR), acc_l=acc_l, a_l=a_l,
-        w_l=w_l, o_l=o_l,
-        num_warps=W)
+        w_l=w_l, o_l=o_l, num_warps=W)
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)
     return y

@@ -135,7 +135,7 @@ def _register_tail(cfg: dict) -> dict:
 def _paired(cfg: dict, group_size: int) -> dict:
     """A one-warpgroup pipelined config at 64-128 rows fills x's buffers two steps at a time (``PAIR``, group 128:
     64-feature steps) -- in the H200 probe 2.5-3.9 % faster at 128 rows on all four shapes, within 1 % at 64; the
-    two-warpgroup 256-row tiles lost 5-20 % with it and keep one step per buffer."""
+    two-warpgroup tiles lost 2-45 % with it and keep one step per buffer."""
     return {**cfg, "PAIR": True} if group_size == 128 else cfg
 
 
