@@ -32,7 +32,7 @@ import triton.language as tl  # noqa: E402
 from benchmarks.kernels import int4pack_sets, ref_fp64, rel_err  # noqa: E402
 from kernels import dispatch, repacked_dispatch  # noqa: E402
 from kernels.awq_gluon_mma import gluon_mma  # noqa: E402
-from kernels.awq_gluon_pipelined import gluon_pipelined  # noqa: E402
+from kernels.awq_gluon_pipelined import gluon_pipelined, pairs_fit  # noqa: E402
 from kernels.awq_gluon_wgmma import gluon_wgmma  # noqa: E402
 from kernels.awq_repack import repack_awq  # noqa: E402
 from kernels.awq_repacked_dot import dequant_matmul_repacked, dequantize_repacked, dot_repacked  # noqa: E402
@@ -118,7 +118,7 @@ def pipe_configs(M: int, N: int, splits: tuple[int, ...] | None = None, pair: bo
         cfgs += [{**c, "SLOTS": repacked_dispatch.pipelined_slots(c["BB"], c["W"], c["STAGES"])} for c in cfgs
                  if c["split_k"] == 1]
     if pair:
-        cfgs += [{**c, "PAIR": True} for c in cfgs if c["STAGES"] >= 4 and c["STAGES"] % 2 == 0]
+        cfgs += [{**c, "PAIR": True} for c in cfgs if pairs_fit(G, min(64, G), c["STAGES"])]
     return [c for c in cfgs if N % (16 * c["W"] * c["T"]) == 0]
 
 

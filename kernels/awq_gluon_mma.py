@@ -273,8 +273,9 @@ def _add_other_splits(acc, ws_ptr, cnt_ptr, tile, pid_k, SPLIT_K, live, R0: gl.c
 
 
 def tail_unroll(tile_elems: int, threads: int) -> int:
-    """Slots the last split of ``TAIL = 2`` reads per round: as many as keep ~64 registers of loads in flight
-    (8 at 1-16 rows of the small-M kernel, 1 for the pipelined kernel's 64-256-row accumulators)."""
+    """Slots the last split of the small-M kernel's ``TAIL = 2`` reads per round: as many as keep ~64 registers of
+    loads in flight (8 at 1-16 rows; the pipelined kernel reads one, its 64-256-row accumulator already holding
+    32-128 registers a thread)."""
     return max(1, min(8, 64 * threads // tile_elems))
 
 

@@ -84,7 +84,7 @@ def _load_x(x_desc, x_smem, bars, m0, s0, u, ok, BK: gl.constexpr, NB: gl.conste
 
 
 @gluon.jit
-def _advance(acc, a_prev, a, x_desc, x_smem, bars, m0, s0, i, nst, BK: gl.constexpr, STAGES: gl.constexpr,
+def _advance(acc, a_prev, a, x_desc, x_smem, bars, m0, s0, i, nu, BK: gl.constexpr, STAGES: gl.constexpr,
              W: gl.constexpr, DEPTH: gl.constexpr, PAIR: gl.constexpr, SECOND: gl.constexpr):
     """Step ``i`` on A fragments ``a``; ``a_prev`` are step ``i - 1``'s (passed to the wait as its dependency;
     what keeps their registers from being rewritten early is the two-variable loop in the caller).
@@ -112,7 +112,7 @@ def _advance(acc, a_prev, a, x_desc, x_smem, bars, m0, s0, i, nst, BK: gl.conste
         if W > 4:
             _cta_barrier()  # both warpgroups are done with the buffer the next load overwrites
         nxt = u - 1 + NB
-        _load_x(x_desc, x_smem, bars, m0, s0, nxt, (u >= 1) & (nxt < (nst // 2 if PAIR else nst)), BK, NB, PAIR)
+        _load_x(x_desc, x_smem, bars, m0, s0, nxt, (u >= 1) & (nxt < nu), BK, NB, PAIR)
     if DEPTH == 0:
         if SYNC:
             mbarrier.wait(bars.index(u % NB), (u // NB) & 1)
@@ -125,8 +125,8 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
                                 SPLIT_K, steps_per_split, FULL, GROUP: gl.constexpr, BK: gl.constexpr,
                                 BB: gl.constexpr, W: gl.constexpr, T: gl.constexpr, STAGES: gl.constexpr,
                                 DEPTH: gl.constexpr, HAS_BIAS: gl.constexpr, TAIL: gl.constexpr,
-                                LAST_WAVE: gl.constexpr, PAIR: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr, w_l: gl.constexpr,
-                                o_l: gl.constexpr):
+                                LAST_WAVE: gl.constexpr, PAIR: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr,
+                                w_l: gl.constexpr, o_l: gl.constexpr):
     KH: gl.constexpr = BK // 16
     BF: gl.constexpr = 16 * W * T
     if LAST_WAVE:  # a 1-D grid: FULL whole tiles, then SPLIT_K programs for each tile left (see gluon_pipelined)
@@ -146,10 +146,11 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     # PAIR: the STAGES buffers hold STAGES / 2 pairs of steps, a barrier per pair (steps come in pairs: GROUP = 2 BK)
     NBARS: gl.constexpr = STAGES // 2 if PAIR else STAGES
+    nu = nst // 2 if PAIR else nst  # the ring's uses: pairs of steps or steps
     for i in gl.static_range(NBARS):
         mbarrier.init(bars.index(i), count=1)
     for i in gl.static_range(NBARS):
-        _load_x(x_desc, x_smem, bars, m0, s0, i, i < (nst // 2 if PAIR else nst), BK, NBARS, PAIR)
+        _load_x(x_desc, x_smem, bars, m0, s0, i, i < nu, BK, NBARS, PAIR)
 
     w0, z0, sc0 = _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, s0 * BK, GROUP, BK)
     w1, z1, sc1 = _odd_step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + 1) * BK, z0, sc0, GROUP, BK)
@@ -165,17 +166,17 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
         # operands of steps j + 2, j + 3 in flight while steps j, j + 1 compute
         w2, z2, sc2 = _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + j + 2) * BK, GROUP, BK)
         a0 = _step_a(w0, z0, sc0, on_a, a_l, W, T, BK)
-        acc = _advance(acc, a1, a0, x_desc, x_smem, bars, m0, s0, j, nst, BK, STAGES, W, DEPTH, PAIR, False)
+        acc = _advance(acc, a1, a0, x_desc, x_smem, bars, m0, s0, j, nu, BK, STAGES, W, DEPTH, PAIR, False)
         w3, z3, sc3 = _odd_step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + j + 3) * BK, z2, sc2, GROUP,
                                          BK)
         a1 = _step_a(w1, z1, sc1, on_a, a_l, W, T, BK)
-        acc = _advance(acc, a0, a1, x_desc, x_smem, bars, m0, s0, j + 1, nst, BK, STAGES, W, DEPTH, PAIR, True)
+        acc = _advance(acc, a0, a1, x_desc, x_smem, bars, m0, s0, j + 1, nu, BK, STAGES, W, DEPTH, PAIR, True)
         w0, z0, sc0 = w2, z2, sc2
         w1, z1, sc1 = w3, z3, sc3
     if not PAIR:  # (PAIR: the step count is even)
         if nst % 2 == 1:  # an odd step count (a split of an odd number of groups at BK = GROUP): the last step
             a0 = _step_a(w0, z0, sc0, on_a, a_l, W, T, BK)
-            acc = _advance(acc, a1, a0, x_desc, x_smem, bars, m0, s0, nst - 1, nst, BK, STAGES, W, DEPTH, False,
+            acc = _advance(acc, a1, a0, x_desc, x_smem, bars, m0, s0, nst - 1, nu, BK, STAGES, W, DEPTH, False,
                            False)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     for i in gl.static_range(NBARS):
@@ -257,6 +258,12 @@ def _pipelined_layouts(W: int, T: int, BB: int, BK: int):
     return acc_l, a_l, w_l, o_l
 
 
+def pairs_fit(group_size: int, BK: int, STAGES: int) -> bool:
+    """Whether ``PAIR`` can run: steps come in pairs (``BK`` half the group, splits hold whole groups) and the
+    ring holds two pairs or more."""
+    return group_size == 2 * BK and STAGES % 2 == 0 and STAGES >= 4
+
+
 def _last_wave_split(tiles: int, groups: int, slots: int) -> tuple[int, int]:
     """(whole tiles, splits of each tile left): the tiles of a partly filled last wave split into as many parts as
     the free slots allow (at least 2, at most one group each), or all tiles whole (also when all tiles fit one wave:
@@ -300,7 +307,7 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     BK = BK or min(64, group_size)
     if BK not in (16, 32, 64) or group_size % BK:
         raise ValueError(f"gluon_pipelined takes BK 16, 32 or 64 dividing the group size {group_size}, got {BK}")
-    if PAIR and (group_size != 2 * BK or STAGES % 2 or STAGES < 4):
+    if PAIR and not pairs_fit(group_size, BK, STAGES):
         raise ValueError(f"gluon_pipelined PAIR needs BK half the group size (group {group_size}, BK {BK}) and an "
                          f"even STAGES of 4 or more (got {STAGES}): the buffers are filled two steps at a time")
     # TMA: 16-byte aligned base and row stride, unit column stride
