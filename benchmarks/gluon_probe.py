@@ -307,6 +307,8 @@ def main() -> int:
                     "steps at a time)")
     ap.add_argument("--tails", default=None, help="only Gluon and pipelined configs with these TAIL values "
                     "(0: a second launch sums the splits; 1, 2: the last program), e.g. 0,2")
+    ap.add_argument("--xgroups", default=None, help="every Gluon config with x staged in shared memory this many "
+                    "groups at a time (the kernel's XGROUPS; 0: not staged), e.g. 0,4,64")
     ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,4096x14336 (K x N; default the four large)")
     a = ap.parse_args()
     if a.table:
@@ -351,6 +353,9 @@ def main() -> int:
             gl_cfgs = gluon_configs(M, N) if M <= 128 and not a.skip_mma else []
             if tails is not None:  # (the Gluon launcher's TAIL defaults to 1, the pipelined one's to 0)
                 gl_cfgs = [c for c in gl_cfgs if int(c.get("TAIL", 1)) in tails]
+            if a.xgroups:
+                gl_cfgs = [{**c, **({"XGROUPS": int(v)} if int(v) else {})} for c in gl_cfgs
+                           for v in a.xgroups.split(",")]
             wg_cfgs = [dict(BN=bn, split_k=s) for bn in (64, 128) for s in (1, 2, 4, 8, 16)] \
                 if M >= 16 and not a.skip_wgmma else []
             pipe_cfgs = pipe_configs(M, N, a.pipe_splits and tuple(int(v) for v in a.pipe_splits.split(",")),

@@ -27,10 +27,15 @@ import triton
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 from .awq_repack import check_repackable
 from .awq_triton import _out_and_ws, _split_args, reduce_partials, tile_counters
 
+XSTAGE_BYTES = 64 * 1024  # the most shared memory a program's staged x takes (``XGROUPS``)
+
+# cp.async global -> shared (Triton 3.6 names it ``async_copy_global_to_shared``, later releases ``async_load``)
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 # a CTA-wide barrier (Triton 3.6 names it ``thread_barrier``, later releases ``barrier``)
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
@@ -57,6 +62,12 @@ def _layouts(num_warps: int, BK: int, T: int, WM: int = 1):
     x_l = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 * 8 // BK, BK // 8],
                            warps_per_cta=[num_warps * WM, 1], order=[1, 0])
     return mma, a_l, b_l, w_l, x_l
+
+
+def staged_layout(BK: int):
+    """For ``XSTEPS``: the shared buffer x's chunk is stored in, 16-byte units swizzled over 8 rows so that the
+    ``ldmatrix`` of each step's B operand (8 rows of x at one k) touches every bank once."""
+    return gl.SwizzledSharedLayout(vec=8, per_phase=max(1, 64 // BK), max_phase=min(8, BK // 8), order=[1, 0])
 
 
 @gluon.jit
@@ -99,6 +110,58 @@ def _x_rows(pid_m, M, stride_xm, BM: gl.constexpr, BK: gl.constexpr, x_l: gl.con
 
 
 @gluon.jit
+def _x_chunk(pid_m, M, stride_xm, XSTEPS: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, x_l: gl.constexpr):
+    """Offsets, features (from the chunk's start) and row mask of row block ``pid_m``'s chunk of x, its steps'
+    ``[BM, BK]`` tiles stacked as ``[XSTEPS * BM, BK]`` (a buffer's rows)."""
+    r = gl.arange(0, XSTEPS * BM, layout=gl.SliceLayout(1, x_l))
+    rm = pid_m * BM + r % BM
+    f = (r // BM * BK)[:, None] + gl.arange(0, BK, layout=gl.SliceLayout(0, x_l))[None, :]
+    return rm[:, None] * stride_xm + f, f, (rm < M)[:, None] & (f >= 0)
+
+
+if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton >= 3.7 (3.6 names it ``_reinterpret``)
+    @gluon.jit
+    def _buffers(x_smem, NBUF: gl.constexpr, ROWS: gl.constexpr, BK: gl.constexpr, xs_l: gl.constexpr):
+        return x_smem.reinterpret(gl.bfloat16, [NBUF, ROWS, BK], xs_l)
+else:
+    @gluon.jit
+    def _buffers(x_smem, NBUF: gl.constexpr, ROWS: gl.constexpr, BK: gl.constexpr, xs_l: gl.constexpr):
+        return x_smem._reinterpret(gl.bfloat16, [NBUF, ROWS, BK], xs_l)
+
+
+@gluon.jit
+def _issue_x(x_smem, buf, x_ptrs, feats, rows, left, NBUF: gl.constexpr, XSTEPS: gl.constexpr,
+             BM: gl.constexpr, BK: gl.constexpr, xs_l: gl.constexpr):
+    """Start copying a chunk of x (``x_ptrs``: :func:`_x_chunk`'s offsets from the chunk's first feature) into
+    buffer ``buf`` of ``x_smem`` (``cp.async``: no registers held while it flies; features past ``left``, beyond
+    the split, filled with 0). :func:`_chunk_ready` waits for it after the chunk's first weights are requested,
+    so the two loads overlap."""
+    _async_load(_buffers(x_smem, NBUF, XSTEPS * BM, BK, xs_l).index(buf), x_ptrs, mask=rows & (feats < left))
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _x_slot(i, st, XG: gl.constexpr, SPG: gl.constexpr, NBUF: gl.constexpr):
+    """The tile of the buffers that holds step ``st`` of the split's group ``i``."""
+    return (i // XG % NBUF * XG + i % XG) * SPG + st
+
+
+@gluon.jit
+def _chunk_ready(x_smem, x_ptrs, feats, rows, g, g1, chunk, XSTEPS: gl.constexpr, NBUF: gl.constexpr,
+                 BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, xs_l: gl.constexpr):
+    """At chunk ``chunk``'s first step, its weights already requested: wait for the chunk's copy (this thread's,
+    then every thread's: the barrier also says every warp is done with the chunk before), then, with two
+    buffers, start copying the next chunk into the one the chunk before used."""
+    async_copy.wait_group(0)
+    _cta_barrier()
+    if NBUF == 2:
+        nxt = g + XSTEPS // (GROUP // BK)
+        if nxt < g1:
+            _issue_x(x_smem, (chunk + 1) % 2, x_ptrs + nxt * GROUP, feats, rows, (g1 - nxt) * GROUP, NBUF, XSTEPS,
+                     BM, BK, xs_l)
+
+
+@gluon.jit
 def _zeros_scales_bf16(qz_ptr, s_ptr, g, n, N):
     """``128 + z`` (bf16) and the scales of group ``g`` for columns ``n`` (AutoAWQ ``qzeros``/``scales``), in
     ``n``'s layout: what ``SCALED`` subtracts from and multiplies into the A fragments."""
@@ -129,7 +192,8 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                           GROUP: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr, W: gl.constexpr, T: gl.constexpr,
                           HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, PREFETCH: gl.constexpr, SCALED: gl.constexpr,
                           UNROLL: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
-                          w_l: gl.constexpr, x_l: gl.constexpr):
+                          w_l: gl.constexpr, x_l: gl.constexpr, XSTEPS: gl.constexpr, XONCE: gl.constexpr,
+                          xs_l: gl.constexpr):
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     pid_m = gl.program_id(2)
@@ -139,6 +203,15 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
     # straight in the operand layout took one 4-byte load and one 64-bit address per pair of features
     # (~120 more registers at BM = 16)
     xoff, xmask = _x_rows(pid_m, M, stride_xm, BM, BK, x_l)
+    SPG: gl.constexpr = GROUP // BK  # steps per group
+    XG: gl.constexpr = XSTEPS // SPG  # groups per staged chunk of x (XSTEPS > 0)
+    NBUF: gl.constexpr = 1 if XONCE else 2
+    if XSTEPS:
+        # x staged in shared memory by cp.async, the whole split at once (XONCE) or XG groups at a time in two
+        # buffers (the next chunk copied while this one computes): one CTA barrier per chunk instead of two per
+        # step, and each step's B operand read straight from the buffer by ldmatrix
+        x_smem = gl.allocate_shared_memory(gl.bfloat16, [NBUF * XSTEPS, BM, BK], xs_l)
+        xcoff, xcf, xcrows = _x_chunk(pid_m, M, stride_xm, XSTEPS, BM, BK, x_l)
     # output columns / rows in the accumulator layout
     on = pid_n * 16 * W * T + gl.arange(0, 16 * W * T, layout=gl.SliceLayout(1, mma))
     om = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
@@ -146,6 +219,8 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
     num_groups = K // GROUP
     g0 = pid_k * groups_per_split
     g1 = gl.minimum(g0 + groups_per_split, num_groups)
+    if XSTEPS:  # the first chunk (XONCE: the split), before the loop
+        _issue_x(x_smem, 0, x_ptr + xcoff + g0 * GROUP, xcf, xcrows, (g1 - g0) * GROUP, NBUF, XSTEPS, BM, BK, xs_l)
     y_acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
     if PREFETCH and not SCALED:
         w = gl.load(pw_ptr + woff + _word_offset(g0 * GROUP, BK))
@@ -158,8 +233,15 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
             for st in gl.static_range(GROUP // BK):
                 k0 = g * GROUP + st * BK
                 w = gl.load(pw_ptr + woff + _word_offset(k0, BK))
-                xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
-                xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
+                if XSTEPS:
+                    if st == 0:
+                        if (g - g0) % XG == 0:  # a chunk's first step (XONCE: the split's)
+                            _chunk_ready(x_smem, x_ptr + xcoff, xcf, xcrows, g, g1, (g - g0) // XG, XSTEPS, NBUF,
+                                         BM, BK, GROUP, xs_l)
+                    xb = x_smem.index(_x_slot(g - g0, st, XG, SPG, NBUF)).permute([1, 0]).load(b_l)
+                else:
+                    xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
+                    xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
                 a = (_fragments(w, a_l, W, T, BK) - za[:, None]) * sa[:, None]
                 y_acc = gl.nvidia.ampere.mma_v2(a, xb, y_acc)
     else:
@@ -174,9 +256,18 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                     w_next = gl.load(pw_ptr + woff + _word_offset(gl.minimum(k0 + BK, g1 * GROUP - BK), BK))
                 else:
                     w = gl.load(pw_ptr + woff + _word_offset(k0, BK))
-                xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
-                xs += gl.sum(xr.to(gl.float32), axis=1)
-                xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
+                if XSTEPS:
+                    if st == 0:
+                        if (g - g0) % XG == 0:  # a chunk's first step (XONCE: the split's)
+                            _chunk_ready(x_smem, x_ptr + xcoff, xcf, xcrows, g, g1, (g - g0) // XG, XSTEPS, NBUF,
+                                         BM, BK, GROUP, xs_l)
+                    xbuf = x_smem.index(_x_slot(g - g0, st, XG, SPG, NBUF))
+                    xs += gl.sum(xbuf.load(x_l).to(gl.float32), axis=1)
+                    xb = xbuf.permute([1, 0]).load(b_l)
+                else:
+                    xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
+                    xs += gl.sum(xr.to(gl.float32), axis=1)
+                    xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
                 acc = gl.nvidia.ampere.mma_v2(_fragments(w, a_l, W, T, BK), xb, acc)
                 if PREFETCH:
                     w = w_next
@@ -286,6 +377,19 @@ def check_tail(launcher: str, TAIL: int) -> None:
                          f"memory) or 2 (the last split, in registers); got {TAIL!r}")
 
 
+def staged_steps(xgroups: int, gps: int, spg: int, step_bytes: int) -> tuple[int, bool]:
+    """Steps of x per staged chunk and whether one chunk holds the split (else two buffers take turns), for
+    ``XGROUPS = xgroups``: at most the split's steps, a power of 2 (an arange; the padding past the split is
+    filled with zeros) and within :data:`XSTAGE_BYTES` in all; ``(0, False)`` when x is not staged."""
+    if not xgroups:
+        return 0, False
+    cap = XSTAGE_BYTES // step_bytes
+    steps = triton.next_power_of_2(min(xgroups, gps) * spg)
+    if steps >= gps * spg and steps <= cap:
+        return steps, True
+    return min(steps, cap // 2), False
+
+
 def register_tail_ws(tiles: int, split_k: int, tile_elems: int, device: torch.device) -> torch.Tensor:
     """The fp32 slots :func:`_add_other_splits` stores the first ``split_k - 1`` splits' partials in."""
     return torch.empty(tiles * (split_k - 1) * tile_elems, dtype=torch.float32, device=device)
@@ -294,7 +398,7 @@ def register_tail_ws(tiles: int, split_k: int, tile_elems: int, device: torch.de
 def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None, BM: int = 8, num_warps: int = 4,
               T: int = 2, split_k: int = 1, TAIL: bool = True, PREFETCH: bool = False,
-              BK: int | None = None, SCALED: bool = False, WM: int = 1) -> torch.Tensor:
+              BK: int | None = None, SCALED: bool = False, WM: int = 1, XGROUPS: int = 0) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc.
 
     ``BM``: rows of x per program (8, 16, 32 or 64: the MMA's N); ``TAIL``: split-K partials summed by
@@ -302,7 +406,10 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     split's registers (2, :func:`_add_other_splits`); ``PREFETCH``: load the next step's words
     before this step's MMA; ``BK``: features per step (16, 32 or 64 dividing the group; default ``min(64, group)``:
     fewer hold less of x in registers at 64 rows); ``SCALED``: the weights scaled in the fragments (one
-    accumulator); ``WM``: warps along the rows of x (``num_warps`` counts those along the columns)."""
+    accumulator); ``WM``: warps along the rows of x (``num_warps`` counts those along the columns);
+    ``XGROUPS``: x staged in shared memory this many groups at a time (at most a split's and
+    :data:`XSTAGE_BYTES`, in a power of 2 of steps; 0: each step's x tile passes through shared memory on its
+    own, two CTA barriers per step)."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -315,6 +422,9 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
         raise ValueError(f"gluon_mma takes BK 16, 32 or 64 dividing the group size {group_size}, got {BK}")
     if WM not in (1, 2, 4) or BM % (8 * WM):
         raise ValueError(f"gluon_mma takes WM 1, 2 or 4 warps along the rows, each of 8 rows or more (BM {BM})")
+    if XGROUPS < 0:
+        raise ValueError(f"gluon_mma takes XGROUPS 0 (x not staged) or the groups of x staged at a time, "
+                         f"got {XGROUPS}")
     mma, a_l, b_l, w_l, x_l = _layouts(num_warps, BK, T, WM)
     split_k, gps = _split_args(K // group_size, split_k)
     y, ws = _out_and_ws(x2, N, out, split_k)
@@ -326,12 +436,14 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     if tail == 2:
         ws = register_tail_ws(grid[0] * grid[2], split_k, 16 * num_warps * T * BM, x2.device)
     cnt = tile_counters(x2.device, grid[0] * grid[2]) if tail else y
+    xsteps, xonce = staged_steps(XGROUPS, gps, group_size // BK, BM * BK * 2)
     _awq_gluon_mma_kernel[grid](
         x2, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, x2.stride(0),
         y.stride(0), split_k, gps, GROUP=group_size, BK=BK, BM=BM, W=num_warps, T=T, HAS_BIAS=bias is not None,
         TAIL=tail, PREFETCH=bool(PREFETCH), SCALED=bool(SCALED),
         UNROLL=tail_unroll(16 * num_warps * T * BM, 32 * num_warps * WM), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l,
-        x_l=x_l, num_warps=num_warps * WM)
+        x_l=x_l, XSTEPS=xsteps, XONCE=xonce,
+        xs_l=staged_layout(BK), num_warps=num_warps * WM)
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)
     return y
