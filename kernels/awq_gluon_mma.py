@@ -15,9 +15,9 @@ then ``y += s * (acc_g - (128 + z) * sum_k x)``, like ``splitk``. One program: `
 summed by ``awq_triton.reduce_partials``.
 
 Status: compiled for sm_90 with Triton 3.6 (the weights never pass through shared memory; x's small tile does,
-on its way into the B operand layout); not wired into the dispatcher or the
-engine (the repacked layout would replace the AutoAWQ one for every kernel). bf16 only. Gluon has no CPU
-interpreter: tested on the GPU only (``tests/gpu``); the repack is tested on the CPU.
+on its way into the B operand layout, or with ``XGROUPS`` a whole chunk of x is staged there by ``cp.async``); the
+engine's kernel at 1-16 rows on sm_90 (:mod:`kernels.repacked_dispatch`). bf16 only. Gluon has no CPU interpreter:
+run on the GPU only (``tests/gpu``); its sm_90 builds and the repack are tested on the CPU.
 """
 
 from __future__ import annotations
@@ -141,12 +141,6 @@ def _issue_x(x_smem, buf, x_ptrs, feats, rows, left, NBUF: gl.constexpr, XSTEPS:
 
 
 @gluon.jit
-def _x_slot(i, st, XG: gl.constexpr, SPG: gl.constexpr, NBUF: gl.constexpr):
-    """The tile of the buffers that holds step ``st`` of the split's group ``i``."""
-    return (i // XG % NBUF * XG + i % XG) * SPG + st
-
-
-@gluon.jit
 def _chunk_ready(x_smem, x_ptrs, feats, rows, g, g1, chunk, XSTEPS: gl.constexpr, NBUF: gl.constexpr,
                  BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, xs_l: gl.constexpr):
     """At chunk ``chunk``'s first step, its weights already requested: wait for the chunk's copy (this thread's,
@@ -159,6 +153,20 @@ def _chunk_ready(x_smem, x_ptrs, feats, rows, g, g1, chunk, XSTEPS: gl.constexpr
         if nxt < g1:
             _issue_x(x_smem, (chunk + 1) % 2, x_ptrs + nxt * GROUP, feats, rows, (g1 - nxt) * GROUP, NBUF, XSTEPS,
                      BM, BK, xs_l)
+
+
+@gluon.jit
+def _staged_tile(x_smem, x_ptrs, feats, rows, g, g0, g1, st: gl.constexpr, XSTEPS: gl.constexpr,
+                 NBUF: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, xs_l: gl.constexpr):
+    """The ``[BM, BK]`` buffer tile that holds step ``st`` of group ``g``'s x; at a chunk's first step (its weights
+    already requested) the chunk is made ready first (:func:`_chunk_ready`)."""
+    SPG: gl.constexpr = GROUP // BK
+    XG: gl.constexpr = XSTEPS // SPG
+    i = g - g0
+    if st == 0:
+        if i % XG == 0:  # (XONCE: the split's first step)
+            _chunk_ready(x_smem, x_ptrs, feats, rows, g, g1, i // XG, XSTEPS, NBUF, BM, BK, GROUP, xs_l)
+    return x_smem.index((i // XG % NBUF * XG + i % XG) * SPG + st)
 
 
 @gluon.jit
@@ -203,11 +211,9 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
     # straight in the operand layout took one 4-byte load and one 64-bit address per pair of features
     # (~120 more registers at BM = 16)
     xoff, xmask = _x_rows(pid_m, M, stride_xm, BM, BK, x_l)
-    SPG: gl.constexpr = GROUP // BK  # steps per group
-    XG: gl.constexpr = XSTEPS // SPG  # groups per staged chunk of x (XSTEPS > 0)
     NBUF: gl.constexpr = 1 if XONCE else 2
     if XSTEPS:
-        # x staged in shared memory by cp.async, the whole split at once (XONCE) or XG groups at a time in two
+        # x staged in shared memory by cp.async, the whole split at once (XONCE) or XSTEPS steps at a time in two
         # buffers (the next chunk copied while this one computes): one CTA barrier per chunk instead of two per
         # step, and each step's B operand read straight from the buffer by ldmatrix
         x_smem = gl.allocate_shared_memory(gl.bfloat16, [NBUF * XSTEPS, BM, BK], xs_l)
@@ -234,11 +240,8 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                 k0 = g * GROUP + st * BK
                 w = gl.load(pw_ptr + woff + _word_offset(k0, BK))
                 if XSTEPS:
-                    if st == 0:
-                        if (g - g0) % XG == 0:  # a chunk's first step (XONCE: the split's)
-                            _chunk_ready(x_smem, x_ptr + xcoff, xcf, xcrows, g, g1, (g - g0) // XG, XSTEPS, NBUF,
-                                         BM, BK, GROUP, xs_l)
-                    xb = x_smem.index(_x_slot(g - g0, st, XG, SPG, NBUF)).permute([1, 0]).load(b_l)
+                    xb = _staged_tile(x_smem, x_ptr + xcoff, xcf, xcrows, g, g0, g1, st, XSTEPS, NBUF, BM, BK, GROUP,
+                                      xs_l).permute([1, 0]).load(b_l)
                 else:
                     xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
                     xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
@@ -257,11 +260,8 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                 else:
                     w = gl.load(pw_ptr + woff + _word_offset(k0, BK))
                 if XSTEPS:
-                    if st == 0:
-                        if (g - g0) % XG == 0:  # a chunk's first step (XONCE: the split's)
-                            _chunk_ready(x_smem, x_ptr + xcoff, xcf, xcrows, g, g1, (g - g0) // XG, XSTEPS, NBUF,
-                                         BM, BK, GROUP, xs_l)
-                    xbuf = x_smem.index(_x_slot(g - g0, st, XG, SPG, NBUF))
+                    xbuf = _staged_tile(x_smem, x_ptr + xcoff, xcf, xcrows, g, g0, g1, st, XSTEPS, NBUF, BM, BK,
+                                        GROUP, xs_l)
                     xs += gl.sum(xbuf.load(x_l).to(gl.float32), axis=1)
                     xb = xbuf.permute([1, 0]).load(b_l)
                 else:
