@@ -174,7 +174,10 @@ def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
                 for t in (1, 2) for s in (4, 8, 16)]
         out += [{"kernel": "wgmma", "BN": 64, "split_k": s} for s in (4, 8)]
     if b <= 16:
-        out += [_staged(c) for c in out if c["kernel"] == "gluon" and c["T"] != 2]
+        staged = [_staged(c) for c in out if c["kernel"] == "gluon" and c["T"] != 2]
+        if b <= 8:  # unscaled, the next step's words requested early: three of the H200 table's M = 1 winners
+            staged += [{**_staged(c), "PREFETCH": True} for c in out if c["kernel"] == "gluon" and not c["SCALED"]]
+        out += staged
     elif b <= 128:
         if b <= 32:
             out += [{"kernel": "gluon", "BM": 32, "T": t, "num_warps": 4, "split_k": s, "SCALED": True}
