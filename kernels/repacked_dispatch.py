@@ -141,8 +141,8 @@ def _paired(cfg: dict, group_size: int) -> dict:
 
 def _staged(cfg: dict) -> dict:
     """A small-M Gluon config with x staged in shared memory (``XGROUPS``: the split at once where it fits): in
-    the H200 probe 5-25 % faster for one and four tiles per warp at 1-16 rows, up to 20 % slower for two (a
-    register or shared-memory step that costs a program per SM)."""
+    the H200 probe 6-28 % faster for one and four tiles per warp at M = 1, 2-20 % slower for two (a program per SM
+    lost to registers or shared memory), either way by config at 16 rows (docs/kernels_notes.md)."""
     return {**cfg, "XGROUPS": 64}
 
 
