@@ -31,7 +31,6 @@ import triton.language as tl  # noqa: E402
 
 from benchmarks.kernels import int4pack_sets, ref_fp64, rel_err  # noqa: E402
 from kernels import dispatch, repacked_dispatch  # noqa: E402
-from kernels.awq_gluon_kwarps import gluon_kwarps  # noqa: E402
 from kernels.awq_gluon_mma import gluon_mma  # noqa: E402
 from kernels.awq_gluon_pipelined import gluon_pipelined, pairs_fit  # noqa: E402
 from kernels.awq_gluon_wgmma import gluon_wgmma  # noqa: E402
@@ -91,15 +90,6 @@ def gluon_configs(M: int, N: int) -> list[dict]:
     if M <= 16:  # split-K summed in the last split's registers, from fewer splits up
         cfgs += [dict(**({"BM": 16} if M > 8 else {}), T=t, num_warps=4, split_k=s, SCALED=True, TAIL=2)
                  for t in (1, 2) for s in (2, 4, 8, 16, 28)]
-    return [c for c in cfgs if N % (16 * c["num_warps"] * c["T"]) == 0]
-
-
-def kwarps_configs(M: int, N: int) -> list[dict]:
-    """Configs of the K-warps kernel (``kernels/awq_gluon_kwarps.py``) at 1-16 rows: 2-8 warps along K, 1-2
-    along the columns with 1-4 tiles each, few splits across programs on top."""
-    cfgs = [dict(RB=8 if M <= 8 else 16, KW=kw, num_warps=w, T=t, split_k=s, SCALED=sc, PREFETCH=pf)
-            for kw in (2, 4) for w, t in ((1, 1), (1, 2), (2, 1), (2, 2)) for s in (1, 2, 4)
-            for sc in (False, True) for pf in (False, True)]
     return [c for c in cfgs if N % (16 * c["num_warps"] * c["T"]) == 0]
 
 
@@ -308,7 +298,6 @@ def main() -> int:
     ap.add_argument("--ms", default="1,16,64")
     ap.add_argument("--skip-dot", action="store_true", help="leave out the tl.dot kernel on repacked weights")
     ap.add_argument("--skip-mma", action="store_true", help="leave out the register-operand Gluon kernel")
-    ap.add_argument("--kwarps", action="store_true", help="also the K-warps kernel (1-16 rows)")
     ap.add_argument("--skip-wgmma", action="store_true", help="leave out the unpipelined warpgroup-MMA kernel")
     ap.add_argument("--skip-pipe", action="store_true", help="leave out the pipelined register-A wgmma kernel")
     ap.add_argument("--pipe-tiles", default=None, help="these pipelined tiles instead of the M rule's, e.g. "
@@ -320,9 +309,11 @@ def main() -> int:
                     "(0: a second launch sums the splits; 1, 2: the last program), e.g. 0,2")
     ap.add_argument("--xgroups", default=None, help="every Gluon config with x staged in shared memory this many "
                     "groups at a time (the kernel's XGROUPS; 0: not staged), e.g. 0,4,64")
+    ap.add_argument("--where", default=None, help="only the Gluon configs with these values (a missing key is 0), "
+                    "e.g. SCALED=0")
     ap.add_argument("--also", default=None, help="every Gluon config also as each of these variants (flags joined "
-                    "by +, a bare name set True), e.g. L2AHEAD=2,L2AHEAD=4,PREFETCH+L2AHEAD=2 (PREFETCH only where "
-                    "unscaled)")
+                    "by +, a bare name set True), e.g. ZMMA,PREFETCH,PREFETCH+ZMMA (PREFETCH and ZMMA only "
+                    "where unscaled)")
     ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,4096x14336 (K x N; default the four large)")
     a = ap.parse_args()
     if a.table:
@@ -367,12 +358,16 @@ def main() -> int:
             gl_cfgs = gluon_configs(M, N) if M <= 128 and not a.skip_mma else []
             if tails is not None:  # (the Gluon launcher's TAIL defaults to 1, the pipelined one's to 0)
                 gl_cfgs = [c for c in gl_cfgs if int(c.get("TAIL", 1)) in tails]
+            for cond in a.where.split(",") if a.where else ():
+                k, v = cond.split("=")
+                gl_cfgs = [c for c in gl_cfgs if int(c.get(k, 0)) == int(v)]
             if a.xgroups:
                 gl_cfgs = [{**c, **({"XGROUPS": int(v)} if int(v) else {})} for c in gl_cfgs
                            for v in a.xgroups.split(",")]
             variants = [dict((f.split("=")[0], int(f.split("=")[1]) if "=" in f else True) for f in v.split("+"))
                         for v in a.also.split(",")] if a.also else []
-            gl_cfgs += [{**c, **v} for v in variants for c in gl_cfgs if not ("PREFETCH" in v and c.get("SCALED"))]
+            gl_cfgs += [{**c, **v} for v in variants for c in gl_cfgs
+                        if not (("PREFETCH" in v or "ZMMA" in v) and c.get("SCALED"))]
             wg_cfgs = [dict(BN=bn, split_k=s) for bn in (64, 128) for s in (1, 2, 4, 8, 16)] \
                 if M >= 16 and not a.skip_wgmma else []
             pipe_cfgs = pipe_configs(M, N, a.pipe_splits and tuple(int(v) for v in a.pipe_splits.split(",")),
@@ -382,10 +377,8 @@ def main() -> int:
             if tails is not None:
                 pipe_cfgs = [c for c in pipe_cfgs if c.get("TAIL", 0) in tails]
             dot_cfgs = dot_configs(M) if M >= 32 and not a.skip_dot else []
-            kw_cfgs = kwarps_configs(M, N) if M <= 16 and a.kwarps else []
             launches = [(c, lambda x, p, s, c: gluon_mma(x, p, s[1], s[2], G, **c)) for c in gl_cfgs]
             launches += [(c, lambda x, p, s, c: dot_repacked(x, p, s[1], s[2], G, **c)) for c in dot_cfgs]
-            launches += [(c, lambda x, p, s, c: gluon_kwarps(x, p, s[1], s[2], G, **c)) for c in kw_cfgs]
             launches += [(c, lambda x, p, s, c: gluon_wgmma(x, p, s[1], s[2], G, **c)) for c in wg_cfgs]
             launches += [(c, lambda x, p, s, c: gluon_pipelined(x, p, s[1], s[2], G, **c)) for c in pipe_cfgs]
             dq_cfgs = dequant_configs() if M >= 1024 else []  # 0.5-0.8x of the fused kernels below
@@ -407,13 +400,6 @@ def main() -> int:
                                                      xs, packed, sets)
                 row["gluon_us"], row["gluon_cfg"] = us, c
                 best = min(best, (us, c), key=lambda t: t[0])
-            if kw_cfgs:
-                ok = [c for c in kw_cfgs if errs[str(c)] <= 1e-2]
-                us, c, row["kwarps_all_us"] = best_of(ok, lambda x, p, s, c: gluon_kwarps(x, p, s[1], s[2], G, **c),
-                                                      xs, packed, sets)
-                row["kwarps_us"], row["kwarps_cfg"] = us, c
-                if c is not None:
-                    best = min(best, (us, {"kernel": "kwarps", **c}), key=lambda t: t[0])
             if dot_cfgs:
                 us, c, row["dot_all_us"] = best_of(dot_cfgs, lambda x, p, s, c: dot_repacked(x, p, s[1], s[2], G, **c),
                                                    xs, packed, sets)
@@ -455,7 +441,7 @@ def main() -> int:
             if "dequant_only_us" in row:
                 read += (f"[dequant alone {row['dequant_only_us']:.1f} ({row['dequant_tbs']:.2f} TB/s, copy "
                          f"{row['copy_tbs']:.2f}) + cublas {row['dequant_cublas_us']:.1f} {row['dequant_cfg']}] ")
-            fam = " ".join(f"{k[:-3]} {row[k]:.1f}" for k in ("gluon_us", "kwarps_us", "dot_us", "wgmma_us", "pipe_us",
+            fam = " ".join(f"{k[:-3]} {row[k]:.1f}" for k in ("gluon_us", "dot_us", "wgmma_us", "pipe_us",
                                                                  "dequant_repacked_us") if k in row)
             errs = {k: v for k, v in errs.items() if v != float("inf")} or {"none": float("inf")}
             print(f"K={K} N={N} M={M} [{fam}] {read}cublas {row['cublas_us']:.1f} int4 {row['int4_us']:.1f} "

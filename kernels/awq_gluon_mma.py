@@ -194,21 +194,6 @@ def _word_offset(k0, BK: gl.constexpr):
         return (k0 // 64) * 128 + (k0 % 64) // 16
 
 
-@gluon.jit
-def _prefetch_l2(ptrs):
-    """``prefetch.global.L2`` at each of ``ptrs`` (one per thread and tile: :func:`_l2_lookahead`): the line is
-    requested from DRAM now, into no register, and nothing waits for it."""
-    gl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.b32 $0, 0;", "=r,l", [ptrs], dtype=gl.int32,
-                              is_pure=False, pack=1)
-
-
-@gluon.jit
-def _l2_lookahead(pw_ptr, pfoff, k0, g1, L2AHEAD: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr):
-    """``L2AHEAD``: at step ``k0`` ask L2 for the words ``L2AHEAD`` steps on (the split's last step's where that
-    is past it), so a warp's load finds them there instead of waiting a DRAM round trip each step (``PREFETCH``
-    does one step ahead in registers; this goes further for two address registers)."""
-    _prefetch_l2(pw_ptr + pfoff + _word_offset(gl.minimum(k0 + L2AHEAD * BK, g1 * GROUP - BK), BK))
-
 @gluon.jit(do_not_specialize=["M"])  # one build serves every row count (no compile on a request)
 def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                           M, N, K, stride_xm, stride_ym, SPLIT_K, groups_per_split,
@@ -216,14 +201,12 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                           HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, PREFETCH: gl.constexpr, SCALED: gl.constexpr,
                           UNROLL: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
                           w_l: gl.constexpr, x_l: gl.constexpr, XSTEPS: gl.constexpr, XONCE: gl.constexpr,
-                          xs_l: gl.constexpr, L2AHEAD: gl.constexpr):
+                          xs_l: gl.constexpr, ZMMA: gl.constexpr):
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     pid_m = gl.program_id(2)
     KH: gl.constexpr = BK // 16
     woff = _word_offsets(pid_n, K, w_l, W, T, KH)
-    if L2AHEAD:  # one address per thread and tile: its 4-16 bytes of a step are contiguous
-        pfoff = gl.min(woff, axis=3)
     # x [BM, BK] loaded coalesced (16 bytes per thread), then moved into the B operand layout as x^T: loading
     # straight in the operand layout took one 4-byte load and one 64-bit address per pair of features
     # (~120 more registers at BM = 16)
@@ -256,8 +239,6 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
             for st in gl.static_range(GROUP // BK):
                 k0 = g * GROUP + st * BK
                 w = gl.load(pw_ptr + woff + _word_offset(k0, BK))
-                if L2AHEAD:
-                    _l2_lookahead(pw_ptr, pfoff, k0, g1, L2AHEAD, BK, GROUP)
                 if XSTEPS:
                     xb = _staged_tile(x_smem, x_ptr + xcoff, xcf, xcrows, g, g0, g1, st, XSTEPS, NBUF, BM, BK, GROUP,
                                       xs_l).permute([1, 0]).load(b_l)
@@ -267,9 +248,18 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                 a = (_fragments(w, a_l, W, T, BK) - za[:, None]) * sa[:, None]
                 y_acc = gl.nvidia.ampere.mma_v2(a, xb, y_acc)
     else:
+        if ZMMA:
+            on_a = pid_n * 16 * W * T + gl.arange(0, 16 * W * T, layout=gl.SliceLayout(1, a_l))
         for g in range(g0, g1):
             acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
-            xs = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, x_l))
+            if ZMMA:
+                # -(128 + z) as every weight of a second A operand: its product with each step's x, added to the
+                # same accumulator, takes the zero point off on the tensor cores (no sum of x, no layout
+                # conversion of that sum per group; the A operand is two registers per tile, kept for the group)
+                za = -_zeros_bf16(gl.load(qz_ptr + g * (N // 8) + on_a // 8), on_a)
+                za, _ = gl.broadcast(za[:, None], gl.zeros([16 * W * T, BK], gl.bfloat16, layout=a_l))
+            else:
+                xs = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, x_l))
             for st in gl.static_range(GROUP // BK):
                 k0 = g * GROUP + st * BK
                 if PREFETCH:
@@ -278,25 +268,30 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                     w_next = gl.load(pw_ptr + woff + _word_offset(gl.minimum(k0 + BK, g1 * GROUP - BK), BK))
                 else:
                     w = gl.load(pw_ptr + woff + _word_offset(k0, BK))
-                if L2AHEAD:
-                    _l2_lookahead(pw_ptr, pfoff, k0, g1, L2AHEAD, BK, GROUP)
                 if XSTEPS:
                     xbuf = _staged_tile(x_smem, x_ptr + xcoff, xcf, xcrows, g, g0, g1, st, XSTEPS, NBUF, BM, BK,
                                         GROUP, xs_l)
-                    xs += gl.sum(xbuf.load(x_l).to(gl.float32), axis=1)
+                    if not ZMMA:
+                        xs += gl.sum(xbuf.load(x_l).to(gl.float32), axis=1)
                     xb = xbuf.permute([1, 0]).load(b_l)
                 else:
                     xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
-                    xs += gl.sum(xr.to(gl.float32), axis=1)
+                    if not ZMMA:
+                        xs += gl.sum(xr.to(gl.float32), axis=1)
                     xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
                 acc = gl.nvidia.ampere.mma_v2(_fragments(w, a_l, W, T, BK), xb, acc)
+                if ZMMA:
+                    acc = gl.nvidia.ampere.mma_v2(za, xb, acc)
                 if PREFETCH:
                     w = w_next
-            z = gl.load(qz_ptr + g * (N // 8) + on // 8)
-            zo = ((z >> ((((on >> 1) & 3) << 2) + ((on & 1) << 4))) & 0xF).to(gl.float32) + 128.0
             s = gl.load(s_ptr + g * N + on).to(gl.float32)
-            xs_m = gl.convert_layout(xs, gl.SliceLayout(0, mma))
-            y_acc += (acc - zo[:, None] * xs_m[None, :]) * s[:, None]
+            if ZMMA:
+                y_acc += acc * s[:, None]
+            else:
+                z = gl.load(qz_ptr + g * (N // 8) + on // 8)
+                zo = ((z >> ((((on >> 1) & 3) << 2) + ((on & 1) << 4))) & 0xF).to(gl.float32) + 128.0
+                xs_m = gl.convert_layout(xs, gl.SliceLayout(0, mma))
+                y_acc += (acc - zo[:, None] * xs_m[None, :]) * s[:, None]
 
     omask = (om < M)[None, :] & (on < N)[:, None]
     y_ptrs = y_ptr + om[None, :] * stride_ym + on[:, None]
@@ -420,7 +415,7 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
               bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None, BM: int = 8, num_warps: int = 4,
               T: int = 2, split_k: int = 1, TAIL: bool = True, PREFETCH: bool = False,
               BK: int | None = None, SCALED: bool = False, WM: int = 1, XGROUPS: int = 0,
-              L2AHEAD: int = 0) -> torch.Tensor:
+              ZMMA: bool = False) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc.
 
     ``BM``: rows of x per program (8, 16, 32 or 64: the MMA's N); ``TAIL``: split-K partials summed by
@@ -431,8 +426,8 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     accumulator); ``WM``: warps along the rows of x (``num_warps`` counts those along the columns);
     ``XGROUPS``: x staged in shared memory this many groups at a time (at most a split's and
     :data:`XSTAGE_BYTES`, in a power of 2 of steps; 0: each step's x tile passes through shared memory on its
-    own, two CTA barriers per step); ``L2AHEAD``: each step asks L2 for the words this many steps on
-    (:func:`_l2_lookahead`; 0: not)."""
+    own, two CTA barriers per step); ``ZMMA`` (unscaled only): the zero points taken off by a second MMA per
+    step, ``-(128 + z)`` as its A operand, instead of ``(128 + z) * sum_k x`` per group."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -445,6 +440,9 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
         raise ValueError(f"gluon_mma takes BK 16, 32 or 64 dividing the group size {group_size}, got {BK}")
     if WM not in (1, 2, 4) or BM % (8 * WM):
         raise ValueError(f"gluon_mma takes WM 1, 2 or 4 warps along the rows, each of 8 rows or more (BM {BM})")
+    if ZMMA and SCALED:
+        raise ValueError("gluon_mma's ZMMA is for the unscaled loop (SCALED takes the zero points off in the "
+                         "fragments already)")
     if XGROUPS < 0:
         raise ValueError(f"gluon_mma takes XGROUPS 0 (x not staged) or the groups of x staged at a time, "
                          f"got {XGROUPS}")
@@ -466,7 +464,7 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
         TAIL=tail, PREFETCH=bool(PREFETCH), SCALED=bool(SCALED),
         UNROLL=tail_unroll(16 * num_warps * T * BM, 32 * num_warps * WM), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l,
         x_l=x_l, XSTEPS=xsteps, XONCE=xonce,
-        xs_l=staged_layout(BK), L2AHEAD=int(L2AHEAD), num_warps=num_warps * WM)
+        xs_l=staged_layout(BK), ZMMA=bool(ZMMA), num_warps=num_warps * WM)
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)
     return y

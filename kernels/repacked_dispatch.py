@@ -218,10 +218,6 @@ def run(cfg: dict, x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor,
         from .awq_gluon_mma import gluon_mma
 
         return gluon_mma(x2, packed, qzeros, scales, group_size, bias, **kw)
-    if kernel == "kwarps":
-        from .awq_gluon_kwarps import gluon_kwarps
-
-        return gluon_kwarps(x2, packed, qzeros, scales, group_size, bias, **kw)
     if kernel == "wgmma":
         from .awq_gluon_wgmma import gluon_wgmma
 
@@ -236,8 +232,8 @@ def run(cfg: dict, x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor,
         return dot_repacked(x2, packed, qzeros, scales, group_size, bias, **kw)
     if kernel == "dequant":
         return dequant_matmul_repacked(x2, packed, qzeros, scales, group_size, bias, **kw)
-    raise ValueError(f"unknown kernel {kernel!r} for repacked weights (gluon, kwarps, wgmma, pipelined, dot "
-                     "or dequant)")
+    raise ValueError(f"unknown kernel {kernel!r} for repacked weights (gluon, wgmma, pipelined, dot or "
+                     "dequant)")
 
 
 def linear(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,

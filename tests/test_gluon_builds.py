@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 gluon_ok = True
 try:
@@ -38,7 +39,7 @@ def _loads(ptx: str) -> dict:
 
 
 def _decode_ptx(SCALED: bool, TAIL: int = 0, XSTEPS: int = 0, XONCE: bool = False,
-                L2AHEAD: int = 0) -> str:
+                ZMMA: bool = False) -> str:
     """The small-M kernel's sm_90 PTX (4 warps, two tiles each, 8 rows, 64-feature steps, group 128)."""
     W, T, BK = 4, 2, 64
     mma, a_l, b_l, w_l, x_l = gm._layouts(W, BK, T)
@@ -47,7 +48,7 @@ def _decode_ptx(SCALED: bool, TAIL: int = 0, XSTEPS: int = 0, XONCE: bool = Fals
                    ["*bf16", "*i32", "*i32", "*bf16", "*bf16", "*bf16", "*fp32", "*i32"] + ["i32"] * 7))
     cst = dict(GROUP=128, BK=BK, BM=8, W=W, T=T, HAS_BIAS=False, TAIL=TAIL, PREFETCH=False, SCALED=SCALED,
                UNROLL=gm.tail_unroll(16 * W * T * 8, 32 * W), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l,
-               XSTEPS=XSTEPS, XONCE=XONCE, xs_l=gm.staged_layout(BK), L2AHEAD=L2AHEAD)
+               XSTEPS=XSTEPS, XONCE=XONCE, xs_l=gm.staged_layout(BK), ZMMA=ZMMA)
     return _ptx(gm._awq_gluon_mma_kernel, sig, cst, [n for n in sig if n not in ("M", "SPLIT_K",
                                                                                "groups_per_split")], W)
 
@@ -84,29 +85,19 @@ def test_staged_steps():
     assert 2 * steps * 8192 <= gm.XSTAGE_BYTES and steps >= 4  # a chunk holds a group at least
 
 
-@pytest.mark.parametrize("SCALED", [True, False])
-def test_l2_lookahead_is_one_prefetch_per_thread_and_tile_each_step(SCALED):
-    """``L2AHEAD``: each step one ``prefetch.global.L2`` per tile a thread holds (T = 2: two a step, four a
-    group), and the loop's loads unchanged."""
-    plain, pf = _decode_ptx(SCALED), _decode_ptx(SCALED, L2AHEAD=2)
-    assert "prefetch.global.L2" not in plain
-    assert pf.count("prefetch.global.L2") == 4, pf.count("prefetch.global.L2")
-    assert _loads(pf) == _loads(plain)
+@pytest.mark.parametrize("XSTEPS", [0, 8])
+def test_zero_points_by_mma_drop_the_sum_of_x(XSTEPS):
+    """``ZMMA``: a second ``mma`` per 16-feature slice and tile takes the zero points off; the per-step sum of x
+    (its shuffles) and the per-group conversion of that sum (a CTA barrier) are gone."""
+    plain, zmma = _decode_ptx(False, XSTEPS=XSTEPS), _decode_ptx(False, XSTEPS=XSTEPS, ZMMA=True)
+    bars = [len(re.findall(r"\bbar(rier)?\.sync", p)) for p in (plain, zmma)]
+    assert zmma.count("mma.sync") == 2 * plain.count("mma.sync")
+    assert "shfl" in plain and "shfl" not in zmma
+    assert bars[1] < bars[0], bars
 
 
-@pytest.mark.parametrize("KW,W,T,SCALED", [(4, 1, 2, False), (2, 2, 1, True)])
-def test_kwarps_kernel_builds_with_fragments_in_registers(KW, W, T, SCALED):
-    """The K-warps kernel's rank-3 operands: the words' unpacking lands in the MMA's A layout (the build asserts
-    the conversion trivial), 16-byte word loads, one ``mma`` per 16-feature slice and tile of a step."""
-    from kernels import awq_gluon_kwarps as kwm
-
-    mma, a_l, b_l, w_l, x_l = kwm._layouts(KW, W, 64, T)
-    sig = dict(zip(["x_ptr", "pw_ptr", "qz_ptr", "s_ptr", "b_ptr", "y_ptr", "ws_ptr", "M", "N", "K", "stride_xm",
-                    "stride_ym", "SPLIT_K", "groups_per_split"],
-                   ["*bf16", "*i32", "*i32", "*bf16", "*bf16", "*bf16", "*fp32"] + ["i32"] * 7))
-    cst = dict(GROUP=128, BK=64, RB=8, KW=KW, W=W, T=T, HAS_BIAS=False, SCALED=SCALED, PREFETCH=False, mma=mma,
-               a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l)
-    ptx = _ptx(kwm._awq_gluon_kwarps_kernel, sig, cst,
-               [n for n in sig if n not in ("M", "SPLIT_K", "groups_per_split")], KW * W)
-    assert _loads(ptx).get("ld.global.v4.b32", 0) >= 2 * T, _loads(ptx)
-    assert len(re.findall(r"mma\.sync", ptx)) == 2 * 4 * T
+def test_zero_points_by_mma_refuse_the_scaled_loop():
+    with pytest.raises(ValueError, match="ZMMA is for the unscaled loop"):
+        gm.gluon_mma(torch.zeros(1, 128, dtype=torch.bfloat16), torch.zeros(16, dtype=torch.int32),
+                     torch.zeros(1, 16, dtype=torch.int32), torch.zeros(1, 128, dtype=torch.bfloat16), 128,
+                     SCALED=True, ZMMA=True)

@@ -244,8 +244,9 @@ def test_bad_inputs_raise_on_cuda():
                                  dict(T=1, num_warps=4, BM=32, split_k=5, SCALED=True, XGROUPS=3),
                                  dict(T=1, num_warps=4, WM=2, BM=64, split_k=2, SCALED=True, XGROUPS=1),
                                  dict(T=2, num_warps=4, split_k=2, XGROUPS=1, PREFETCH=True),
-                                 dict(T=2, num_warps=4, split_k=3, XGROUPS=64, PREFETCH=True, L2AHEAD=2),
-                                 dict(T=1, num_warps=4, BM=16, split_k=5, SCALED=True, L2AHEAD=3)])
+                                 dict(T=2, num_warps=4, split_k=3, XGROUPS=64, PREFETCH=True, ZMMA=True),
+                                 dict(T=2, num_warps=2, BM=16, split_k=1, ZMMA=True),
+                                 dict(T=1, num_warps=4, BM=32, split_k=5, TAIL=2, BK=32, ZMMA=True)])
 def test_gluon_mma_on_repacked_weights(cfg, g):
     """The Gluon kernel on fragment-repacked weights (kernels/awq_repack.py) against fp64: M up to 33 (several
     row tiles), bias, split-K summed in the kernel (twice: the counters reset; in the last split's registers
@@ -270,31 +271,6 @@ def test_gluon_mma_on_repacked_weights(cfg, g):
             out.fill_(float("nan"))
         if cfg.get("TAIL") == 2:
             assert torch.equal(ys[0], ys[1]) and not tile_counters(x.device, 1).any(), (M, cfg)
-
-
-@pytest.mark.parametrize("g", [32, 64, 128])
-@pytest.mark.parametrize("cfg", [dict(KW=4, num_warps=1, T=2), dict(KW=4, num_warps=1, T=2, SCALED=True, split_k=3),
-                                 dict(KW=2, num_warps=2, T=1, RB=16, split_k=2),
-                                 dict(KW=8, num_warps=1, T=1, SCALED=True, RB=16),
-                                 dict(KW=2, num_warps=4, T=1, BK=32, split_k=5),
-                                 dict(KW=4, num_warps=2, T=1, split_k=2, PREFETCH=True),
-                                 dict(KW=2, num_warps=1, T=2, RB=16, SCALED=True, PREFETCH=True)])
-def test_gluon_kwarps_on_repacked_weights(cfg, g):
-    """The K-warps kernel against fp64: M up to 33 (several row tiles), bias, K ranges that do not divide among
-    the K-warps (their last groups masked), split-K across programs on top, poisoned output."""
-    from kernels.awq_gluon_kwarps import gluon_kwarps
-    from kernels.awq_repack import repack_awq
-
-    K, N = 1024 + 3 * 128, 1024
-    w = weights(K, N, g)
-    packed = repack_awq(w[0])
-    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-    for M in (1, 3, 8, 16, 33):
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
-        y = gluon_kwarps(x, packed, w[1], w[2], g, bias if M != 8 else None, out=out, **cfg)
-        r = ref64(x, *w, g, bias if M != 8 else None)
-        assert torch.isfinite(y).all() and rel(y, r) <= 1e-2, (M, cfg)
 
 
 @pytest.mark.parametrize("g", [32, 128])
