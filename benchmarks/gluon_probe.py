@@ -312,8 +312,8 @@ def main() -> int:
     ap.add_argument("--where", default=None, help="only the Gluon configs with these values (a missing key is 0), "
                     "e.g. SCALED=0")
     ap.add_argument("--also", default=None, help="every Gluon config also as each of these variants (flags joined "
-                    "by +, a bare name set True), e.g. ZMMA,PREFETCH,PREFETCH+ZMMA (PREFETCH and ZMMA only "
-                    "where unscaled)")
+                    "by +, a bare name set True), e.g. PREFETCH,XGROUPS=64+PREFETCH (PREFETCH only where "
+                    "unscaled)")
     ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,4096x14336 (K x N; default the four large)")
     a = ap.parse_args()
     if a.table:
@@ -367,7 +367,7 @@ def main() -> int:
             variants = [dict((f.split("=")[0], int(f.split("=")[1]) if "=" in f else True) for f in v.split("+"))
                         for v in a.also.split(",")] if a.also else []
             gl_cfgs += [{**c, **v} for v in variants for c in gl_cfgs
-                        if not (("PREFETCH" in v or "ZMMA" in v) and c.get("SCALED"))]
+                        if not ("PREFETCH" in v and c.get("SCALED"))]
             wg_cfgs = [dict(BN=bn, split_k=s) for bn in (64, 128) for s in (1, 2, 4, 8, 16)] \
                 if M >= 16 and not a.skip_wgmma else []
             pipe_cfgs = pipe_configs(M, N, a.pipe_splits and tuple(int(v) for v in a.pipe_splits.split(",")),

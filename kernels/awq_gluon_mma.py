@@ -201,7 +201,7 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                           HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, PREFETCH: gl.constexpr, SCALED: gl.constexpr,
                           UNROLL: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
                           w_l: gl.constexpr, x_l: gl.constexpr, XSTEPS: gl.constexpr, XONCE: gl.constexpr,
-                          xs_l: gl.constexpr, ZMMA: gl.constexpr):
+                          xs_l: gl.constexpr):
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     pid_m = gl.program_id(2)
@@ -248,18 +248,9 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                 a = (_fragments(w, a_l, W, T, BK) - za[:, None]) * sa[:, None]
                 y_acc = gl.nvidia.ampere.mma_v2(a, xb, y_acc)
     else:
-        if ZMMA:
-            on_a = pid_n * 16 * W * T + gl.arange(0, 16 * W * T, layout=gl.SliceLayout(1, a_l))
         for g in range(g0, g1):
             acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
-            if ZMMA:
-                # -(128 + z) as every weight of a second A operand: its product with each step's x, added to the
-                # same accumulator, takes the zero point off on the tensor cores (no sum of x, no layout
-                # conversion of that sum per group; the A operand is two registers per tile, kept for the group)
-                za = -_zeros_bf16(gl.load(qz_ptr + g * (N // 8) + on_a // 8), on_a)
-                za, _ = gl.broadcast(za[:, None], gl.zeros([16 * W * T, BK], gl.bfloat16, layout=a_l))
-            else:
-                xs = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, x_l))
+            xs = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, x_l))
             for st in gl.static_range(GROUP // BK):
                 k0 = g * GROUP + st * BK
                 if PREFETCH:
@@ -271,27 +262,20 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                 if XSTEPS:
                     xbuf = _staged_tile(x_smem, x_ptr + xcoff, xcf, xcrows, g, g0, g1, st, XSTEPS, NBUF, BM, BK,
                                         GROUP, xs_l)
-                    if not ZMMA:
-                        xs += gl.sum(xbuf.load(x_l).to(gl.float32), axis=1)
+                    xs += gl.sum(xbuf.load(x_l).to(gl.float32), axis=1)
                     xb = xbuf.permute([1, 0]).load(b_l)
                 else:
                     xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
-                    if not ZMMA:
-                        xs += gl.sum(xr.to(gl.float32), axis=1)
+                    xs += gl.sum(xr.to(gl.float32), axis=1)
                     xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
                 acc = gl.nvidia.ampere.mma_v2(_fragments(w, a_l, W, T, BK), xb, acc)
-                if ZMMA:
-                    acc = gl.nvidia.ampere.mma_v2(za, xb, acc)
                 if PREFETCH:
                     w = w_next
+            z = gl.load(qz_ptr + g * (N // 8) + on // 8)
+            zo = ((z >> ((((on >> 1) & 3) << 2) + ((on & 1) << 4))) & 0xF).to(gl.float32) + 128.0
             s = gl.load(s_ptr + g * N + on).to(gl.float32)
-            if ZMMA:
-                y_acc += acc * s[:, None]
-            else:
-                z = gl.load(qz_ptr + g * (N // 8) + on // 8)
-                zo = ((z >> ((((on >> 1) & 3) << 2) + ((on & 1) << 4))) & 0xF).to(gl.float32) + 128.0
-                xs_m = gl.convert_layout(xs, gl.SliceLayout(0, mma))
-                y_acc += (acc - zo[:, None] * xs_m[None, :]) * s[:, None]
+            xs_m = gl.convert_layout(xs, gl.SliceLayout(0, mma))
+            y_acc += (acc - zo[:, None] * xs_m[None, :]) * s[:, None]
 
     omask = (om < M)[None, :] & (on < N)[:, None]
     y_ptrs = y_ptr + om[None, :] * stride_ym + on[:, None]
@@ -414,8 +398,7 @@ def register_tail_ws(tiles: int, split_k: int, tile_elems: int, device: torch.de
 def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None, BM: int = 8, num_warps: int = 4,
               T: int = 2, split_k: int = 1, TAIL: bool = True, PREFETCH: bool = False,
-              BK: int | None = None, SCALED: bool = False, WM: int = 1, XGROUPS: int = 0,
-              ZMMA: bool = False) -> torch.Tensor:
+              BK: int | None = None, SCALED: bool = False, WM: int = 1, XGROUPS: int = 0) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc.
 
     ``BM``: rows of x per program (8, 16, 32 or 64: the MMA's N); ``TAIL``: split-K partials summed by
@@ -426,8 +409,7 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     accumulator); ``WM``: warps along the rows of x (``num_warps`` counts those along the columns);
     ``XGROUPS``: x staged in shared memory this many groups at a time (at most a split's and
     :data:`XSTAGE_BYTES`, in a power of 2 of steps; 0: each step's x tile passes through shared memory on its
-    own, two CTA barriers per step); ``ZMMA`` (unscaled only): the zero points taken off by a second MMA per
-    step, ``-(128 + z)`` as its A operand, instead of ``(128 + z) * sum_k x`` per group."""
+    own, two CTA barriers per step)."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -440,9 +422,6 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
         raise ValueError(f"gluon_mma takes BK 16, 32 or 64 dividing the group size {group_size}, got {BK}")
     if WM not in (1, 2, 4) or BM % (8 * WM):
         raise ValueError(f"gluon_mma takes WM 1, 2 or 4 warps along the rows, each of 8 rows or more (BM {BM})")
-    if ZMMA and SCALED:
-        raise ValueError("gluon_mma's ZMMA is for the unscaled loop (SCALED takes the zero points off in the "
-                         "fragments already)")
     if XGROUPS < 0:
         raise ValueError(f"gluon_mma takes XGROUPS 0 (x not staged) or the groups of x staged at a time, "
                          f"got {XGROUPS}")
@@ -464,7 +443,7 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
         TAIL=tail, PREFETCH=bool(PREFETCH), SCALED=bool(SCALED),
         UNROLL=tail_unroll(16 * num_warps * T * BM, 32 * num_warps * WM), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l,
         x_l=x_l, XSTEPS=xsteps, XONCE=xonce,
-        xs_l=staged_layout(BK), ZMMA=bool(ZMMA), num_warps=num_warps * WM)
+        xs_l=staged_layout(BK), num_warps=num_warps * WM)
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)
     return y

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
 gluon_ok = True
 try:
@@ -38,8 +37,7 @@ def _loads(ptx: str) -> dict:
     return {m: ptx.count(m) for m in set(re.findall(r"ld\.global[\w.]*", ptx))}
 
 
-def _decode_ptx(SCALED: bool, TAIL: int = 0, XSTEPS: int = 0, XONCE: bool = False,
-                ZMMA: bool = False) -> str:
+def _decode_ptx(SCALED: bool, TAIL: int = 0, XSTEPS: int = 0, XONCE: bool = False) -> str:
     """The small-M kernel's sm_90 PTX (4 warps, two tiles each, 8 rows, 64-feature steps, group 128)."""
     W, T, BK = 4, 2, 64
     mma, a_l, b_l, w_l, x_l = gm._layouts(W, BK, T)
@@ -48,7 +46,7 @@ def _decode_ptx(SCALED: bool, TAIL: int = 0, XSTEPS: int = 0, XONCE: bool = Fals
                    ["*bf16", "*i32", "*i32", "*bf16", "*bf16", "*bf16", "*fp32", "*i32"] + ["i32"] * 7))
     cst = dict(GROUP=128, BK=BK, BM=8, W=W, T=T, HAS_BIAS=False, TAIL=TAIL, PREFETCH=False, SCALED=SCALED,
                UNROLL=gm.tail_unroll(16 * W * T * 8, 32 * W), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l,
-               XSTEPS=XSTEPS, XONCE=XONCE, xs_l=gm.staged_layout(BK), ZMMA=ZMMA)
+               XSTEPS=XSTEPS, XONCE=XONCE, xs_l=gm.staged_layout(BK))
     return _ptx(gm._awq_gluon_mma_kernel, sig, cst, [n for n in sig if n not in ("M", "SPLIT_K",
                                                                                "groups_per_split")], W)
 
@@ -83,21 +81,3 @@ def test_staged_steps():
     assert gm.staged_steps(3, 11, 1, 1024) == (4, False)
     steps, _ = gm.staged_steps(64, 1000, 4, 8192)
     assert 2 * steps * 8192 <= gm.XSTAGE_BYTES and steps >= 4  # a chunk holds a group at least
-
-
-@pytest.mark.parametrize("XSTEPS", [0, 8])
-def test_zero_points_by_mma_drop_the_sum_of_x(XSTEPS):
-    """``ZMMA``: a second ``mma`` per 16-feature slice and tile takes the zero points off; the per-step sum of x
-    (its shuffles) and the per-group conversion of that sum (a CTA barrier) are gone."""
-    plain, zmma = _decode_ptx(False, XSTEPS=XSTEPS), _decode_ptx(False, XSTEPS=XSTEPS, ZMMA=True)
-    bars = [len(re.findall(r"\bbar(rier)?\.sync", p)) for p in (plain, zmma)]
-    assert zmma.count("mma.sync") == 2 * plain.count("mma.sync")
-    assert "shfl" in plain and "shfl" not in zmma
-    assert bars[1] < bars[0], bars
-
-
-def test_zero_points_by_mma_refuse_the_scaled_loop():
-    with pytest.raises(ValueError, match="ZMMA is for the unscaled loop"):
-        gm.gluon_mma(torch.zeros(1, 128, dtype=torch.bfloat16), torch.zeros(16, dtype=torch.int32),
-                     torch.zeros(1, 16, dtype=torch.int32), torch.zeros(1, 128, dtype=torch.bfloat16), 128,
-                     SCALED=True, ZMMA=True)
