@@ -93,6 +93,12 @@ def gluon_configs(M: int, N: int) -> list[dict]:
     return [c for c in cfgs if N % (16 * c["num_warps"] * c["T"]) == 0]
 
 
+def gluon_value(cfg: dict, key: str) -> int:
+    """``cfg[key]`` as an int, or the Gluon launcher's default where the config leaves it out (``TAIL`` 1, the
+    flags 0): what ``--tails`` and ``--where`` filter on."""
+    return int(cfg.get(key, 1 if key == "TAIL" else 0))
+
+
 def pipe_configs(M: int, N: int, splits: tuple[int, ...] | None = None, pair: bool = False,
                  tiles: tuple[tuple[int, int, int, int], ...] | None = None) -> list[dict]:
     """Configs of the pipelined register-A ``wgmma`` kernel (``kernels/awq_gluon_pipelined.py``) for ``M`` rows:
@@ -309,8 +315,8 @@ def main() -> int:
                     "(0: a second launch sums the splits; 1, 2: the last program), e.g. 0,2")
     ap.add_argument("--xgroups", default=None, help="every Gluon config with x staged in shared memory this many "
                     "groups at a time (the kernel's XGROUPS; 0: not staged), e.g. 0,4,64")
-    ap.add_argument("--where", default=None, help="only the Gluon configs with these values (a missing key is 0), "
-                    "e.g. SCALED=0")
+    ap.add_argument("--where", default=None, help="only the Gluon configs with these values (a missing key is the "
+                    "launcher's default), e.g. SCALED=0")
     ap.add_argument("--also", default=None, help="every Gluon config also as each of these variants (flags joined "
                     "by +, a bare name set True), e.g. PREFETCH,XGROUPS=64+PREFETCH (PREFETCH only where "
                     "unscaled)")
@@ -356,11 +362,11 @@ def main() -> int:
             ref = ref_fp64(x, *sets[0], G)
             errs = {}
             gl_cfgs = gluon_configs(M, N) if M <= 128 and not a.skip_mma else []
-            if tails is not None:  # (the Gluon launcher's TAIL defaults to 1, the pipelined one's to 0)
-                gl_cfgs = [c for c in gl_cfgs if int(c.get("TAIL", 1)) in tails]
+            if tails is not None:
+                gl_cfgs = [c for c in gl_cfgs if gluon_value(c, "TAIL") in tails]
             for cond in a.where.split(",") if a.where else ():
                 k, v = cond.split("=")
-                gl_cfgs = [c for c in gl_cfgs if int(c.get(k, 0)) == int(v)]
+                gl_cfgs = [c for c in gl_cfgs if gluon_value(c, k) == int(v)]
             if a.xgroups:
                 gl_cfgs = [{**c, **({"XGROUPS": int(v)} if int(v) else {})} for c in gl_cfgs
                            for v in a.xgroups.split(",")]
