@@ -437,6 +437,11 @@ def main() -> int:
             row["repacked_table_us"] = time_calls([lambda x=x, p=p, s=s: repacked_dispatch.run(
                 rcfg, x, p, s[1], s[2], G) for x, p, s in zip(xs, packed, sets)])
             row["repacked_table"] = rcfg
+            if rcfg["kernel"] == "gluon":  # the table's own config as each --also variant, in the same call
+                row["repacked_table_variants_us"] = {json.dumps(v, sort_keys=True): time_calls(
+                    [lambda x=x, p=p, s=s, v=v: repacked_dispatch.run({**rcfg, **v}, x, p, s[1], s[2], G)
+                     for x, p, s in zip(xs, packed, sets)]) for v in variants
+                    if not ("PREFETCH" in v and rcfg.get("SCALED"))}
             row["int4_us"] = time_calls([lambda x=x, s=s: torch.ops.aten._weight_int4pack_mm(x, s[0], G, s[1])
                                          for x, s in zip(xs, i4)])
             row["cublas_us"] = time_calls([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, wb)])
@@ -452,6 +457,7 @@ def main() -> int:
             errs = {k: v for k, v in errs.items() if v != float("inf")} or {"none": float("inf")}
             print(f"K={K} N={N} M={M} [{fam}] {read}cublas {row['cublas_us']:.1f} int4 {row['int4_us']:.1f} "
                   f"table({row['table_kernel']}) {row['table_us']:.1f} repacked table {row['repacked_table_us']:.1f} "
+                  + "".join(f"[{v} {us:.1f}] " for v, us in row.get("repacked_table_variants_us", {}).items()) +
                   f"best {best[0]:.1f} {best[1]} "
                   f"x{row['cublas_us'] / best[0]:.2f} cuBLAS x{row['int4_us'] / best[0]:.2f} int4 "
                   f"err {max(errs.values()):.1e}", flush=True)

@@ -30,7 +30,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 from .awq_repack import check_repackable
-from .awq_triton import _out_and_ws, _split_args, reduce_partials, tile_counters
+from .awq_triton import PDL as _PDL_ON, _out_and_ws, _split_args, reduce_partials, tile_counters
 
 XSTAGE_BYTES = 64 * 1024  # the most shared memory a program's staged x takes (``XGROUPS``)
 
@@ -170,6 +170,14 @@ def _staged_tile(x_smem, x_ptrs, feats, rows, g, g0, g1, st: gl.constexpr, XSTEP
 
 
 @gluon.jit
+def _grid_dependency(ASM: gl.constexpr):
+    """``griddepcontrol`` (programmatic dependent launch, sm_90): ``launch_dependents`` lets the next launch's
+    programs take SM slots as ours leave them; ``wait`` holds until the launch before ours is complete and its
+    writes are visible."""
+    gl.inline_asm_elementwise("griddepcontrol." + ASM + "; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _zeros_scales_bf16(qz_ptr, s_ptr, g, n, N):
     """``128 + z`` (bf16) and the scales of group ``g`` for columns ``n`` (AutoAWQ ``qzeros``/``scales``), in
     ``n``'s layout: what ``SCALED`` subtracts from and multiplies into the A fragments."""
@@ -201,7 +209,9 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                           HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, PREFETCH: gl.constexpr, SCALED: gl.constexpr,
                           UNROLL: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
                           w_l: gl.constexpr, x_l: gl.constexpr, XSTEPS: gl.constexpr, XONCE: gl.constexpr,
-                          xs_l: gl.constexpr):
+                          xs_l: gl.constexpr, PDL: gl.constexpr):
+    if PDL:  # the next launch (the split-K sum, the next layer) may start placing its programs now
+        _grid_dependency("launch_dependents")
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     pid_m = gl.program_id(2)
@@ -225,11 +235,15 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
     num_groups = K // GROUP
     g0 = pid_k * groups_per_split
     g1 = gl.minimum(g0 + groups_per_split, num_groups)
+    if PREFETCH and not SCALED:
+        w = gl.load(pw_ptr + woff + _word_offset(g0 * GROUP, BK))
+    if PDL == 2:
+        # launched early (``launch_pdl``): the weights do not depend on the launch before, so the first step's
+        # words (PREFETCH) are requested while it ends; x, y and the split-K buffers only after it is done
+        _grid_dependency("wait")
     if XSTEPS:  # the first chunk (XONCE: the split), before the loop
         _issue_x(x_smem, 0, x_ptr + xcoff + g0 * GROUP, xcf, xcrows, (g1 - g0) * GROUP, NBUF, XSTEPS, BM, BK, xs_l)
     y_acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
-    if PREFETCH and not SCALED:
-        w = gl.load(pw_ptr + woff + _word_offset(g0 * GROUP, BK))
     if SCALED:
         # the weights scaled in the A fragments ((128 + q) - (128 + z)) * s, one accumulator, no sum over x: fewer
         # registers for 32-64 rows (the product rounds to bf16, as in the ``gemm`` kernel)
@@ -398,7 +412,8 @@ def register_tail_ws(tiles: int, split_k: int, tile_elems: int, device: torch.de
 def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None, BM: int = 8, num_warps: int = 4,
               T: int = 2, split_k: int = 1, TAIL: bool = True, PREFETCH: bool = False,
-              BK: int | None = None, SCALED: bool = False, WM: int = 1, XGROUPS: int = 0) -> torch.Tensor:
+              BK: int | None = None, SCALED: bool = False, WM: int = 1, XGROUPS: int = 0,
+              PDL: int = 2) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc.
 
     ``BM``: rows of x per program (8, 16, 32 or 64: the MMA's N); ``TAIL``: split-K partials summed by
@@ -409,7 +424,9 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     accumulator); ``WM``: warps along the rows of x (``num_warps`` counts those along the columns);
     ``XGROUPS``: x staged in shared memory this many groups at a time (at most a split's and
     :data:`XSTAGE_BYTES`, in a power of 2 of steps; 0: each step's x tile passes through shared memory on its
-    own, two CTA barriers per step)."""
+    own, two CTA barriers per step); ``PDL``: programmatic dependent launch, 0 off, 1 the next launch released at
+    the start, 2 (default) also launched early itself (``launch_pdl``), waiting for the launch before after its
+    first weight loads (off where :data:`kernels.awq_triton.PDL` is: ``RAYAWQ_PDL=0``)."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -422,6 +439,10 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
         raise ValueError(f"gluon_mma takes BK 16, 32 or 64 dividing the group size {group_size}, got {BK}")
     if WM not in (1, 2, 4) or BM % (8 * WM):
         raise ValueError(f"gluon_mma takes WM 1, 2 or 4 warps along the rows, each of 8 rows or more (BM {BM})")
+    if PDL not in (0, 1, 2):
+        raise ValueError(f"gluon_mma takes PDL 0 (off), 1 (release the next launch) or 2 (also launched early), "
+                         f"got {PDL!r}")
+    PDL = PDL if _PDL_ON else 0
     if XGROUPS < 0:
         raise ValueError(f"gluon_mma takes XGROUPS 0 (x not staged) or the groups of x staged at a time, "
                          f"got {XGROUPS}")
@@ -443,7 +464,7 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
         TAIL=tail, PREFETCH=bool(PREFETCH), SCALED=bool(SCALED),
         UNROLL=tail_unroll(16 * num_warps * T * BM, 32 * num_warps * WM), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l,
         x_l=x_l, XSTEPS=xsteps, XONCE=xonce,
-        xs_l=staged_layout(BK), num_warps=num_warps * WM)
+        xs_l=staged_layout(BK), PDL=PDL, num_warps=num_warps * WM, launch_pdl=PDL == 2)
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)
     return y

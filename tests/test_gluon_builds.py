@@ -37,16 +37,17 @@ def _loads(ptx: str) -> dict:
     return {m: ptx.count(m) for m in set(re.findall(r"ld\.global[\w.]*", ptx))}
 
 
-def _decode_ptx(SCALED: bool, TAIL: int = 0, XSTEPS: int = 0, XONCE: bool = False) -> str:
+def _decode_ptx(SCALED: bool, TAIL: int = 0, XSTEPS: int = 0, XONCE: bool = False, PDL: int = 0,
+                PREFETCH: bool = False) -> str:
     """The small-M kernel's sm_90 PTX (4 warps, two tiles each, 8 rows, 64-feature steps, group 128)."""
     W, T, BK = 4, 2, 64
     mma, a_l, b_l, w_l, x_l = gm._layouts(W, BK, T)
     sig = dict(zip(["x_ptr", "pw_ptr", "qz_ptr", "s_ptr", "b_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "M", "N", "K",
                     "stride_xm", "stride_ym", "SPLIT_K", "groups_per_split"],
                    ["*bf16", "*i32", "*i32", "*bf16", "*bf16", "*bf16", "*fp32", "*i32"] + ["i32"] * 7))
-    cst = dict(GROUP=128, BK=BK, BM=8, W=W, T=T, HAS_BIAS=False, TAIL=TAIL, PREFETCH=False, SCALED=SCALED,
+    cst = dict(GROUP=128, BK=BK, BM=8, W=W, T=T, HAS_BIAS=False, TAIL=TAIL, PREFETCH=PREFETCH, SCALED=SCALED,
                UNROLL=gm.tail_unroll(16 * W * T * 8, 32 * W), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l,
-               XSTEPS=XSTEPS, XONCE=XONCE, xs_l=gm.staged_layout(BK))
+               XSTEPS=XSTEPS, XONCE=XONCE, xs_l=gm.staged_layout(BK), PDL=PDL)
     return _ptx(gm._awq_gluon_mma_kernel, sig, cst, [n for n in sig if n not in ("M", "SPLIT_K",
                                                                                "groups_per_split")], W)
 
@@ -69,6 +70,20 @@ def test_staged_x_meets_once_per_chunk(XSTEPS, XONCE):
     assert "cp.async.cg.shared.global" in staged and "cp.async.wait_group" in staged
     assert "ldmatrix" in staged and "st.shared" not in staged
     assert bars[0] >= 4 and bars[1] <= 2, bars
+
+
+@pytest.mark.parametrize("SCALED,XSTEPS", [(False, 8), (True, 0)])
+def test_early_launch_waits_before_x(SCALED, XSTEPS):
+    """``PDL = 2``: the next launch released first, then only the weights touched before ``griddepcontrol.wait``
+    (unscaled with ``PREFETCH``: the first step's two 16-byte word loads; scaled: nothing); x (``cp.async`` or a
+    load), the counters and ``y`` after it. ``PDL = 0``: no ``griddepcontrol`` at all."""
+    ptx = _decode_ptx(SCALED, TAIL=2, XSTEPS=XSTEPS, XONCE=True, PDL=2, PREFETCH=not SCALED)
+    body = ptx[ptx.index("griddepcontrol.launch_dependents"):]
+    head, tail = body.split("griddepcontrol.wait", 1)
+    assert _loads(head) == ({} if SCALED else {"ld.global.v4.b32": 2}), head
+    assert not re.search(r"cp\.async|ld\.shared|st\.|atom|red\.", head), head
+    assert re.search(r"cp\.async|ld\.global", tail)
+    assert "griddepcontrol" not in _decode_ptx(SCALED, TAIL=2, XSTEPS=XSTEPS, XONCE=True, PREFETCH=not SCALED)
 
 
 def test_staged_steps():

@@ -270,6 +270,46 @@ def test_gluon_mma_on_repacked_weights(cfg, g):
             assert torch.equal(ys[0], ys[1]) and not tile_counters(x.device, 1).any(), (M, cfg)
 
 
+@pytest.mark.parametrize("cfg", [dict(T=2, num_warps=4, split_k=8, TAIL=False, PREFETCH=True, XGROUPS=64),
+                                 dict(T=1, num_warps=8, split_k=4, SCALED=True, TAIL=2),
+                                 dict(T=2, num_warps=4, BM=16, split_k=4, SCALED=True, TAIL=1)])
+def test_gluon_mma_chained_under_programmatic_dependent_launch(cfg):
+    """Each call's x is the call before's output, so a kernel launched early (``PDL = 2``) that read x, or touched
+    the split-K counters and buffers, before its ``griddepcontrol.wait`` would see the last call's stale values:
+    eight chained calls, eagerly and as a replayed CUDA graph, equal the chain with PDL off bit for bit."""
+    from kernels.awq_gluon_mma import gluon_mma
+    from kernels.awq_repack import repack_awq
+    from kernels.awq_triton import PDL, tile_counters
+
+    if not PDL:
+        pytest.skip("programmatic dependent launch is off (RAYAWQ_PDL=0 or a Triton without griddepcontrol)")
+    K = N = 2048
+    qw, qz, sc = weights(K, N)
+    packed = repack_awq(qw)
+    x0 = torch.randn(3, K, device="cuda", dtype=torch.bfloat16)
+    sc = (sc.float() * x0.float().std() / gluon_mma(x0, packed, qz, sc, G, **cfg).float().std()).to(sc.dtype)
+
+    def chain(pdl: int) -> list[torch.Tensor]:
+        ys = [x0]
+        for _ in range(8):
+            ys.append(gluon_mma(ys[-1], packed, qz, sc, G, PDL=pdl, **cfg))
+        return ys[1:]
+
+    want = chain(0)
+    assert all(torch.isfinite(y).all() for y in want) and want[-1].float().std() > 0.1
+    for pdl in (1, 2):
+        assert all(torch.equal(a, b) for a, b in zip(chain(pdl), want)), (pdl, cfg)
+        chain(pdl)  # compiled outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ys = chain(pdl)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert all(torch.equal(a, b) for a, b in zip(ys, want)), (pdl, cfg)
+    assert not tile_counters(x0.device, 1).any()
+
+
 @pytest.mark.parametrize("g", [32, 128])
 @pytest.mark.parametrize("cfg", [dict(BM=64, BN=64, split_k=1), dict(BM=32, BN=64, split_k=3),
                                  dict(BM=128, BN=128, num_warps=8, num_stages=3)])
