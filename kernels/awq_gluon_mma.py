@@ -16,7 +16,9 @@ summed by ``awq_triton.reduce_partials``.
 
 Status: compiled for sm_90 with Triton 3.6 (the weights never pass through shared memory; x's small tile does,
 on its way into the B operand layout, or with ``XGROUPS`` a whole chunk of x is staged there by ``cp.async``); the
-engine's kernel at 1-16 rows on sm_90 (:mod:`kernels.repacked_dispatch`). bf16 only. Gluon has no CPU interpreter:
+engine's kernel at 1-16 rows on sm_90 (:mod:`kernels.repacked_dispatch`). Launched early under programmatic
+dependent launch (``PDL``): its first weights are requested while the launch before ends, and its split-K sum waits
+resident (M = 1 1-1.6 us faster on the H200, docs/kernels_notes.md). bf16 only. Gluon has no CPU interpreter:
 run on the GPU only (``tests/gpu``); its sm_90 builds and the repack are tested on the CPU.
 """
 

@@ -77,7 +77,8 @@ _ASM_IO_3 = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 24))
 # tensor-core kernels (``swap``, ``splitk``/``gemm``) are launched with ``launch_pdl`` too and wait at their start
 # for the kernel before them; the decode GEMVs are not: measured on the H100, a decode GEMV launched early lost
 # 0.2-3.5 us at M = 1 (its waiting programs hold the SMs), the tensor-core ones gained 0.5-2 us at M = 16-64
-# (``benchmarks/pdl_probe.py``). ``RAYAWQ_PDL=0`` turns it off; off under the interpreter and on Triton builds
+# (``benchmarks/pdl_probe.py``; the small-M Gluon kernel, whose programs fit in one wave, gained from being launched
+# early: :mod:`kernels.awq_gluon_mma`). ``RAYAWQ_PDL=0`` turns it off; off under the interpreter and on Triton builds
 # without the intrinsics.
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait

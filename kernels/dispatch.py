@@ -28,7 +28,7 @@ Key = tuple[int, int, int, int, str]
 TABLE_PATH = Path(os.environ.get("RAYAWQ_KERNEL_TABLE", Path(__file__).with_name("tuned_h100.json")))
 M_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
-KERNEL_NAMES: tuple[str, ...] = ("gemv", "lanes", "decode", "tma", "swap", "splitk", "gemm", "dequant")
+KERNEL_NAMES: tuple[str, ...] = ("gemv", "lanes", "decode", "swap", "splitk", "gemm", "dequant")
 
 # Used only when no table is present (e.g. another card with RAYAWQ_KERNEL_TABLE pointing nowhere); copied from
 # the H100 measurement (tuned_h100.json, bucket_kernels), which overrides it whenever it is present.
@@ -238,10 +238,6 @@ def candidates(M: int, N: int, K: int, group: int, sms: int) -> list[Config]:
                     out.append({"kernel": "decode", "KW": kw, "BLOCK_J": 32,
                                 "split_k": split_for(tiles, G, sms, waves), "TAIL": 0})
     # Measured on the H100 and left out of the space (runnable through an explicit config, tested):
-    # * ``tma`` (awq_gemv_tma: the weights by the bulk tensor copy engine, 2-3 groups in flight per program):
-    #   best 20.3-62.0 us at M = 1 on the four large shapes against the register-only GEMV's 18.2-60.0; its
-    #   time grew with the split (more, shorter programs), i.e. it is bound by instruction issue, not by loads
-    #   in flight (24 configs per shape, benchmarks/results/kernels_results_h100_tma_m1.json);
     # * ``swap`` with ZSUB (zero points off per pair before the MMA): 25-35 % fewer instructions per weight in
     #   the sm_90 SASS, but 1.9-2.2 us slower than plain ``swap`` at M = 16 and slower than ``decode`` at M = 1
     #   (kernels_results_h100_zsub_m1-64.json): the swap kernel's time is its per-group latency chain.
@@ -325,7 +321,7 @@ def split_partials(cfg: Config, K: int, group: int) -> int:
     """How many fp32 split-K partials ``cfg`` leaves for a second launch to sum (0: it writes the output)."""
     from .awq_triton import _split_args
 
-    if cfg["kernel"] not in ("decode", "tma", "swap", "splitk", "gemm") or cfg.get("TAIL", 4) != 0:
+    if cfg["kernel"] not in ("decode", "swap", "splitk", "gemm") or cfg.get("TAIL", 4) != 0:
         return 0
     split = _split_args(K // group, cfg.get("split_k", 1))[0]
     return split if split > 1 else 0
@@ -344,14 +340,6 @@ def run_config(cfg: Config, x2: torch.Tensor, qweight: torch.Tensor, qzeros: tor
         from .awq_dot_swap import dot_swap
 
         return dot_swap(x2, qweight, qzeros, scales, group_size, bias, out=out, act=act, **kw)
-    if kernel == "tma":
-        from .awq_gemv_tma import gemv_tma, tma_ok
-
-        if tma_ok(x2, qweight):
-            return gemv_tma(x2, qweight, qzeros, scales, group_size, bias, out=out, act=act, **kw)
-        # operands the copy engine cannot address (unaligned rows): the register-only GEMV instead
-        return run_config(default_config("decode", x2.shape[0], scales.shape[1], qweight.shape[0], group_size,
-                                         num_sms(x2.device)), x2, qweight, qzeros, scales, group_size, bias, out, act)
     if kernel == "decode":
         from .awq_gemv_decode import gemv_decode
 

@@ -181,41 +181,6 @@ def test_decode_split_sums_match_fp64(group, kernel, tail):
                            M, group, M + tail, True)
 
 
-@pytest.mark.parametrize("cfg", [dict(BLOCK_J=8, num_warps=1, split_k=1), dict(BLOCK_J=8, num_warps=1, split_k=3),
-                                 dict(BLOCK_J=16, num_warps=2, split_k=2, TAIL=8), dict(BLOCK_J=8, num_warps=1, R=1)])
-@pytest.mark.parametrize("group", list(GROUPS))
-@pytest.mark.parametrize("M", [1, 3])
-def test_tma_gemv_matches_fp64(M, group, cfg):
-    """The copy-engine GEMV (tensor descriptors under the interpreter): N/8 a multiple of 4 (its requirement),
-    a partial last column tile (N/8 = 12 or 20 words), split-K both ways, a non-default R."""
-    from kernels.awq_gemv_tma import gemv_tma
-
-    K = GROUPS[group]
-    for N in (96, 160):
-        w = random_weights(K, N, group)
-        x = torch.randn(M, K, dtype=torch.bfloat16)
-        bias = torch.randn(N, dtype=torch.bfloat16)
-        out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
-        y = gemv_tma(x, *w, group, bias, out=out, **cfg)
-        assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
-        assert rel(y, ref64(x, *w, group, bias)) < 1e-2
-
-
-def test_tma_gemv_refuses_what_the_copy_engine_cannot_read():
-    from kernels.awq_gemv_tma import gemv_tma
-
-    w = random_weights(64, 24, 32)  # N/8 = 3 words: rows of 12 bytes
-    with pytest.raises(ValueError, match="N/8 a multiple of 4"):
-        gemv_tma(torch.randn(1, 64, dtype=torch.bfloat16), *w, 32)
-    w = random_weights(64, 96, 32)
-    with pytest.raises(ValueError, match="BLOCK_J"):
-        gemv_tma(torch.randn(1, 64, dtype=torch.bfloat16), *w, 32, BLOCK_J=6)
-    # through the dispatcher, operands it cannot address fall back to the register-only GEMV
-    xs = torch.randn(1, 65, dtype=torch.bfloat16)[:, 1:]
-    y = dispatch.run_config({"kernel": "tma", "BLOCK_J": 8, "num_warps": 1}, xs, *w, 32)
-    assert rel(y, ref64(xs, *w, 32)) < 1e-2
-
-
 @pytest.mark.parametrize("split", [3, 300])
 def test_reduce_partials_sums_every_split(split):
     """The second launch of ``TAIL=0``: 300 splits take two rounds of its 256-split tile; bias, strided ``y``."""
