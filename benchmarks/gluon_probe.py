@@ -162,6 +162,11 @@ def dequant_parts(cfg: dict, K: int, N: int, xs, packed, sets, wb) -> dict:
             "copy_us": copy, "copy_tbs": 4 * K * N / copy / 1e6}
 
 
+def variant_fits(cfg: dict, variant: dict) -> bool:
+    """Whether an ``--also`` variant applies to a Gluon config: ``PREFETCH`` only where the loop is unscaled."""
+    return not ("PREFETCH" in variant and cfg.get("SCALED"))
+
+
 def best_of(cfgs: list[dict], launch, xs, packed, sets) -> tuple[float, dict | None, dict]:
     """Best cold-L2 µs of ``launch(x, packed, set, cfg)`` over ``cfgs``; (µs, cfg, all)."""
     best, timed = (float("inf"), None), {}
@@ -372,8 +377,7 @@ def main() -> int:
                            for v in a.xgroups.split(",")]
             variants = [dict((f.split("=")[0], int(f.split("=")[1]) if "=" in f else True) for f in v.split("+"))
                         for v in a.also.split(",")] if a.also else []
-            gl_cfgs += [{**c, **v} for v in variants for c in gl_cfgs
-                        if not ("PREFETCH" in v and c.get("SCALED"))]
+            gl_cfgs += [{**c, **v} for v in variants for c in gl_cfgs if variant_fits(c, v)]
             wg_cfgs = [dict(BN=bn, split_k=s) for bn in (64, 128) for s in (1, 2, 4, 8, 16)] \
                 if M >= 16 and not a.skip_wgmma else []
             pipe_cfgs = pipe_configs(M, N, a.pipe_splits and tuple(int(v) for v in a.pipe_splits.split(",")),
@@ -440,8 +444,7 @@ def main() -> int:
             if rcfg["kernel"] == "gluon":  # the table's own config as each --also variant, in the same call
                 row["repacked_table_variants_us"] = {json.dumps(v, sort_keys=True): time_calls(
                     [lambda x=x, p=p, s=s, v=v: repacked_dispatch.run({**rcfg, **v}, x, p, s[1], s[2], G)
-                     for x, p, s in zip(xs, packed, sets)]) for v in variants
-                    if not ("PREFETCH" in v and rcfg.get("SCALED"))}
+                     for x, p, s in zip(xs, packed, sets)]) for v in variants if variant_fits(rcfg, v)}
             row["int4_us"] = time_calls([lambda x=x, s=s: torch.ops.aten._weight_int4pack_mm(x, s[0], G, s[1])
                                          for x, s in zip(xs, i4)])
             row["cublas_us"] = time_calls([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, wb)])
