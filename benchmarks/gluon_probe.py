@@ -75,6 +75,8 @@ def gluon_configs(M: int, N: int) -> list[dict]:
     if M <= 8:
         cfgs = [dict(T=t, num_warps=w, split_k=s, SCALED=sc, TAIL=tail) for t, w in ((2, 4), (4, 4), (1, 8))
                 for s in (8, 16) for sc in (False, True) for tail in (True, False)]
+        cfgs += [dict(T=t, num_warps=w, split_k=28, SCALED=sc, TAIL=False) for t, w in ((2, 4), (1, 8))
+                 for sc in (False, True)]  # (2 x 4, scaled, below) 3-4 groups a split at K = 8192-14336
         cfgs += [dict(T=t, num_warps=4, split_k=s, SCALED=True, TAIL=tail) for t, s in ((1, 8), (1, 16), (2, 28))
                  for tail in (True, False)]
     elif M <= 16:
@@ -163,8 +165,9 @@ def dequant_parts(cfg: dict, K: int, N: int, xs, packed, sets, wb) -> dict:
 
 
 def variant_fits(cfg: dict, variant: dict) -> bool:
-    """Whether an ``--also`` variant applies to a Gluon config: ``PREFETCH`` only where the loop is unscaled."""
-    return not ("PREFETCH" in variant and cfg.get("SCALED"))
+    """Whether an ``--also`` variant applies to a Gluon config: ``XSUM_MMA`` (the sum of x by a ones ``mma``) only
+    where the loop is unscaled."""
+    return not ({**cfg, **variant}.get("XSUM_MMA") and {**cfg, **variant}.get("SCALED"))
 
 
 def best_of(cfgs: list[dict], launch, xs, packed, sets) -> tuple[float, dict | None, dict]:
@@ -323,8 +326,8 @@ def main() -> int:
     ap.add_argument("--where", default=None, help="only the Gluon configs with these values (a missing key is the "
                     "launcher's default), e.g. SCALED=0")
     ap.add_argument("--also", default=None, help="every Gluon config also as each of these variants (flags joined "
-                    "by +, a bare name set True), e.g. PREFETCH,XGROUPS=64+PREFETCH (PREFETCH only where "
-                    "unscaled)")
+                    "by +, a bare name set True), e.g. PREFETCH,XGROUPS=64+XSUM_MMA (XSUM_MMA only "
+                    "where unscaled)")
     ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,4096x14336 (K x N; default the four large)")
     a = ap.parse_args()
     if a.table:

@@ -172,6 +172,17 @@ def _staged_tile(x_smem, x_ptrs, feats, rows, g, g0, g1, st: gl.constexpr, XSTEP
 
 
 @gluon.jit
+def _repeat_tiles(v, T: gl.constexpr, R: gl.constexpr, BM: gl.constexpr, mma: gl.constexpr):
+    """``[R, BM]`` (one 16-row tile per warp, in ``mma``) as ``[T * R, BM]``, the copies stacked tile-major as the
+    layout repeats its tiles: register copies only (``XSUM_MMA``: the sum of x from the ones ``mma``)."""
+    if T >= 2:
+        v = gl.reshape(gl.permute(gl.join(v, v), [2, 0, 1]), [2 * R, BM])
+    if T >= 4:
+        v = gl.reshape(gl.permute(gl.join(v, v), [2, 0, 1]), [4 * R, BM])
+    return gl.convert_layout(v, mma, assert_trivial=True)
+
+
+@gluon.jit
 def _grid_dependency(ASM: gl.constexpr):
     """``griddepcontrol`` (programmatic dependent launch, sm_90): ``launch_dependents`` lets the next launch's
     programs take SM slots as ours leave them; ``wait`` holds until the launch before ours is complete and its
@@ -211,7 +222,7 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                           HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, PREFETCH: gl.constexpr, SCALED: gl.constexpr,
                           UNROLL: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
                           w_l: gl.constexpr, x_l: gl.constexpr, XSTEPS: gl.constexpr, XONCE: gl.constexpr,
-                          xs_l: gl.constexpr, PDL: gl.constexpr):
+                          xs_l: gl.constexpr, PDL: gl.constexpr, XSUM_MMA: gl.constexpr):
     if PDL:  # the next launch (the split-K sum, the next layer) may start placing its programs now
         _grid_dependency("launch_dependents")
     pid_n = gl.program_id(0)
@@ -237,7 +248,7 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
     num_groups = K // GROUP
     g0 = pid_k * groups_per_split
     g1 = gl.minimum(g0 + groups_per_split, num_groups)
-    if PREFETCH and not SCALED:
+    if PREFETCH:
         w = gl.load(pw_ptr + woff + _word_offset(g0 * GROUP, BK))
     if PDL == 2:
         # launched early (``launch_pdl``): the weights do not depend on the launch before, so the first step's
@@ -254,7 +265,10 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
             za, sa = _zeros_scales_bf16(qz_ptr, s_ptr, g, on_a, N)
             for st in gl.static_range(GROUP // BK):
                 k0 = g * GROUP + st * BK
-                w = gl.load(pw_ptr + woff + _word_offset(k0, BK))
+                if PREFETCH:
+                    w_next = gl.load(pw_ptr + woff + _word_offset(gl.minimum(k0 + BK, g1 * GROUP - BK), BK))
+                else:
+                    w = gl.load(pw_ptr + woff + _word_offset(k0, BK))
                 if XSTEPS:
                     xb = _staged_tile(x_smem, x_ptr + xcoff, xcf, xcrows, g, g0, g1, st, XSTEPS, NBUF, BM, BK, GROUP,
                                       xs_l).permute([1, 0]).load(b_l)
@@ -263,10 +277,20 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                     xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
                 a = (_fragments(w, a_l, W, T, BK) - za[:, None]) * sa[:, None]
                 y_acc = gl.nvidia.ampere.mma_v2(a, xb, y_acc)
+                if PREFETCH:
+                    w = w_next
     else:
+        if XSUM_MMA:
+            # the sum of x over each group's features by the tensor cores, an A operand of ones (one 16-row tile
+            # per warp): it lands in the accumulator's layout, where the sum of x computed on the CUDA cores had
+            # to pass through shared memory behind a CTA barrier every group
+            ones = gl.full([16 * W, BK], 1.0, gl.bfloat16, layout=a_l)
         for g in range(g0, g1):
             acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
-            xs = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, x_l))
+            if XSUM_MMA:
+                xacc = gl.zeros([16 * W, BM], gl.float32, layout=mma)
+            else:
+                xs = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, x_l))
             for st in gl.static_range(GROUP // BK):
                 k0 = g * GROUP + st * BK
                 if PREFETCH:
@@ -278,20 +302,27 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                 if XSTEPS:
                     xbuf = _staged_tile(x_smem, x_ptr + xcoff, xcf, xcrows, g, g0, g1, st, XSTEPS, NBUF, BM, BK,
                                         GROUP, xs_l)
-                    xs += gl.sum(xbuf.load(x_l).to(gl.float32), axis=1)
+                    if not XSUM_MMA:
+                        xs += gl.sum(xbuf.load(x_l).to(gl.float32), axis=1)
                     xb = xbuf.permute([1, 0]).load(b_l)
                 else:
                     xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
-                    xs += gl.sum(xr.to(gl.float32), axis=1)
+                    if not XSUM_MMA:
+                        xs += gl.sum(xr.to(gl.float32), axis=1)
                     xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
                 acc = gl.nvidia.ampere.mma_v2(_fragments(w, a_l, W, T, BK), xb, acc)
+                if XSUM_MMA:
+                    xacc = gl.nvidia.ampere.mma_v2(ones, xb, xacc)
                 if PREFETCH:
                     w = w_next
             z = gl.load(qz_ptr + g * (N // 8) + on // 8)
             zo = ((z >> ((((on >> 1) & 3) << 2) + ((on & 1) << 4))) & 0xF).to(gl.float32) + 128.0
             s = gl.load(s_ptr + g * N + on).to(gl.float32)
-            xs_m = gl.convert_layout(xs, gl.SliceLayout(0, mma))
-            y_acc += (acc - zo[:, None] * xs_m[None, :]) * s[:, None]
+            if XSUM_MMA:
+                y_acc += (acc - zo[:, None] * _repeat_tiles(xacc, T, 16 * W, BM, mma)) * s[:, None]
+            else:
+                xs_m = gl.convert_layout(xs, gl.SliceLayout(0, mma))
+                y_acc += (acc - zo[:, None] * xs_m[None, :]) * s[:, None]
 
     omask = (om < M)[None, :] & (on < N)[:, None]
     y_ptrs = y_ptr + om[None, :] * stride_ym + on[:, None]
@@ -415,20 +446,22 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
               bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None, BM: int = 8, num_warps: int = 4,
               T: int = 2, split_k: int = 1, TAIL: bool = True, PREFETCH: bool = False,
               BK: int | None = None, SCALED: bool = False, WM: int = 1, XGROUPS: int = 0,
-              PDL: int = 2) -> torch.Tensor:
+              PDL: int = 2, XSUM_MMA: bool = False) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc.
 
     ``BM``: rows of x per program (8, 16, 32 or 64: the MMA's N); ``TAIL``: split-K partials summed by
     ``reduce_partials``, a second launch (0), by the last program of each tile from memory (1) or in the last
     split's registers (2, :func:`_add_other_splits`); ``PREFETCH``: load the next step's words
-    before this step's MMA; ``BK``: features per step (16, 32 or 64 dividing the group; default ``min(64, group)``:
+    before this step's MMA (and, under ``PDL = 2``, the first step's before the wait); ``BK``: features per step (16, 32 or 64 dividing the group; default ``min(64, group)``:
     fewer hold less of x in registers at 64 rows); ``SCALED``: the weights scaled in the fragments (one
     accumulator); ``WM``: warps along the rows of x (``num_warps`` counts those along the columns);
     ``XGROUPS``: x staged in shared memory this many groups at a time (at most a split's and
     :data:`XSTAGE_BYTES`, in a power of 2 of steps; 0: each step's x tile passes through shared memory on its
     own, two CTA barriers per step); ``PDL``: programmatic dependent launch, 0 off, 1 the next launch released at
     the start, 2 (default) also launched early itself (``launch_pdl``), waiting for the launch before after its
-    first weight loads (off where :data:`kernels.awq_triton.PDL` is: ``RAYAWQ_PDL=0``)."""
+    first weight loads (off where :data:`kernels.awq_triton.PDL` is: ``RAYAWQ_PDL=0``); ``XSUM_MMA`` (unscaled):
+    the per-group sum of x by one more ``mma`` per step with an A operand of ones, in the accumulator's layout
+    (no shared memory, no CTA barrier per group; one 16-row tile per warp, so ``1 / T`` more ``mma``)."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -445,6 +478,9 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
         raise ValueError(f"gluon_mma takes PDL 0 (off), 1 (release the next launch) or 2 (also launched early), "
                          f"got {PDL!r}")
     PDL = PDL if _PDL_ON else 0
+    if XSUM_MMA and SCALED:
+        raise ValueError("gluon_mma XSUM_MMA (the sum of x by a ones mma) is for the unscaled loop; SCALED has no "
+                         "sum of x")
     if XGROUPS < 0:
         raise ValueError(f"gluon_mma takes XGROUPS 0 (x not staged) or the groups of x staged at a time, "
                          f"got {XGROUPS}")
@@ -466,7 +502,8 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
         TAIL=tail, PREFETCH=bool(PREFETCH), SCALED=bool(SCALED),
         UNROLL=tail_unroll(16 * num_warps * T * BM, 32 * num_warps * WM), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l,
         x_l=x_l, XSTEPS=xsteps, XONCE=xonce,
-        xs_l=staged_layout(BK), PDL=PDL, num_warps=num_warps * WM, launch_pdl=PDL == 2)
+        xs_l=staged_layout(BK), PDL=PDL, XSUM_MMA=bool(XSUM_MMA),
+        num_warps=num_warps * WM, launch_pdl=PDL == 2)
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)
     return y

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 gluon_ok = True
 try:
@@ -38,16 +39,16 @@ def _loads(ptx: str) -> dict:
 
 
 def _decode_ptx(SCALED: bool, TAIL: int = 0, XSTEPS: int = 0, XONCE: bool = False, PDL: int = 0,
-                PREFETCH: bool = False) -> str:
+                PREFETCH: bool = False, XSUM_MMA: bool = False, T: int = 2) -> str:
     """The small-M kernel's sm_90 PTX (4 warps, two tiles each, 8 rows, 64-feature steps, group 128)."""
-    W, T, BK = 4, 2, 64
+    W, BK = 4, 64
     mma, a_l, b_l, w_l, x_l = gm._layouts(W, BK, T)
     sig = dict(zip(["x_ptr", "pw_ptr", "qz_ptr", "s_ptr", "b_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "M", "N", "K",
                     "stride_xm", "stride_ym", "SPLIT_K", "groups_per_split"],
                    ["*bf16", "*i32", "*i32", "*bf16", "*bf16", "*bf16", "*fp32", "*i32"] + ["i32"] * 7))
     cst = dict(GROUP=128, BK=BK, BM=8, W=W, T=T, HAS_BIAS=False, TAIL=TAIL, PREFETCH=PREFETCH, SCALED=SCALED,
                UNROLL=gm.tail_unroll(16 * W * T * 8, 32 * W), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l,
-               XSTEPS=XSTEPS, XONCE=XONCE, xs_l=gm.staged_layout(BK), PDL=PDL)
+               XSTEPS=XSTEPS, XONCE=XONCE, xs_l=gm.staged_layout(BK), PDL=PDL, XSUM_MMA=XSUM_MMA)
     return _ptx(gm._awq_gluon_mma_kernel, sig, cst, [n for n in sig if n not in ("M", "SPLIT_K",
                                                                                "groups_per_split")], W)
 
@@ -84,6 +85,27 @@ def test_early_launch_waits_before_x(SCALED, XSTEPS):
     assert not re.search(r"cp\.async|ld\.shared|st\.|atom|red\.", head), head
     assert re.search(r"cp\.async|ld\.global", tail)
     assert "griddepcontrol" not in _decode_ptx(SCALED, TAIL=2, XSTEPS=XSTEPS, XONCE=True, PREFETCH=not SCALED)
+
+
+@pytest.mark.parametrize("T", [1, 2, 4])
+def test_sum_of_x_by_a_ones_mma_needs_no_barrier_per_group(T):
+    """``XSUM_MMA`` (unscaled, x staged for the split): the group's sum of x comes from one more ``mma`` per
+    16-feature slice and warp, already in the accumulator's layout (its copies for the warp's ``T`` tiles are
+    registers: the build fails if that conversion is not trivial), so the per-group ``st.shared`` + CTA barrier
+    + ``ld.shared`` that moved the CUDA-core sum there is gone, and no shuffles sum x."""
+    plain = _decode_ptx(False, XSTEPS=8, XONCE=True, PREFETCH=True, T=T)
+    ones = _decode_ptx(False, XSTEPS=8, XONCE=True, PREFETCH=True, T=T, XSUM_MMA=True)
+    bars = [len(re.findall(r"\bbar(rier)?\.sync", p)) for p in (plain, ones)]
+    assert bars[1] == bars[0] - 1, bars
+    assert "st.shared" in plain and "st.shared" not in ones and "shfl" not in ones
+    assert ones.count("mma.sync") * T == plain.count("mma.sync") * (T + 1)
+
+
+def test_ones_mma_refused_where_there_is_no_sum_of_x():
+    x = torch.zeros(1, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="XSUM_MMA"):
+        gm.gluon_mma(x, torch.zeros(128 * 128 // 8, dtype=torch.int32), torch.zeros(1, 16, dtype=torch.int32),
+                     torch.zeros(1, 128, dtype=torch.bfloat16), 128, SCALED=True, XSUM_MMA=True)
 
 
 def test_staged_steps():
