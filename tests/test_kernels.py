@@ -15,6 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+# the interpreter must be on when triton (and kernels/) are first imported; the variable is put back once this
+# module is done (or at once where triton came first and the tests rerun in a subprocess): left set, it reached every
+# Ray worker and subprocess the later test modules start (the server's engine ran its kernels interpreted, ~40x slower)
+_PRIOR_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
@@ -49,6 +53,25 @@ else:
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
         # every test ran under the interpreter (a compiled triton imported first would skip them all)
         assert " passed" in r.stdout and " skipped" not in r.stdout, r.stdout[-2000:]
+
+
+def _restore_interpret_env() -> None:
+    if _PRIOR_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PRIOR_INTERPRET
+
+
+if not INTERPRETER_OK:
+    _restore_interpret_env()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_env_for_this_module_only():
+    if INTERPRETER_OK:  # (kernels/ modules imported inside the tests must be interpreted too)
+        os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    _restore_interpret_env()
 
 
 
