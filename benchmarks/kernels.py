@@ -26,6 +26,7 @@ import argparse
 import datetime
 import json
 import math
+import statistics
 import sys
 import time
 from collections import Counter
@@ -119,7 +120,29 @@ def bench_repacked(row, M, N, K, xs, awq_sets, packed_sets, table_only=False):
     row["repacked_rel_err"] = rel_err(y, ref_fp64(x, *awq_sets[0], GROUP))
 
 
-def bench_shape(K, N, ms, sms, results, deadline, on_row=lambda: None, repacked=True, table_only=False):
+PAIRED_FROM_M = 256  # from here cuBLAS and the repacked kernel are compute-bound: their times follow the clocks
+
+
+def paired_retime(row, xs, w_sets, awq_sets, packed_sets, rounds: int) -> None:
+    """Time cuBLAS and the row's repacked choice again, alternately, ``rounds`` times each, and report the median
+    of each's timings (the first pass's included). Why: at 256+ rows both are compute-bound, and the card's clocks
+    drift between the row's first cuBLAS timing and its repacked timing seconds later (two calls of one session put
+    8192x28672 M = 4096 cuBLAS at 2761 and 2382 us); in alternation both see the same drift."""
+    cfg = row["repacked_best"]
+    fns = {"cublas_us": lambda: time_calls([lambda x=x, w=w: torch.matmul(x, w.t()) for x, w in zip(xs, w_sets)]),
+           "repacked_us": lambda: time_calls([lambda x=x, p=p, w=w: repacked_dispatch.run(cfg, x, p, w[1], w[2], GROUP)
+                                              for x, p, w in zip(xs, packed_sets, awq_sets)])}
+    timed = {k: [row[k]] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            timed[k].append(f())
+    row["paired"] = {"rounds": rounds, **timed}
+    for k, v in timed.items():
+        row[k] = statistics.median(v)
+
+
+def bench_shape(K, N, ms, sms, results, deadline, on_row=lambda: None, repacked=True, table_only=False,
+                paired: int = 0):
     log(f"== shape K={K} N={N}")
     n_int4 = sets_needed(awq_bytes(1, N, K))
     awq_sets = [dispatch.random_awq(K, N, GROUP, DTYPE, "cuda") for _ in range(n_int4)]
@@ -174,6 +197,8 @@ def bench_shape(K, N, ms, sms, results, deadline, on_row=lambda: None, repacked=
         row["roofline_us"] = awq_bytes(M, N, K) / BW * 1e6
         if packed_sets is not None:
             bench_repacked(row, M, N, K, xs, awq_sets, packed_sets, table_only)
+            if paired and M >= PAIRED_FROM_M and "repacked_us" in row:
+                paired_retime(row, xs, w_sets, awq_sets, packed_sets, paired)
         results.append(row)
         on_row()  # every row on disk at once: a cut-off run keeps what it measured
         i4 = row.get("int4pack_us", float("nan"))
@@ -238,7 +263,10 @@ def markdown(results, meta):
         "On sm_90 with bf16 the engine runs the repacked path (weights in the tensor cores' fragment order, "
         f"`kernels/repacked_dispatch.py`): its columns are {chosen}, and the targets below are checked on the "
         "path the engine runs." + (" The AutoAWQ-layout columns are likewise the table's choice." if
-                                  meta.get("table_only") else ""),
+                                  meta.get("table_only") else "")
+        + (f" From {PAIRED_FROM_M} rows (compute-bound, timed by the card's clocks) cuBLAS and the repacked kernel "
+           f"are timed {meta['paired_rounds']} more times each in alternation, and each cell is the median of its "
+           f"{meta['paired_rounds'] + 1} timings." if meta.get("paired_rounds") else ""),
         "",
     ]
     if meta.get("rows_from"):
@@ -368,6 +396,9 @@ def main():
     ap.add_argument("--table-only", action="store_true",
                     help="time only the configs the repo's tables choose (what awq_linear runs), no tuning; "
                          "writes no tables")
+    ap.add_argument("--paired", type=int, default=3,
+                    help=f"from {PAIRED_FROM_M} rows, time cuBLAS and the repacked choice again in alternation this "
+                         "many rounds each and report each's median (0: off)")
     ap.add_argument("--also", default=None,
                     help="kernels_results.json of an earlier part of this session (same card): its rows for shapes "
                          "this run does not measure join this run's table, section and plot")
@@ -395,6 +426,7 @@ def main():
             "date": datetime.date.today().isoformat(), "commit": git_commit(), "group": GROUP, "dtype": "bf16"}
     meta["copy_tbps"] = copy_bandwidth() / 1e12
     meta["table_only"] = args.table_only
+    meta["paired_rounds"] = args.paired
     log(json.dumps(meta))
     t0 = time.time()
     results = []
@@ -405,7 +437,7 @@ def main():
 
     for K, N in sorted(shapes, key=lambda s: -s[0] * s[1]):  # target shapes first, in case the budget runs out
         bench_shape(K, N, ms, sms, results, t0 + args.budget_s, on_row=dump, repacked=not args.no_repacked,
-                    table_only=args.table_only)
+                    table_only=args.table_only, paired=args.paired)
     if args.also and Path(args.also).exists():  # one benchmark split over two device calls
         done = {(r["K"], r["N"]) for r in results}
         earlier = json.loads(Path(args.also).read_text())
