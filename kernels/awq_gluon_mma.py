@@ -10,9 +10,13 @@ layout the MMA reads: the conversion to the dot-operand layout is checked trivia
 (``convert_layout(assert_trivial=True)``). About one instruction per weight by count (sm_90 SASS) against ~4.
 
 Math per group (fp32 accumulation): ``acc_g = W'^T x^T`` over the group's k on the exact integers ``128 + q``,
-then ``y += s * (acc_g - (128 + z) * sum_k x)``, like ``splitk``. One program: ``16 * num_warps`` output columns
-(one 16-row tile per warp), ``BM`` rows of x (the MMA's N, 8 or 16), a slice of K groups; split-K partials are
-summed by ``awq_triton.reduce_partials``.
+then ``y += s * (acc_g - (128 + z) * sum_k x)``, like ``splitk``; the sum of x on the CUDA cores (moved into the
+accumulator's layout through shared memory, a CTA barrier per group) or, ``XSUM_MMA``, by one more ``mma`` with an
+A operand of ones, landing in that layout (the table's choice at 1-8 rows on the H200: ~3 % faster than the same
+config with the barrier, docs/kernels_notes.md). ``SCALED``: the weights scaled in the fragments instead,
+``((128 + q) - (128 + z)) * s`` in bf16, no sum of x (the table's choice at 16 rows). One program:
+``16 * num_warps`` output columns (one 16-row tile per warp), ``BM`` rows of x (the MMA's N, 8 or 16), a slice of
+K groups; split-K partials are summed by ``awq_triton.reduce_partials``.
 
 Status: compiled for sm_90 with Triton 3.6 (the weights never pass through shared memory; x's small tile does,
 on its way into the B operand layout, or with ``XGROUPS`` a whole chunk of x is staged there by ``cp.async``); the
@@ -28,6 +32,7 @@ import torch
 import triton
 
 from triton.experimental import gluon
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # griddepcontrol (sm_90), Gluon calls them too
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
@@ -183,14 +188,6 @@ def _repeat_tiles(v, T: gl.constexpr, R: gl.constexpr, BM: gl.constexpr, mma: gl
 
 
 @gluon.jit
-def _grid_dependency(ASM: gl.constexpr):
-    """``griddepcontrol`` (programmatic dependent launch, sm_90): ``launch_dependents`` lets the next launch's
-    programs take SM slots as ours leave them; ``wait`` holds until the launch before ours is complete and its
-    writes are visible."""
-    gl.inline_asm_elementwise("griddepcontrol." + ASM + "; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
 def _zeros_scales_bf16(qz_ptr, s_ptr, g, n, N):
     """``128 + z`` (bf16) and the scales of group ``g`` for columns ``n`` (AutoAWQ ``qzeros``/``scales``), in
     ``n``'s layout: what ``SCALED`` subtracts from and multiplies into the A fragments."""
@@ -224,7 +221,7 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                           w_l: gl.constexpr, x_l: gl.constexpr, XSTEPS: gl.constexpr, XONCE: gl.constexpr,
                           xs_l: gl.constexpr, PDL: gl.constexpr, XSUM_MMA: gl.constexpr):
     if PDL:  # the next launch (the split-K sum, the next layer) may start placing its programs now
-        _grid_dependency("launch_dependents")
+        gdc_launch_dependents()
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     pid_m = gl.program_id(2)
@@ -253,7 +250,7 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
     if PDL == 2:
         # launched early (``launch_pdl``): the weights do not depend on the launch before, so the first step's
         # words (PREFETCH) are requested while it ends; x, y and the split-K buffers only after it is done
-        _grid_dependency("wait")
+        gdc_wait()
     if XSTEPS:  # the first chunk (XONCE: the split), before the loop
         _issue_x(x_smem, 0, x_ptr + xcoff + g0 * GROUP, xcf, xcrows, (g1 - g0) * GROUP, NBUF, XSTEPS, BM, BK, xs_l)
     y_acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
@@ -452,9 +449,10 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     ``BM``: rows of x per program (8, 16, 32 or 64: the MMA's N); ``TAIL``: split-K partials summed by
     ``reduce_partials``, a second launch (0), by the last program of each tile from memory (1) or in the last
     split's registers (2, :func:`_add_other_splits`); ``PREFETCH``: load the next step's words
-    before this step's MMA (and, under ``PDL = 2``, the first step's before the wait); ``BK``: features per step (16, 32 or 64 dividing the group; default ``min(64, group)``:
-    fewer hold less of x in registers at 64 rows); ``SCALED``: the weights scaled in the fragments (one
-    accumulator); ``WM``: warps along the rows of x (``num_warps`` counts those along the columns);
+    before this step's MMA (and, under ``PDL = 2``, the first step's before the wait); ``BK``: features per step
+    (16, 32 or 64 dividing the group; default ``min(64, group)``: fewer hold less of x in registers at 64 rows);
+    ``SCALED``: the weights scaled in the fragments (one accumulator); ``WM``: warps along the rows of x
+    (``num_warps`` counts those along the columns);
     ``XGROUPS``: x staged in shared memory this many groups at a time (at most a split's and
     :data:`XSTAGE_BYTES`, in a power of 2 of steps; 0: each step's x tile passes through shared memory on its
     own, two CTA barriers per step); ``PDL``: programmatic dependent launch, 0 off, 1 the next launch released at
