@@ -76,7 +76,7 @@ def gluon_configs(M: int, N: int) -> list[dict]:
         cfgs = [dict(T=t, num_warps=w, split_k=s, SCALED=sc, TAIL=tail) for t, w in ((2, 4), (4, 4), (1, 8))
                 for s in (8, 16) for sc in (False, True) for tail in (True, False)]
         cfgs += [dict(T=t, num_warps=w, split_k=28, SCALED=sc, TAIL=False) for t, w in ((2, 4), (1, 8))
-                 for sc in (False, True)]  # (2 x 4, scaled, below) 3-4 groups a split at K = 8192-14336
+                 for sc in (False, True)]  # 3-4 groups a split at K = 8192-14336 (the scaled 2 x 4 one: below)
         cfgs += [dict(T=t, num_warps=4, split_k=s, SCALED=True, TAIL=tail) for t, s in ((1, 8), (1, 16), (2, 28))
                  for tail in (True, False)]
     elif M <= 16:
@@ -167,7 +167,8 @@ def dequant_parts(cfg: dict, K: int, N: int, xs, packed, sets, wb) -> dict:
 def variant_fits(cfg: dict, variant: dict) -> bool:
     """Whether an ``--also`` variant applies to a Gluon config: ``XSUM_MMA`` (the sum of x by a ones ``mma``) only
     where the loop is unscaled."""
-    return not ({**cfg, **variant}.get("XSUM_MMA") and {**cfg, **variant}.get("SCALED"))
+    merged = {**cfg, **variant}
+    return not (merged.get("XSUM_MMA") and merged.get("SCALED"))
 
 
 def best_of(cfgs: list[dict], launch, xs, packed, sets) -> tuple[float, dict | None, dict]:

@@ -32,9 +32,9 @@ import torch
 import triton
 
 from triton.experimental import gluon
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # griddepcontrol (sm_90), Gluon calls them too
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # griddepcontrol (sm_90), Gluon calls them too
 
 from .awq_repack import check_repackable
 from .awq_triton import PDL as _PDL_ON, _out_and_ws, _split_args, reduce_partials, tile_counters
