@@ -68,9 +68,7 @@ if not INTERPRETER_OK:
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter_env_for_this_module_only():
-    if INTERPRETER_OK:  # (kernels/ modules imported inside the tests must be interpreted too)
-        os.environ["TRITON_INTERPRET"] = "1"
-    yield
+    yield  # (still set from the import where the tests run here: kernels/ modules they import are interpreted too)
     _restore_interpret_env()
 
 
