@@ -165,10 +165,14 @@ def dequant_parts(cfg: dict, K: int, N: int, xs, packed, sets, wb) -> dict:
 
 
 def variant_fits(cfg: dict, variant: dict) -> bool:
-    """Whether an ``--also`` variant applies to a Gluon config: ``XSUM_MMA`` (the sum of x by a ones ``mma``) only
-    where the loop is unscaled."""
+    """Whether an ``--also`` variant applies to a Gluon config: ``XSUM_MMA`` (the sum of x by a ones ``mma``) and
+    ``ZSUB`` (zero points off in the fragments) only where the loop is unscaled, not both; ``XREADY`` only with x
+    staged (whether the split fits one chunk, the launcher decides: a config it refuses is reported, not timed)."""
     merged = {**cfg, **variant}
-    return not (merged.get("XSUM_MMA") and merged.get("SCALED"))
+    if (merged.get("XSUM_MMA") or merged.get("ZSUB")) and merged.get("SCALED"):
+        return False
+    return not (merged.get("XSUM_MMA") and merged.get("ZSUB")) and not (merged.get("XREADY")
+                                                                         and not merged.get("XGROUPS"))
 
 
 def best_of(cfgs: list[dict], launch, xs, packed, sets) -> tuple[float, dict | None, dict]:

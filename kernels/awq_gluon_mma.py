@@ -164,13 +164,15 @@ def _chunk_ready(x_smem, x_ptrs, feats, rows, g, g1, chunk, XSTEPS: gl.constexpr
 
 @gluon.jit
 def _staged_tile(x_smem, x_ptrs, feats, rows, g, g0, g1, st: gl.constexpr, XSTEPS: gl.constexpr,
-                 NBUF: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, xs_l: gl.constexpr):
+                 NBUF: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, xs_l: gl.constexpr,
+                 READY: gl.constexpr):
     """The ``[BM, BK]`` buffer tile that holds step ``st`` of group ``g``'s x; at a chunk's first step (its weights
-    already requested) the chunk is made ready first (:func:`_chunk_ready`)."""
+    already requested) the chunk is made ready first (:func:`_chunk_ready`), unless ``READY`` (``XREADY``: the
+    split's x waited for before the loop)."""
     SPG: gl.constexpr = GROUP // BK
     XG: gl.constexpr = XSTEPS // SPG
     i = g - g0
-    if st == 0:
+    if st == 0 and not READY:
         if i % XG == 0:  # (XONCE: the split's first step)
             _chunk_ready(x_smem, x_ptrs, feats, rows, g, g1, i // XG, XSTEPS, NBUF, BM, BK, GROUP, xs_l)
     return x_smem.index((i // XG % NBUF * XG + i % XG) * SPG + st)
@@ -219,7 +221,8 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                           HAS_BIAS: gl.constexpr, TAIL: gl.constexpr, PREFETCH: gl.constexpr, SCALED: gl.constexpr,
                           UNROLL: gl.constexpr, mma: gl.constexpr, a_l: gl.constexpr, b_l: gl.constexpr,
                           w_l: gl.constexpr, x_l: gl.constexpr, XSTEPS: gl.constexpr, XONCE: gl.constexpr,
-                          xs_l: gl.constexpr, PDL: gl.constexpr, XSUM_MMA: gl.constexpr):
+                          xs_l: gl.constexpr, PDL: gl.constexpr, XSUM_MMA: gl.constexpr, ZSUB: gl.constexpr,
+                          XREADY: gl.constexpr):
     if PDL:  # the next launch (the split-K sum, the next layer) may start placing its programs now
         gdc_launch_dependents()
     pid_n = gl.program_id(0)
@@ -253,6 +256,9 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
         gdc_wait()
     if XSTEPS:  # the first chunk (XONCE: the split), before the loop
         _issue_x(x_smem, 0, x_ptr + xcoff + g0 * GROUP, xcf, xcrows, (g1 - g0) * GROUP, NBUF, XSTEPS, BM, BK, xs_l)
+    if XREADY:  # (XONCE) the split's x waited for here, once: no barrier is left inside the loop
+        async_copy.wait_group(0)
+        _cta_barrier()
     y_acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
     if SCALED:
         # the weights scaled in the A fragments ((128 + q) - (128 + z)) * s, one accumulator, no sum over x: fewer
@@ -268,7 +274,7 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                     w = gl.load(pw_ptr + woff + _word_offset(k0, BK))
                 if XSTEPS:
                     xb = _staged_tile(x_smem, x_ptr + xcoff, xcf, xcrows, g, g0, g1, st, XSTEPS, NBUF, BM, BK, GROUP,
-                                      xs_l).permute([1, 0]).load(b_l)
+                                      xs_l, XREADY).permute([1, 0]).load(b_l)
                 else:
                     xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
                     xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
@@ -276,6 +282,29 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                 y_acc = gl.nvidia.ampere.mma_v2(a, xb, y_acc)
                 if PREFETCH:
                     w = w_next
+    elif ZSUB:
+        # the zero points taken off in the A fragments, ``(128 + q) - (128 + z)``, exact small integers in bf16; the
+        # scale applied to each group's fp32 accumulator: one bf16 op per weight pair fewer than SCALED, no sum of x
+        on_a = pid_n * 16 * W * T + gl.arange(0, 16 * W * T, layout=gl.SliceLayout(1, a_l))
+        for g in range(g0, g1):
+            za = _zeros_bf16(gl.load(qz_ptr + g * (N // 8) + on_a // 8), on_a)
+            acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
+            for st in gl.static_range(GROUP // BK):
+                k0 = g * GROUP + st * BK
+                if PREFETCH:
+                    w_next = gl.load(pw_ptr + woff + _word_offset(gl.minimum(k0 + BK, g1 * GROUP - BK), BK))
+                else:
+                    w = gl.load(pw_ptr + woff + _word_offset(k0, BK))
+                if XSTEPS:
+                    xb = _staged_tile(x_smem, x_ptr + xcoff, xcf, xcrows, g, g0, g1, st, XSTEPS, NBUF, BM, BK, GROUP,
+                                      xs_l, XREADY).permute([1, 0]).load(b_l)
+                else:
+                    xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
+                    xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
+                acc = gl.nvidia.ampere.mma_v2(_fragments(w, a_l, W, T, BK) - za[:, None], xb, acc)
+                if PREFETCH:
+                    w = w_next
+            y_acc += acc * gl.load(s_ptr + g * N + on).to(gl.float32)[:, None]
     else:
         if XSUM_MMA:
             # the sum of x over each group's features by the tensor cores, an A operand of ones (one 16-row tile
@@ -298,7 +327,7 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                     w = gl.load(pw_ptr + woff + _word_offset(k0, BK))
                 if XSTEPS:
                     xbuf = _staged_tile(x_smem, x_ptr + xcoff, xcf, xcrows, g, g0, g1, st, XSTEPS, NBUF, BM, BK,
-                                        GROUP, xs_l)
+                                        GROUP, xs_l, XREADY)
                     if not XSUM_MMA:
                         xs += gl.sum(xbuf.load(x_l).to(gl.float32), axis=1)
                     xb = xbuf.permute([1, 0]).load(b_l)
@@ -443,7 +472,7 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
               bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None, BM: int = 8, num_warps: int = 4,
               T: int = 2, split_k: int = 1, TAIL: bool = True, PREFETCH: bool = False,
               BK: int | None = None, SCALED: bool = False, WM: int = 1, XGROUPS: int = 0,
-              PDL: int = 2, XSUM_MMA: bool = False) -> torch.Tensor:
+              PDL: int = 2, XSUM_MMA: bool = False, ZSUB: bool = False, XREADY: bool = False) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc.
 
     ``BM``: rows of x per program (8, 16, 32 or 64: the MMA's N); ``TAIL``: split-K partials summed by
@@ -459,7 +488,12 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     the start, 2 (default) also launched early itself (``launch_pdl``), waiting for the launch before after its
     first weight loads (off where :data:`kernels.awq_triton.PDL` is: ``RAYAWQ_PDL=0``); ``XSUM_MMA`` (unscaled):
     the per-group sum of x by one more ``mma`` per step with an A operand of ones, in the accumulator's layout
-    (no shared memory, no CTA barrier per group; one 16-row tile per warp, so ``1 / T`` more ``mma``)."""
+    (no shared memory, no CTA barrier per group; one 16-row tile per warp, so ``1 / T`` more ``mma``); ``ZSUB``:
+    the zero points taken off in the fragments (exact integers ``q - z`` in bf16) and the scales applied to each
+    group's fp32 accumulator: ``SCALED`` without its bf16 multiply per weight, and no sum of x; ``XREADY`` (x staged
+    for the whole split): x waited for once before the loop (with ``PREFETCH``, after the first step's weights are
+    requested) instead of at the split's first step inside it, where the compiler then also put a CTA barrier in every group (it cannot see
+    that the conditional wait has run)."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -479,6 +513,9 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     if XSUM_MMA and SCALED:
         raise ValueError("gluon_mma XSUM_MMA (the sum of x by a ones mma) is for the unscaled loop; SCALED has no "
                          "sum of x")
+    if ZSUB and (SCALED or XSUM_MMA):
+        raise ValueError("gluon_mma ZSUB (zero points off in the fragments, scales per group) is a loop of its own: "
+                         "not with SCALED or XSUM_MMA")
     if XGROUPS < 0:
         raise ValueError(f"gluon_mma takes XGROUPS 0 (x not staged) or the groups of x staged at a time, "
                          f"got {XGROUPS}")
@@ -494,13 +531,16 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
         ws = register_tail_ws(grid[0] * grid[2], split_k, 16 * num_warps * T * BM, x2.device)
     cnt = tile_counters(x2.device, grid[0] * grid[2]) if tail else y
     xsteps, xonce = staged_steps(XGROUPS, gps, group_size // BK, BM * BK * 2)
+    if XREADY and not xonce:
+        raise ValueError(f"gluon_mma XREADY (x waited for before the loop) needs the split's x staged at once: "
+                         f"XGROUPS >= the split's {gps} groups, within {XSTAGE_BYTES} bytes; got XGROUPS {XGROUPS}")
     _awq_gluon_mma_kernel[grid](
         x2, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, x2.stride(0),
         y.stride(0), split_k, gps, GROUP=group_size, BK=BK, BM=BM, W=num_warps, T=T, HAS_BIAS=bias is not None,
         TAIL=tail, PREFETCH=bool(PREFETCH), SCALED=bool(SCALED),
         UNROLL=tail_unroll(16 * num_warps * T * BM, 32 * num_warps * WM), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l,
         x_l=x_l, XSTEPS=xsteps, XONCE=xonce,
-        xs_l=staged_layout(BK), PDL=PDL, XSUM_MMA=bool(XSUM_MMA),
+        xs_l=staged_layout(BK), PDL=PDL, XSUM_MMA=bool(XSUM_MMA), ZSUB=bool(ZSUB), XREADY=bool(XREADY),
         num_warps=num_warps * WM, launch_pdl=PDL == 2)
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)

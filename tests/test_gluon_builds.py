@@ -39,16 +39,18 @@ def _loads(ptx: str) -> dict:
 
 
 def _decode_ptx(SCALED: bool, TAIL: int = 0, XSTEPS: int = 0, XONCE: bool = False, PDL: int = 0,
-                PREFETCH: bool = False, XSUM_MMA: bool = False, T: int = 2) -> str:
-    """The small-M kernel's sm_90 PTX (4 warps, two tiles each, 8 rows, 64-feature steps, group 128)."""
-    W, BK = 4, 64
+                PREFETCH: bool = False, XSUM_MMA: bool = False, T: int = 2, ZSUB: bool = False,
+                XREADY: bool = False, BM: int = 8, W: int = 4) -> str:
+    """The small-M kernel's sm_90 PTX (by default 4 warps, two tiles each, 8 rows; 64-feature steps, group 128)."""
+    BK = 64
     mma, a_l, b_l, w_l, x_l = gm._layouts(W, BK, T)
     sig = dict(zip(["x_ptr", "pw_ptr", "qz_ptr", "s_ptr", "b_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "M", "N", "K",
                     "stride_xm", "stride_ym", "SPLIT_K", "groups_per_split"],
                    ["*bf16", "*i32", "*i32", "*bf16", "*bf16", "*bf16", "*fp32", "*i32"] + ["i32"] * 7))
-    cst = dict(GROUP=128, BK=BK, BM=8, W=W, T=T, HAS_BIAS=False, TAIL=TAIL, PREFETCH=PREFETCH, SCALED=SCALED,
-               UNROLL=gm.tail_unroll(16 * W * T * 8, 32 * W), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l,
-               XSTEPS=XSTEPS, XONCE=XONCE, xs_l=gm.staged_layout(BK), PDL=PDL, XSUM_MMA=XSUM_MMA)
+    cst = dict(GROUP=128, BK=BK, BM=BM, W=W, T=T, HAS_BIAS=False, TAIL=TAIL, PREFETCH=PREFETCH, SCALED=SCALED,
+               UNROLL=gm.tail_unroll(16 * W * T * BM, 32 * W), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l,
+               XSTEPS=XSTEPS, XONCE=XONCE, xs_l=gm.staged_layout(BK), PDL=PDL, XSUM_MMA=XSUM_MMA,
+               ZSUB=ZSUB, XREADY=XREADY)
     return _ptx(gm._awq_gluon_mma_kernel, sig, cst, [n for n in sig if n not in ("M", "SPLIT_K",
                                                                                "groups_per_split")], W)
 
@@ -101,11 +103,46 @@ def test_sum_of_x_by_a_ones_mma_needs_no_barrier_per_group(T):
     assert ones.count("mma.sync") * T == plain.count("mma.sync") * (T + 1)
 
 
+def _bars(ptx: str) -> int:
+    return len(re.findall(r"\bbar(rier)?\.sync", ptx))
+
+
+@pytest.mark.parametrize("loop", [dict(SCALED=True, BM=16, T=1, W=8), dict(SCALED=False, XSUM_MMA=True, PREFETCH=True),
+                                  dict(SCALED=False, ZSUB=True, BM=16, T=1, W=8)])
+def test_x_waited_for_before_the_loop_leaves_no_barrier_in_it(loop):
+    """``XREADY`` (the split's x staged at once): the wait for x's copy and its CTA barrier before the loop; the
+    loop itself, from its first ``mma`` on, has no barrier (waited for inside the loop, at the split's first
+    step, the compiler also put one in every group)."""
+    inside = _decode_ptx(XSTEPS=16, XONCE=True, **loop)
+    before = _decode_ptx(XSTEPS=16, XONCE=True, XREADY=True, **loop)
+    assert _bars(inside[inside.index("mma.sync"):]) >= 1
+    assert _bars(before[before.index("mma.sync"):]) == 0 and _bars(before) == 1
+    assert before.index("cp.async.wait_group") < before.index("mma.sync")
+
+
+def test_zero_points_off_in_the_fragments_without_a_multiply():
+    """``ZSUB``: ``(128 + q) - (128 + z)`` in the fragments (a bf16 subtract per weight, as ``SCALED``), the scale
+    on each group's fp32 accumulator instead of a bf16 multiply per weight, and no sum of x (no shuffles)."""
+    scaled = _decode_ptx(True, XSTEPS=16, XONCE=True, BM=16, T=1, W=8)
+    zsub = _decode_ptx(False, XSTEPS=16, XONCE=True, BM=16, T=1, W=8, ZSUB=True)
+    count = lambda ptx, op: len(re.findall(rf"\b{op}(\.rn)?\.bf16(x2)?\b", ptx))  # noqa: E731
+    assert count(scaled, "sub") == count(zsub, "sub") > 0
+    assert count(scaled, "mul") > 0 and count(zsub, "mul") == 0
+    assert "fma.rn.f32" in zsub and "shfl" not in zsub
+    assert zsub.count("mma.sync") == scaled.count("mma.sync")
+
+
 def test_ones_mma_refused_where_there_is_no_sum_of_x():
     x = torch.zeros(1, 128, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="XSUM_MMA"):
         gm.gluon_mma(x, torch.zeros(128 * 128 // 8, dtype=torch.int32), torch.zeros(1, 16, dtype=torch.int32),
                      torch.zeros(1, 128, dtype=torch.bfloat16), 128, SCALED=True, XSUM_MMA=True)
+    with pytest.raises(ValueError, match="ZSUB"):
+        gm.gluon_mma(x, torch.zeros(128 * 128 // 8, dtype=torch.int32), torch.zeros(1, 16, dtype=torch.int32),
+                     torch.zeros(1, 128, dtype=torch.bfloat16), 128, SCALED=True, ZSUB=True)
+    with pytest.raises(ValueError, match="XREADY"):  # x not staged: nothing to wait for before the loop
+        gm.gluon_mma(x, torch.zeros(128 * 128 // 8, dtype=torch.int32), torch.zeros(1, 16, dtype=torch.int32),
+                     torch.zeros(1, 128, dtype=torch.bfloat16), 128, XREADY=True)
 
 
 def test_staged_steps():

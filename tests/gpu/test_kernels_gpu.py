@@ -219,7 +219,15 @@ def test_bad_inputs_raise_on_cuda():
                                  dict(T=2, num_warps=4, BM=16, split_k=2, XSUM_MMA=True, TAIL=2),
                                  dict(T=1, num_warps=8, BM=16, split_k=8, SCALED=True, TAIL=False, XGROUPS=64,
                                       PREFETCH=True),
-                                 dict(T=2, num_warps=4, split_k=5, SCALED=True, PREFETCH=True)])
+                                 dict(T=2, num_warps=4, split_k=5, SCALED=True, PREFETCH=True),
+                                 dict(T=2, num_warps=4, split_k=3, ZSUB=True),
+                                 dict(T=1, num_warps=8, BM=16, split_k=8, ZSUB=True, TAIL=False, XGROUPS=64,
+                                      XREADY=True),
+                                 dict(T=2, num_warps=4, split_k=8, ZSUB=True, TAIL=2, XGROUPS=2, PREFETCH=True),
+                                 dict(T=2, num_warps=4, split_k=8, TAIL=False, XGROUPS=64, PREFETCH=True,
+                                      XSUM_MMA=True, XREADY=True),
+                                 dict(T=1, num_warps=8, BM=16, split_k=8, SCALED=True, TAIL=False, XGROUPS=64,
+                                      XREADY=True)])
 def test_gluon_mma_on_repacked_weights(cfg, g):
     """The Gluon kernel on fragment-repacked weights (kernels/awq_repack.py) against fp64: M up to 33 (several
     row tiles), bias, split-K summed in the kernel (twice: the counters reset; in the last split's registers
