@@ -197,6 +197,16 @@ def _zeros_scales_bf16(qz_ptr, s_ptr, g, n, N):
 
 
 @gluon.jit
+def _second_step_words(w, pw_ptr, g, GROUP: gl.constexpr, BK: gl.constexpr):
+    """Group ``g``'s second step's words where a group is two steps (group 128, ``BK`` 64), else ``w`` itself (one
+    step): what ``PREFETCH = 2`` keeps in flight besides the first."""
+    if GROUP // BK == 2:
+        return gl.load(pw_ptr + _word_offset(g * GROUP + BK, BK))
+    else:
+        return w
+
+
+@gluon.jit
 def _zeros_bf16(zw, n):
     """``128 + z`` (bf16) of columns ``n`` from their packed ``qzeros`` words ``zw`` (AutoAWQ nibble order)."""
     return (((zw >> ((((n >> 1) & 3) << 2) + ((n & 1) << 4))) & 0xF) + 128).to(gl.bfloat16)
@@ -212,6 +222,34 @@ def _word_offset(k0, BK: gl.constexpr):
         return (k0 // 64) * 128
     else:
         return (k0 // 64) * 128 + (k0 % 64) // 16
+
+
+@gluon.jit
+def _zsub_group(y_acc, w, w1, zw, sg, g, gn, x_smem, x_ptr, xcoff, xcf, xcrows, xoff, xmask, g0, g1, pw_ptr, qz_ptr,
+                s_ptr, N, on_a, on, XSTEPS: gl.constexpr, NBUF: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
+                GROUP: gl.constexpr, xs_l: gl.constexpr, XREADY: gl.constexpr, a_l: gl.constexpr,
+                b_l: gl.constexpr, mma: gl.constexpr, W: gl.constexpr, T: gl.constexpr):
+    """One group of the ``ZSUB`` loop under ``PREFETCH = 2``: group ``g`` from its words ``w``/``w1``, zero-point
+    words ``zw`` and scales ``sg`` (requested a group before), with group ``gn``'s requested first and returned."""
+    wn = gl.load(pw_ptr + _word_offset(gn * GROUP, BK))
+    wn1 = _second_step_words(wn, pw_ptr, gn, GROUP, BK)
+    zn = gl.load(qz_ptr + gn * (N // 8) + on_a // 8)
+    sn = gl.load(s_ptr + gn * N + on)
+    za = _zeros_bf16(zw, on_a)
+    acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
+    for st in gl.static_range(GROUP // BK):
+        if st == 0:
+            wst = w
+        else:
+            wst = w1
+        if XSTEPS:
+            xb = _staged_tile(x_smem, x_ptr + xcoff, xcf, xcrows, g, g0, g1, st, XSTEPS, NBUF, BM, BK, GROUP, xs_l,
+                              XREADY).permute([1, 0]).load(b_l)
+        else:
+            xr = gl.load(x_ptr + xoff + g * GROUP + st * BK, mask=xmask, other=0.0)
+            xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
+        acc = gl.nvidia.ampere.mma_v2(_fragments(wst, a_l, W, T, BK) - za[:, None], xb, acc)
+    return y_acc + acc * sg.to(gl.float32)[:, None], wn, wn1, zn, sn
 
 
 @gluon.jit(do_not_specialize=["M"])  # one build serves every row count (no compile on a request)
@@ -250,6 +288,11 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
     g1 = gl.minimum(g0 + groups_per_split, num_groups)
     if PREFETCH:
         w = gl.load(pw_ptr + woff + _word_offset(g0 * GROUP, BK))
+    if PREFETCH == 2:  # (ZSUB) the first group's other step, zero points and scales too; none waits for the launch
+        on_a = pid_n * 16 * W * T + gl.arange(0, 16 * W * T, layout=gl.SliceLayout(1, a_l))
+        w1 = _second_step_words(w, pw_ptr + woff, g0, GROUP, BK)
+        zw = gl.load(qz_ptr + g0 * (N // 8) + on_a // 8)
+        sg = gl.load(s_ptr + g0 * N + on)
     if PDL == 2:
         # launched early (``launch_pdl``): the weights do not depend on the launch before, so the first step's
         # words (PREFETCH) are requested while it ends; x, y and the split-K buffers only after it is done
@@ -282,6 +325,23 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                 y_acc = gl.nvidia.ampere.mma_v2(a, xb, y_acc)
                 if PREFETCH:
                     w = w_next
+    elif ZSUB and PREFETCH == 2:
+        # the next group's words, zero points and scales requested before this group computes (the zero points
+        # feed the first fragments: loaded in their own group they stall it). Two groups a trip, the sets taking
+        # turns: carried round the loop, ptxas sank the loads to the end of the trip, behind copies that waited
+        # for them at once
+        for g in range(g0, g1 - 1, 2):
+            y_acc, wb, wb1, zb, sb = _zsub_group(y_acc, w, w1, zw, sg, g, g + 1, x_smem, x_ptr, xcoff, xcf, xcrows,
+                                                 xoff, xmask, g0, g1, pw_ptr + woff, qz_ptr, s_ptr, N, on_a, on,
+                                                 XSTEPS, NBUF, BM, BK, GROUP, xs_l, XREADY, a_l, b_l, mma, W, T)
+            y_acc, w, w1, zw, sg = _zsub_group(y_acc, wb, wb1, zb, sb, g + 1, gl.minimum(g + 2, g1 - 1), x_smem,
+                                               x_ptr, xcoff, xcf, xcrows, xoff, xmask, g0, g1, pw_ptr + woff, qz_ptr,
+                                               s_ptr, N, on_a, on, XSTEPS, NBUF, BM, BK, GROUP, xs_l, XREADY, a_l,
+                                               b_l, mma, W, T)
+        if (g1 - g0) % 2 == 1:  # the split's odd last group (its own set, requested one group ahead)
+            y_acc, w, w1, zw, sg = _zsub_group(y_acc, w, w1, zw, sg, g1 - 1, g1 - 1, x_smem, x_ptr, xcoff, xcf,
+                                               xcrows, xoff, xmask, g0, g1, pw_ptr + woff, qz_ptr, s_ptr, N, on_a,
+                                               on, XSTEPS, NBUF, BM, BK, GROUP, xs_l, XREADY, a_l, b_l, mma, W, T)
     elif ZSUB:
         # the zero points taken off in the A fragments, ``(128 + q) - (128 + z)``, exact small integers in bf16; the
         # scale applied to each group's fp32 accumulator: one bf16 op per weight pair fewer than SCALED, no sum of x
@@ -470,15 +530,16 @@ def register_tail_ws(tiles: int, split_k: int, tile_elems: int, device: torch.de
 
 def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None, BM: int = 8, num_warps: int = 4,
-              T: int = 2, split_k: int = 1, TAIL: bool = True, PREFETCH: bool = False,
+              T: int = 2, split_k: int = 1, TAIL: bool = True, PREFETCH: int = 0,
               BK: int | None = None, SCALED: bool = False, WM: int = 1, XGROUPS: int = 0,
               PDL: int = 2, XSUM_MMA: bool = False, ZSUB: bool = False, XREADY: bool = False) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc.
 
     ``BM``: rows of x per program (8, 16, 32 or 64: the MMA's N); ``TAIL``: split-K partials summed by
     ``reduce_partials``, a second launch (0), by the last program of each tile from memory (1) or in the last
-    split's registers (2, :func:`_add_other_splits`); ``PREFETCH``: load the next step's words
-    before this step's MMA (and, under ``PDL = 2``, the first step's before the wait); ``BK``: features per step
+    split's registers (2, :func:`_add_other_splits`); ``PREFETCH``: 1 (or True) load the next step's words
+    before this step's MMA (and, under ``PDL = 2``, the first step's before the wait), 2 (``ZSUB``, one or two
+    steps a group) the next group's words, zero points and scales before this group's; ``BK``: features per step
     (16, 32 or 64 dividing the group; default ``min(64, group)``: fewer hold less of x in registers at 64 rows);
     ``SCALED``: the weights scaled in the fragments (one accumulator); ``WM``: warps along the rows of x
     (``num_warps`` counts those along the columns);
@@ -516,6 +577,12 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     if ZSUB and (SCALED or XSUM_MMA):
         raise ValueError("gluon_mma ZSUB (zero points off in the fragments, scales per group) is a loop of its own: "
                          "not with SCALED or XSUM_MMA")
+    if PREFETCH not in (0, 1, 2):
+        raise ValueError(f"gluon_mma takes PREFETCH 0 (off), 1 (the next step's words) or 2 (the next group's, ZSUB), "
+                         f"got {PREFETCH!r}")
+    if PREFETCH == 2 and not (ZSUB and (group_size // (BK or min(64, group_size))) in (1, 2)):
+        raise ValueError("gluon_mma PREFETCH 2 (the next group's words, zero points and scales) is for the ZSUB loop "
+                         "with one or two steps a group (BK 64 for group 128)")
     if XGROUPS < 0:
         raise ValueError(f"gluon_mma takes XGROUPS 0 (x not staged) or the groups of x staged at a time, "
                          f"got {XGROUPS}")
@@ -537,7 +604,7 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     _awq_gluon_mma_kernel[grid](
         x2, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, x2.stride(0),
         y.stride(0), split_k, gps, GROUP=group_size, BK=BK, BM=BM, W=num_warps, T=T, HAS_BIAS=bias is not None,
-        TAIL=tail, PREFETCH=bool(PREFETCH), SCALED=bool(SCALED),
+        TAIL=tail, PREFETCH=int(PREFETCH), SCALED=bool(SCALED),
         UNROLL=tail_unroll(16 * num_warps * T * BM, 32 * num_warps * WM), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l,
         x_l=x_l, XSTEPS=xsteps, XONCE=xonce,
         xs_l=staged_layout(BK), PDL=PDL, XSUM_MMA=bool(XSUM_MMA), ZSUB=bool(ZSUB), XREADY=bool(XREADY),
