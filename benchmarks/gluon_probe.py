@@ -326,6 +326,8 @@ def main() -> int:
                     "steps at a time)")
     ap.add_argument("--tails", default=None, help="only Gluon and pipelined configs with these TAIL values "
                     "(0: a second launch sums the splits; 1, 2: the last program), e.g. 0,2")
+    ap.add_argument("--gluon-splits", default=None, help="every Gluon config at these split-K values instead of "
+                    "its own, e.g. 4,6,8")
     ap.add_argument("--xgroups", default=None, help="every Gluon config with x staged in shared memory this many "
                     "groups at a time (the kernel's XGROUPS; 0: not staged), e.g. 0,4,64")
     ap.add_argument("--where", default=None, help="only the Gluon configs with these values (a missing key is the "
@@ -380,6 +382,9 @@ def main() -> int:
             for cond in a.where.split(",") if a.where else ():
                 k, v = cond.split("=")
                 gl_cfgs = [c for c in gl_cfgs if gluon_value(c, k) == int(v)]
+            if a.gluon_splits:  # every Gluon config at each of these split-K values instead (duplicates dropped)
+                gl_cfgs = list({json.dumps({**c, "split_k": int(v)}, sort_keys=True): {**c, "split_k": int(v)}
+                                for c in gl_cfgs for v in a.gluon_splits.split(",")}.values())
             if a.xgroups:
                 gl_cfgs = [{**c, **({"XGROUPS": int(v)} if int(v) else {})} for c in gl_cfgs
                            for v in a.xgroups.split(",")]

@@ -279,6 +279,8 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
         # step, and each step's B operand read straight from the buffer by ldmatrix
         x_smem = gl.allocate_shared_memory(gl.bfloat16, [NBUF * XSTEPS, BM, BK], xs_l)
         xcoff, xcf, xcrows = _x_chunk(pid_m, M, stride_xm, XSTEPS, BM, BK, x_l)
+    else:  # (placeholders for the helpers' arguments: x read step by step)
+        x_smem, xcoff, xcf, xcrows = x_ptr, 0, 0, 0
     # output columns / rows in the accumulator layout
     on = pid_n * 16 * W * T + gl.arange(0, 16 * W * T, layout=gl.SliceLayout(1, mma))
     om = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
