@@ -120,14 +120,15 @@ def bench_repacked(row, M, N, K, xs, awq_sets, packed_sets, table_only=False):
     row["repacked_rel_err"] = rel_err(y, ref_fp64(x, *awq_sets[0], GROUP))
 
 
-PAIRED_FROM_M = 256  # from here cuBLAS and the repacked kernel are compute-bound: their times follow the clocks
+PAIRED_FROM_M = 1  # every row: compute-bound cells follow the clocks, and memory-bound ones drifted 2-4 % between calls
 
 
 def paired_retime(row, xs, w_sets, awq_sets, packed_sets, rounds: int) -> None:
     """Time cuBLAS and the row's repacked choice again, alternately, ``rounds`` times each, and report the median
-    of each's timings (the first pass's included). Why: at 256+ rows both are compute-bound, and the card's clocks
-    drift between the row's first cuBLAS timing and its repacked timing seconds later (two calls of one session put
-    8192x28672 M = 4096 cuBLAS at 2761 and 2382 us); in alternation both see the same drift."""
+    of each's timings (the first pass's included). Why: the card's clocks drift between the row's first cuBLAS timing
+    and its repacked timing seconds later (two calls of one session put 8192x28672 M = 4096 cuBLAS at 2761 and 2382
+    us; at M = 1, memory-bound, six calls of another put it at 113.9-118.7 us); in alternation both see the same
+    drift."""
     cfg = row["repacked_best"]
     fns = {"cublas_us": lambda: time_calls([lambda x=x, w=w: torch.matmul(x, w.t()) for x, w in zip(xs, w_sets)]),
            "repacked_us": lambda: time_calls([lambda x=x, p=p, w=w: repacked_dispatch.run(cfg, x, p, w[1], w[2], GROUP)
@@ -264,8 +265,9 @@ def markdown(results, meta):
         f"`kernels/repacked_dispatch.py`): its columns are {chosen}, and the targets below are checked on the "
         "path the engine runs." + (" The AutoAWQ-layout columns are likewise the table's choice." if
                                   meta.get("table_only") else "")
-        + (f" From {PAIRED_FROM_M} rows (compute-bound, timed by the card's clocks) cuBLAS and the repacked kernel "
-           f"are timed {meta['paired_rounds']} more times each in alternation, and each cell is the median of its "
+        + ((f" From {meta.get('paired_from', 256)} rows" if meta.get("paired_from", 256) > 1 else " On every row")
+           + f" cuBLAS and the repacked kernel are timed {meta['paired_rounds']} more times each in alternation (the "
+           f"card's clocks drift between calls and within a row), and each of their cells is the median of its "
            f"{meta['paired_rounds'] + 1} timings." if meta.get("paired_rounds") else ""),
         "",
     ]
@@ -397,8 +399,8 @@ def main():
                     help="time only the configs the repo's tables choose (what awq_linear runs), no tuning; "
                          "writes no tables")
     ap.add_argument("--paired", type=int, default=3,
-                    help=f"from {PAIRED_FROM_M} rows, time cuBLAS and the repacked choice again in alternation this "
-                         "many rounds each and report each's median (0: off)")
+                    help=f"from {PAIRED_FROM_M} row(s), time cuBLAS and the repacked choice again in alternation "
+                         "this many rounds each and report each's median (0: off)")
     ap.add_argument("--also", default=None,
                     help="kernels_results.json of an earlier part of this session (same card): its rows for shapes "
                          "this run does not measure join this run's table, section and plot")
@@ -426,7 +428,7 @@ def main():
             "date": datetime.date.today().isoformat(), "commit": git_commit(), "group": GROUP, "dtype": "bf16"}
     meta["copy_tbps"] = copy_bandwidth() / 1e12
     meta["table_only"] = args.table_only
-    meta["paired_rounds"] = args.paired
+    meta["paired_rounds"], meta["paired_from"] = args.paired, PAIRED_FROM_M
     log(json.dumps(meta))
     t0 = time.time()
     results = []
