@@ -167,9 +167,12 @@ def dequant_parts(cfg: dict, K: int, N: int, xs, packed, sets, wb) -> dict:
 def variant_fits(cfg: dict, variant: dict) -> bool:
     """Whether an ``--also`` variant applies to a Gluon config: ``XSUM_MMA`` (the sum of x by a ones ``mma``) and
     ``ZSUB`` (zero points off in the fragments) only where the loop is unscaled, not both; ``XREADY`` only with x
-    staged (whether the split fits one chunk, the launcher decides: a config it refuses is reported, not timed)."""
+    staged (whether the split fits one chunk, the launcher decides: a config it refuses is reported, not timed);
+    ``PREFETCH = 2`` (the next group's set) only with ``ZSUB``."""
     merged = {**cfg, **variant}
     if (merged.get("XSUM_MMA") or merged.get("ZSUB")) and merged.get("SCALED"):
+        return False
+    if merged.get("PREFETCH") == 2 and not merged.get("ZSUB"):
         return False
     return not (merged.get("XSUM_MMA") and merged.get("ZSUB")) and not (merged.get("XREADY")
                                                                          and not merged.get("XGROUPS"))

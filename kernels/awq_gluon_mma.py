@@ -14,7 +14,10 @@ then ``y += s * (acc_g - (128 + z) * sum_k x)``, like ``splitk``; the sum of x o
 accumulator's layout through shared memory, a CTA barrier per group) or, ``XSUM_MMA``, by one more ``mma`` with an
 A operand of ones, landing in that layout (the table's choice at 1-8 rows on the H200: ~3 % faster than the same
 config with the barrier, docs/kernels_notes.md). ``SCALED``: the weights scaled in the fragments instead,
-``((128 + q) - (128 + z)) * s`` in bf16, no sum of x (the table's choice at 16 rows). One program:
+``((128 + q) - (128 + z)) * s`` in bf16, no sum of x. ``ZSUB``: ``(128 + q) - (128 + z)`` in the fragments
+(exact integers in bf16) and ``s`` on each group's fp32 accumulator, no sum of x and no bf16 multiply per weight
+(the H200 table's choice at 16 rows on the large shapes, with x waited for before the loop, ``XREADY``, and/or the
+next group's words, zero points and scales in flight, ``PREFETCH = 2``; the scaled loop elsewhere). One program:
 ``16 * num_warps`` output columns (one 16-row tile per warp), ``BM`` rows of x (the MMA's N, 8 or 16), a slice of
 K groups; split-K partials are summed by ``awq_triton.reduce_partials``.
 
@@ -330,8 +333,9 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
     elif ZSUB and PREFETCH == 2:
         # the next group's words, zero points and scales requested before this group computes (the zero points
         # feed the first fragments: loaded in their own group they stall it). Two groups a trip, the sets taking
-        # turns: carried round the loop, ptxas sank the loads to the end of the trip, behind copies that waited
-        # for them at once
+        # turns: with one group a trip, ptxas put the loads at the trip's end and copied them into the carried
+        # registers at once (waiting for them); so unrolled, the second group's set is in flight during the first
+        # (the next trip's first set still sits at the trip's end)
         for g in range(g0, g1 - 1, 2):
             y_acc, wb, wb1, zb, sb = _zsub_group(y_acc, w, w1, zw, sg, g, g + 1, x_smem, x_ptr, xcoff, xcf, xcrows,
                                                  xoff, xmask, g0, g1, pw_ptr + woff, qz_ptr, s_ptr, N, on_a, on,

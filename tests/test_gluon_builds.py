@@ -132,6 +132,18 @@ def test_zero_points_off_in_the_fragments_without_a_multiply():
     assert zsub.count("mma.sync") == scaled.count("mma.sync")
 
 
+def test_next_group_requested_before_this_one_computes():
+    """``ZSUB`` with ``PREFETCH = 2``: two groups a trip of the loop (the loaded sets take turns) and the split's odd
+    last group after it, so three groups' ``mma`` in the build; in the trip, the next group's words, zero points and
+    scales (the 2-byte loads) are requested before the first ``mma``, where without it the scales come after."""
+    one = _decode_ptx(False, XSTEPS=16, XONCE=True, XREADY=True, BM=16, T=1, W=8, ZSUB=True)
+    two = _decode_ptx(False, XSTEPS=16, XONCE=True, XREADY=True, BM=16, T=1, W=8, ZSUB=True, PREFETCH=2)
+    assert two.count("mma.sync") == 3 * one.count("mma.sync")
+    head = [p[p.index("Inner Loop Header"):] for p in (one, two)]
+    head = [h[:h.index("mma.sync")] for h in head]
+    assert "ld.global.b16" not in head[0] and "ld.global.b16" in head[1] and "ld.global.v4" in head[1]
+
+
 def test_ones_mma_refused_where_there_is_no_sum_of_x():
     x = torch.zeros(1, 128, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="XSUM_MMA"):
@@ -143,6 +155,12 @@ def test_ones_mma_refused_where_there_is_no_sum_of_x():
     with pytest.raises(ValueError, match="XREADY"):  # x not staged: nothing to wait for before the loop
         gm.gluon_mma(x, torch.zeros(128 * 128 // 8, dtype=torch.int32), torch.zeros(1, 16, dtype=torch.int32),
                      torch.zeros(1, 128, dtype=torch.bfloat16), 128, XREADY=True)
+    with pytest.raises(ValueError, match="PREFETCH 2"):  # the next group's set: the ZSUB loop only
+        gm.gluon_mma(x, torch.zeros(128 * 128 // 8, dtype=torch.int32), torch.zeros(1, 16, dtype=torch.int32),
+                     torch.zeros(1, 128, dtype=torch.bfloat16), 128, SCALED=True, PREFETCH=2)
+    with pytest.raises(ValueError, match="PREFETCH 0"):
+        gm.gluon_mma(x, torch.zeros(128 * 128 // 8, dtype=torch.int32), torch.zeros(1, 16, dtype=torch.int32),
+                     torch.zeros(1, 128, dtype=torch.bfloat16), 128, ZSUB=True, PREFETCH=3)
 
 
 def test_staged_steps():
