@@ -538,7 +538,8 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
               bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None, BM: int = 8, num_warps: int = 4,
               T: int = 2, split_k: int = 1, TAIL: bool = True, PREFETCH: int = 0,
               BK: int | None = None, SCALED: bool = False, WM: int = 1, XGROUPS: int = 0,
-              PDL: int = 2, XSUM_MMA: bool = False, ZSUB: bool = False, XREADY: bool = False) -> torch.Tensor:
+              PDL: int = 2, XSUM_MMA: bool = False, ZSUB: bool = False, XREADY: bool = False,
+              MAXNREG: int = 0) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc.
 
     ``BM``: rows of x per program (8, 16, 32 or 64: the MMA's N); ``TAIL``: split-K partials summed by
@@ -560,7 +561,8 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     group's fp32 accumulator: ``SCALED`` without its bf16 multiply per weight, and no sum of x; ``XREADY`` (x staged
     for the whole split): x waited for once before the loop (with ``PREFETCH``, after the first step's weights are
     requested) instead of at the split's first step inside it, where the compiler then also put a CTA barrier in every group (it cannot see
-    that the conditional wait has run)."""
+    that the conditional wait has run); ``MAXNREG``: a cap on registers per thread (ptxas ``.maxnreg``; 0: none),
+    e.g. 64 to keep four 256-thread programs per SM where ``PREFETCH = 2`` takes 72."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -589,6 +591,8 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     if PREFETCH == 2 and not (ZSUB and (group_size // (BK or min(64, group_size))) in (1, 2)):
         raise ValueError("gluon_mma PREFETCH 2 (the next group's words, zero points and scales) is for the ZSUB loop "
                          "with one or two steps a group (BK 64 for group 128)")
+    if MAXNREG and not (24 <= MAXNREG <= 255 and MAXNREG % 8 == 0):
+        raise ValueError(f"gluon_mma takes MAXNREG 0 (no cap) or a multiple of 8 in 24..255, got {MAXNREG!r}")
     if XGROUPS < 0:
         raise ValueError(f"gluon_mma takes XGROUPS 0 (x not staged) or the groups of x staged at a time, "
                          f"got {XGROUPS}")
@@ -614,7 +618,7 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
         UNROLL=tail_unroll(16 * num_warps * T * BM, 32 * num_warps * WM), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l,
         x_l=x_l, XSTEPS=xsteps, XONCE=xonce,
         xs_l=staged_layout(BK), PDL=PDL, XSUM_MMA=bool(XSUM_MMA), ZSUB=bool(ZSUB), XREADY=bool(XREADY),
-        num_warps=num_warps * WM, launch_pdl=PDL == 2)
+        num_warps=num_warps * WM, launch_pdl=PDL == 2, **({"maxnreg": MAXNREG} if MAXNREG else {}))
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)
     return y
