@@ -158,6 +158,9 @@ def test_ones_mma_refused_where_there_is_no_sum_of_x():
     with pytest.raises(ValueError, match="PREFETCH 2"):  # the next group's set: the ZSUB loop only
         gm.gluon_mma(x, torch.zeros(128 * 128 // 8, dtype=torch.int32), torch.zeros(1, 16, dtype=torch.int32),
                      torch.zeros(1, 128, dtype=torch.bfloat16), 128, SCALED=True, PREFETCH=2)
+    with pytest.raises(ValueError, match="MAXNREG"):
+        gm.gluon_mma(x, torch.zeros(128 * 128 // 8, dtype=torch.int32), torch.zeros(1, 16, dtype=torch.int32),
+                     torch.zeros(1, 128, dtype=torch.bfloat16), 128, ZSUB=True, MAXNREG=60)
     with pytest.raises(ValueError, match="PREFETCH 0"):
         gm.gluon_mma(x, torch.zeros(128 * 128 // 8, dtype=torch.int32), torch.zeros(1, 16, dtype=torch.int32),
                      torch.zeros(1, 128, dtype=torch.bfloat16), 128, ZSUB=True, PREFETCH=3)

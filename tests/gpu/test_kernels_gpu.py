@@ -232,7 +232,9 @@ def test_bad_inputs_raise_on_cuda():
                                  dict(T=1, num_warps=4, split_k=1, ZSUB=True, PREFETCH=2),
                                  dict(T=1, num_warps=8, BM=16, split_k=3, ZSUB=True, TAIL=False, XGROUPS=64,
                                       XREADY=True, PREFETCH=2),
-                                 dict(T=2, num_warps=4, split_k=5, ZSUB=True, TAIL=2, XGROUPS=2, PREFETCH=2)])
+                                 dict(T=2, num_warps=4, split_k=5, ZSUB=True, TAIL=2, XGROUPS=2, PREFETCH=2),
+                                 dict(T=1, num_warps=8, BM=16, split_k=3, ZSUB=True, TAIL=False, XGROUPS=64,
+                                      XREADY=True, PREFETCH=2, MAXNREG=64)])
 def test_gluon_mma_on_repacked_weights(cfg, g):
     """The Gluon kernel on fragment-repacked weights (kernels/awq_repack.py) against fp64: M up to 33 (several
     row tiles), bias, split-K summed in the kernel (twice: the counters reset; in the last split's registers
