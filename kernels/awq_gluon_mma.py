@@ -228,6 +228,20 @@ def _word_offset(k0, BK: gl.constexpr):
 
 
 @gluon.jit
+def _x_operand(x_smem, x_ptr, xcoff, xcf, xcrows, xoff, xmask, g, g0, g1, st: gl.constexpr, XSTEPS: gl.constexpr,
+               NBUF: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, GROUP: gl.constexpr, xs_l: gl.constexpr,
+               READY: gl.constexpr, b_l: gl.constexpr):
+    """Step ``st`` of group ``g``'s x as the MMA's B operand (``x^T``): from the staged buffer by ``ldmatrix``
+    (:func:`_staged_tile`), or loaded coalesced and moved into the operand layout (x not staged)."""
+    if XSTEPS:
+        return _staged_tile(x_smem, x_ptr + xcoff, xcf, xcrows, g, g0, g1, st, XSTEPS, NBUF, BM, BK, GROUP, xs_l,
+                            READY).permute([1, 0]).load(b_l)
+    else:
+        xr = gl.load(x_ptr + xoff + g * GROUP + st * BK, mask=xmask, other=0.0)
+        return gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
+
+
+@gluon.jit
 def _zsub_group(y_acc, w, w1, zw, sg, g, gn, x_smem, x_ptr, xcoff, xcf, xcrows, xoff, xmask, g0, g1, pw_ptr, qz_ptr,
                 s_ptr, N, on_a, on, XSTEPS: gl.constexpr, NBUF: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
                 GROUP: gl.constexpr, xs_l: gl.constexpr, XREADY: gl.constexpr, a_l: gl.constexpr,
@@ -245,12 +259,8 @@ def _zsub_group(y_acc, w, w1, zw, sg, g, gn, x_smem, x_ptr, xcoff, xcf, xcrows, 
             wst = w
         else:
             wst = w1
-        if XSTEPS:
-            xb = _staged_tile(x_smem, x_ptr + xcoff, xcf, xcrows, g, g0, g1, st, XSTEPS, NBUF, BM, BK, GROUP, xs_l,
-                              XREADY).permute([1, 0]).load(b_l)
-        else:
-            xr = gl.load(x_ptr + xoff + g * GROUP + st * BK, mask=xmask, other=0.0)
-            xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
+        xb = _x_operand(x_smem, x_ptr, xcoff, xcf, xcrows, xoff, xmask, g, g0, g1, st, XSTEPS, NBUF, BM, BK, GROUP,
+                        xs_l, XREADY, b_l)
         acc = gl.nvidia.ampere.mma_v2(_fragments(wst, a_l, W, T, BK) - za[:, None], xb, acc)
     return y_acc + acc * sg.to(gl.float32)[:, None], wn, wn1, zn, sn
 
@@ -320,12 +330,8 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                     w_next = gl.load(pw_ptr + woff + _word_offset(gl.minimum(k0 + BK, g1 * GROUP - BK), BK))
                 else:
                     w = gl.load(pw_ptr + woff + _word_offset(k0, BK))
-                if XSTEPS:
-                    xb = _staged_tile(x_smem, x_ptr + xcoff, xcf, xcrows, g, g0, g1, st, XSTEPS, NBUF, BM, BK, GROUP,
-                                      xs_l, XREADY).permute([1, 0]).load(b_l)
-                else:
-                    xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
-                    xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
+                xb = _x_operand(x_smem, x_ptr, xcoff, xcf, xcrows, xoff, xmask, g, g0, g1, st, XSTEPS, NBUF, BM, BK,
+                                GROUP, xs_l, XREADY, b_l)
                 a = (_fragments(w, a_l, W, T, BK) - za[:, None]) * sa[:, None]
                 y_acc = gl.nvidia.ampere.mma_v2(a, xb, y_acc)
                 if PREFETCH:
@@ -361,12 +367,8 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                     w_next = gl.load(pw_ptr + woff + _word_offset(gl.minimum(k0 + BK, g1 * GROUP - BK), BK))
                 else:
                     w = gl.load(pw_ptr + woff + _word_offset(k0, BK))
-                if XSTEPS:
-                    xb = _staged_tile(x_smem, x_ptr + xcoff, xcf, xcrows, g, g0, g1, st, XSTEPS, NBUF, BM, BK, GROUP,
-                                      xs_l, XREADY).permute([1, 0]).load(b_l)
-                else:
-                    xr = gl.load(x_ptr + xoff + k0, mask=xmask, other=0.0)
-                    xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
+                xb = _x_operand(x_smem, x_ptr, xcoff, xcf, xcrows, xoff, xmask, g, g0, g1, st, XSTEPS, NBUF, BM, BK,
+                                GROUP, xs_l, XREADY, b_l)
                 acc = gl.nvidia.ampere.mma_v2(_fragments(w, a_l, W, T, BK) - za[:, None], xb, acc)
                 if PREFETCH:
                     w = w_next
