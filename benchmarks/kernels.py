@@ -120,9 +120,6 @@ def bench_repacked(row, M, N, K, xs, awq_sets, packed_sets, table_only=False):
     row["repacked_rel_err"] = rel_err(y, ref_fp64(x, *awq_sets[0], GROUP))
 
 
-PAIRED_FROM_M = 1  # every row: compute-bound cells follow the clocks, and memory-bound ones drifted 2-4 % between calls
-
-
 def paired_retime(row, xs, w_sets, awq_sets, packed_sets, rounds: int) -> None:
     """Time cuBLAS and the row's repacked choice again, alternately, ``rounds`` times each, and report the median
     of each's timings (the first pass's included). Why: the card's clocks drift between the row's first cuBLAS timing
@@ -198,7 +195,7 @@ def bench_shape(K, N, ms, sms, results, deadline, on_row=lambda: None, repacked=
         row["roofline_us"] = awq_bytes(M, N, K) / BW * 1e6
         if packed_sets is not None:
             bench_repacked(row, M, N, K, xs, awq_sets, packed_sets, table_only)
-            if paired and M >= PAIRED_FROM_M and "repacked_us" in row:
+            if paired and "repacked_us" in row:
                 paired_retime(row, xs, w_sets, awq_sets, packed_sets, paired)
         results.append(row)
         on_row()  # every row on disk at once: a cut-off run keeps what it measured
@@ -399,7 +396,7 @@ def main():
                     help="time only the configs the repo's tables choose (what awq_linear runs), no tuning; "
                          "writes no tables")
     ap.add_argument("--paired", type=int, default=3,
-                    help=f"from {PAIRED_FROM_M} row(s), time cuBLAS and the repacked choice again in alternation "
+                    help="on every row, time cuBLAS and the repacked choice again in alternation "
                          "this many rounds each and report each's median (0: off)")
     ap.add_argument("--also", default=None,
                     help="kernels_results.json of an earlier part of this session (same card): its rows for shapes "
@@ -428,7 +425,7 @@ def main():
             "date": datetime.date.today().isoformat(), "commit": git_commit(), "group": GROUP, "dtype": "bf16"}
     meta["copy_tbps"] = copy_bandwidth() / 1e12
     meta["table_only"] = args.table_only
-    meta["paired_rounds"], meta["paired_from"] = args.paired, PAIRED_FROM_M
+    meta["paired_rounds"], meta["paired_from"] = args.paired, 1  # (earlier results: from 256 rows)
     log(json.dumps(meta))
     t0 = time.time()
     results = []

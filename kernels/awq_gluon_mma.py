@@ -294,8 +294,9 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
         xcoff, xcf, xcrows = _x_chunk(pid_m, M, stride_xm, XSTEPS, BM, BK, x_l)
     else:  # (placeholders for the helpers' arguments: x read step by step)
         x_smem, xcoff, xcf, xcrows = x_ptr, 0, 0, 0
-    # output columns / rows in the accumulator layout
+    # output columns / rows in the accumulator layout (the columns also in the A fragments' layout)
     on = pid_n * 16 * W * T + gl.arange(0, 16 * W * T, layout=gl.SliceLayout(1, mma))
+    on_a = pid_n * 16 * W * T + gl.arange(0, 16 * W * T, layout=gl.SliceLayout(1, a_l))
     om = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
 
     num_groups = K // GROUP
@@ -304,7 +305,6 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
     if PREFETCH:
         w = gl.load(pw_ptr + woff + _word_offset(g0 * GROUP, BK))
     if PREFETCH == 2:  # (ZSUB) the first group's other step, zero points and scales too; none waits for the launch
-        on_a = pid_n * 16 * W * T + gl.arange(0, 16 * W * T, layout=gl.SliceLayout(1, a_l))
         w1 = _second_step_words(w, pw_ptr + woff, g0, GROUP, BK)
         zw = gl.load(qz_ptr + g0 * (N // 8) + on_a // 8)
         sg = gl.load(s_ptr + g0 * N + on)
@@ -321,7 +321,6 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
     if SCALED:
         # the weights scaled in the A fragments ((128 + q) - (128 + z)) * s, one accumulator, no sum over x: fewer
         # registers for 32-64 rows (the product rounds to bf16, as in the ``gemm`` kernel)
-        on_a = pid_n * 16 * W * T + gl.arange(0, 16 * W * T, layout=gl.SliceLayout(1, a_l))
         for g in range(g0, g1):
             za, sa = _zeros_scales_bf16(qz_ptr, s_ptr, g, on_a, N)
             for st in gl.static_range(GROUP // BK):
@@ -357,7 +356,6 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
     elif ZSUB:
         # the zero points taken off in the A fragments, ``(128 + q) - (128 + z)``, exact small integers in bf16; the
         # scale applied to each group's fp32 accumulator: one bf16 op per weight pair fewer than SCALED, no sum of x
-        on_a = pid_n * 16 * W * T + gl.arange(0, 16 * W * T, layout=gl.SliceLayout(1, a_l))
         for g in range(g0, g1):
             za = _zeros_bf16(gl.load(qz_ptr + g * (N // 8) + on_a // 8), on_a)
             acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
@@ -562,8 +560,8 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     the zero points taken off in the fragments (exact integers ``q - z`` in bf16) and the scales applied to each
     group's fp32 accumulator: ``SCALED`` without its bf16 multiply per weight, and no sum of x; ``XREADY`` (x staged
     for the whole split): x waited for once before the loop (with ``PREFETCH``, after the first step's weights are
-    requested) instead of at the split's first step inside it, where the compiler then also put a CTA barrier in every group (it cannot see
-    that the conditional wait has run); ``MAXNREG``: a cap on registers per thread (ptxas ``.maxnreg``; 0: none),
+    requested) instead of at the split's first step inside it, where the compiler then also put a CTA barrier in
+    every group (it cannot see that the conditional wait has run); ``MAXNREG``: a cap on registers per thread (ptxas ``.maxnreg``; 0: none),
     e.g. 64 to keep four 256-thread programs per SM where ``PREFETCH = 2`` takes 72."""
     M, K = x2.shape
     N = scales.shape[1]
@@ -590,7 +588,7 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     if PREFETCH not in (0, 1, 2):
         raise ValueError(f"gluon_mma takes PREFETCH 0 (off), 1 (the next step's words) or 2 (the next group's, ZSUB), "
                          f"got {PREFETCH!r}")
-    if PREFETCH == 2 and not (ZSUB and (group_size // (BK or min(64, group_size))) in (1, 2)):
+    if PREFETCH == 2 and not (ZSUB and group_size // BK in (1, 2)):
         raise ValueError("gluon_mma PREFETCH 2 (the next group's words, zero points and scales) is for the ZSUB loop "
                          "with one or two steps a group (BK 64 for group 128)")
     if MAXNREG and not (24 <= MAXNREG <= 255 and MAXNREG % 8 == 0):
