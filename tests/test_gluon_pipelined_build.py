@@ -139,3 +139,20 @@ def test_hazard_reader_finds_a_rewritten_operand():
     late = sass.replace("/*0010*/ LOP3.LUT R93, R7, 0xf000f, R8, 0xea, !PT ;", "/*0010*/ NOP ;").replace(
         "/*0030*/ @P0 BRA 0x0 ;", "/*0030*/ IADD3 R92, R1, 1, RZ ;")
     assert hazards(late) == []
+
+
+def test_tile_trace_copy_builds(tmp_path):
+    """``benchmarks/tile_trace.py`` patches the kernel's source at named places: the traced copy still builds for
+    sm_90 and reads the timer at each program's start and end (a moved anchor fails here, not on the GPU)."""
+    _gluon()
+    from benchmarks import tile_trace
+
+    tp = tile_trace.traced_module(tmp_path)
+    acc_l, a_l, w_l, o_l = tp._pipelined_layouts(8, 1, 256, 64)
+    cst = dict(GROUP=128, BK=64, BB=256, W=8, T=1, STAGES=4, DEPTH=1, HAS_BIAS=False, TAIL=2, LAST_WAVE=True,
+               PAIR=False, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l)
+    sig = _signature(256, 64, {"cnt_ptr": "*i32", "trace_ptr": "*i64"})
+    _, compiled = _compile(tp._awq_gluon_pipelined_kernel, sig, cst, 8)
+    assert compiled.asm["ptx"].count("%globaltimer") == 2
+    with pytest.raises(ValueError, match="no longer in"):
+        tile_trace.traced_source("def something_else(): pass\n")
