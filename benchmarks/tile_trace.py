@@ -77,6 +77,7 @@ def traced_module(where: Path | None = None):
 CASES = (((4096, 14336, 1024), dict(BB=256, W=8, T=1, STAGES=4, DEPTH=1)),
          ((4096, 14336, 1024), dict(BB=256, W=8, T=1, STAGES=4, DEPTH=1, SLOTS=1)),
          ((4096, 14336, 1024), dict(BB=256, W=4, T=1, STAGES=3, DEPTH=1, SLOTS=2)),
+         ((4096, 14336, 1024), dict(BB=256, W=4, T=1, STAGES=3, DEPTH=1, SLOTS=2, LEAD=1)),
          ((8192, 8192, 1024), dict(BB=256, W=8, T=1, STAGES=4, DEPTH=1)),
          ((4096, 14336, 4096), dict(BB=256, W=8, T=1, STAGES=4, DEPTH=1)))
 

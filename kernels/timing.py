@@ -51,3 +51,45 @@ def time_op(fn: Callable[[torch.Tensor, tuple], torch.Tensor], M: int, N: int, K
         sets = [(torch.randn(M, K, dtype=dtype, device=device), random_awq(K, N, group, dtype, device))
                 for _ in range(sets_needed(per))]
     return time_calls([lambda x=x, w=w: fn(x, w) for x, w in sets])
+
+
+def time_interleaved(calls: dict[str, Sequence[Callable[[], object]]], reps: int = 40, warm: int = 3,
+                     flush_bytes: int = 2 * L2_BYTES) -> dict[str, list[float]]:
+    """µs per call of each named list of calls (each list one CUDA graph), the graphs replayed in turn ``reps``
+    times (the first in each turn rotating), L2 flushed before each replay; returns every replay's time per name.
+
+    Why: the card's clocks follow its power draw within milliseconds, so timing one kernel for 50 ms and then
+    another (:func:`time_calls`) lets whichever ran before bias the next: in one H200 call the same config took
+    194-202 us timed right after cuBLAS and 179 us in another script. Turns of ~1 ms give every contender the
+    same power state; the replays run back to back, as a busy server's would."""
+    graphs = {}
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for fns in calls.values():
+            for c in fns:
+                c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    for name, fns in calls.items():
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for c in fns:
+                c()
+        graphs[name] = g
+    torch.cuda.synchronize()
+    flush = torch.empty(flush_bytes // 4, dtype=torch.int32, device="cuda")
+    names = list(calls)
+    marks: dict[str, list] = {n: [] for n in names}
+    for r in range(warm + reps):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graphs[n].replay()
+            end.record()
+            if r >= warm:
+                marks[n].append((start, end))
+    torch.cuda.synchronize()
+    return {n: [1000.0 * a.elapsed_time(b) / len(calls[n]) for a, b in marks[n]] for n in names}

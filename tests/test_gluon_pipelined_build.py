@@ -27,7 +27,7 @@ def _compile(kernel, sig, cst, num_warps):
 
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("pw_ptr", "qz_ptr", "s_ptr", "b_ptr", "y_ptr",
-                                                                      "N", "K", "stride_ym")}
+                                                                      "ws_ptr", "N", "K", "stride_ym")}
     sig = {**sig, **{k: "constexpr" for k in cst}}
     src = gluon._runtime.GluonASTSource(kernel, signature=sig, constexprs=cst, attrs=attrs)
     return triton, triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
@@ -113,6 +113,17 @@ def test_register_tail_keeps_two_programs_per_sm_without_spills(tmp_path):
         regs = int(re.search(r"Used (\d+) registers", report).group(1))
         assert regs <= 256 and re.search(r"\b0 bytes spill stores", report), (last_wave, report)
         assert compiled.metadata.shared <= 228 * 1024 // 2 - 1024  # two programs' shared memory fit one SM
+
+
+def test_lead_gives_the_last_split_the_extra_groups():
+    """``LEAD``: the splits but the last keep ``(groups - lead) // splits`` groups (never fewer than one, never
+    more than without it); the last takes the rest."""
+    _, _, _, gp = _gluon()
+    assert gp._lead_groups(32, 2, 16, 0) == 16
+    assert gp._lead_groups(32, 2, 16, 2) == 15  # 15 + 17
+    assert gp._lead_groups(32, 2, 16, 1) == 15  # uneven: 15 + 17
+    assert gp._lead_groups(3, 3, 1, 2) == 1  # never below one group
+    assert gp._lead_groups(8, 3, 3, 2) == 2  # 2 + 2 + 4
 
 
 @pytest.mark.parametrize("TAIL", [0, 1, 2])

@@ -359,14 +359,17 @@ def test_gluon_wgmma_on_repacked_weights(cfg, g):
                                  dict(BB=128, W=8, T=1, STAGES=3, DEPTH=1, SLOTS=1, sms=5),
                                  dict(BB=256, W=8, T=1, STAGES=4, DEPTH=1, PAIR=True),
                                  dict(BB=128, W=4, T=2, STAGES=4, DEPTH=0, split_k=3, TAIL=2, PAIR=True),
-                                 dict(BB=64, W=4, T=1, STAGES=6, DEPTH=1, SLOTS=1, sms=6, PAIR=True)])
+                                 dict(BB=64, W=4, T=1, STAGES=6, DEPTH=1, SLOTS=1, sms=6, PAIR=True),
+                                 dict(BB=256, W=4, T=1, STAGES=3, DEPTH=1, SLOTS=2, sms=3, LEAD=2),
+                                 dict(BB=128, W=4, T=1, STAGES=4, DEPTH=1, split_k=3, TAIL=2, LEAD=1)])
 def test_gluon_pipelined_on_repacked_weights(cfg, g):
     """The pipelined register-A wgmma kernel on repacked weights against fp64: M from 1 to 300 (partial row
     tiles: TMA fills them with zeros), fewer steps than stages (K 128), odd step counts (K 192), bias, split-K
     (summed by a second launch, by each tile's last program, or in the last split's registers, whose counters
     every launch must leave at 0 and whose output repeats bit for bit), the last-wave split grid (a made-up SM
     count of 5-6 makes 16-80 tiles leave a partial last wave), x's buffers filled in pairs of steps (``PAIR``,
-    steps of half a group), poisoned output, a strided x."""
+    steps of half a group), the last split given more groups than the others (``LEAD``), poisoned output, a
+    strided x."""
     from kernels.awq_gluon_pipelined import gluon_pipelined
     from kernels.awq_repack import repack_awq
     from kernels.awq_triton import tile_counters
