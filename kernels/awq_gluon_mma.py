@@ -237,7 +237,8 @@ def _x_operand(x_smem, x_ptr, xcoff, xcf, xcrows, xoff, xmask, g, g0, g1, st: gl
         return _staged_tile(x_smem, x_ptr + xcoff, xcf, xcrows, g, g0, g1, st, XSTEPS, NBUF, BM, BK, GROUP, xs_l,
                             READY).permute([1, 0]).load(b_l)
     else:
-        xr = gl.load(x_ptr + xoff + g * GROUP + st * BK, mask=xmask, other=0.0)
+        # (one pointer add: written as two, the 8-row SCALED build took 9 registers more and lost a program per SM)
+        xr = gl.load(x_ptr + xoff + (g * GROUP + st * BK), mask=xmask, other=0.0)
         return gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
 
 

@@ -125,8 +125,8 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
                                 SPLIT_K, steps_per_split, FULL, GROUP: gl.constexpr, BK: gl.constexpr,
                                 BB: gl.constexpr, W: gl.constexpr, T: gl.constexpr, STAGES: gl.constexpr,
                                 DEPTH: gl.constexpr, HAS_BIAS: gl.constexpr, TAIL: gl.constexpr,
-                                LAST_WAVE: gl.constexpr, PAIR: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr,
-                                w_l: gl.constexpr, o_l: gl.constexpr):
+                                LAST_WAVE: gl.constexpr, PAIR: gl.constexpr, UNEVEN: gl.constexpr, acc_l: gl.constexpr,
+                                a_l: gl.constexpr, w_l: gl.constexpr, o_l: gl.constexpr):
     KH: gl.constexpr = BK // 16
     BF: gl.constexpr = 16 * W * T
     if LAST_WAVE:  # a 1-D grid: FULL whole tiles, then SPLIT_K programs for each tile left (see gluon_pipelined)
@@ -140,12 +140,12 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
     on_a = pid_n * BF + gl.arange(0, BF, layout=gl.SliceLayout(1, a_l))
     m0 = pid_m * BB
     s0 = pid_k * steps_per_split
-    # the last split takes the steps left (with ``LEAD``, more than the others: see gluon_pipelined)
     nst = gl.minimum(s0 + steps_per_split, K // BK) - s0
-    if LAST_WAVE:
-        nst = gl.where(pid_k == n_split - 1, K // BK - s0, nst)
-    elif TAIL == 2:
-        nst = gl.where(pid_k == SPLIT_K - 1, K // BK - s0, nst)
+    if UNEVEN:  # (``LEAD``) the last split takes the steps left, more than the others (see gluon_pipelined)
+        if LAST_WAVE:
+            nst = gl.where(pid_k == n_split - 1, K // BK - s0, nst)
+        else:
+            nst = gl.where(pid_k == SPLIT_K - 1, K // BK - s0, nst)
 
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BB, BK], x_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -353,8 +353,8 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     _awq_gluon_pipelined_kernel[grid](
         x_desc, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, y.stride(0), split_k,
         gps * group_size // BK, full, GROUP=group_size, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH,
-        HAS_BIAS=bias is not None, TAIL=tail, LAST_WAVE=last_split > 1, PAIR=bool(PAIR), acc_l=acc_l, a_l=a_l,
-        w_l=w_l, o_l=o_l, num_warps=W)
+        HAS_BIAS=bias is not None, TAIL=tail, LAST_WAVE=last_split > 1, PAIR=bool(PAIR),
+        UNEVEN=tail == 2 and LEAD > 0, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l, num_warps=W)
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)
     return y

@@ -54,13 +54,14 @@ def _signature(BB, BK, extra):
             "SPLIT_K": "i32", "steps_per_split": "i32", "FULL": "i32"}
 
 
-def _build(W, T, BB, BK, STAGES, DEPTH, group, TAIL=True, LAST_WAVE=False, PAIR=False, **specialized):
+def _build(W, T, BB, BK, STAGES, DEPTH, group, TAIL=True, LAST_WAVE=False, PAIR=False, UNEVEN=False,
+           **specialized):
     """The kernel built for sm_90; ``specialized``: runtime arguments as the launcher's specialization makes them
     constants (an integer argument equal to 1, e.g. ``SPLIT_K=1``)."""
     _, _, _, gp = _gluon()
     acc_l, a_l, w_l, o_l = gp._pipelined_layouts(W, T, BB, BK)
     cst = dict(**specialized, GROUP=group, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH, HAS_BIAS=True,
-               TAIL=TAIL, LAST_WAVE=LAST_WAVE, PAIR=PAIR, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l)
+               TAIL=TAIL, LAST_WAVE=LAST_WAVE, PAIR=PAIR, UNEVEN=UNEVEN, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l)
     return _compile(gp._awq_gluon_pipelined_kernel, _signature(BB, BK, {"cnt_ptr": "*i32"}), cst, W)
 
 
@@ -107,11 +108,11 @@ def test_register_tail_keeps_two_programs_per_sm_without_spills(tmp_path):
     """``TAIL = 2`` at 256 rows, one warpgroup: the split-K sum adds the other splits into the accumulator
     itself, so the build fits 256 registers a thread without spilling (two programs per SM: the point of splitting
     at 256 rows), where the last-program sum from memory (``TAIL = 1``) keeps a second tile live and spills."""
-    for last_wave in (False, True):  # the last-wave split grid too
-        triton, compiled = _build(4, 1, 256, 64, 3, 1, 128, TAIL=2, LAST_WAVE=last_wave)
+    for last_wave, uneven in ((False, False), (True, False), (True, True)):  # the last-wave grid too, with LEAD
+        triton, compiled = _build(4, 1, 256, 64, 3, 1, 128, TAIL=2, LAST_WAVE=last_wave, UNEVEN=uneven)
         report, _ = _sass(triton, compiled.asm["ptx"], tmp_path)
         regs = int(re.search(r"Used (\d+) registers", report).group(1))
-        assert regs <= 256 and re.search(r"\b0 bytes spill stores", report), (last_wave, report)
+        assert regs <= 256 and re.search(r"\b0 bytes spill stores", report), (last_wave, uneven, report)
         assert compiled.metadata.shared <= 228 * 1024 // 2 - 1024  # two programs' shared memory fit one SM
 
 
@@ -161,7 +162,7 @@ def test_tile_trace_copy_builds(tmp_path):
     tp = tile_trace.traced_module(tmp_path)
     acc_l, a_l, w_l, o_l = tp._pipelined_layouts(8, 1, 256, 64)
     cst = dict(GROUP=128, BK=64, BB=256, W=8, T=1, STAGES=4, DEPTH=1, HAS_BIAS=False, TAIL=2, LAST_WAVE=True,
-               PAIR=False, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l)
+               PAIR=False, UNEVEN=True, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l)
     sig = _signature(256, 64, {"cnt_ptr": "*i32", "trace_ptr": "*i64"})
     _, compiled = _compile(tp._awq_gluon_pipelined_kernel, sig, cst, 8)
     assert compiled.asm["ptx"].count("%globaltimer") == 2
