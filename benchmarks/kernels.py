@@ -122,36 +122,34 @@ def bench_repacked(row, M, N, K, xs, awq_sets, packed_sets, table_only=False):
 
 def paired_retime(row, xs, w_sets, awq_sets, packed_sets, rounds: int) -> None:
     """Time cuBLAS and the row's repacked choice again, alternately, ``rounds`` times each, and report the median
-    of each's timings (the first pass's included). Why: the card's clocks drift between the row's first cuBLAS timing
-    and its repacked timing seconds later (two calls of one session put 8192x28672 M = 4096 cuBLAS at 2761 and 2382
-    us; at M = 1, memory-bound, six calls of another put it at 113.9-118.7 us); in alternation both see the same
-    drift."""
+    of each's timings (the first pass's included); then both under sustained load (:func:`sustained_retime`). Why:
+    the card's clocks drift between the row's first cuBLAS timing and its repacked timing seconds later (two calls of
+    one session put 8192x28672 M = 4096 cuBLAS at 2761 and 2382 us; at M = 1, memory-bound, six calls of another put
+    it at 113.9-118.7 us); in alternation both see the same drift."""
     cfg = row["repacked_best"]
-    fns = {"cublas_us": lambda: time_calls([lambda x=x, w=w: torch.matmul(x, w.t()) for x, w in zip(xs, w_sets)]),
-           "repacked_us": lambda: time_calls([lambda x=x, p=p, w=w: repacked_dispatch.run(cfg, x, p, w[1], w[2], GROUP)
-                                              for x, p, w in zip(xs, packed_sets, awq_sets)])}
-    timed = {k: [row[k]] for k in fns}
+    calls = {"cublas_us": [lambda x=x, w=w: torch.matmul(x, w.t()) for x, w in zip(xs, w_sets)],
+             "repacked_us": [lambda x=x, p=p, w=w: repacked_dispatch.run(cfg, x, p, w[1], w[2], GROUP)
+                             for x, p, w in zip(xs, packed_sets, awq_sets)]}
+    timed = {k: [row[k]] for k in calls}
     for _ in range(rounds):
-        for k, f in fns.items():
-            timed[k].append(f())
+        for k, fns in calls.items():
+            timed[k].append(time_calls(fns))
     row["paired"] = {"rounds": rounds, **timed}
     for k, v in timed.items():
         row[k] = statistics.median(v)
-    sustained_retime(row, xs, w_sets, awq_sets, packed_sets)
+    sustained_retime(row, calls)
 
 
-def sustained_retime(row, xs, w_sets, awq_sets, packed_sets, turns: int = 30) -> None:
-    """cuBLAS and the row's repacked choice under sustained load (:func:`kernels.timing.time_interleaved`: turns of
-    one graph replay each, back to back), kept beside the do_bench figures as ``row["sustained"]``: medians of the
-    times and of the per-turn ratio. Why: the do_bench ratios of the 256-4096-row cells moved by up to 10 % between
-    calls, the turns' by 0.3 % (benchmarks/config_ab.py), and a busy server runs its kernels back to back."""
-    cfg = row["repacked_best"]
-    t = time_interleaved({"cublas": [lambda x=x, w=w: torch.matmul(x, w.t()) for x, w in zip(xs, w_sets)],
-                          "repacked": [lambda x=x, p=p, w=w: repacked_dispatch.run(cfg, x, p, w[1], w[2], GROUP)
-                                       for x, p, w in zip(xs, packed_sets, awq_sets)]}, reps=turns)
-    row["sustained"] = {"turns": turns, "cublas_us": statistics.median(t["cublas"]),
-                        "repacked_us": statistics.median(t["repacked"]),
-                        "x_cublas": statistics.median(c / r for c, r in zip(t["cublas"], t["repacked"]))}
+def sustained_retime(row, calls: dict, turns: int = 30) -> None:
+    """cuBLAS and the row's repacked choice (``calls``, as :func:`paired_retime` builds them) under sustained load
+    (:func:`kernels.timing.time_interleaved`: turns of one graph replay each, back to back), kept beside the do_bench
+    figures as ``row["sustained"]``: medians of the times and of the per-turn ratio. Why: the do_bench ratios of the
+    256-4096-row cells moved by up to 8 % between calls, the turns' by 0.3-1.6 % (benchmarks/config_ab.py), and a
+    busy server runs its kernels back to back."""
+    t = time_interleaved(calls, reps=turns)
+    row["sustained"] = {"turns": turns, "cublas_us": statistics.median(t["cublas_us"]),
+                        "repacked_us": statistics.median(t["repacked_us"]),
+                        "x_cublas": statistics.median(c / r for c, r in zip(t["cublas_us"], t["repacked_us"]))}
 
 
 def bench_shape(K, N, ms, sms, results, deadline, on_row=lambda: None, repacked=True, table_only=False,
@@ -283,8 +281,8 @@ def markdown(results, meta):
            f"card's clocks drift between calls and within a row), and each of their cells is the median of its "
            f"{meta['paired_rounds'] + 1} timings." if meta.get("paired_rounds") else "")
         + (" The last column times the two again under sustained load: one graph replay of each in turn, back to "
-           "back, 30 turns, the median of the per-turn ratio (`kernels.timing.time_interleaved`; it repeats within "
-           "0.3 % between calls where do_bench ratios moved by up to 10 %)." if sustained else ""),
+           "back, 30 turns, the median of the per-turn ratio (`kernels.timing.time_interleaved`; it repeated within "
+           "0.3-1.6 % between calls where do_bench ratios moved by up to 8 %)." if sustained else ""),
         "",
     ]
     if meta.get("rows_from"):
