@@ -337,15 +337,14 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
         if SLOTS and split_k == 1 else (tiles, 1)
     if last_split > 1:  # (_split_args keeps 2 or more splits here: last_split <= groups)
         split_k, gps = _split_args(K // group_size, last_split)
-        gps = _lead_groups(K // group_size, split_k, gps, LEAD)
         grid = (full + (tiles - full) * split_k, 1, 1)
         tail, ctr_tiles = 2, tiles - full
     else:
         split_k, gps = _split_args(K // group_size, split_k)
         grid = (N // BF, split_k, triton.cdiv(M, BB))
         tail, ctr_tiles = (TAIL if split_k > 1 else 0), tiles
-        if tail == 2:  # (the other sums expect even splits)
-            gps = _lead_groups(K // group_size, split_k, gps, LEAD)
+    if tail == 2:  # (LEAD: the last split takes the rest; the other sums expect even splits)
+        gps = _lead_groups(K // group_size, split_k, gps, LEAD)
     y, ws = _out_and_ws(x2, N, out, split_k if tail != 2 else 1)
     if tail == 2:
         ws = register_tail_ws(ctr_tiles, split_k, BF * BB, x2.device)

@@ -20,14 +20,13 @@ def sets_needed(bytes_per_set: int, min_sets: int = 2, max_sets: int = 16) -> in
     return max(min_sets, min(max_sets, -(-4 * L2_BYTES // max(1, bytes_per_set))))
 
 
-def time_calls(calls: Sequence[Callable[[], object]], warmup_ms: int = 10, rep_ms: int = 40) -> float:
-    """Median µs per call of ``calls`` (each already compiled), replayed as one CUDA graph."""
-    import triton
-
+def capture(calls: Sequence[Callable[[], object]]) -> "torch.cuda.CUDAGraph":
+    """``calls`` run once on a side stream (compile, create handles outside the capture), then captured in order
+    as one CUDA graph."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for c in calls:  # compile / create handles outside the capture
+        for c in calls:
             c()
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
@@ -36,6 +35,14 @@ def time_calls(calls: Sequence[Callable[[], object]], warmup_ms: int = 10, rep_m
         for c in calls:
             c()
     torch.cuda.synchronize()
+    return g
+
+
+def time_calls(calls: Sequence[Callable[[], object]], warmup_ms: int = 10, rep_ms: int = 40) -> float:
+    """Median µs per call of ``calls`` (each already compiled), replayed as one CUDA graph."""
+    import triton
+
+    g = capture(calls)
     ms = triton.testing.do_bench(g.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     del g
     return 1000.0 * ms / len(calls)
@@ -62,22 +69,7 @@ def time_interleaved(calls: dict[str, Sequence[Callable[[], object]]], reps: int
     another (:func:`time_calls`) lets whichever ran before bias the next: in one H200 call the same config took
     194-202 us timed right after cuBLAS and 179 us in another script. Turns of ~1 ms give every contender the
     same power state; the replays run back to back, as a busy server's would."""
-    graphs = {}
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for fns in calls.values():
-            for c in fns:
-                c()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    for name, fns in calls.items():
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for c in fns:
-                c()
-        graphs[name] = g
-    torch.cuda.synchronize()
+    graphs = {name: capture(fns) for name, fns in calls.items()}
     flush = torch.empty(flush_bytes // 4, dtype=torch.int32, device="cuda")
     names = list(calls)
     marks: dict[str, list] = {n: [] for n in names}
