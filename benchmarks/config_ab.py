@@ -10,8 +10,8 @@ timed right after cuBLAS and 179 us in another script. Here every config and cuB
 millisecond (:func:`kernels.timing.time_interleaved`) for ``--rounds`` turns; the medians of the times and of the
 per-turn ratios to cuBLAS are kept (two calls agreed within 0.3 %). ``--bench`` times each turn with do_bench
 instead (~50 ms a config, the way ``benchmarks/kernels.py`` does). Alternatives: the table's split config with
-``LEAD`` 1-2, the one-warpgroup last-wave tile where the table splits a last wave, dequantize + cuBLAS from 1024
-rows. Writes ``config_ab.json``.
+``LEAD`` 1-2, the one-warpgroup last-wave tile where the table splits a last wave, that wave's tiles split inside
+one CTA each (``WS_TAIL``, ``LEAD`` 0-1), dequantize + cuBLAS from 1024 rows. Writes ``config_ab.json``.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ def variants(cfg: dict, M: int) -> dict[str, dict]:
                    "SLOTS": slots}
             if (alt["W"], alt["STAGES"]) != (cfg["W"], cfg["STAGES"]):
                 out.update(_with_lead(name, alt))
+        one_wg = {k: v for k, v in cfg.items() if k != "LEAD"} if cfg["W"] == 4 else out["wg1"]
+        for lead in (0, 1):  # the last wave's tiles split inside one CTA each (WS_TAIL)
+            out["ws" + (f"+lead{lead}" if lead else "")] = {**one_wg, "WS_TAIL": True, "LEAD": lead}
     if M >= 1024:
         out["dequant"] = {"kernel": "dequant"}
     return out

@@ -29,15 +29,19 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma, warpgroup_mma_init,
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # griddepcontrol (sm_90)
 
 from .awq_gluon_mma import (_add_other_splits, _cta_barrier, _fragments, _layouts, _sum_in_last_split, _word_offset,
                             _word_offsets, _zeros_bf16, check_tail, register_tail_ws)
 from .awq_repack import check_repackable
-from .awq_triton import _out_and_ws, _split_args, reduce_partials, tile_counters
+from .awq_triton import PDL, _out_and_ws, _split_args, reduce_partials, tile_counters
 from .dispatch import num_sms
 
 # the TMA load (Triton 3.6 names it ``async_copy_global_to_shared``, later releases ``async_load``)
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+# a shared buffer viewed as another dtype and shape (Triton 3.6 names it ``_reinterpret``, later releases
+# ``reinterpret``)
+_REINTERPRET_PUBLIC = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
 
 
 @gluon.jit
@@ -120,35 +124,14 @@ def _advance(acc, a_prev, a, x_desc, x_smem, bars, m0, s0, i, nu, BK: gl.constex
     return acc
 
 
-@gluon.jit(do_not_specialize=["M"])  # one build serves every row count (no compile on a request)
-def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym,
-                                SPLIT_K, steps_per_split, FULL, GROUP: gl.constexpr, BK: gl.constexpr,
-                                BB: gl.constexpr, W: gl.constexpr, T: gl.constexpr, STAGES: gl.constexpr,
-                                DEPTH: gl.constexpr, HAS_BIAS: gl.constexpr, TAIL: gl.constexpr,
-                                LAST_WAVE: gl.constexpr, PAIR: gl.constexpr, UNEVEN: gl.constexpr, acc_l: gl.constexpr,
-                                a_l: gl.constexpr, w_l: gl.constexpr, o_l: gl.constexpr):
-    KH: gl.constexpr = BK // 16
+@gluon.jit
+def _k_loop(x_desc, x_smem, bars, pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, m0, s0, nst, GROUP: gl.constexpr,
+            BK: gl.constexpr, BB: gl.constexpr, W: gl.constexpr, T: gl.constexpr, STAGES: gl.constexpr,
+            DEPTH: gl.constexpr, PAIR: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr):
+    """The ``[BF, BB]`` fp32 product of ``nst`` steps from step ``s0`` (features of ``woff``/``on_a``, rows from
+    ``m0``): x's ring ``x_smem`` filled by TMA (barriers ``bars``), the words unpacked into ``wgmma``'s A operand
+    two steps ahead. Left with the ring drained and its barriers invalidated."""
     BF: gl.constexpr = 16 * W * T
-    if LAST_WAVE:  # a 1-D grid: FULL whole tiles, then SPLIT_K programs for each tile left (see gluon_pipelined)
-        pid_n, pid_k, pid_m, n_split, tile, steps_per_split = _last_wave_program(N, K, SPLIT_K, steps_per_split,
-                                                                                 FULL, BK, BF)
-    else:
-        pid_n = gl.program_id(0)
-        pid_k = gl.program_id(1)
-        pid_m = gl.program_id(2)
-    woff = _word_offsets(pid_n, K, w_l, W, T, KH)
-    on_a = pid_n * BF + gl.arange(0, BF, layout=gl.SliceLayout(1, a_l))
-    m0 = pid_m * BB
-    s0 = pid_k * steps_per_split
-    nst = gl.minimum(s0 + steps_per_split, K // BK) - s0
-    if UNEVEN:  # (``LEAD``) the last split takes the steps left, more than the others (see gluon_pipelined)
-        if LAST_WAVE:
-            nst = gl.where(pid_k == n_split - 1, K // BK - s0, nst)
-        else:
-            nst = gl.where(pid_k == SPLIT_K - 1, K // BK - s0, nst)
-
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BB, BK], x_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     # PAIR: the STAGES buffers hold STAGES / 2 pairs of steps, a barrier per pair (steps come in pairs: GROUP = 2 BK)
     NBARS: gl.constexpr = STAGES // 2 if PAIR else STAGES
     nu = nst // 2 if PAIR else nst  # the ring's uses: pairs of steps or steps
@@ -186,6 +169,41 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     for i in gl.static_range(NBARS):
         mbarrier.invalidate(bars.index(i))
+    return acc
+
+
+@gluon.jit(do_not_specialize=["M"])  # one build serves every row count (no compile on a request)
+def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym,
+                                SPLIT_K, steps_per_split, FULL, GROUP: gl.constexpr, BK: gl.constexpr,
+                                BB: gl.constexpr, W: gl.constexpr, T: gl.constexpr, STAGES: gl.constexpr,
+                                DEPTH: gl.constexpr, HAS_BIAS: gl.constexpr, TAIL: gl.constexpr,
+                                LAST_WAVE: gl.constexpr, PAIR: gl.constexpr, UNEVEN: gl.constexpr, acc_l: gl.constexpr,
+                                a_l: gl.constexpr, w_l: gl.constexpr, o_l: gl.constexpr,
+                                AFTER_TAIL: gl.constexpr):
+    KH: gl.constexpr = BK // 16
+    BF: gl.constexpr = 16 * W * T
+    if LAST_WAVE:  # a 1-D grid: FULL whole tiles, then SPLIT_K programs for each tile left (see gluon_pipelined)
+        pid_n, pid_k, pid_m, n_split, tile, steps_per_split = _last_wave_program(N, K, SPLIT_K, steps_per_split,
+                                                                                 FULL, BK, BF)
+    else:
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        pid_m = gl.program_id(2)
+    woff = _word_offsets(pid_n, K, w_l, W, T, KH)
+    on_a = pid_n * BF + gl.arange(0, BF, layout=gl.SliceLayout(1, a_l))
+    m0 = pid_m * BB
+    s0 = pid_k * steps_per_split
+    nst = gl.minimum(s0 + steps_per_split, K // BK) - s0
+    if UNEVEN:  # (``LEAD``) the last split takes the steps left, more than the others (see gluon_pipelined)
+        if LAST_WAVE:
+            nst = gl.where(pid_k == n_split - 1, K // BK - s0, nst)
+        else:
+            nst = gl.where(pid_k == SPLIT_K - 1, K // BK - s0, nst)
+
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BB, BK], x_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    acc = _k_loop(x_desc, x_smem, bars, pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, m0, s0, nst, GROUP, BK, BB, W, T,
+                  STAGES, DEPTH, PAIR, acc_l, a_l)
 
     # (SPLIT_K is read as itself, not through a variable: a launch without split-K specializes it to the constant
     # 1, and an epilogue choosing on a variable holding it crashed Triton 3.6's LLVM lowering)
@@ -210,6 +228,8 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
             _sum_in_last_split(gl.zeros([BF, BB], gl.float32, layout=o_l), ws_ptr, ws_offs, omask,
                                y_ptr + om[None, :] * stride_ym + on[:, None], b_ptr + on, cnt_ptr,
                                pid_m * gl.num_programs(0) + pid_n, M, N, SPLIT_K, HAS_BIAS)
+    if AFTER_TAIL:  # launched early beside _awq_tail_ws_kernel: end after it, so whoever reads y waits for both
+        gdc_wait()
 
 
 @gluon.jit
@@ -248,6 +268,122 @@ def _store_tile(acc, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym, BF: gl.constexpr,
     om = m0 + gl.arange(0, BB, layout=gl.SliceLayout(0, o_l))
     gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], gl.convert_layout(acc.to(gl.bfloat16), o_l),
              mask=(om < M)[None, :] & (on < N)[:, None])
+
+
+@gluon.jit
+def _tail_half(x_desc, x_smem, bars, pw_ptr, qz_ptr, s_ptr, N, K, first, tile0, HALF: gl.constexpr,
+               GROUP: gl.constexpr, BK: gl.constexpr, BB: gl.constexpr, W: gl.constexpr, T: gl.constexpr,
+               STAGES: gl.constexpr, DEPTH: gl.constexpr, PAIR: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr,
+               w_l: gl.constexpr):
+    """The partial of half ``HALF`` (steps ``[0, first)`` or ``[first, K / BK)``) of tail tile ``tile0 +
+    program``: one warpgroup's :func:`_k_loop` on its own ring (a 1-tuple: what ``warp_specialize`` takes back
+    from its default partition)."""
+    BF: gl.constexpr = 16 * W * T
+    t = tile0 + gl.program_id(0)
+    pid_n = t % (N // BF)
+    woff = _word_offsets(pid_n, K, w_l, W, T, BK // 16)
+    on_a = pid_n * BF + gl.arange(0, BF, layout=gl.SliceLayout(1, a_l))
+    nst = first if HALF == 0 else K // BK - first
+    return (_k_loop(x_desc, x_smem, bars, pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (t // (N // BF)) * BB,
+                    HALF * first, nst, GROUP, BK, BB, W, T, STAGES, DEPTH, PAIR, acc_l, a_l), )
+
+
+@gluon.jit
+def _as_partial(ring, BF: gl.constexpr, BB: gl.constexpr, part_l: gl.constexpr):
+    """The drained x ring ``ring`` viewed as the ``[BF, BB]`` fp32 partial of :func:`_tail_second_half`."""
+    if _REINTERPRET_PUBLIC:
+        return ring.reinterpret(gl.float32, [BF, BB], part_l)
+    else:
+        return ring._reinterpret(gl.float32, [BF, BB], part_l)
+
+
+@gluon.jit
+def _tail_second_half(x_desc, x_smem, bars, done, pw_ptr, qz_ptr, s_ptr, N, K, first, tile0, GROUP: gl.constexpr,
+                      BK: gl.constexpr, BB: gl.constexpr, W: gl.constexpr, T: gl.constexpr, STAGES: gl.constexpr,
+                      DEPTH: gl.constexpr, PAIR: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr,
+                      w_l: gl.constexpr, part_l: gl.constexpr):
+    """The worker warpgroup of :func:`_awq_tail_ws_kernel`: the second half's partial, left as fp32 in its own
+    drained ring (``part_l``: padded rows, so the accumulator layout stores and loads without bank conflicts),
+    then ``done``."""
+    acc = _tail_half(x_desc, x_smem, bars, pw_ptr, qz_ptr, s_ptr, N, K, first, tile0, 1, GROUP, BK, BB, W, T, STAGES,
+                     DEPTH, PAIR, acc_l, a_l, w_l)[0]
+    _as_partial(x_smem, 16 * W * T, BB, part_l).store(acc)
+    mbarrier.arrive(done, count=1)
+
+
+@gluon.jit(do_not_specialize=["M"])
+def _awq_tail_ws_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_ym, first, tile0,
+                        GROUP: gl.constexpr, BK: gl.constexpr, BB: gl.constexpr, W: gl.constexpr, T: gl.constexpr,
+                        STAGES: gl.constexpr, DEPTH: gl.constexpr, HAS_BIAS: gl.constexpr, PAIR: gl.constexpr,
+                        WORKER_REGS: gl.constexpr, PDL: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr,
+                        w_l: gl.constexpr, o_l: gl.constexpr, part_l: gl.constexpr):
+    """The tiles of a partly filled last wave, each split along K inside one CTA (``WS_TAIL``): two warpgroups,
+    each with its own x ring, run the two halves side by side (the second as a warp-specialized worker), and the
+    second's partial reaches the first through shared memory instead of L2. Why: split across programs, the last
+    wave's sum cost 4-5 us to read back and 2-3 to write at 255 registers a thread (docs/kernels_notes.md).
+    ``PDL``: the whole tiles' launch may start at once, on the SMs this grid leaves free."""
+    if PDL:
+        gdc_launch_dependents()
+    BF: gl.constexpr = 16 * W * T
+    x0 = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BB, BK], x_desc.layout)
+    x1 = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BB, BK], x_desc.layout)
+    bars0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    bars1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    done = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(done.index(0), count=1)
+    acc, = gl.warp_specialize([
+        (_tail_half, (x_desc, x0, bars0, pw_ptr, qz_ptr, s_ptr, N, K, first, tile0, 0, GROUP, BK, BB, W, T, STAGES,
+                      DEPTH, PAIR, acc_l, a_l, w_l)),
+        (_tail_second_half, (x_desc, x1, bars1, done.index(0), pw_ptr, qz_ptr, s_ptr, N, K, first, tile0, GROUP, BK,
+                             BB, W, T, STAGES, DEPTH, PAIR, acc_l, a_l, w_l, part_l)),
+    ], [W], [WORKER_REGS])
+    mbarrier.wait(done.index(0), 0)
+    acc += _as_partial(x1, BF, BB, part_l).load(acc_l)
+    mbarrier.invalidate(done.index(0))
+    t = tile0 + gl.program_id(0)
+    _store_tile(acc, y_ptr, b_ptr, t % (N // BF), (t // (N // BF)) * BB, M, N, stride_ym, BF, BB, HAS_BIAS, acc_l,
+                o_l)
+
+
+# registers a thread of the worker warpgroup of _awq_tail_ws_kernel (the first half's warpgroup takes 256: the
+# CTA's two warpgroups then hold 62.5K of an SM's 64K, and the sum needs the accumulator and the partial at once)
+WS_WORKER_REGS = 232
+
+
+def _partial_layout(BF: int, BB: int):
+    """Shared layout of the fp32 partial the worker warpgroup hands over: 128-byte rows with their 16-byte units
+    swizzled by row, so a warp's 8-byte stores and loads in the accumulator layout (8 rows x 4 threads) take the
+    two wavefronts 256 bytes need (row-major, all 8 rows would fall on the same 8 banks)."""
+    return gl.NVMMASharedLayout.get_default_for([BF, BB], gl.float32)
+
+
+def _check_ws_tail(W: int, STAGES: int, BB: int, BK: int, BF: int, SLOTS: int, split_k: int) -> None:
+    """What ``WS_TAIL`` needs, before a launch."""
+    if not SLOTS or split_k != 1:
+        raise ValueError(f"gluon_pipelined WS_TAIL splits the tiles of a partly filled last wave: it needs SLOTS "
+                         f"(1 or 2) and split_k 1, got SLOTS {SLOTS}, split_k {split_k}")
+    if W != 4:
+        raise ValueError(f"gluon_pipelined WS_TAIL takes one warpgroup a half (W 4), got W {W}")
+    if STAGES * BB * BK * 2 < BF * BB * 4:
+        raise ValueError(f"gluon_pipelined WS_TAIL hands the partial over in the worker's x ring: STAGES {STAGES} "
+                         f"x {BB} x {BK} bf16 is smaller than the {BF} x {BB} fp32 partial; take more STAGES")
+
+
+def _launch_ws_tail(x_desc, packed, qzeros, scales, bias, x2, N, out, n_tiles, tile0, group_size, BK, BB, W, T,
+                    STAGES, DEPTH, PAIR, LEAD, acc_l, a_l, w_l, o_l) -> torch.Tensor:
+    """``WS_TAIL``: tiles ``tile0 ..`` (row-block-major) by :func:`_awq_tail_ws_kernel`, one CTA each; returns
+    ``y`` (allocated here unless ``out``), whose other tiles the caller's launch fills."""
+    M, K = x2.shape
+    BF = 16 * W * T
+    groups = K // group_size
+    y, _ = _out_and_ws(x2, N, out, 1)
+    first = (groups - max(1, (groups - LEAD) // 2)) * group_size // BK  # the first half's steps: LEAD groups more
+    _awq_tail_ws_kernel[(n_tiles, )](
+        x_desc, packed, qzeros, scales, bias if bias is not None else y, y, M, N, K, y.stride(0), first, tile0,
+        GROUP=group_size, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH, HAS_BIAS=bias is not None,
+        PAIR=bool(PAIR), WORKER_REGS=WS_WORKER_REGS, PDL=PDL, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l,
+        part_l=_partial_layout(BF, BB), num_warps=W)
+    return y
 
 
 def _pipelined_layouts(W: int, T: int, BB: int, BK: int):
@@ -292,7 +428,7 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
                     group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                     BB: int = 128, W: int = 4, T: int = 2, STAGES: int = 3, split_k: int = 1,
                     BK: int | None = None, DEPTH: int = 0, TAIL: int = 0, SLOTS: int = 0, PAIR: bool = False,
-                    LEAD: int = 0, sms: int | None = None) -> torch.Tensor:
+                    LEAD: int = 0, WS_TAIL: bool = False, sms: int | None = None) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16) on repacked weights; see the module doc. ``BB``: rows of x per program (64, 128
     or 256: ``wgmma``'s N); ``W``: warps (4 or 8); ``T``: 16-feature tiles per warp; ``STAGES``: x buffers;
     ``BK``: input features per step (16, 32 or 64 dividing the group size; default ``min(64, group)``);
@@ -307,8 +443,12 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     4 or more, and ``BK`` half the group: see :func:`_advance`). ``LEAD`` (with ``SLOTS`` or ``TAIL = 2``): a
     tile's last split takes this many groups more than the others (or one more where they do not divide), so
     their partials are stored by the time its loop ends instead of after it (in H200 probes under sustained load
-    0.4-0.7 % faster at 4096x14336, 1024 rows). ``sms``: the SM count that arithmetic assumes (default: the
-    GPU's; tests set it)."""
+    0.4-0.7 % faster at 4096x14336, 1024 rows). ``WS_TAIL`` (with ``SLOTS``, one warpgroup): the tiles of that
+    last wave run instead as one CTA each, launched first, whose two warpgroups take the two K halves side by side
+    and sum through shared memory (:func:`_awq_tail_ws_kernel`; ``LEAD``: the first half's extra groups); the whole
+    tiles follow in a second launch (under programmatic dependent launch, started at once on the SMs left free:
+    it reads only x, ready before the first launch started, and ends after it). ``sms``: the SM count that arithmetic assumes (default: the GPU's; tests set
+    it)."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -326,6 +466,8 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     if PAIR and not pairs_fit(group_size, BK, STAGES):
         raise ValueError(f"gluon_pipelined PAIR needs BK half the group size (group {group_size}, BK {BK}) and an "
                          f"even STAGES of 4 or more (got {STAGES}): the buffers are filled two steps at a time")
+    if WS_TAIL:
+        _check_ws_tail(W, STAGES, BB, BK, BF, SLOTS, split_k)
     # TMA: 16-byte aligned base and row stride, unit column stride
     if x2.stride(1) != 1 or (x2.stride(0) * 2) % 16 or x2.data_ptr() % 16:
         x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh allocation: aligned, rows K apart
@@ -335,7 +477,13 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     tiles = N // BF * triton.cdiv(M, BB)
     full, last_split = _last_wave_split(tiles, K // group_size, SLOTS * (sms or num_sms(x2.device))) \
         if SLOTS and split_k == 1 else (tiles, 1)
-    if last_split > 1:  # (_split_args keeps 2 or more splits here: last_split <= groups)
+    ws_tail = WS_TAIL and last_split > 1
+    if ws_tail:  # the split tiles first, one CTA each; then the whole tiles alone on the last-wave grid
+        y = _launch_ws_tail(x_desc, packed, qzeros, scales, bias, x2, N, out, tiles - full, full, group_size, BK,
+                            BB, W, T, STAGES, DEPTH, PAIR, LEAD, acc_l, a_l, w_l, o_l)
+        grid, split_k, gps, tail = (full, 1, 1), 2, 1, 2  # (no program past FULL: nothing split runs here)
+        ws, cnt = register_tail_ws(0, split_k, BF * BB, x2.device), tile_counters(x2.device, 0)  # (the build's types)
+    elif last_split > 1:  # (_split_args keeps 2 or more splits here: last_split <= groups)
         split_k, gps = _split_args(K // group_size, last_split)
         grid = (full + (tiles - full) * split_k, 1, 1)
         tail, ctr_tiles = 2, tiles - full
@@ -343,17 +491,19 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
         split_k, gps = _split_args(K // group_size, split_k)
         grid = (N // BF, split_k, triton.cdiv(M, BB))
         tail, ctr_tiles = (TAIL if split_k > 1 else 0), tiles
-    if tail == 2:  # (LEAD: the last split takes the rest; the other sums expect even splits)
-        gps = _lead_groups(K // group_size, split_k, gps, LEAD)
-    y, ws = _out_and_ws(x2, N, out, split_k if tail != 2 else 1)
-    if tail == 2:
-        ws = register_tail_ws(ctr_tiles, split_k, BF * BB, x2.device)
-    cnt = tile_counters(x2.device, ctr_tiles) if tail else y
+    if not ws_tail:
+        if tail == 2:  # (LEAD: the last split takes the rest; the other sums expect even splits)
+            gps = _lead_groups(K // group_size, split_k, gps, LEAD)
+        y, ws = _out_and_ws(x2, N, out, split_k if tail != 2 else 1)
+        if tail == 2:
+            ws = register_tail_ws(ctr_tiles, split_k, BF * BB, x2.device)
+        cnt = tile_counters(x2.device, ctr_tiles) if tail else y
     _awq_gluon_pipelined_kernel[grid](
         x_desc, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, y.stride(0), split_k,
         gps * group_size // BK, full, GROUP=group_size, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH,
         HAS_BIAS=bias is not None, TAIL=tail, LAST_WAVE=last_split > 1, PAIR=bool(PAIR),
-        UNEVEN=tail == 2 and LEAD > 0, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l, num_warps=W)
+        UNEVEN=tail == 2 and LEAD > 0 and not ws_tail, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l,
+        AFTER_TAIL=ws_tail and PDL, num_warps=W, launch_pdl=ws_tail and PDL)
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)
     return y

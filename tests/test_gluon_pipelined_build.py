@@ -27,7 +27,7 @@ def _compile(kernel, sig, cst, num_warps):
 
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("pw_ptr", "qz_ptr", "s_ptr", "b_ptr", "y_ptr",
-                                                                      "ws_ptr", "N", "K", "stride_ym")}
+                                                                      "ws_ptr", "N", "K", "stride_ym") if n in names}
     sig = {**sig, **{k: "constexpr" for k in cst}}
     src = gluon._runtime.GluonASTSource(kernel, signature=sig, constexprs=cst, attrs=attrs)
     return triton, triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
@@ -55,13 +55,14 @@ def _signature(BB, BK, extra):
 
 
 def _build(W, T, BB, BK, STAGES, DEPTH, group, TAIL=True, LAST_WAVE=False, PAIR=False, UNEVEN=False,
-           **specialized):
+           AFTER_TAIL=False, **specialized):
     """The kernel built for sm_90; ``specialized``: runtime arguments as the launcher's specialization makes them
     constants (an integer argument equal to 1, e.g. ``SPLIT_K=1``)."""
     _, _, _, gp = _gluon()
     acc_l, a_l, w_l, o_l = gp._pipelined_layouts(W, T, BB, BK)
     cst = dict(**specialized, GROUP=group, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH, HAS_BIAS=True,
-               TAIL=TAIL, LAST_WAVE=LAST_WAVE, PAIR=PAIR, UNEVEN=UNEVEN, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l)
+               TAIL=TAIL, LAST_WAVE=LAST_WAVE, PAIR=PAIR, UNEVEN=UNEVEN, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l,
+               AFTER_TAIL=AFTER_TAIL)
     return _compile(gp._awq_gluon_pipelined_kernel, _signature(BB, BK, {"cnt_ptr": "*i32"}), cst, W)
 
 
@@ -116,6 +117,15 @@ def test_register_tail_keeps_two_programs_per_sm_without_spills(tmp_path):
         assert compiled.metadata.shared <= 228 * 1024 // 2 - 1024  # two programs' shared memory fit one SM
 
 
+def test_whole_tiles_after_the_split_tail_end_after_it():
+    """``WS_TAIL`` under PDL: the whole tiles' launch, started early, waits for the split tiles' grid at its
+    end (so a reader of y that waits for it waits for both); without ``AFTER_TAIL`` the build has no wait."""
+    assert "griddepcontrol.wait" not in _build(4, 1, 256, 64, 3, 1, 128, TAIL=2, LAST_WAVE=True)[1].asm["ptx"]
+    ptx = _build(4, 1, 256, 64, 3, 1, 128, TAIL=2, LAST_WAVE=True, AFTER_TAIL=True)[1].asm["ptx"]
+    tail = ptx[ptx.rindex("wgmma.wait_group"):]
+    assert "griddepcontrol.wait" in tail and "st.global" in tail
+
+
 def test_lead_gives_the_last_split_the_extra_groups():
     """``LEAD``: the splits but the last keep ``(groups - lead) // splits`` groups (never fewer than one, never
     more than without it); the last takes the rest."""
@@ -162,9 +172,56 @@ def test_tile_trace_copy_builds(tmp_path):
     tp = tile_trace.traced_module(tmp_path)
     acc_l, a_l, w_l, o_l = tp._pipelined_layouts(8, 1, 256, 64)
     cst = dict(GROUP=128, BK=64, BB=256, W=8, T=1, STAGES=4, DEPTH=1, HAS_BIAS=False, TAIL=2, LAST_WAVE=True,
-               PAIR=False, UNEVEN=True, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l)
+               PAIR=False, UNEVEN=True, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l, AFTER_TAIL=False)
     sig = _signature(256, 64, {"cnt_ptr": "*i32", "trace_ptr": "*i64"})
     _, compiled = _compile(tp._awq_gluon_pipelined_kernel, sig, cst, 8)
     assert compiled.asm["ptx"].count("%globaltimer") == 2
     with pytest.raises(ValueError, match="no longer in"):
         tile_trace.traced_source("def something_else(): pass\n")
+
+
+def _build_ws_tail(W, T, BB, BK, STAGES, DEPTH, group, PAIR=False):
+    """The split-tail kernel (``WS_TAIL``) built for sm_90."""
+    gl, _, _, gp = _gluon()
+    acc_l, a_l, w_l, o_l = gp._pipelined_layouts(W, T, BB, BK)
+    sig = {k: v for k, v in _signature(BB, BK, {}).items() if k not in ("ws_ptr", "SPLIT_K", "steps_per_split",
+                                                                          "FULL")}
+    cst = dict(GROUP=group, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH, HAS_BIAS=True, PAIR=PAIR,
+               WORKER_REGS=gp.WS_WORKER_REGS, PDL=True, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l,
+               part_l=gp._partial_layout(16 * W * T, BB))
+    return _compile(gp._awq_tail_ws_kernel, {**sig, "first": "i32", "tile0": "i32"}, cst, W)
+
+
+@pytest.mark.parametrize("T,BB,BK,STAGES,DEPTH,group,PAIR", [(1, 256, 64, 3, 1, 128, False),
+                                                             (2, 128, 64, 5, 0, 128, False),
+                                                             (1, 64, 64, 6, 1, 128, True)])
+def test_split_tail_kernel_builds_two_warpgroups_without_spills(T, BB, BK, STAGES, DEPTH, group, PAIR, tmp_path):
+    """``WS_TAIL``'s kernel: a worker warpgroup beside the default one (registers handed over by ``setmaxnreg``),
+    both halves' wgmmas asynchronous, no spills, no hazard on an in-flight HGMMA's registers, the two rings in one
+    SM's shared memory, and the partial handed over with 8-byte shared stores and loads (a layout conversion
+    would go through shared memory twice)."""
+    triton, compiled = _build_ws_tail(4, T, BB, BK, STAGES, DEPTH, group, PAIR)
+    ptx = compiled.asm["ptx"]
+    assert "setmaxnreg.dec" in ptx and "setmaxnreg.inc" in ptx
+    assert "griddepcontrol.launch_dependents" in ptx  # the whole tiles' launch may start beside it
+    assert ptx.count("wgmma.mma_async") >= 2 * 2 * T * (BK // 16)  # both halves, both unrolled steps
+    per_thread = 16 * 4 * T * BB // 128  # fp32 partial values a thread holds
+    assert ptx.count("st.shared.v2.b32") >= per_thread // 2 and ptx.count("ld.shared.v2.b32") >= per_thread // 2
+    report, sass = _sass(triton, ptx, tmp_path)
+    assert re.search(r"\b0 bytes spill stores", report) and "C7513" not in report, report
+    assert hazards(sass) == []
+    assert compiled.metadata.shared <= 227 * 1024
+
+
+def test_split_tail_refuses_what_it_cannot_run():
+    """``WS_TAIL``'s checks: one warpgroup a half, a ring that holds the fp32 partial, the last-wave split on."""
+    _, _, _, gp = _gluon()
+    gp._check_ws_tail(4, 3, 256, 64, 64, 2, 1)  # the table's tile: 96 KB ring, 64 KB partial
+    with pytest.raises(ValueError, match="W 4"):
+        gp._check_ws_tail(8, 4, 256, 64, 128, 1, 1)
+    with pytest.raises(ValueError, match="take more STAGES"):
+        gp._check_ws_tail(4, 3, 256, 32, 64, 2, 1)  # group 32: 48 KB ring
+    with pytest.raises(ValueError, match="needs SLOTS"):
+        gp._check_ws_tail(4, 3, 256, 64, 64, 0, 1)
+    with pytest.raises(ValueError, match="needs SLOTS"):
+        gp._check_ws_tail(4, 3, 256, 64, 64, 2, 3)

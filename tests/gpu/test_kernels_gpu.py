@@ -370,6 +370,12 @@ def test_gluon_pipelined_on_repacked_weights(cfg, g):
     count of 5-6 makes 16-80 tiles leave a partial last wave), x's buffers filled in pairs of steps (``PAIR``,
     steps of half a group), the last split given more groups than the others (``LEAD``), poisoned output, a
     strided x."""
+    _check_pipelined(cfg, g)
+
+
+def _check_pipelined(cfg: dict, g: int) -> None:
+    """``gluon_pipelined(**cfg)`` against fp64 on three shapes and five row counts (what
+    :func:`test_gluon_pipelined_on_repacked_weights` lists)."""
     from kernels.awq_gluon_pipelined import gluon_pipelined
     from kernels.awq_repack import repack_awq
     from kernels.awq_triton import tile_counters
@@ -390,6 +396,18 @@ def test_gluon_pipelined_on_repacked_weights(cfg, g):
             if cfg.get("TAIL") == 2 or cfg.get("SLOTS"):  # fixed sum order: every bit repeats, counters back at 0
                 assert torch.equal(gluon_pipelined(x, packed, w[1], w[2], g, bias, **cfg), y), (K, N, M, cfg)
                 assert not tile_counters(x.device, 1).any(), (K, N, M, cfg)
+
+
+@pytest.mark.parametrize("cfg,g", [(dict(BB=256, W=4, T=1, STAGES=3, DEPTH=1, SLOTS=2, sms=3), 128),
+                                   (dict(BB=256, W=4, T=1, STAGES=3, DEPTH=1, SLOTS=2, sms=3, LEAD=1), 64),
+                                   (dict(BB=128, W=4, T=2, STAGES=5, DEPTH=0, SLOTS=1, sms=5), 128),
+                                   (dict(BB=64, W=4, T=1, STAGES=6, DEPTH=1, SLOTS=2, sms=6, PAIR=True), 128),
+                                   (dict(BB=128, W=4, T=1, STAGES=5, DEPTH=1, SLOTS=2, sms=4), 32)])
+def test_gluon_pipelined_split_tail_in_one_cta(cfg, g):
+    """``WS_TAIL``: the last wave's tiles as one CTA each, two warpgroups on the two K halves (warp-specialized),
+    summed through shared memory, launched before the whole tiles; same checks as above (bias, partial row tiles,
+    poisoned output, bit-for-bit repeats), ``LEAD`` and ``PAIR`` included."""
+    _check_pipelined({**cfg, "WS_TAIL": True}, g)
 
 
 @pytest.mark.parametrize("g", [64, 128])
