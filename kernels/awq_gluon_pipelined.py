@@ -303,8 +303,7 @@ def _tail_second_half(x_desc, x_smem, bars, done, pw_ptr, qz_ptr, s_ptr, N, K, f
                       DEPTH: gl.constexpr, PAIR: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr,
                       w_l: gl.constexpr, part_l: gl.constexpr):
     """The worker warpgroup of :func:`_awq_tail_ws_kernel`: the second half's partial, left as fp32 in its own
-    drained ring (``part_l``: padded rows, so the accumulator layout stores and loads without bank conflicts),
-    then ``done``."""
+    drained ring (``part_l``, :func:`_partial_layout`), then ``done``."""
     acc = _tail_half(x_desc, x_smem, bars, pw_ptr, qz_ptr, s_ptr, N, K, first, tile0, 1, GROUP, BK, BB, W, T, STAGES,
                      DEPTH, PAIR, acc_l, a_l, w_l)[0]
     _as_partial(x_smem, 16 * W * T, BB, part_l).store(acc)
@@ -447,8 +446,8 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     last wave run instead as one CTA each, launched first, whose two warpgroups take the two K halves side by side
     and sum through shared memory (:func:`_awq_tail_ws_kernel`; ``LEAD``: the first half's extra groups); the whole
     tiles follow in a second launch (under programmatic dependent launch, started at once on the SMs left free:
-    it reads only x, ready before the first launch started, and ends after it). ``sms``: the SM count that arithmetic assumes (default: the GPU's; tests set
-    it)."""
+    it reads only x, ready before the first launch started, and ends after it). ``sms``: the SM count that
+    arithmetic assumes (default: the GPU's; tests set it)."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -502,7 +501,7 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
         x_desc, packed, qzeros, scales, bias if bias is not None else y, y, ws, cnt, M, N, K, y.stride(0), split_k,
         gps * group_size // BK, full, GROUP=group_size, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH,
         HAS_BIAS=bias is not None, TAIL=tail, LAST_WAVE=last_split > 1, PAIR=bool(PAIR),
-        UNEVEN=tail == 2 and LEAD > 0 and not ws_tail, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l,
+        UNEVEN=tail == 2 and LEAD > 0, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l,
         AFTER_TAIL=ws_tail and PDL, num_warps=W, launch_pdl=ws_tail and PDL)
     if split_k > 1 and not tail:
         return reduce_partials(ws, y, bias)

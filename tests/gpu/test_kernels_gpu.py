@@ -406,8 +406,24 @@ def _check_pipelined(cfg: dict, g: int) -> None:
 def test_gluon_pipelined_split_tail_in_one_cta(cfg, g):
     """``WS_TAIL``: the last wave's tiles as one CTA each, two warpgroups on the two K halves (warp-specialized),
     summed through shared memory, launched before the whole tiles; same checks as above (bias, partial row tiles,
-    poisoned output, bit-for-bit repeats), ``LEAD`` and ``PAIR`` included."""
-    _check_pipelined({**cfg, "WS_TAIL": True}, g)
+    poisoned output, bit-for-bit repeats), ``LEAD`` and ``PAIR`` included; then the two launches (the second
+    under programmatic dependent launch) captured in a CUDA graph replay to the eager output."""
+    from kernels.awq_gluon_pipelined import gluon_pipelined
+    from kernels.awq_repack import repack_awq
+
+    cfg = {**cfg, "WS_TAIL": True, **({"BK": g // 2} if cfg.get("PAIR") else {})}
+    _check_pipelined(cfg, g)
+    w = weights(1024, 1024, g)
+    packed = repack_awq(w[0])
+    x = torch.randn(300, 1024, device="cuda", dtype=torch.bfloat16)
+    eager = gluon_pipelined(x, packed, w[1], w[2], g, **cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gluon_pipelined(x, packed, w[1], w[2], g, **cfg)
+    y.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, eager), cfg
 
 
 @pytest.mark.parametrize("g", [64, 128])
