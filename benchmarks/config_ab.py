@@ -11,7 +11,7 @@ millisecond (:func:`kernels.timing.time_interleaved`) for ``--rounds`` turns; th
 per-turn ratios to cuBLAS are kept (two calls agreed within 0.3 %). ``--bench`` times each turn with do_bench
 instead (~50 ms a config, the way ``benchmarks/kernels.py`` does). Alternatives: the table's split config with
 ``LEAD`` 1-2, the one-warpgroup last-wave tile where the table splits a last wave, that wave's tiles split inside
-one CTA each (``WS_TAIL``, ``LEAD`` 0-1), for the small-M kernel neighbouring split counts and tiles per warp,
+one CTA each (``WS_TAIL``, ``LEAD`` 0-1), for the small-M kernel neighbouring split counts, tiles per warp and split-K sums,
 dequantize + cuBLAS from 1024 rows. Writes ``config_ab.json``.
 """
 
@@ -57,6 +57,8 @@ def variants(cfg: dict, M: int) -> dict[str, dict]:
             out[f"split{s}"] = {**cfg, "split_k": s}
         for t in sorted({1, 2, 4} - {cfg.get("T", 2)}):
             out[f"T{t}"] = {**cfg, "T": t}
+        for tail in sorted({0, 1, 2} - {int(cfg.get("TAIL", True))}):  # the split-K sum: launch, memory, registers
+            out[f"tail{tail}"] = {**cfg, "TAIL": tail}
     if M >= 1024:
         out["dequant"] = {"kernel": "dequant"}
     return out
