@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from benchmarks._report import card_suffix, git_commit, stamp, write_section  # noqa: E402
 from kernels import dispatch, repacked_dispatch  # noqa: E402
 from kernels.awq_layout import unpack_int4  # noqa: E402
+from kernels import timing  # noqa: E402
 from kernels.timing import sets_needed, time_calls, time_interleaved  # noqa: E402
 
 # issue #3's shapes, plus 4096x28672: Llama-3-8B's fused gate/up projection, so the engine benchmark finds a
@@ -50,10 +51,6 @@ GROUP = 128
 DTYPE = torch.bfloat16
 BW = 3.0e12  # measured copy bandwidth of the H100 here (DESIGN.md), bytes/s
 TARGETS = {1: 2.8, 16: 2.2, 64: 1.4}
-
-
-# calls in every timed graph, each contender's input sets repeated in turn (kernels.timing.cycle); set by --calls
-CALLS_PER_GRAPH = 16
 
 
 def log(*a):
@@ -107,7 +104,7 @@ def bench_repacked(row, M, N, K, xs, awq_sets, packed_sets, table_only=False):
     for cfg in cands:
         try:
             us = time_calls([lambda x=x, p=p, w=w, cfg=cfg: repacked_dispatch.run(cfg, x, p, w[1], w[2], GROUP)
-                             for x, p, w in zip(xs, packed_sets, awq_sets)], n_calls=CALLS_PER_GRAPH)
+                             for x, p, w in zip(xs, packed_sets, awq_sets)])
         except Exception as e:  # noqa: BLE001
             log("  repacked config failed", cfg, repr(e)[:300])
             us = float("inf")
@@ -137,7 +134,7 @@ def paired_retime(row, xs, w_sets, awq_sets, packed_sets, rounds: int) -> None:
     timed = {k: [row[k]] for k in calls}
     for _ in range(rounds):
         for k, fns in calls.items():
-            timed[k].append(time_calls(fns, n_calls=CALLS_PER_GRAPH))
+            timed[k].append(time_calls(fns))
     row["paired"] = {"rounds": rounds, **timed}
     for k, v in timed.items():
         row[k] = statistics.median(v)
@@ -150,7 +147,7 @@ def sustained_retime(row, calls: dict, turns: int = 30) -> None:
     figures as ``row["sustained"]``: medians of the times and of the per-turn ratio. Why: the do_bench ratios of the
     256-4096-row cells moved by up to 8 % between calls, the turns' by 0.3-1.6 % (benchmarks/config_ab.py), and a
     busy server runs its kernels back to back."""
-    t = time_interleaved(calls, reps=turns, n_calls=CALLS_PER_GRAPH)
+    t = time_interleaved(calls, reps=turns)
     row["sustained"] = {"turns": turns, "cublas_us": statistics.median(t["cublas_us"]),
                         "repacked_us": statistics.median(t["repacked_us"]),
                         "x_cublas": statistics.median(c / r for c, r in zip(t["cublas_us"], t["repacked_us"]))}
@@ -177,12 +174,11 @@ def bench_shape(K, N, ms, sms, results, deadline, on_row=lambda: None, repacked=
             return
         row = {"K": K, "N": N, "M": M, "variants": {}, "configs": []}
         xs = [torch.randn(M, K, device="cuda", dtype=DTYPE) for _ in range(max(n_int4, n_bf16))]
-        row["cublas_us"] = time_calls([lambda x=x, w=w: torch.matmul(x, w.t()) for x, w in zip(xs, w_sets)],
-                                      n_calls=CALLS_PER_GRAPH)
+        row["cublas_us"] = time_calls([lambda x=x, w=w: torch.matmul(x, w.t()) for x, w in zip(xs, w_sets)])
         if i4_sets is not None:
             try:
                 row["int4pack_us"] = time_calls([lambda x=x, s=s: torch.ops.aten._weight_int4pack_mm(x, s[0], GROUP, s[1])
-                                                 for x, s in zip(xs, i4_sets)], n_calls=CALLS_PER_GRAPH)
+                                                 for x, s in zip(xs, i4_sets)])
             except Exception as e:  # noqa: BLE001
                 log("int4pack failed:", repr(e)[:200])
                 row["int4pack_us"] = float("nan")
@@ -192,7 +188,7 @@ def bench_shape(K, N, ms, sms, results, deadline, on_row=lambda: None, repacked=
         for cfg in cands:
             try:
                 us = time_calls([lambda x=x, w=w, cfg=cfg: dispatch.run_config(cfg, x, *w, GROUP)
-                                 for x, w in zip(xs, awq_sets)], n_calls=CALLS_PER_GRAPH)
+                                 for x, w in zip(xs, awq_sets)])
             except Exception as e:  # noqa: BLE001
                 log("  config failed", cfg, repr(e)[:300])
                 us = float("inf")
@@ -423,7 +419,6 @@ def join_runs(files: list[Path], out: Path, write_docs: bool) -> int:
 
 
 def main():
-    global CALLS_PER_GRAPH
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs"))
     ap.add_argument("--quick", action="store_true", help="two shapes, four M values")
@@ -432,7 +427,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this many seconds")
     ap.add_argument("--write-docs", action="store_true", help="also write docs/benchmarks.md and the repo tables")
     ap.add_argument("--no-repacked", action="store_true", help="leave out the repacked path (sm_90, bf16)")
-    ap.add_argument("--calls", type=int, default=16,
+    ap.add_argument("--calls", type=int, default=timing.GRAPH_CALLS,
                     help="calls in every timed graph, each contender's input sets repeated in turn (0: one call "
                          "per set, as runs before 2026-11-29's twenty-third session did)")
     ap.add_argument("--table-only", action="store_true",
@@ -468,7 +463,7 @@ def main():
             "date": datetime.date.today().isoformat(), "commit": git_commit(), "group": GROUP, "dtype": "bf16"}
     meta["copy_tbps"] = copy_bandwidth() / 1e12
     meta["table_only"] = args.table_only
-    CALLS_PER_GRAPH = meta["calls_per_graph"] = args.calls
+    timing.GRAPH_CALLS = meta["calls_per_graph"] = args.calls
     meta["paired_rounds"], meta["paired_from"] = args.paired, 1  # (earlier results: from 256 rows)
     log(json.dumps(meta))
     t0 = time.time()

@@ -1,7 +1,7 @@
 """Timing with cold L2 and no launch gaps: several input sets captured in one CUDA graph, median replay.
 
 A decode GEMV takes ~10 µs, less than one Python launch, so eager timing would measure the host. We
-capture ``n`` calls (each on its own input set, together larger than L2, so no call finds its weights
+capture ``n`` calls (input sets together larger than L2, repeated in turn, so no call finds its weights
 in cache) in one graph, time replays with ``triton.testing.do_bench`` (median; it also flushes L2 before each
 replay) and divide by ``n``.
 """
@@ -13,6 +13,9 @@ from typing import Callable, Sequence
 import torch
 
 L2_BYTES = 50 * 2**20
+# calls in every timed graph: each contender's input sets repeated in turn (:func:`cycle`); benchmarks/kernels.py
+# sets it from --calls
+GRAPH_CALLS = 16
 
 
 def sets_needed(bytes_per_set: int, min_sets: int = 2, max_sets: int = 16) -> int:
@@ -49,12 +52,12 @@ def capture(calls: Sequence[Callable[[], object]]) -> "torch.cuda.CUDAGraph":
 
 
 def time_calls(calls: Sequence[Callable[[], object]], warmup_ms: int = 10, rep_ms: int = 40,
-               n_calls: int = 0) -> float:
-    """Median µs per call of ``calls`` (each already compiled), replayed as one CUDA graph (of ``n_calls`` calls:
-    :func:`cycle`)."""
+               n_calls: int | None = None) -> float:
+    """Median µs per call of ``calls`` (each already compiled), replayed as one CUDA graph of ``n_calls`` calls
+    (default :data:`GRAPH_CALLS`; :func:`cycle`)."""
     import triton
 
-    calls = cycle(calls, n_calls)
+    calls = cycle(calls, GRAPH_CALLS if n_calls is None else n_calls)
     g = capture(calls)
     ms = triton.testing.do_bench(g.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     del g
@@ -74,7 +77,7 @@ def time_op(fn: Callable[[torch.Tensor, tuple], torch.Tensor], M: int, N: int, K
 
 
 def time_interleaved(calls: dict[str, Sequence[Callable[[], object]]], reps: int = 40, warm: int = 3,
-                     flush_bytes: int = 2 * L2_BYTES, n_calls: int = 0) -> dict[str, list[float]]:
+                     flush_bytes: int = 2 * L2_BYTES, n_calls: int | None = None) -> dict[str, list[float]]:
     """µs per call of each named list of calls (each list one CUDA graph), the graphs replayed in turn ``reps``
     times (the first in each turn rotating), L2 flushed before each replay; returns every replay's time per name.
 
@@ -82,7 +85,7 @@ def time_interleaved(calls: dict[str, Sequence[Callable[[], object]]], reps: int
     another (:func:`time_calls`) lets whichever ran before bias the next: in one H200 call the same config took
     194-202 us timed right after cuBLAS and 179 us in another script. Turns of ~1 ms give every contender the
     same power state; the replays run back to back, as a busy server's would. ``n_calls``: as :func:`time_calls`."""
-    calls = {name: cycle(fns, n_calls) for name, fns in calls.items()}
+    calls = {name: cycle(fns, GRAPH_CALLS if n_calls is None else n_calls) for name, fns in calls.items()}
     graphs = {name: capture(fns) for name, fns in calls.items()}
     flush = torch.empty(flush_bytes // 4, dtype=torch.int32, device="cuda")
     names = list(calls)
