@@ -66,14 +66,16 @@ def time_calls(calls: Sequence[Callable[[], object]], warmup_ms: int = 10, rep_m
 
 def time_op(fn: Callable[[torch.Tensor, tuple], torch.Tensor], M: int, N: int, K: int, group: int,
             dtype: torch.dtype, device: torch.device, sets: list | None = None) -> float:
-    """µs per call of ``fn(x, (qweight, qzeros, scales))`` on fresh random AWQ weights."""
+    """µs per call of ``fn(x, (qweight, qzeros, scales))`` on fresh random AWQ weights, one call per set: what
+    calls it (autotune, PDL on/off) ranks variants of one op on the same sets, whose graphs are then of one length
+    anyway, and a server's tuning warm-up stays short (16 calls of a 3 ms prefill are 48 ms a replay)."""
     from .dispatch import random_awq
 
     if sets is None:
         per = K * N // 2 + (K // group) * N * 2 + (K // group) * N // 2 + M * K * 2
         sets = [(torch.randn(M, K, dtype=dtype, device=device), random_awq(K, N, group, dtype, device))
                 for _ in range(sets_needed(per))]
-    return time_calls([lambda x=x, w=w: fn(x, w) for x, w in sets])
+    return time_calls([lambda x=x, w=w: fn(x, w) for x, w in sets], n_calls=0)
 
 
 def time_interleaved(calls: dict[str, Sequence[Callable[[], object]]], reps: int = 40, warm: int = 3,
