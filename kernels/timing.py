@@ -23,14 +23,14 @@ def sets_needed(bytes_per_set: int, min_sets: int = 2, max_sets: int = 16) -> in
     return max(min_sets, min(max_sets, -(-4 * L2_BYTES // max(1, bytes_per_set))))
 
 
-def cycle(calls: Sequence[Callable[[], object]], n: int) -> list[Callable[[], object]]:
-    """``calls`` repeated in turn to ``n`` calls (never fewer than the list holds). Why: a graph's replay costs a
-    few microseconds beyond its kernels (its launch, the first kernel's ramp, the last's tail), charged to each call
-    by ``1 / len(calls)``; contenders compared side by side get graphs of the same length. The sets stay cold:
-    :func:`sets_needed` makes them 4x L2 together, so 2x L2 or more of other sets pass between two uses of one
-    (on the benchmark's shapes)."""
+def cycle(calls: Sequence[Callable[[], object]], n: int | None = None) -> list[Callable[[], object]]:
+    """``calls`` repeated in turn to ``n`` calls (default :data:`GRAPH_CALLS`; never fewer than the list holds).
+    Why: a graph's replay costs a few microseconds beyond its kernels (its launch, the first kernel's ramp, the
+    last's tail), charged to each call by ``1 / len(calls)``; contenders compared side by side get graphs of the
+    same length. The sets stay cold: :func:`sets_needed` makes them 4x L2 together, so 2x L2 or more of other sets
+    pass between two uses of one (on the benchmark's shapes)."""
     calls = list(calls)
-    return [calls[i % len(calls)] for i in range(max(n, len(calls)))]
+    return [calls[i % len(calls)] for i in range(max(GRAPH_CALLS if n is None else n, len(calls)))]
 
 
 def capture(calls: Sequence[Callable[[], object]]) -> "torch.cuda.CUDAGraph":
@@ -57,7 +57,7 @@ def time_calls(calls: Sequence[Callable[[], object]], warmup_ms: int = 10, rep_m
     (default :data:`GRAPH_CALLS`; :func:`cycle`)."""
     import triton
 
-    calls = cycle(calls, GRAPH_CALLS if n_calls is None else n_calls)
+    calls = cycle(calls, n_calls)
     g = capture(calls)
     ms = triton.testing.do_bench(g.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     del g
@@ -87,7 +87,7 @@ def time_interleaved(calls: dict[str, Sequence[Callable[[], object]]], reps: int
     another (:func:`time_calls`) lets whichever ran before bias the next: in one H200 call the same config took
     194-202 us timed right after cuBLAS and 179 us in another script. Turns of ~1 ms give every contender the
     same power state; the replays run back to back, as a busy server's would. ``n_calls``: as :func:`time_calls`."""
-    calls = {name: cycle(fns, GRAPH_CALLS if n_calls is None else n_calls) for name, fns in calls.items()}
+    calls = {name: cycle(fns, n_calls) for name, fns in calls.items()}
     graphs = {name: capture(fns) for name, fns in calls.items()}
     flush = torch.empty(flush_bytes // 4, dtype=torch.int32, device="cuda")
     names = list(calls)

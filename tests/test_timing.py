@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kernels.timing import L2_BYTES, cycle, sets_needed
+from kernels.timing import GRAPH_CALLS, L2_BYTES, cycle, sets_needed
 
 
 def test_cycle_repeats_the_sets_in_turn_to_the_graph_length():
@@ -11,6 +11,7 @@ def test_cycle_repeats_the_sets_in_turn_to_the_graph_length():
     assert [c() for c in cycle(calls, 7)] == [0, 1, 2, 0, 1, 2, 0]
     assert [c() for c in cycle(calls, 0)] == [0, 1, 2]  # never fewer calls than sets
     assert [c() for c in cycle(calls, 2)] == [0, 1, 2]
+    assert len(cycle(calls)) == GRAPH_CALLS  # the default: every contender's graph of one length
 
 
 def test_repeated_sets_stay_cold():
