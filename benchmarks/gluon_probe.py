@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 from benchmarks.kernels import int4pack_sets, ref_fp64, rel_err  # noqa: E402
 from kernels import dispatch, repacked_dispatch  # noqa: E402
@@ -43,30 +44,39 @@ G = 128
 
 
 @triton.jit
-def _stream_read(p, out, n_words, ITERS, BLOCK: tl.constexpr):
-    """Each program reads ``ITERS`` consecutive blocks of 16-byte-aligned words and xors them (one store)."""
+def _stream_read(p, out, n_words, ITERS, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Each program reads ``ITERS`` consecutive blocks of 16-byte-aligned words and xors them (one store).
+    ``PDL``: launched early (``launch_pdl``) and releasing the next launch at once, as the small-M kernel is; the
+    reads go before ``griddepcontrol.wait`` (weights do not depend on the launch before), the store after."""
+    if PDL:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     acc = tl.zeros([BLOCK], tl.int32)
     for i in range(ITERS):
         offs = (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
         acc ^= tl.load(p + offs, mask=offs < n_words, other=0)
+    if PDL:
+        gdc_wait()
     tl.store(out + pid, tl.xor_sum(acc, 0))
 
 
-def read_floor(nbytes: int) -> tuple[float, str]:
-    """Best cold-L2 µs to read ``nbytes`` once: streaming kernel sweep and ``torch.sum``; (µs, how)."""
+def read_floor(nbytes: int, pdl: bool = False) -> tuple[float, str]:
+    """Best cold-L2 µs to read ``nbytes`` once: streaming kernel sweep and ``torch.sum``; (µs, how). ``pdl``: the
+    streaming kernel under programmatic dependent launch (each call's reads may start while the call before ends,
+    as the small-M kernel's first step does; no ``torch.sum``)."""
     words = -(-nbytes // 4)
     bufs = [torch.randint(0, 1 << 30, (words,), device="cuda", dtype=torch.int32) for _ in range(sets_needed(nbytes))]
     out = torch.empty(1 << 16, device="cuda", dtype=torch.int32)
-    best = (time_calls([lambda b=b: b.view(torch.float16).sum() for b in bufs]), "torch.sum")
+    best = (float("inf"), "") if pdl else (time_calls([lambda b=b: b.view(torch.float16).sum() for b in bufs]),
+                                           "torch.sum")
     for block, warps in ((1024, 4), (2048, 8), (4096, 8)):
         for programs in (132, 264, 528, 1056, 2112, 4224):
             iters = triton.cdiv(words, block * programs)
             grid = (triton.cdiv(words, block * iters),)
-            us = time_calls([lambda b=b: _stream_read[grid](b, out, words, iters, BLOCK=block, num_warps=warps)
-                             for b in bufs])
+            us = time_calls([lambda b=b: _stream_read[grid](b, out, words, iters, BLOCK=block, PDL=pdl,
+                                                            num_warps=warps, launch_pdl=pdl) for b in bufs])
             if us < best[0]:
-                best = (us, f"stream {grid[0]} programs x {block} words, {warps} warps")
+                best = (us, f"stream {grid[0]} programs x {block} words, {warps} warps" + (", PDL" if pdl else ""))
     return best
 
 
@@ -472,8 +482,10 @@ def main() -> int:
             row["cublas_us"] = time_calls([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, wb)])
             if M == 1:
                 row["read_us"], row["read_how"] = read_floor(K * N // 2 + (K // G) * N * 5 // 2)
+                row["read_pdl_us"], row["read_pdl_how"] = read_floor(K * N // 2 + (K // G) * N * 5 // 2, pdl=True)
             rows.append(row)
-            read = f"read {row['read_us']:.1f} ({row['read_how']}) " if M == 1 else ""
+            read = (f"read {row['read_us']:.1f} ({row['read_how']}), {row['read_pdl_us']:.1f} "
+                    f"({row['read_pdl_how']}) " if M == 1 else "")
             if "dequant_only_us" in row:
                 read += (f"[dequant alone {row['dequant_only_us']:.1f} ({row['dequant_tbs']:.2f} TB/s, copy "
                          f"{row['copy_tbs']:.2f}) + cublas {row['dequant_cublas_us']:.1f} {row['dequant_cfg']}] ")
