@@ -46,24 +46,27 @@ G = 128
 @triton.jit
 def _stream_read(p, out, n_words, ITERS, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Each program reads ``ITERS`` consecutive blocks of 16-byte-aligned words and xors them (one store).
-    ``PDL``: launched early (``launch_pdl``) and releasing the next launch at once, as the small-M kernel is; the
-    reads go before ``griddepcontrol.wait`` (weights do not depend on the launch before), the store after."""
+    ``PDL``: launched early (``launch_pdl``) and releasing the next launch at once, as the small-M kernel is: its
+    first block is read before ``griddepcontrol.wait``, the rest after (as the kernel requests only its first
+    step's weights before the wait: reading everything before it would let consecutive calls on one buffer
+    share its lines in L2)."""
     if PDL:
         gdc_launch_dependents()
     pid = tl.program_id(0)
-    acc = tl.zeros([BLOCK], tl.int32)
-    for i in range(ITERS):
-        offs = (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
-        acc ^= tl.load(p + offs, mask=offs < n_words, other=0)
+    offs = pid * ITERS * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.load(p + offs, mask=offs < n_words, other=0)
     if PDL:
         gdc_wait()
+    for i in range(1, ITERS):
+        offs = (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
+        acc ^= tl.load(p + offs, mask=offs < n_words, other=0)
     tl.store(out + pid, tl.xor_sum(acc, 0))
 
 
 def read_floor(nbytes: int, pdl: bool = False) -> tuple[float, str]:
     """Best cold-L2 µs to read ``nbytes`` once: streaming kernel sweep and ``torch.sum``; (µs, how). ``pdl``: the
-    streaming kernel under programmatic dependent launch (each call's reads may start while the call before ends,
-    as the small-M kernel's first step does; no ``torch.sum``)."""
+    streaming kernel under programmatic dependent launch (each call's first block may be read while the call
+    before ends, as the small-M kernel's first step is; no ``torch.sum``)."""
     words = -(-nbytes // 4)
     bufs = [torch.randint(0, 1 << 30, (words,), device="cuda", dtype=torch.int32) for _ in range(sets_needed(nbytes))]
     out = torch.empty(1 << 16, device="cuda", dtype=torch.int32)

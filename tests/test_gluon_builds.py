@@ -187,3 +187,23 @@ def test_staged_steps():
     assert gm.staged_steps(3, 11, 1, 1024) == (4, False)
     steps, _ = gm.staged_steps(64, 1000, 4, 8192)
     assert 2 * steps * 8192 <= gm.XSTAGE_BYTES and steps >= 4  # a chunk holds a group at least
+
+
+def test_read_floor_under_pdl_reads_one_block_before_the_wait():
+    """The probe's streaming floor under programmatic dependent launch reads its first block before
+    ``griddepcontrol.wait`` and the rest after, as the small-M kernel requests only its first step's weights there:
+    a read of everything before the wait let consecutive calls on one buffer share their lines in L2 (a 'floor' of
+    7.3 us for 121 MB, 2026-11-29)."""
+    from benchmarks import gluon_probe as gp
+
+    sig = {"p": "*i32", "out": "*i32", "n_words": "i32", "ITERS": "i32", "BLOCK": "constexpr", "PDL": "constexpr"}
+    ptxs = {pdl: triton.compile(triton.compiler.ASTSource(fn=gp._stream_read, signature=sig,
+                                                          constexprs={"BLOCK": 1024, "PDL": pdl},
+                                                          attrs={(i,): [["tt.divisibility", 16]] for i in (0, 2)}),
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+            for pdl in (False, True)}
+    assert "griddepcontrol" not in ptxs[False]
+    before, after = ptxs[True].split("griddepcontrol.wait")
+    assert "griddepcontrol.launch_dependents" in before
+    # one block of 1024 words over 128 threads: two 16-byte loads a thread before the wait, the loop's after it
+    assert before.count("ld.global.v4") == 2 and "ld.global" in after
