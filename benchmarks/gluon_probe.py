@@ -63,6 +63,11 @@ def _stream_read(p, out, n_words, ITERS, BLOCK: tl.constexpr, PDL: tl.constexpr)
     tl.store(out + pid, tl.xor_sum(acc, 0))
 
 
+def int4_bytes(K: int, N: int, group: int = G) -> int:
+    """Bytes of a ``K x N`` AWQ weight: 4-bit words, bf16 scales and 4-bit zero points per group."""
+    return K * N // 2 + (K // group) * N * 5 // 2
+
+
 def read_floor(nbytes: int, pdl: bool = False) -> tuple[float, str]:
     """Best cold-L2 µs to read ``nbytes`` once: streaming kernel sweep and ``torch.sum``; (µs, how). ``pdl``: the
     streaming kernel under programmatic dependent launch (each call's first block may be read while the call
@@ -172,7 +177,7 @@ def dequant_parts(cfg: dict, K: int, N: int, xs, packed, sets, wb) -> dict:
     dense = [dequantize_repacked(p, s[1], s[2], G, torch.bfloat16, nk=bool(cfg["NK"]), **dq) for p, s in zip(packed, sets)]
     mm = time_calls([lambda x=x, w=w: x @ (w.t() if cfg["NK"] else w) for x, w in zip(xs, dense)])
     copy = time_calls([lambda w=w: w.clone() for w in wb])
-    moved = K * N // 2 + (K // G) * N * 5 // 2 + K * N * 2
+    moved = int4_bytes(K, N) + K * N * 2
     return {"dequant_only_us": only, "dequant_tbs": moved / only / 1e6, "dequant_cublas_us": mm,
             "copy_us": copy, "copy_tbs": 4 * K * N / copy / 1e6}
 
@@ -484,8 +489,8 @@ def main() -> int:
                                          for x, s in zip(xs, i4)])
             row["cublas_us"] = time_calls([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, wb)])
             if M == 1:
-                row["read_us"], row["read_how"] = read_floor(K * N // 2 + (K // G) * N * 5 // 2)
-                row["read_pdl_us"], row["read_pdl_how"] = read_floor(K * N // 2 + (K // G) * N * 5 // 2, pdl=True)
+                row["read_us"], row["read_how"] = read_floor(int4_bytes(K, N))
+                row["read_pdl_us"], row["read_pdl_how"] = read_floor(int4_bytes(K, N), pdl=True)
             rows.append(row)
             read = (f"read {row['read_us']:.1f} ({row['read_how']}), {row['read_pdl_us']:.1f} "
                     f"({row['read_pdl_how']}) " if M == 1 else "")

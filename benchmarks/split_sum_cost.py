@@ -12,8 +12,9 @@ sum launch alone on partials of that shape; the table config with the sum in the
 program of a tile from memory, 2: in the last split's registers), also under register caps (``--caps``: the sums
 take registers, 72 -> 80 / 128 at M = 1 on sm_90, which drops the programs an SM holds from 7 to 6 / 4); and the
 read floor of the weights' bytes, plain and under programmatic dependent launch
-(:func:`benchmarks.gluon_probe.read_floor`). (The splits as one cluster summing through its shared memory was
-measured with this script on branch ``exp/csum-cluster-sum``: slower.)
+(:func:`benchmarks.gluon_probe.read_floor`). Branches ``exp/csum-cluster-sum`` (the splits as one cluster summing
+through its shared memory) and ``exp/poll-sum`` (a sum launch polling the partials) add their variants to this
+script; both measured slower or equal (docs/kernels_notes.md).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.gluon_probe import SHAPES, read_floor  # noqa: E402
+from benchmarks.gluon_probe import SHAPES, int4_bytes, read_floor  # noqa: E402
 from benchmarks.kernels import ref_fp64, rel_err  # noqa: E402
 from kernels import awq_gluon_mma, dispatch, repacked_dispatch  # noqa: E402
 from kernels.awq_repack import repack_awq  # noqa: E402
@@ -63,8 +64,7 @@ def main() -> int:
     for K, N in SHAPES:
         sets = [dispatch.random_awq(K, N, G, torch.bfloat16, "cuda") for _ in range(sets_needed(K * N // 2))]
         packed = [repack_awq(s[0]) for s in sets]
-        floor = read_floor(K * N // 2 + (K // G) * N * 5 // 2)
-        floor_pdl = read_floor(K * N // 2 + (K // G) * N * 5 // 2, pdl=True)
+        floor, floor_pdl = read_floor(int4_bytes(K, N)), read_floor(int4_bytes(K, N), pdl=True)
         for M in [int(m) for m in a.ms.split(",")]:
             xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in sets]
             cfg = repacked_dispatch.select(M, N, K, G)
