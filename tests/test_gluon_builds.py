@@ -35,12 +35,12 @@ def _ptx(fn, sig: dict, cst: dict, aligned: list[str], num_warps: int) -> str:
 
 
 def _loads(ptx: str) -> dict:
-    return {m: ptx.count(m) for m in set(re.findall(r"ld\.global[\w.]*", ptx))}
+    return {m: ptx.count(m) for m in set(re.findall(r"ld\.global[\w.:]*", ptx))}
 
 
 def _decode_ptx(SCALED: bool, TAIL: int = 0, XSTEPS: int = 0, XONCE: bool = False, PDL: int = 0,
                 PREFETCH: bool = False, XSUM_MMA: bool = False, T: int = 2, ZSUB: bool = False,
-                XREADY: bool = False, BM: int = 8, W: int = 4) -> str:
+                XREADY: bool = False, BM: int = 8, W: int = 4, EVICT_FIRST: bool = False) -> str:
     """The small-M kernel's sm_90 PTX (by default 4 warps, two tiles each, 8 rows; 64-feature steps, group 128)."""
     BK = 64
     mma, a_l, b_l, w_l, x_l = gm._layouts(W, BK, T)
@@ -50,7 +50,7 @@ def _decode_ptx(SCALED: bool, TAIL: int = 0, XSTEPS: int = 0, XONCE: bool = Fals
     cst = dict(GROUP=128, BK=BK, BM=BM, W=W, T=T, HAS_BIAS=False, TAIL=TAIL, PREFETCH=PREFETCH, SCALED=SCALED,
                UNROLL=gm.tail_unroll(16 * W * T * BM, 32 * W), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l,
                XSTEPS=XSTEPS, XONCE=XONCE, xs_l=gm.staged_layout(BK), PDL=PDL, XSUM_MMA=XSUM_MMA,
-               ZSUB=ZSUB, XREADY=XREADY)
+               ZSUB=ZSUB, XREADY=XREADY, EVICT_FIRST=EVICT_FIRST)
     return _ptx(gm._awq_gluon_mma_kernel, sig, cst, [n for n in sig if n not in ("M", "SPLIT_K",
                                                                                "groups_per_split")], W)
 
@@ -142,6 +142,20 @@ def test_next_group_requested_before_this_one_computes():
     head = [p[p.index("Inner Loop Header"):] for p in (one, two)]
     head = [h[:h.index("mma.sync")] for h in head]
     assert "ld.global.b16" not in head[0] and "ld.global.b16" in head[1] and "ld.global.v4" in head[1]
+
+
+@pytest.mark.parametrize("loop", [dict(SCALED=False, XSUM_MMA=True, PREFETCH=True),
+                                  dict(SCALED=False, ZSUB=True, PREFETCH=2, BM=16, T=1, W=8)])
+def test_weights_marked_evict_first_only_when_asked(loop):
+    """``EVICT_FIRST``: every 16-byte word load carries the evict-first L1 hint and an L2 cache-policy operand
+    (``createpolicy.fractional.L2::evict_first``); x, the zero points and scales keep plain loads. Off: no hint."""
+    plain = _decode_ptx(XSTEPS=16, XONCE=True, XREADY=True, **loop)
+    hinted = _decode_ptx(XSTEPS=16, XONCE=True, XREADY=True, EVICT_FIRST=True, **loop)
+    words = _loads(plain).get("ld.global.v4.b32", 0)
+    assert words >= 2 and "evict_first" not in plain and "createpolicy" not in plain
+    assert _loads(hinted) == {**{k: v for k, v in _loads(plain).items() if k != "ld.global.v4.b32"},
+                              "ld.global.L1::evict_first.L2::cache_hint.v4.b32": words}
+    assert "createpolicy.fractional.L2::evict_first" in hinted
 
 
 def test_decode_rule_config_keeps_seven_programs_per_sm(tmp_path):

@@ -61,7 +61,8 @@ def test_gluon_kernel_builds_for_sm90_without_shared_memory(warps, group, bm, ti
            "stride_ym": "i32", "SPLIT_K": "i32", "groups_per_split": "i32"}
     cst = dict(GROUP=group, BK=bk, BM=bm, W=warps, T=tiles, HAS_BIAS=True, TAIL=True, PREFETCH=prefetch, SCALED=scaled,
                UNROLL=gm.tail_unroll(16 * warps * tiles * bm, 32 * warps * wm), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l,
-               XSTEPS=0, XONCE=False, xs_l=gm.staged_layout(bk), PDL=0, XSUM_MMA=False, ZSUB=False, XREADY=False)
+               XSTEPS=0, XONCE=False, xs_l=gm.staged_layout(bk), PDL=0, XSUM_MMA=False, ZSUB=False, XREADY=False,
+               EVICT_FIRST=False)
     sig.update({k: "constexpr" for k in cst})
     src = gluon._runtime.GluonASTSource(gm._awq_gluon_mma_kernel, signature=sig, constexprs=cst)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps * wm})

@@ -234,7 +234,11 @@ def test_bad_inputs_raise_on_cuda():
                                       XREADY=True, PREFETCH=2),
                                  dict(T=2, num_warps=4, split_k=5, ZSUB=True, TAIL=2, XGROUPS=2, PREFETCH=2),
                                  dict(T=1, num_warps=8, BM=16, split_k=3, ZSUB=True, TAIL=False, XGROUPS=64,
-                                      XREADY=True, PREFETCH=2, MAXNREG=64)])
+                                      XREADY=True, PREFETCH=2, MAXNREG=64),
+                                 dict(T=1, num_warps=8, BM=16, split_k=8, ZSUB=True, TAIL=False, XGROUPS=64,
+                                      XREADY=True, PREFETCH=2, MAXNREG=64, EVICT_FIRST=True),
+                                 dict(T=2, num_warps=4, split_k=8, TAIL=False, XGROUPS=64, PREFETCH=True,
+                                      XSUM_MMA=True, EVICT_FIRST=True)])
 def test_gluon_mma_on_repacked_weights(cfg, g):
     """The Gluon kernel on fragment-repacked weights (kernels/awq_repack.py) against fp64: M up to 33 (several
     row tiles), bias, split-K summed in the kernel (twice: the counters reset; in the last split's registers
@@ -265,7 +269,7 @@ def test_gluon_mma_on_repacked_weights(cfg, g):
                                  dict(T=1, num_warps=8, split_k=4, SCALED=True, TAIL=2),
                                  dict(T=2, num_warps=4, BM=16, split_k=4, SCALED=True, TAIL=1),
                                  dict(T=1, num_warps=8, BM=16, split_k=3, ZSUB=True, TAIL=False, XGROUPS=64,
-                                      XREADY=True, PREFETCH=2)])
+                                      XREADY=True, PREFETCH=2, EVICT_FIRST=True)])
 def test_gluon_mma_chained_under_programmatic_dependent_launch(cfg):
     """Each call's x is the call before's output, so a kernel launched early (``PDL = 2``) that read x, or touched
     the split-K counters and buffers, before its ``griddepcontrol.wait`` would see the last call's stale values:
