@@ -12,7 +12,8 @@ per-turn ratios to cuBLAS are kept (two calls agreed within 0.3 %). ``--bench`` 
 instead (~50 ms a config, the way ``benchmarks/kernels.py`` does). Alternatives: the table's split config with
 ``LEAD`` 1-2, the one-warpgroup last-wave tile where the table splits a last wave, that wave's tiles split inside
 one CTA each (``WS_TAIL``, ``LEAD`` 0-1), for the small-M kernel neighbouring split counts, tiles per warp and split-K sums,
-dequantize + cuBLAS from 1024 rows. Writes ``config_ab.json``.
+dequantize + cuBLAS from 1024 rows; ``--with K=V``: the table's config with those keys too. Writes
+``config_ab.json``.
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ def _with_lead(name: str, cfg: dict) -> dict[str, dict]:
     return out
 
 
-def variants(cfg: dict, M: int) -> dict[str, dict]:
-    """Named configs to compare with the table's ``cfg`` (see the module doc)."""
+def variants(cfg: dict, M: int, extra: tuple[dict, ...] = ()) -> dict[str, dict]:
+    """Named configs to compare with the table's ``cfg`` (see the module doc); ``extra``: the table's config also
+    with each of these keys set (``--with``), named by them."""
     out = _with_lead("table", cfg)
+    for e in extra:
+        out["table+" + "+".join(f"{k}={v}" for k, v in e.items())] = {**cfg, **e}
     if cfg.get("SLOTS"):
         for name, w, stages, slots in (("wg2", 8, 4, 1), ("wg1", 4, 3, 2)):
             alt = {"kernel": "pipelined", "BB": 256, "W": w, "T": 1, "STAGES": stages, "DEPTH": 1, "split_k": 1,
@@ -65,7 +69,7 @@ def variants(cfg: dict, M: int) -> dict[str, dict]:
 
 
 def run(out: Path, ms: list[int], rounds: int, shapes=SHAPES, bench: bool = False,
-        group: int = 128) -> list[dict]:
+        group: int = 128, extra: tuple[dict, ...] = ()) -> list[dict]:
     import torch
 
     from kernels import dispatch, repacked_dispatch
@@ -79,7 +83,7 @@ def run(out: Path, ms: list[int], rounds: int, shapes=SHAPES, bench: bool = Fals
         wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
         for M in ms:
             cfg = repacked_dispatch.select(M, N, K, group)
-            named = variants(cfg, M)
+            named = variants(cfg, M, extra)
             if len(named) == 1:
                 continue
             xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
@@ -88,7 +92,8 @@ def run(out: Path, ms: list[int], rounds: int, shapes=SHAPES, bench: bool = Fals
             for name, c in named.items():
                 try:
                     y = repacked_dispatch.run(c, xs[0], packed[0], sets[0][1], sets[0][2], group)
-                except ValueError as e:  # a neighbour the launcher refuses (e.g. a tile that does not divide N)
+                except (ValueError, TypeError) as e:  # a neighbour the launcher refuses (a tile that does not
+                    # divide N), or a --with key this kernel does not take
                     print(f"{K}x{N} M={M} {name}: refused: {e}", flush=True)
                     continue
                 assert torch.equal(y, ref) or (y - ref).abs().max() <= 1e-2 * ref.abs().max(), (K, N, M, name)
@@ -122,11 +127,15 @@ def main() -> int:
     ap.add_argument("--shapes", default=None, help="K x N list, e.g. 4096x14336,8192x8192 (default the four large)")
     ap.add_argument("--rounds", type=int, default=40, help="turns of every config and cuBLAS, each one graph replay")
     ap.add_argument("--bench", action="store_true", help="each turn a do_bench of ~50 ms per config instead")
+    ap.add_argument("--with", dest="extra", default=None,
+                    help="the table's config also with these keys, e.g. EVICT_FIRST=1 or A=1+B=2,C=0 (ints)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else SHAPES
-    run(out, [int(m) for m in a.ms.split(",")], a.rounds, shapes, a.bench)
+    extra = tuple(dict((f.split("=")[0], int(f.split("=")[1])) for f in v.split("+"))
+                  for v in a.extra.split(",")) if a.extra else ()
+    run(out, [int(m) for m in a.ms.split(",")], a.rounds, shapes, a.bench, extra=extra)
     return 0
 
 
