@@ -356,7 +356,8 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
         for g in range(g0, g1 - 1, 2):
             y_acc, wb, wb1, zb, sb = _zsub_group(y_acc, w, w1, zw, sg, g, g + 1, x_smem, x_ptr, xcoff, xcf, xcrows,
                                                  xoff, xmask, g0, g1, pw_ptr + woff, qz_ptr, s_ptr, N, on_a, on,
-                                                 XSTEPS, NBUF, BM, BK, GROUP, xs_l, XREADY, a_l, b_l, mma, W, T, EVICT_FIRST)
+                                                 XSTEPS, NBUF, BM, BK, GROUP, xs_l, XREADY, a_l, b_l, mma, W, T,
+                                                 EVICT_FIRST)
             y_acc, w, w1, zw, sg = _zsub_group(y_acc, wb, wb1, zb, sb, g + 1, gl.minimum(g + 2, g1 - 1), x_smem,
                                                x_ptr, xcoff, xcf, xcrows, xoff, xmask, g0, g1, pw_ptr + woff, qz_ptr,
                                                s_ptr, N, on_a, on, XSTEPS, NBUF, BM, BK, GROUP, xs_l, XREADY, a_l,
@@ -364,7 +365,8 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
         if (g1 - g0) % 2 == 1:  # the split's odd last group (its own set, requested one group ahead)
             y_acc, w, w1, zw, sg = _zsub_group(y_acc, w, w1, zw, sg, g1 - 1, g1 - 1, x_smem, x_ptr, xcoff, xcf,
                                                xcrows, xoff, xmask, g0, g1, pw_ptr + woff, qz_ptr, s_ptr, N, on_a,
-                                               on, XSTEPS, NBUF, BM, BK, GROUP, xs_l, XREADY, a_l, b_l, mma, W, T, EVICT_FIRST)
+                                               on, XSTEPS, NBUF, BM, BK, GROUP, xs_l, XREADY, a_l, b_l, mma, W, T,
+                                               EVICT_FIRST)
     elif ZSUB:
         # the zero points taken off in the A fragments, ``(128 + q) - (128 + z)``, exact small integers in bf16; the
         # scale applied to each group's fp32 accumulator: one bf16 op per weight pair fewer than SCALED, no sum of x

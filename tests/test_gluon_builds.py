@@ -148,7 +148,8 @@ def test_next_group_requested_before_this_one_computes():
                                   dict(SCALED=False, ZSUB=True, PREFETCH=2, BM=16, T=1, W=8)])
 def test_weights_marked_evict_first_only_when_asked(loop):
     """``EVICT_FIRST``: every 16-byte word load carries the evict-first L1 hint and an L2 cache-policy operand
-    (``createpolicy.fractional.L2::evict_first``); x, the zero points and scales keep plain loads. Off: no hint."""
+    (``createpolicy.fractional.L2::evict_first``); the zero points and scales keep plain loads (x comes by
+    ``cp.async``). Off: no hint."""
     plain = _decode_ptx(XSTEPS=16, XONCE=True, XREADY=True, **loop)
     hinted = _decode_ptx(XSTEPS=16, XONCE=True, XREADY=True, EVICT_FIRST=True, **loop)
     words = _loads(plain).get("ld.global.v4.b32", 0)

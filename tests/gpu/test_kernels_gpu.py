@@ -269,6 +269,8 @@ def test_gluon_mma_on_repacked_weights(cfg, g):
                                  dict(T=1, num_warps=8, split_k=4, SCALED=True, TAIL=2),
                                  dict(T=2, num_warps=4, BM=16, split_k=4, SCALED=True, TAIL=1),
                                  dict(T=1, num_warps=8, BM=16, split_k=3, ZSUB=True, TAIL=False, XGROUPS=64,
+                                      XREADY=True, PREFETCH=2),
+                                 dict(T=1, num_warps=8, BM=16, split_k=3, ZSUB=True, TAIL=False, XGROUPS=64,
                                       XREADY=True, PREFETCH=2, EVICT_FIRST=True)])
 def test_gluon_mma_chained_under_programmatic_dependent_launch(cfg):
     """Each call's x is the call before's output, so a kernel launched early (``PDL = 2``) that read x, or touched
