@@ -48,9 +48,15 @@ ISSUE_SHAPES = [(4096, 4096), (4096, 6144), (4096, 14336), (14336, 4096), (8192,
 SHAPES = ISSUE_SHAPES + [(4096, 28672)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 GROUP = 128
-DTYPE = torch.bfloat16
+DTYPE = torch.bfloat16  # ``--dtype float16``: fp16 activations, what most AutoAWQ checkpoints hold
+DTYPE_NAMES = {"bfloat16": (torch.bfloat16, "bf16"), "float16": (torch.float16, "fp16")}
 BW = 3.0e12  # measured copy bandwidth of the H100 here (DESIGN.md), bytes/s
 TARGETS = {1: 2.8, 16: 2.2, 64: 1.4}
+
+
+def suffix(meta: dict) -> str:
+    """The card's suffix of the section and plot names, plus ``_fp16`` for an fp16 run (its own section)."""
+    return card_suffix(meta["device"]) + ("_fp16" if meta.get("dtype") == "fp16" else "")
 
 
 def log(*a):
@@ -100,7 +106,7 @@ def bench_repacked(row, M, N, K, xs, awq_sets, packed_sets, table_only=False):
     """Time every repacked candidate for this row (``table_only``: the table's choice alone); keep the best
     (checked against fp64) and the best per kernel."""
     best, row["repacked_variants"] = (float("inf"), None), {}
-    cands = [repacked_dispatch.select(M, N, K, GROUP)] if table_only else repacked_dispatch.candidates(M, N, K, GROUP)
+    cands = [repacked_dispatch.select(M, N, K, GROUP, DTYPE)] if table_only else repacked_dispatch.candidates(M, N, K, GROUP)
     for cfg in cands:
         try:
             us = time_calls([lambda x=x, p=p, w=w, cfg=cfg: repacked_dispatch.run(cfg, x, p, w[1], w[2], GROUP)
@@ -262,14 +268,15 @@ def tuned_repacked_table(results, meta, older: dict) -> dict:
 
 
 def markdown(results, meta):
-    tag = card_suffix(meta["device"])
+    tag = suffix(meta)
+    dt = meta.get("dtype", "bf16")
     sustained = any("sustained" in r for r in results)
     chosen = ("the config the repo's tables choose (`--table-only`: what `awq_linear` runs, no tuning in this run)"
               if meta.get("table_only") else "the best of `repacked_dispatch.candidates`")
     lines = [
         "## W4A16 kernels (`benchmarks/kernels.py`" + (f", {meta['device']})" if tag else ")"), "",
         stamp(meta["device"], meta.get("commit"), meta.get("date")) + f" · torch {meta['torch']} · triton {meta['triton']}", "",
-        f"bf16, group {GROUP}, AutoAWQ layout read directly. Median µs per call (`triton.testing.do_bench`), "
+        f"{dt} activations (cuBLAS in {dt} too), group {GROUP}, AutoAWQ layout read directly. Median µs per call (`triton.testing.do_bench`), "
         + (f"every graph {meta['calls_per_graph']} calls (each contender's fresh random input sets, together 4x L2, "
            "repeated in turn: every call starts with cold L2, and every contender pays the graph's launch over the "
            "same number of calls). " if meta.get("calls_per_graph") else
@@ -277,7 +284,7 @@ def markdown(results, meta):
         + "Speedups are over cuBLAS "
         "(`x @ w.T`). Roofline = bytes moved / 3.0 TB/s (measured copy bandwidth "
         f"{meta['copy_tbps']:.2f} TB/s this run). Relative error of our output vs an fp64 reference in the last column. "
-        "On sm_90 with bf16 the engine runs the repacked path (weights in the tensor cores' fragment order, "
+        "On sm_90 (bf16 or fp16) the engine runs the repacked path (weights in the tensor cores' fragment order, "
         f"`kernels/repacked_dispatch.py`): its columns are {chosen}, and the targets below are checked on the "
         "path the engine runs." + (" The AutoAWQ-layout columns are likewise the table's choice." if
                                   meta.get("table_only") else "")
@@ -366,12 +373,12 @@ def plot(results, path, meta):
         ax.set_xscale("log", base=2)
         ax.set_title(f"K={K}, N={N}")
         ax.set_xlabel("M")
-        ax.set_ylabel("speedup over cuBLAS bf16")
+        ax.set_ylabel(f"speedup over cuBLAS {meta.get('dtype', 'bf16')}")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(shapes):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"W4A16 g{GROUP} bf16 on {meta['device']} · {meta['date']} · commit {meta['commit']}")
+    fig.suptitle(f"W4A16 g{GROUP} {meta.get('dtype', 'bf16')} on {meta['device']} · {meta['date']} · commit {meta['commit']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -391,9 +398,9 @@ def write_outputs(results, meta, out: Path, md: str, write_docs: bool) -> None:
     for name, _, table in tables:
         (out / name).write_text(json.dumps(table, indent=1, sort_keys=True))
     (out / "kernels_section.md").write_text(md)
-    plot(results, out / f"kernels_speedup{card_suffix(meta['device'])}.png", meta)
+    plot(results, out / f"kernels_speedup{suffix(meta)}.png", meta)
     if write_docs:
-        write_section(f"kernels{card_suffix(meta['device'])}", md)
+        write_section(f"kernels{suffix(meta)}", md)
         for _, repo_path, table in tables:
             if repo_path is not None:
                 repo_path.write_text(json.dumps(table, indent=1, sort_keys=True))
@@ -426,7 +433,10 @@ def main():
     ap.add_argument("--ms", default=None, help="e.g. 1,16,64")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this many seconds")
     ap.add_argument("--write-docs", action="store_true", help="also write docs/benchmarks.md and the repo tables")
-    ap.add_argument("--no-repacked", action="store_true", help="leave out the repacked path (sm_90, bf16)")
+    ap.add_argument("--no-repacked", action="store_true", help="leave out the repacked path (sm_90)")
+    ap.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bfloat16",
+                    help="activations (and cuBLAS's weights): float16 times the bf16-tuned tables on fp16 inputs "
+                         "(with --table-only; its own section in docs/benchmarks.md)")
     ap.add_argument("--calls", type=int, default=timing.GRAPH_CALLS,
                     help="calls in every timed graph, each contender's input sets repeated in turn (0: one call "
                          "per set, as runs before 2026-11-29's twenty-third session did)")
@@ -443,6 +453,10 @@ def main():
                     help="kernels_results.json files of one commit on one card, measured in several device calls "
                          "(e.g. --ms 1,2 / 4-64 / 128-4096): write their joint table, section and plot, no GPU needed")
     args = ap.parse_args()
+    global DTYPE
+    DTYPE, dtype_name = DTYPE_NAMES[args.dtype]
+    if DTYPE != torch.bfloat16 and not (args.table_only or args.join):
+        raise SystemExit("--dtype float16 times the tables' choices (tuned in bf16, shared by fp16): add --table-only")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.join:
@@ -460,7 +474,8 @@ def main():
     dev = torch.cuda.get_device_name()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     meta = {"device": dev, "sms": sms, "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat(), "commit": git_commit(), "group": GROUP, "dtype": "bf16"}
+            "date": datetime.date.today().isoformat(), "commit": git_commit(), "group": GROUP,
+            "dtype": dtype_name}
     meta["copy_tbps"] = copy_bandwidth() / 1e12
     meta["table_only"] = args.table_only
     timing.GRAPH_CALLS = meta["calls_per_graph"] = args.calls

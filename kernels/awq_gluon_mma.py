@@ -80,20 +80,42 @@ def staged_layout(BK: int):
     return gl.SwizzledSharedLayout(vec=8, per_phase=max(1, 64 // BK), max_phase=min(8, BK // 8), order=[1, 0])
 
 
+def _unpack_asm(magic: str) -> str:
+    """PTX of one word -> four pairs ``OFF + q``: three shifts, then each nibble pair masked into the exponent of
+    ``magic`` (a pair of ``OFF``: bf16 128 = 0x4300, whose last mantissa bit is 1; fp16 1024 = 0x6400)."""
+    return ("{ .reg .b32 t0, t1, t2;\n shr.u32 t0, $4, 4; shr.u32 t1, $4, 8; shr.u32 t2, $4, 12;\n"
+            + "".join(f"lop3.b32 ${i}, {src}, 0x000F000F, {magic}, 0xea; "
+                      for i, src in enumerate(("$4", "t0", "t1", "t2"))) + "}")
+
+
+_UNPACK_BF16 = gl.constexpr(_unpack_asm("0x43004300"))
+_UNPACK_F16 = gl.constexpr(_unpack_asm("0x64006400"))
+
+
 @gluon.jit
-def _fragments(w, a_l: gl.constexpr, W: gl.constexpr, T: gl.constexpr, BK: gl.constexpr):
-    """Words ``[T, W, 8, BK/16, 4]`` -> the A operand ``[16 W T, BK]`` bf16 (``128 + q``) in ``a_l``, in
-    registers."""
+def _fragments(w, a_l: gl.constexpr, W: gl.constexpr, T: gl.constexpr, BK: gl.constexpr, DT: gl.constexpr):
+    """Words ``[T, W, 8, BK/16, 4]`` -> the A operand ``[16 W T, BK]`` in ``DT`` (``OFF + q``, :func:`_offset`), in
+    ``a_l``, in registers."""
     w2 = gl.join(w, w)
     w4 = gl.join(w2, w2)
     w8 = gl.join(w4, w4)  # [tile, n_hi, n_lo, k_hi, k_mid, k3, n3, k0]
-    a8 = gl.inline_asm_elementwise(
-        "{ .reg .b32 t0, t1, t2;\n shr.u32 t0, $4, 4; shr.u32 t1, $4, 8; shr.u32 t2, $4, 12;\n"
-        "lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xea; lop3.b32 $1, t0, 0x000F000F, 0x43004300, 0xea;\n"
-        "lop3.b32 $2, t1, 0x000F000F, 0x43004300, 0xea; lop3.b32 $3, t2, 0x000F000F, 0x43004300, 0xea; }",
-        "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [w8], dtype=gl.bfloat16, is_pure=True, pack=8)
+    if DT == gl.float16:
+        a8 = gl.inline_asm_elementwise(_UNPACK_F16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [w8], dtype=gl.float16,
+                                       is_pure=True, pack=8)
+    else:
+        a8 = gl.inline_asm_elementwise(_UNPACK_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [w8], dtype=gl.bfloat16,
+                                       is_pure=True, pack=8)
     a = gl.reshape(gl.permute(a8, [0, 1, 6, 2, 3, 5, 4, 7]), [16 * W * T, BK])
     return gl.convert_layout(a, a_l, assert_trivial=True)
+
+
+@gluon.jit
+def _offset(DT: gl.constexpr):
+    """``OFF``, what the unpacked codes carry: 128 in bf16 (7 mantissa bits), 1024 in fp16 (10)."""
+    if DT == gl.float16:
+        return 1024
+    else:
+        return 128
 
 
 @gluon.jit
@@ -132,11 +154,11 @@ def _x_chunk(pid_m, M, stride_xm, XSTEPS: gl.constexpr, BM: gl.constexpr, BK: gl
 if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton >= 3.7 (3.6 names it ``_reinterpret``)
     @gluon.jit
     def _buffers(x_smem, NBUF: gl.constexpr, ROWS: gl.constexpr, BK: gl.constexpr, xs_l: gl.constexpr):
-        return x_smem.reinterpret(gl.bfloat16, [NBUF, ROWS, BK], xs_l)
+        return x_smem.reinterpret(x_smem.dtype, [NBUF, ROWS, BK], xs_l)
 else:
     @gluon.jit
     def _buffers(x_smem, NBUF: gl.constexpr, ROWS: gl.constexpr, BK: gl.constexpr, xs_l: gl.constexpr):
-        return x_smem._reinterpret(gl.bfloat16, [NBUF, ROWS, BK], xs_l)
+        return x_smem._reinterpret(x_smem.dtype, [NBUF, ROWS, BK], xs_l)
 
 
 @gluon.jit
@@ -193,10 +215,11 @@ def _repeat_tiles(v, T: gl.constexpr, R: gl.constexpr, BM: gl.constexpr, mma: gl
 
 
 @gluon.jit
-def _zeros_scales_bf16(qz_ptr, s_ptr, g, n, N):
-    """``128 + z`` (bf16) and the scales of group ``g`` for columns ``n`` (AutoAWQ ``qzeros``/``scales``), in
-    ``n``'s layout: what ``SCALED`` subtracts from and multiplies into the A fragments."""
-    return _zeros_bf16(gl.load(qz_ptr + g * (N // 8) + n // 8), n), gl.load(s_ptr + g * N + n)
+def _zeros_scales(qz_ptr, s_ptr, g, n, N):
+    """``OFF + z`` and the scales of group ``g`` for columns ``n`` (AutoAWQ ``qzeros``/``scales``), in ``n``'s
+    layout and the scales' dtype: what ``SCALED`` subtracts from and multiplies into the A fragments."""
+    return (_zeros(gl.load(qz_ptr + g * (N // 8) + n // 8), n, s_ptr.dtype.element_ty),
+            gl.load(s_ptr + g * N + n))
 
 
 @gluon.jit
@@ -221,9 +244,10 @@ def _second_step_words(w, pw_ptr, g, GROUP: gl.constexpr, BK: gl.constexpr, EVIC
 
 
 @gluon.jit
-def _zeros_bf16(zw, n):
-    """``128 + z`` (bf16) of columns ``n`` from their packed ``qzeros`` words ``zw`` (AutoAWQ nibble order)."""
-    return (((zw >> ((((n >> 1) & 3) << 2) + ((n & 1) << 4))) & 0xF) + 128).to(gl.bfloat16)
+def _zeros(zw, n, DT: gl.constexpr):
+    """``OFF + z`` in ``DT`` (exact) of columns ``n`` from their packed ``qzeros`` words ``zw`` (AutoAWQ nibble
+    order)."""
+    return (((zw >> ((((n >> 1) & 3) << 2) + ((n & 1) << 4))) & 0xF) + _offset(DT)).to(DT)
 
 
 @gluon.jit
@@ -264,7 +288,8 @@ def _zsub_group(y_acc, w, w1, zw, sg, g, gn, x_smem, x_ptr, xcoff, xcf, xcrows, 
     wn1 = _second_step_words(wn, pw_ptr, gn, GROUP, BK, EVICT_FIRST)
     zn = gl.load(qz_ptr + gn * (N // 8) + on_a // 8)
     sn = gl.load(s_ptr + gn * N + on)
-    za = _zeros_bf16(zw, on_a)
+    DT: gl.constexpr = s_ptr.dtype.element_ty
+    za = _zeros(zw, on_a, DT)
     acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
     for st in gl.static_range(GROUP // BK):
         if st == 0:
@@ -273,7 +298,7 @@ def _zsub_group(y_acc, w, w1, zw, sg, g, gn, x_smem, x_ptr, xcoff, xcf, xcrows, 
             wst = w1
         xb = _x_operand(x_smem, x_ptr, xcoff, xcf, xcrows, xoff, xmask, g, g0, g1, st, XSTEPS, NBUF, BM, BK, GROUP,
                         xs_l, XREADY, b_l)
-        acc = gl.nvidia.ampere.mma_v2(_fragments(wst, a_l, W, T, BK) - za[:, None], xb, acc)
+        acc = gl.nvidia.ampere.mma_v2(_fragments(wst, a_l, W, T, BK, DT) - za[:, None], xb, acc)
     return y_acc + acc * sg.to(gl.float32)[:, None], wn, wn1, zn, sn
 
 
@@ -291,6 +316,7 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     pid_m = gl.program_id(2)
+    DT: gl.constexpr = x_ptr.dtype.element_ty  # bf16 or fp16 (the launcher checks the scales match)
     KH: gl.constexpr = BK // 16
     woff = _word_offsets(pid_n, K, w_l, W, T, KH)
     # x [BM, BK] loaded coalesced (16 bytes per thread), then moved into the B operand layout as x^T: loading
@@ -302,7 +328,7 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
         # x staged in shared memory by cp.async, the whole split at once (XONCE) or XSTEPS steps at a time in two
         # buffers (the next chunk copied while this one computes): one CTA barrier per chunk instead of two per
         # step, and each step's B operand read straight from the buffer by ldmatrix
-        x_smem = gl.allocate_shared_memory(gl.bfloat16, [NBUF * XSTEPS, BM, BK], xs_l)
+        x_smem = gl.allocate_shared_memory(DT, [NBUF * XSTEPS, BM, BK], xs_l)
         xcoff, xcf, xcrows = _x_chunk(pid_m, M, stride_xm, XSTEPS, BM, BK, x_l)
     else:  # (placeholders for the helpers' arguments: x read step by step)
         x_smem, xcoff, xcf, xcrows = x_ptr, 0, 0, 0
@@ -334,7 +360,7 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
         # the weights scaled in the A fragments ((128 + q) - (128 + z)) * s, one accumulator, no sum over x: fewer
         # registers for 32-64 rows (the product rounds to bf16, as in the ``gemm`` kernel)
         for g in range(g0, g1):
-            za, sa = _zeros_scales_bf16(qz_ptr, s_ptr, g, on_a, N)
+            za, sa = _zeros_scales(qz_ptr, s_ptr, g, on_a, N)
             for st in gl.static_range(GROUP // BK):
                 k0 = g * GROUP + st * BK
                 if PREFETCH:
@@ -343,7 +369,7 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                     w = _wload(pw_ptr + woff + _word_offset(k0, BK), EVICT_FIRST)
                 xb = _x_operand(x_smem, x_ptr, xcoff, xcf, xcrows, xoff, xmask, g, g0, g1, st, XSTEPS, NBUF, BM, BK,
                                 GROUP, xs_l, XREADY, b_l)
-                a = (_fragments(w, a_l, W, T, BK) - za[:, None]) * sa[:, None]
+                a = (_fragments(w, a_l, W, T, BK, DT) - za[:, None]) * sa[:, None]
                 y_acc = gl.nvidia.ampere.mma_v2(a, xb, y_acc)
                 if PREFETCH:
                     w = w_next
@@ -371,7 +397,7 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
         # the zero points taken off in the A fragments, ``(128 + q) - (128 + z)``, exact small integers in bf16; the
         # scale applied to each group's fp32 accumulator: one bf16 op per weight pair fewer than SCALED, no sum of x
         for g in range(g0, g1):
-            za = _zeros_bf16(gl.load(qz_ptr + g * (N // 8) + on_a // 8), on_a)
+            za = _zeros(gl.load(qz_ptr + g * (N // 8) + on_a // 8), on_a, DT)
             acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
             for st in gl.static_range(GROUP // BK):
                 k0 = g * GROUP + st * BK
@@ -381,7 +407,7 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                     w = _wload(pw_ptr + woff + _word_offset(k0, BK), EVICT_FIRST)
                 xb = _x_operand(x_smem, x_ptr, xcoff, xcf, xcrows, xoff, xmask, g, g0, g1, st, XSTEPS, NBUF, BM, BK,
                                 GROUP, xs_l, XREADY, b_l)
-                acc = gl.nvidia.ampere.mma_v2(_fragments(w, a_l, W, T, BK) - za[:, None], xb, acc)
+                acc = gl.nvidia.ampere.mma_v2(_fragments(w, a_l, W, T, BK, DT) - za[:, None], xb, acc)
                 if PREFETCH:
                     w = w_next
             y_acc += acc * gl.load(s_ptr + g * N + on).to(gl.float32)[:, None]
@@ -390,7 +416,7 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
             # the sum of x over each group's features by the tensor cores, an A operand of ones (one 16-row tile
             # per warp): it lands in the accumulator's layout, where the sum of x computed on the CUDA cores had
             # to pass through shared memory behind a CTA barrier every group
-            ones = gl.full([16 * W, BK], 1.0, gl.bfloat16, layout=a_l)
+            ones = gl.full([16 * W, BK], 1.0, DT, layout=a_l)
         for g in range(g0, g1):
             acc = gl.zeros([16 * W * T, BM], gl.float32, layout=mma)
             if XSUM_MMA:
@@ -416,13 +442,13 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
                     if not XSUM_MMA:
                         xs += gl.sum(xr.to(gl.float32), axis=1)
                     xb = gl.convert_layout(gl.permute(xr, [1, 0]), b_l)
-                acc = gl.nvidia.ampere.mma_v2(_fragments(w, a_l, W, T, BK), xb, acc)
+                acc = gl.nvidia.ampere.mma_v2(_fragments(w, a_l, W, T, BK, DT), xb, acc)
                 if XSUM_MMA:
                     xacc = gl.nvidia.ampere.mma_v2(ones, xb, xacc)
                 if PREFETCH:
                     w = w_next
             z = gl.load(qz_ptr + g * (N // 8) + on // 8)
-            zo = ((z >> ((((on >> 1) & 3) << 2) + ((on & 1) << 4))) & 0xF).to(gl.float32) + 128.0
+            zo = (((z >> ((((on >> 1) & 3) << 2) + ((on & 1) << 4))) & 0xF) + _offset(DT)).to(gl.float32)
             s = gl.load(s_ptr + g * N + on).to(gl.float32)
             if XSUM_MMA:
                 y_acc += (acc - zo[:, None] * _repeat_tiles(xacc, T, 16 * W, BM, mma)) * s[:, None]
@@ -450,10 +476,10 @@ def _awq_gluon_mma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cn
 
 @gluon.jit
 def _store_y(acc, y_ptrs, b_ptrs, omask, HAS_BIAS: gl.constexpr):
-    """The tile's total (+ bias) as bf16, in the accumulator's layout."""
+    """The tile's total (+ bias) in y's dtype, in the accumulator's layout."""
     if HAS_BIAS:
         acc += gl.load(b_ptrs).to(gl.float32)[:, None]
-    gl.store(y_ptrs, acc.to(gl.bfloat16), mask=omask)
+    gl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=omask)
 
 
 @gluon.jit
@@ -461,7 +487,7 @@ def _sum_in_last_split(tot, ws_ptr, ws_offs, omask, y_ptrs, b_ptrs, cnt_ptr, til
                        HAS_BIAS: gl.constexpr):
     """Split-K without a second launch: after this program's partial is in ``ws``, the last program of output
     ``tile`` to arrive (a counter per tile) sums every split's partial in a fixed order (``tot``: zeros in the
-    partials' layout), adds the bias, stores bf16 ``y`` and leaves the counter at 0 for the next launch / graph
+    partials' layout), adds the bias, stores ``y`` and leaves the counter at 0 for the next launch / graph
     replay."""
     _cta_barrier()  # every thread's partial is written before the counter says so
     prev = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
@@ -472,7 +498,7 @@ def _sum_in_last_split(tot, ws_ptr, ws_offs, omask, y_ptrs, b_ptrs, cnt_ptr, til
                                other=0.0, cache_modifier=".cg")
         if HAS_BIAS:
             tot += gl.load(b_ptrs).to(gl.float32)[:, None]
-        gl.store(y_ptrs, tot.to(gl.bfloat16), mask=omask)
+        gl.store(y_ptrs, tot.to(y_ptrs.dtype.element_ty), mask=omask)
         gl.atomic_xchg(cnt_ptr + tile, 0)
 
 
@@ -521,6 +547,16 @@ def tail_unroll(tile_elems: int, threads: int) -> int:
     loads in flight (8 at 1-16 rows; the pipelined kernel reads one, its 64-256-row accumulator already holding
     32-128 registers a thread)."""
     return max(1, min(8, 64 * threads // tile_elems))
+
+
+def check_dtypes(launcher: str, x2: torch.Tensor, scales: torch.Tensor) -> None:
+    """The activations the Gluon kernels take (bf16 or fp16) and scales of the same dtype (the fragments are scaled
+    and offset in it), before a launch."""
+    if x2.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{launcher} takes bf16 or fp16 x, got {x2.dtype}")
+    if scales.dtype != x2.dtype:
+        raise ValueError(f"{launcher} needs scales in x's dtype {x2.dtype}, got {scales.dtype}: convert them once "
+                         f"at load time")
 
 
 def check_tail(launcher: str, TAIL: int) -> None:
@@ -581,8 +617,9 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
-    if x2.dtype != torch.bfloat16 or x2.stride(1) != 1:
-        raise ValueError("gluon_mma takes bf16 x with unit column stride")
+    check_dtypes("gluon_mma", x2, scales)
+    if x2.stride(1) != 1:
+        raise ValueError("gluon_mma takes x with unit column stride")
     if N % (16 * num_warps * T) or group_size % 32:
         raise ValueError(f"gluon_mma needs N a multiple of {16 * num_warps * T} and group size 32, 64 or 128")
     BK = BK or min(64, group_size)

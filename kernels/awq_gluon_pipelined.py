@@ -32,7 +32,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # griddepcontrol (sm_90)
 
 from .awq_gluon_mma import (_add_other_splits, _cta_barrier, _fragments, _layouts, _sum_in_last_split, _word_offset,
-                            _word_offsets, _zeros_bf16, check_tail, register_tail_ws)
+                            _word_offsets, _zeros, check_dtypes, check_tail, register_tail_ws)
 from .awq_repack import check_repackable
 from .awq_triton import PDL, _out_and_ws, _split_args, reduce_partials, tile_counters
 from .dispatch import num_sms
@@ -41,6 +41,7 @@ from .dispatch import num_sms
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 # a shared buffer viewed as another dtype and shape (Triton 3.6 names it ``_reinterpret``, later releases
 # ``reinterpret``)
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}  # x's shared layout (TMA)
 _REINTERPRET_PUBLIC = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
 
 
@@ -69,8 +70,9 @@ def _odd_step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, k0, zw, s, GROUP
 
 @gluon.jit
 def _step_a(w, zw, s, on_a, a_l: gl.constexpr, W: gl.constexpr, T: gl.constexpr, BK: gl.constexpr):
-    """The A operand of a step from :func:`_step_operands`' loads: ``((128 + q) - (128 + z)) * s`` in bf16."""
-    return (_fragments(w, a_l, W, T, BK) - _zeros_bf16(zw, on_a)[:, None]) * s[:, None]
+    """The A operand of a step from :func:`_step_operands`' loads: ``((OFF + q) - (OFF + z)) * s`` in the scales'
+    dtype (bf16 or fp16)."""
+    return (_fragments(w, a_l, W, T, BK, s.dtype) - _zeros(zw, on_a, s.dtype)[:, None]) * s[:, None]
 
 
 @gluon.jit
@@ -149,7 +151,7 @@ def _k_loop(x_desc, x_smem, bars, pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, m0, s
     # runs, so the next step's fragments must go to other registers (ptxas does not guard this: one variable
     # rewritten at the top of a loop gave wrong sums). Each step unpacks its fragments while the previous
     # step's wgmma runs, then waits for it and issues its own.
-    a1 = gl.zeros([BF, BK], gl.bfloat16, layout=a_l)
+    a1 = gl.zeros([BF, BK], s_ptr.dtype.element_ty, layout=a_l)
     for j in range(0, nst - 1, 2):
         # operands of steps j + 2, j + 3 in flight while steps j, j + 1 compute
         w2, z2, sc2 = _step_operands(pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, (s0 + j + 2) * BK, GROUP, BK)
@@ -200,7 +202,7 @@ def _awq_gluon_pipelined_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_
         else:
             nst = gl.where(pid_k == SPLIT_K - 1, K // BK - s0, nst)
 
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BB, BK], x_desc.layout)
+    x_smem = gl.allocate_shared_memory(y_ptr.dtype.element_ty, [STAGES, BB, BK], x_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     acc = _k_loop(x_desc, x_smem, bars, pw_ptr, qz_ptr, s_ptr, woff, on_a, N, K, m0, s0, nst, GROUP, BK, BB, W, T,
                   STAGES, DEPTH, PAIR, acc_l, a_l)
@@ -260,13 +262,13 @@ def _sum_splits_and_store(acc, ws_ptr, cnt_ptr, tile, pid_k, n_split, y_ptr, b_p
 @gluon.jit
 def _store_tile(acc, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym, BF: gl.constexpr, BB: gl.constexpr,
                 HAS_BIAS: gl.constexpr, acc_l: gl.constexpr, o_l: gl.constexpr):
-    """features [BF] x rows [BB] -> y[rows, features] (+ bias), bf16: through shared memory into a layout where
+    """features [BF] x rows [BB] -> y[rows, features] (+ bias), in y's dtype: through shared memory into a layout where
     each thread holds eight consecutive features of one row (16-byte stores)."""
     if HAS_BIAS:
         acc += gl.load(b_ptr + pid_n * BF + gl.arange(0, BF, layout=gl.SliceLayout(1, acc_l))).to(gl.float32)[:, None]
     on = pid_n * BF + gl.arange(0, BF, layout=gl.SliceLayout(1, o_l))
     om = m0 + gl.arange(0, BB, layout=gl.SliceLayout(0, o_l))
-    gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], gl.convert_layout(acc.to(gl.bfloat16), o_l),
+    gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], gl.convert_layout(acc.to(y_ptr.dtype.element_ty), o_l),
              mask=(om < M)[None, :] & (on < N)[:, None])
 
 
@@ -324,8 +326,8 @@ def _awq_tail_ws_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, st
     if PDL:
         gdc_launch_dependents()
     BF: gl.constexpr = 16 * W * T
-    x0 = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BB, BK], x_desc.layout)
-    x1 = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BB, BK], x_desc.layout)
+    x0 = gl.allocate_shared_memory(y_ptr.dtype.element_ty, [STAGES, BB, BK], x_desc.layout)
+    x1 = gl.allocate_shared_memory(y_ptr.dtype.element_ty, [STAGES, BB, BK], x_desc.layout)
     bars0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     bars1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     done = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
@@ -451,8 +453,7 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
-    if x2.dtype != torch.bfloat16:
-        raise ValueError("gluon_pipelined takes bf16 x")
+    check_dtypes("gluon_pipelined", x2, scales)
     if BB not in (64, 128, 256) or W not in (4, 8) or T not in (1, 2, 4) or STAGES < 2 or DEPTH not in (0, 1):
         raise ValueError(f"gluon_pipelined takes BB 64/128/256, W 4/8, T 1/2/4, STAGES >= 2, DEPTH 0/1; got "
                          f"{BB}, {W}, {T}, {STAGES}, {DEPTH}")
@@ -471,7 +472,7 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     if x2.stride(1) != 1 or (x2.stride(0) * 2) % 16 or x2.data_ptr() % 16:
         x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh allocation: aligned, rows K apart
     acc_l, a_l, w_l, o_l = _pipelined_layouts(W, T, BB, BK)
-    x_desc = TensorDescriptor.from_tensor(x2, [BB, BK], gl.NVMMASharedLayout.get_default_for([BB, BK], gl.bfloat16))
+    x_desc = TensorDescriptor.from_tensor(x2, [BB, BK], gl.NVMMASharedLayout.get_default_for([BB, BK], _GL_DTYPES[x2.dtype]))
     check_tail("gluon_pipelined", TAIL)
     tiles = N // BF * triton.cdiv(M, BB)
     full, last_split = _last_wave_split(tiles, K // group_size, SLOTS * (sms or num_sms(x2.device))) \

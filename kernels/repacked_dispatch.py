@@ -9,9 +9,11 @@ The measured best config per (K, N, M bucket) at group 128 is kept per card in `
 (``h100``, ``h200``: the card's own entries first, then the H100's); other shapes get a rule sized by the number of
 programs (the measured winners keep ~400-1800 programs in flight).
 
-Requirements (:func:`supported`): an sm_90 GPU (warpgroup MMA), Triton with Gluon, bf16 activations, N a multiple
-of 128, K of 64, groups of 32, 64 or 128. fp16 activations on repacked weights run the ``tl.dot`` kernel /
-dequantize + cuBLAS (the Gluon kernels are bf16 only). CPU: a torch reference on the unpacked codes.
+Requirements (:func:`supported`): an sm_90 GPU (warpgroup MMA), Triton with Gluon, bf16 or fp16 activations (scales
+in the same dtype), N a multiple of 128, K of 64, groups of 32, 64 or 128. The tables were measured in bf16 and
+serve fp16 too: the kernels' builds differ only in the unpacking constant and the MMA's input type (same
+instructions, loads and registers: ``tests/test_gluon_builds.py``), and the fp16 table is timed beside the bf16
+one in ``benchmarks/kernels.py --dtype float16``. CPU: a torch reference on the unpacked codes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .awq_layout import pack_int4
 from .awq_repack import fragments_to_codes, repack_awq
 from .reference import awq_linear_reference
 
+DTYPES = (torch.bfloat16, torch.float16)  # what the Gluon kernels take (one table serves both)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)  # the M values benchmarks/kernels.py measures
 CARDS = ("h100", "h200")  # cards with a measured table; any other sm_90 GPU reads the H100's
 TABLE = Path(__file__).with_name("tuned_repacked_h100.json")  # the reference table (and every other card's fallback)
@@ -74,7 +77,7 @@ def _gluon_ok() -> bool:
 def supported(K: int, N: int, group_size: int, dtype: torch.dtype, device: torch.device | str) -> bool:
     """True where :func:`repack` + :func:`linear` beat the AutoAWQ-layout kernels (see module doc)."""
     device = torch.device(device)
-    if device.type != "cuda" or dtype != torch.bfloat16 or group_size not in (32, 64, 128):
+    if device.type != "cuda" or dtype not in DTYPES or group_size not in (32, 64, 128):
         return False
     if K % 64 or K % group_size or N % 128:
         return False
@@ -97,8 +100,9 @@ def _split_for(programs_per_split: int, target: int, cap: int = 16) -> int:
 def select(M: int, N: int, K: int, group_size: int, dtype: torch.dtype = torch.bfloat16,
            card: str | None = None) -> dict:
     """The kernel and config for ``M`` rows: the measured table's entry of ``card`` (default: this process's GPU;
-    group 128), else the rule."""
-    if dtype != torch.bfloat16:
+    group 128), else the rule. bf16 and fp16 share both; other dtypes get the ``tl.dot`` kernel / dequantize +
+    cuBLAS."""
+    if dtype not in DTYPES:
         return {"kernel": "dot", "BM": 64, "BN": 64, "split_k": 1} if M <= 128 else {"kernel": "dequant"}
     b = bucket(M)
     if group_size == 128:
@@ -154,7 +158,7 @@ def pipelined_slots(BB: int, W: int, STAGES: int) -> int:
 
 
 def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
-    """The pruned config space ``benchmarks/kernels.py`` times for ``M`` rows (bf16; the families and ranges
+    """The pruned config space ``benchmarks/kernels.py`` times for ``M`` rows (bf16 or fp16; the families and ranges
     that won in ``benchmarks/gluon_probe.py``), :func:`select`'s choice first; every entry fits ``N``."""
     b = bucket(M)
     out = [select(M, N, K, group_size)]
@@ -251,24 +255,25 @@ def reference(x: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scale
     return awq_linear_reference(x, pack_int4(fragments_to_codes(packed)), qzeros, scales, group_size, bias)
 
 
-def warmup(shapes, group_size: int, device: torch.device | str = "cuda", max_rows: int = 4096) -> int:
+def warmup(shapes, group_size: int, device: torch.device | str = "cuda", max_rows: int = 4096,
+           dtype: torch.dtype = torch.bfloat16) -> int:
     """Compile every kernel config :func:`select` picks for the repacked ``(K, N)`` ``shapes`` at each measured
-    row count up to ``max_rows`` (prefill included), so no Gluon kernel compiles on a request; returns the
-    number of launches. Weights and inputs are random: only the launches matter."""
+    row count up to ``max_rows`` (prefill included), for activations of ``dtype``, so no Gluon kernel compiles on
+    a request; returns the number of launches. Weights and inputs are random: only the launches matter."""
     from .dispatch import random_awq
 
     device = torch.device(device)
     launches = 0
     for K, N in shapes:
-        qw, qz, sc = random_awq(K, N, group_size, torch.bfloat16, device)
+        qw, qz, sc = random_awq(K, N, group_size, dtype, device)
         packed, seen = repack(qw), set()
         for b in [b for b in BUCKETS if b <= max(1, max_rows)]:
-            cfg = select(b, N, K, group_size)
+            cfg = select(b, N, K, group_size, dtype)
             if json.dumps(cfg, sort_keys=True) in seen:
                 continue
             seen.add(json.dumps(cfg, sort_keys=True))
             for m in {b, max(1, b - 1)}:  # kernels outside Gluon specialize on M % 16: both kinds of M
-                run(cfg, torch.randn(m, K, dtype=torch.bfloat16, device=device), packed, qz, sc, group_size)
+                run(cfg, torch.randn(m, K, dtype=dtype, device=device), packed, qz, sc, group_size)
                 launches += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -36,7 +36,7 @@ class EngineConfig:
     cuda_graph_max_bs: int | None = None  # largest decode batch captured (default max_num_seqs)
     async_scheduling: bool = True         # queue decode step t+1 before reading step t's tokens (see LLMEngine)
     tune_kernels: bool = False            # autotune W4A16 configs missing from kernels/' table (seconds each)
-    repack_weights: bool = True           # AWQ weights into the tensor cores' fragment order at load (sm_90, bf16)
+    repack_weights: bool = True           # AWQ weights into the tensor cores' fragment order at load (sm_90, bf16 or fp16)
     progress: bool = True                 # weight-loading progress bar
     tp: int = 1                           # tensor-parallel world size (ranks are hosted by cluster/)
 

@@ -40,13 +40,14 @@ def _loads(ptx: str) -> dict:
 
 def _decode_ptx(SCALED: bool, TAIL: int = 0, XSTEPS: int = 0, XONCE: bool = False, PDL: int = 0,
                 PREFETCH: bool = False, XSUM_MMA: bool = False, T: int = 2, ZSUB: bool = False,
-                XREADY: bool = False, BM: int = 8, W: int = 4, EVICT_FIRST: bool = False) -> str:
-    """The small-M kernel's sm_90 PTX (by default 4 warps, two tiles each, 8 rows; 64-feature steps, group 128)."""
+                XREADY: bool = False, BM: int = 8, W: int = 4, EVICT_FIRST: bool = False, dt: str = "bf16") -> str:
+    """The small-M kernel's sm_90 PTX (by default 4 warps, two tiles each, 8 rows; 64-feature steps, group 128;
+    ``dt``: x, scales and y in bf16 or fp16)."""
     BK = 64
     mma, a_l, b_l, w_l, x_l = gm._layouts(W, BK, T)
     sig = dict(zip(["x_ptr", "pw_ptr", "qz_ptr", "s_ptr", "b_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "M", "N", "K",
                     "stride_xm", "stride_ym", "SPLIT_K", "groups_per_split"],
-                   ["*bf16", "*i32", "*i32", "*bf16", "*bf16", "*bf16", "*fp32", "*i32"] + ["i32"] * 7))
+                   ["*" + dt, "*i32", "*i32", "*" + dt, "*" + dt, "*" + dt, "*fp32", "*i32"] + ["i32"] * 7))
     cst = dict(GROUP=128, BK=BK, BM=BM, W=W, T=T, HAS_BIAS=False, TAIL=TAIL, PREFETCH=PREFETCH, SCALED=SCALED,
                UNROLL=gm.tail_unroll(16 * W * T * BM, 32 * W), mma=mma, a_l=a_l, b_l=b_l, w_l=w_l, x_l=x_l,
                XSTEPS=XSTEPS, XONCE=XONCE, xs_l=gm.staged_layout(BK), PDL=PDL, XSUM_MMA=XSUM_MMA,
@@ -159,6 +160,22 @@ def test_weights_marked_evict_first_only_when_asked(loop):
     assert "createpolicy.fractional.L2::evict_first" in hinted
 
 
+@pytest.mark.parametrize("loop", [dict(SCALED=True), dict(SCALED=False, XSUM_MMA=True, PREFETCH=True, XSTEPS=8,
+                                                                 XONCE=True),
+                                  dict(SCALED=False, ZSUB=True, PREFETCH=2, BM=16, T=1, W=8, XSTEPS=16, XONCE=True,
+                                       XREADY=True)])
+def test_fp16_builds_unpack_to_1024_plus_q_for_fp16_mma(loop):
+    """fp16 activations (what most AutoAWQ checkpoints hold): the same loop with the words unpacked into fp16 pairs
+    ``1024 + q`` (``lop3`` with 0x64006400, the bf16 build's 0x43004300 absent) feeding ``f16`` MMAs, the zero
+    points and scales in fp16 too, and the same count of MMAs and 16-byte word loads as the bf16 build."""
+    bf16, fp16 = _decode_ptx(**loop), _decode_ptx(**loop, dt="fp16")
+    assert "0x64006400" in fp16 and "0x43004300" not in fp16 and "0x43004300" in bf16
+    assert "bf16" not in fp16
+    mmas = [re.findall(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.(\w+)\.\w+\.f32", p) for p in (bf16, fp16)]
+    assert set(mmas[0]) == {"bf16"} and set(mmas[1]) == {"f16"} and len(mmas[0]) == len(mmas[1])
+    assert _loads(fp16).get("ld.global.v4.b32") == _loads(bf16).get("ld.global.v4.b32")
+
+
 def test_decode_rule_config_keeps_seven_programs_per_sm(tmp_path):
     """The rule's config for 2-8 rows without a table entry (``SCALED``, two tiles a warp, x read step by step,
     launched early) fits 72 registers a thread, so seven 128-thread programs share an SM: written as two pointer
@@ -166,8 +183,9 @@ def test_decode_rule_config_keeps_seven_programs_per_sm(tmp_path):
     wave on 132 SMs, ran 31 % slower on an H200 (22.7 against 29.7 us, same card)."""
     from tests.test_gluon_pipelined_build import _sass
 
-    report, _ = _sass(triton, _decode_ptx(True, TAIL=0, PDL=2), tmp_path)
-    assert int(re.search(r"Used (\d+) registers", report).group(1)) <= 72, report
+    for dt in ("bf16", "fp16"):
+        report, _ = _sass(triton, _decode_ptx(True, TAIL=0, PDL=2, dt=dt), tmp_path)
+        assert int(re.search(r"Used (\d+) registers", report).group(1)) <= 72, (dt, report)
 
 
 def test_ones_mma_refused_where_there_is_no_sum_of_x():
@@ -190,6 +208,22 @@ def test_ones_mma_refused_where_there_is_no_sum_of_x():
     with pytest.raises(ValueError, match="PREFETCH 0"):
         gm.gluon_mma(x, torch.zeros(128 * 128 // 8, dtype=torch.int32), torch.zeros(1, 16, dtype=torch.int32),
                      torch.zeros(1, 128, dtype=torch.bfloat16), 128, ZSUB=True, PREFETCH=3)
+
+
+@pytest.mark.parametrize("x_dtype,s_dtype,match", [(torch.float32, torch.float32, "bf16 or fp16 x"),
+                                                   (torch.float16, torch.bfloat16, "scales in x's dtype")])
+def test_gluon_launchers_refuse_other_dtypes_before_launch(x_dtype, s_dtype, match):
+    """fp32 x, or scales of another dtype than x (the fragments are offset and scaled in x's dtype): a clear error
+    from each Gluon launcher, before anything is built (these run on the CPU)."""
+    from kernels.awq_gluon_pipelined import gluon_pipelined
+    from kernels.awq_gluon_wgmma import gluon_wgmma
+
+    x = torch.zeros(1, 128, dtype=x_dtype)
+    args = (torch.zeros(128 * 128 // 8, dtype=torch.int32), torch.zeros(1, 16, dtype=torch.int32),
+            torch.zeros(1, 128, dtype=s_dtype), 128)
+    for launcher in (gm.gluon_mma, gluon_wgmma, gluon_pipelined):
+        with pytest.raises(ValueError, match=match):
+            launcher(x, *args)
 
 
 def test_staged_steps():

@@ -45,17 +45,18 @@ def _gluon():
     return gl, TensorDescriptor, mangle_type, gp
 
 
-def _signature(BB, BK, extra):
+def _signature(BB, BK, extra, dt="bf16"):
     gl, TensorDescriptor, mangle_type, _ = _gluon()
-    x = torch.zeros((512, 1024), dtype=torch.bfloat16)
-    desc = TensorDescriptor.from_tensor(x, [BB, BK], gl.NVMMASharedLayout.get_default_for([BB, BK], gl.bfloat16))
-    return {"x_desc": mangle_type(desc), "pw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "b_ptr": "*bf16",
-            "y_ptr": "*bf16", "ws_ptr": "*fp32", **extra, "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32",
+    x = torch.zeros((512, 1024), dtype=torch.float16 if dt == "fp16" else torch.bfloat16)
+    desc = TensorDescriptor.from_tensor(x, [BB, BK], gl.NVMMASharedLayout.get_default_for(
+        [BB, BK], gl.float16 if dt == "fp16" else gl.bfloat16))
+    return {"x_desc": mangle_type(desc), "pw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*" + dt, "b_ptr": "*" + dt,
+            "y_ptr": "*" + dt, "ws_ptr": "*fp32", **extra, "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32",
             "SPLIT_K": "i32", "steps_per_split": "i32", "FULL": "i32"}
 
 
 def _build(W, T, BB, BK, STAGES, DEPTH, group, TAIL=True, LAST_WAVE=False, PAIR=False, UNEVEN=False,
-           AFTER_TAIL=False, **specialized):
+           AFTER_TAIL=False, dt="bf16", **specialized):
     """The kernel built for sm_90; ``specialized``: runtime arguments as the launcher's specialization makes them
     constants (an integer argument equal to 1, e.g. ``SPLIT_K=1``)."""
     _, _, _, gp = _gluon()
@@ -63,7 +64,7 @@ def _build(W, T, BB, BK, STAGES, DEPTH, group, TAIL=True, LAST_WAVE=False, PAIR=
     cst = dict(**specialized, GROUP=group, BK=BK, BB=BB, W=W, T=T, STAGES=STAGES, DEPTH=DEPTH, HAS_BIAS=True,
                TAIL=TAIL, LAST_WAVE=LAST_WAVE, PAIR=PAIR, UNEVEN=UNEVEN, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l,
                AFTER_TAIL=AFTER_TAIL)
-    return _compile(gp._awq_gluon_pipelined_kernel, _signature(BB, BK, {"cnt_ptr": "*i32"}), cst, W)
+    return _compile(gp._awq_gluon_pipelined_kernel, _signature(BB, BK, {"cnt_ptr": "*i32"}, dt), cst, W)
 
 
 def _sass(triton, ptx, tmp_path):
@@ -103,6 +104,23 @@ def test_pipelined_kernel_builds_async_without_register_hazards(W, T, BB, BK, ST
     if PAIR:  # the loop body (two steps) waits on one barrier and issues one refill (two boxes)
         unpaired = _build(W, T, BB, BK, STAGES, DEPTH, group)[1].asm["ptx"]
         assert ptx.count("mbarrier.try_wait") < unpaired.count("mbarrier.try_wait"), "no barrier wait saved"
+
+
+@pytest.mark.parametrize("W,BB,STAGES,PAIR", [(4, 256, 3, False), (8, 256, 4, False), (4, 128, 4, True)])
+def test_fp16_build_matches_the_bf16_one(W, BB, STAGES, PAIR, tmp_path):
+    """fp16 x (most AutoAWQ checkpoints): fp16 ``wgmma``s fed from registers, still asynchronous and free of register
+    hazards, the words unpacked to ``1024 + q``, in no more registers than the bf16 build (the table's
+    configs, tuned in bf16, keep their programs per SM)."""
+    builds = {dt: _build(W, 1, BB, 64, STAGES, 1, 128, TAIL=2, PAIR=PAIR, dt=dt) for dt in ("bf16", "fp16")}
+    triton, fp16 = builds["fp16"]
+    ptx = fp16.asm["ptx"]
+    assert "0x64006400" in ptx and "bf16" not in ptx and ".f16.f16" in ptx
+    assert ptx.count("wgmma.mma_async") == builds["bf16"][1].asm["ptx"].count("wgmma.mma_async")
+    report, sass = _sass(triton, ptx, tmp_path)
+    assert "C7513" not in report and hazards(sass) == []
+    regs = [int(re.search(r"Used (\d+) registers", _sass(triton, b.asm["ptx"], tmp_path)[0]).group(1))
+            for b in (builds["bf16"][1], fp16)]
+    assert regs[1] <= regs[0], regs
 
 
 def test_register_tail_keeps_two_programs_per_sm_without_spills(tmp_path):

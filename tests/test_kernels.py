@@ -473,7 +473,9 @@ def test_repacked_kernel_choice_covers_every_m():
                     assert not cfg.get("PAIR") or (g == 128 and cfg["STAGES"] % 2 == 0 and cfg["STAGES"] >= 4)
                 elif cfg["kernel"] != "dequant" or M < 256:  # dequantize + cuBLAS only where it was measured
                     assert M <= 32, (M, N, K, g, cfg)
-    assert rd.select(300, 4096, 4096, 128, torch.float16)["kernel"] == "dequant"
+    for M in (1, 16, 64, 300, 4096):  # fp16 activations take the same measured configs as bf16; fp32 the fallback
+        assert rd.select(M, 4096, 14336, 128, torch.float16) == rd.select(M, 4096, 14336, 128, torch.bfloat16)
+    assert rd.select(300, 4096, 4096, 128, torch.float32)["kernel"] == "dequant"
     for M in (1, 4, 16, 32, 64, 128, 1024):  # the tuner's space: the current choice first, all distinct, all fit
         cands = rd.candidates(M, 14336, 4096, 128)
         assert cands[0] == rd.select(M, 14336, 4096, 128) and len(cands) > 1

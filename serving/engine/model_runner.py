@@ -312,7 +312,7 @@ class ModelRunner:
                            if isinstance(m, Linear) and m.quant is not None and m.qweight.dim() == 4})
         if repacked:
             kernels.repacked_dispatch.warmup(repacked, q.group_size, self.device,
-                                             max_rows=self.ecfg.max_num_batched_tokens)
+                                             max_rows=self.ecfg.max_num_batched_tokens, dtype=self.cfg.dtype)
 
     def _replay(self, graph_bs, ids, pos, slots, kv_lens, tables, fed: torch.Tensor | None = None) -> torch.Tensor:
         """Write the step's inputs into pinned mirrors, copy them to the graph's inputs, replay.

@@ -107,7 +107,7 @@ class Linear(nn.Module):
 
     def repack_weights(self) -> bool:
         """Replace ``qweight`` by its fragment-repacked copy (the only copy kept) where kernels/ runs that layout
-        faster (an sm_90 GPU, bf16; see ``kernels/repacked_dispatch.py``); False, nothing changed, elsewhere."""
+        faster (an sm_90 GPU, bf16 or fp16; see ``kernels/repacked_dispatch.py``); False, nothing changed, elsewhere."""
         if self.quant is None or self.qweight.dim() != 2:
             return False
         rd = kernels.repacked_dispatch

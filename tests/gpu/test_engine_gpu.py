@@ -47,12 +47,12 @@ def test_fp32_graphs_match_transformers(tiny_model_factory):
         [o.token_ids for o in outs]
 
 
-def _graphs_equal_eager(awq) -> list[list[int]]:
+def _graphs_equal_eager(awq, **engine_kw) -> list[list[int]]:
     """Greedy tokens of the fp16 AWQ engine under CUDA graphs, checked equal to the eager engine's."""
     g = GenerationConfig(max_new_tokens=16, ignore_eos=True)
     ps = prompts([5, 21, 40], seed=1)
-    graphs = [o.token_ids for o in gpu_engine(awq, dtype="float16").generate(ps, g)]
-    eager = [o.token_ids for o in gpu_engine(awq, dtype="float16", enforce_eager=True).generate(ps, g)]
+    graphs = [o.token_ids for o in gpu_engine(awq, dtype="float16", **engine_kw).generate(ps, g)]
+    eager = [o.token_ids for o in gpu_engine(awq, dtype="float16", enforce_eager=True, **engine_kw).generate(ps, g)]
     assert graphs == eager
     return graphs
 
@@ -131,30 +131,31 @@ def test_awq_split_sums_fused_into_rope_and_silu(tiny_model_factory, tmp_path):
         qw = torch.zeros(h, shapes[0][1] // 8, dtype=torch.int32, device="cuda")
         sc = torch.ones(h // 32, shapes[0][1], dtype=torch.float16, device="cuda")
         assert kernels.awq_linear_partials(x, qw, qw[: h // 32], sc, 32).shape == (h // 32, 1, shapes[0][1])
-        outs = _graphs_equal_eager(awq)
+        outs = _graphs_equal_eager(awq, repack_weights=False)  # (on sm_90 the repacked kernels would run)
     finally:
         dispatch.clear_cache()
     assert _share_agreeing_with_reference(awq, outs) >= 0.6
 
 
-def test_awq_bf16_engine_on_repacked_weights(tiny_model_factory, tmp_path):
-    """bf16 AWQ on an sm_90 GPU: the engine repacks every linear at load (one 4-D copy), its CUDA graphs decode
-    what its eager path does, and its greedy tokens agree with the AutoAWQ-layout engine's (other kernels: a
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_awq_engine_on_repacked_weights(tiny_model_factory, tmp_path, dtype):
+    """bf16 or fp16 AWQ on an sm_90 GPU: the engine repacks every linear at load (one 4-D copy), its CUDA graphs
+    decode what its eager path does, and its greedy tokens agree with the AutoAWQ-layout engine's (other kernels: a
     common prefix, as against the reference loader)."""
     import kernels
     from serving.layers.linear import Linear
 
-    if not kernels.repacked_dispatch.supported(128, 128, 32, torch.bfloat16, "cuda"):
+    if not kernels.repacked_dispatch.supported(128, 128, 32, getattr(torch, dtype), "cuda"):
         pytest.skip("repacked kernels need an sm_90 GPU and Gluon")
     awq = make_awq_checkpoint(tiny_model_factory("qwen2"), tmp_path / "awq", group_size=32)
     g = GenerationConfig(max_new_tokens=16, ignore_eos=True)
     ps = prompts([5, 21, 40], seed=1)
-    eng = gpu_engine(awq, dtype="bfloat16")
+    eng = gpu_engine(awq, dtype=dtype)
     linears = [m for m in eng.runner.model.modules() if isinstance(m, Linear) and m.quant is not None]
     assert linears and all(m.qweight.dim() == 4 for m in linears)
     graphs = [o.token_ids for o in eng.generate(ps, g)]
-    eager = [o.token_ids for o in gpu_engine(awq, dtype="bfloat16", enforce_eager=True).generate(ps, g)]
+    eager = [o.token_ids for o in gpu_engine(awq, dtype=dtype, enforce_eager=True).generate(ps, g)]
     assert graphs == eager
-    plain = [o.token_ids for o in gpu_engine(awq, dtype="bfloat16", repack_weights=False).generate(ps, g)]
+    plain = [o.token_ids for o in gpu_engine(awq, dtype=dtype, repack_weights=False).generate(ps, g)]
     same = sum(next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(o)) for o, r in zip(graphs, plain))
     assert same / sum(map(len, graphs)) >= 0.6, (graphs, plain)

@@ -39,6 +39,11 @@ def ref64(x, qw, qz, sc, g, bias=None):
     return y.reshape(*x.shape[:-1], -1)
 
 
+def tol(dtype: torch.dtype) -> float:
+    """Relative error allowed against fp64: fp16 keeps 3 more mantissa bits than bf16."""
+    return 1e-2 if dtype == torch.bfloat16 else 2e-3
+
+
 def rel(y, r):
     return ((y.double() - r).norm() / r.norm()).item()
 
@@ -239,7 +244,8 @@ def test_bad_inputs_raise_on_cuda():
                                       XREADY=True, PREFETCH=2, MAXNREG=64, EVICT_FIRST=True),
                                  dict(T=2, num_warps=4, split_k=8, TAIL=False, XGROUPS=64, PREFETCH=True,
                                       XSUM_MMA=True, EVICT_FIRST=True)])
-def test_gluon_mma_on_repacked_weights(cfg, g):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gluon_mma_on_repacked_weights(cfg, g, dtype):
     """The Gluon kernel on fragment-repacked weights (kernels/awq_repack.py) against fp64: M up to 33 (several
     row tiles), bias, split-K summed in the kernel (twice: the counters reset; in the last split's registers
     bit for bit the same) or by a second launch, prefetch, x staged in shared memory (a split at once, or in
@@ -249,16 +255,16 @@ def test_gluon_mma_on_repacked_weights(cfg, g):
     from kernels.awq_triton import tile_counters
 
     K, N = 1024, 1024
-    w = weights(K, N, g)
+    w = weights(K, N, g, dtype)
     packed = repack_awq(w[0])
-    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(N, device="cuda", dtype=dtype)
     for M in (1, 3, 8, 16, 33):
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
         ys = []
         for _ in range(2):
             y = gluon_mma(x, packed, w[1], w[2], g, bias, out=out, **cfg)
-            assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= 1e-2, (M, cfg)
+            assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= tol(dtype), (M, cfg)
             ys.append(y.clone())
             out.fill_(float("nan"))
         if cfg.get("TAIL") == 2:
@@ -311,43 +317,45 @@ def test_gluon_mma_chained_under_programmatic_dependent_launch(cfg):
 @pytest.mark.parametrize("g", [32, 128])
 @pytest.mark.parametrize("cfg", [dict(BM=64, BN=64, split_k=1), dict(BM=32, BN=64, split_k=3),
                                  dict(BM=128, BN=128, num_warps=8, num_stages=3)])
-def test_repacked_dot_and_dequant_on_gpu(cfg, g):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_repacked_dot_and_dequant_on_gpu(cfg, g, dtype):
     """The tensor-core kernel and the dequantize + cuBLAS path on repacked weights against fp64: M from 1 to 300,
     bias, split-K, poisoned output."""
     from kernels.awq_repack import repack_awq
     from kernels.awq_repacked_dot import dequant_matmul_repacked, dot_repacked
 
     K, N = 1024, 1040
-    w = weights(K, N, g)
+    w = weights(K, N, g, dtype)
     packed = repack_awq(w[0])
-    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(N, device="cuda", dtype=dtype)
     for M in (1, 33, 300):
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
         y = dot_repacked(x, packed, w[1], w[2], g, bias, out=out, **cfg)
         r = ref64(x, *w, g, bias)
-        assert torch.isfinite(y).all() and rel(y, r) <= 1e-2, (M, cfg)
+        assert torch.isfinite(y).all() and rel(y, r) <= tol(dtype), (M, cfg)
         for nk in (False, True):
-            assert rel(dequant_matmul_repacked(x, packed, w[1], w[2], g, bias, NK=nk), r) <= 1e-2
+            assert rel(dequant_matmul_repacked(x, packed, w[1], w[2], g, bias, NK=nk), r) <= tol(dtype)
 
 
 @pytest.mark.parametrize("g", [32, 128])
 @pytest.mark.parametrize("cfg", [dict(BN=64, split_k=1), dict(BN=128, split_k=3)])
-def test_gluon_wgmma_on_repacked_weights(cfg, g):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gluon_wgmma_on_repacked_weights(cfg, g, dtype):
     """The warpgroup-MMA kernel on repacked weights against fp64: M from 1 to 130 (partial 64-row tiles), bias,
     split-K, poisoned output."""
     from kernels.awq_gluon_wgmma import gluon_wgmma
     from kernels.awq_repack import repack_awq
 
     K, N = 1024, 1024
-    w = weights(K, N, g)
+    w = weights(K, N, g, dtype)
     packed = repack_awq(w[0])
-    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(N, device="cuda", dtype=dtype)
     for M in (1, 33, 64, 130):
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
         y = gluon_wgmma(x, packed, w[1], w[2], g, bias, out=out, **cfg)
-        assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= 1e-2, (M, cfg)
+        assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= tol(dtype), (M, cfg)
 
 
 @pytest.mark.parametrize("g", [32, 128])
@@ -368,7 +376,8 @@ def test_gluon_wgmma_on_repacked_weights(cfg, g):
                                  dict(BB=64, W=4, T=1, STAGES=6, DEPTH=1, SLOTS=1, sms=6, PAIR=True),
                                  dict(BB=256, W=4, T=1, STAGES=3, DEPTH=1, SLOTS=2, sms=3, LEAD=2),
                                  dict(BB=128, W=4, T=1, STAGES=4, DEPTH=1, split_k=3, TAIL=2, LEAD=1)])
-def test_gluon_pipelined_on_repacked_weights(cfg, g):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gluon_pipelined_on_repacked_weights(cfg, g, dtype):
     """The pipelined register-A wgmma kernel on repacked weights against fp64: M from 1 to 300 (partial row
     tiles: TMA fills them with zeros), fewer steps than stages (K 128), odd step counts (K 192), bias, split-K
     (summed by a second launch, by each tile's last program, or in the last split's registers, whose counters
@@ -376,10 +385,10 @@ def test_gluon_pipelined_on_repacked_weights(cfg, g):
     count of 5-6 makes 16-80 tiles leave a partial last wave), x's buffers filled in pairs of steps (``PAIR``,
     steps of half a group), the last split given more groups than the others (``LEAD``), poisoned output, a
     strided x."""
-    _check_pipelined(cfg, g)
+    _check_pipelined(cfg, g, dtype)
 
 
-def _check_pipelined(cfg: dict, g: int) -> None:
+def _check_pipelined(cfg: dict, g: int, dtype: torch.dtype = torch.bfloat16) -> None:
     """``gluon_pipelined(**cfg)`` against fp64 on three shapes and five row counts (what
     :func:`test_gluon_pipelined_on_repacked_weights` lists)."""
     from kernels.awq_gluon_pipelined import gluon_pipelined
@@ -389,16 +398,16 @@ def _check_pipelined(cfg: dict, g: int) -> None:
     for K, N in ((1024, 1024), (128, 512), (192, 256)):
         if K % g:
             continue
-        w = weights(K, N, g)
+        w = weights(K, N, g, dtype)
         packed = repack_awq(w[0])
-        bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+        bias = torch.randn(N, device="cuda", dtype=dtype)
         if cfg.get("PAIR"):
             cfg = {**cfg, "BK": g // 2}
         for M in (1, 33, 64, 130, 300):
-            x = torch.randn(M, K + 64, device="cuda", dtype=torch.bfloat16)[:, :K]
-            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(M, K + 64, device="cuda", dtype=dtype)[:, :K]
+            out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
             y = gluon_pipelined(x, packed, w[1], w[2], g, bias, out=out, **cfg)
-            assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= 1e-2, (K, N, M, cfg)
+            assert torch.isfinite(y).all() and rel(y, ref64(x, *w, g, bias)) <= tol(dtype), (K, N, M, cfg)
             if cfg.get("TAIL") == 2 or cfg.get("SLOTS"):  # fixed sum order: every bit repeats, counters back at 0
                 assert torch.equal(gluon_pipelined(x, packed, w[1], w[2], g, bias, **cfg), y), (K, N, M, cfg)
                 assert not tile_counters(x.device, 1).any(), (K, N, M, cfg)
@@ -409,7 +418,8 @@ def _check_pipelined(cfg: dict, g: int) -> None:
                                    (dict(BB=128, W=4, T=2, STAGES=5, DEPTH=0, SLOTS=1, sms=5), 128),
                                    (dict(BB=64, W=4, T=1, STAGES=6, DEPTH=1, SLOTS=2, sms=6, PAIR=True), 128),
                                    (dict(BB=128, W=4, T=1, STAGES=5, DEPTH=1, SLOTS=2, sms=4), 32)])
-def test_gluon_pipelined_split_tail_in_one_cta(cfg, g):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gluon_pipelined_split_tail_in_one_cta(cfg, g, dtype):
     """``WS_TAIL``: the last wave's tiles as one CTA each, two warpgroups on the two K halves (warp-specialized),
     summed through shared memory, launched before the whole tiles; same checks as above (bias, partial row tiles,
     poisoned output, bit-for-bit repeats), ``LEAD`` and ``PAIR`` included; then the two launches (the second
@@ -418,10 +428,10 @@ def test_gluon_pipelined_split_tail_in_one_cta(cfg, g):
     from kernels.awq_repack import repack_awq
 
     cfg = {**cfg, "WS_TAIL": True, **({"BK": g // 2} if cfg.get("PAIR") else {})}
-    _check_pipelined(cfg, g)
-    w = weights(1024, 1024, g)
+    _check_pipelined(cfg, g, dtype)
+    w = weights(1024, 1024, g, dtype)
     packed = repack_awq(w[0])
-    x = torch.randn(300, 1024, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(300, 1024, device="cuda", dtype=dtype)
     eager = gluon_pipelined(x, packed, w[1], w[2], g, **cfg)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -434,22 +444,23 @@ def test_gluon_pipelined_split_tail_in_one_cta(cfg, g):
 
 @pytest.mark.parametrize("g", [64, 128])
 @pytest.mark.parametrize("K,N", [(4096, 14336), (1024, 1152)])
-def test_awq_linear_on_repacked_weights_every_m(K, N, g):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_awq_linear_on_repacked_weights_every_m(K, N, g, dtype):
     """The product path on repacked weights (kernels/repacked_dispatch.py: measured table or rule, every kernel
     family) against fp64, M from 1 to 300; then a CUDA graph of a few calls replays to the eager outputs."""
     import kernels
     from kernels.awq_repack import repack_awq
 
-    if not kernels.repacked_dispatch.supported(K, N, g, torch.bfloat16, "cuda"):
+    if not kernels.repacked_dispatch.supported(K, N, g, dtype, "cuda"):
         pytest.skip("repacked kernels need an sm_90 GPU and Gluon")
-    w = weights(K, N, g)
+    w = weights(K, N, g, dtype)
     packed = repack_awq(w[0])
-    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-    xs = {M: torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for M in (1, 3, 8, 16, 24, 64, 100, 300)}
+    bias = torch.randn(N, device="cuda", dtype=dtype)
+    xs = {M: torch.randn(M, K, device="cuda", dtype=dtype) for M in (1, 3, 8, 16, 24, 64, 100, 300)}
     eager = {}
     for M, x in xs.items():
         eager[M] = kernels.awq_linear(x, packed, w[1], w[2], g, bias)
-        assert torch.isfinite(eager[M]).all() and rel(eager[M], ref64(x, *w, g, bias)) <= 1e-2, (M, K, N, g)
+        assert torch.isfinite(eager[M]).all() and rel(eager[M], ref64(x, *w, g, bias)) <= tol(dtype), (M, K, N, g)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = {M: kernels.awq_linear(xs[M], packed, w[1], w[2], g, bias) for M in (1, 16, 64)}
