@@ -3,6 +3,7 @@ against named alternatives and cuBLAS, timed in turns on one GPU.
 
 Usage:
     python3 benchmarks/config_ab.py --out $OUT [--ms 256,1024,4096] [--rounds 40] [--shapes 4096x14336,...] [--bench]
+                                    [--dtype float16]
 
 Why: differences of a few percent between configs (the 1024-4096-row cells of issue 3 sit near 0.9x cuBLAS) are
 within what the card's clocks drift between two do_bench calls: in one H200 call the same config took 194-202 us
@@ -69,24 +70,25 @@ def variants(cfg: dict, M: int, extra: tuple[dict, ...] = ()) -> dict[str, dict]
 
 
 def run(out: Path, ms: list[int], rounds: int, shapes=SHAPES, bench: bool = False,
-        group: int = 128, extra: tuple[dict, ...] = ()) -> list[dict]:
+        group: int = 128, extra: tuple[dict, ...] = (), dtype: str = "bfloat16") -> list[dict]:
     import torch
 
+    dt = getattr(torch, dtype)
     from kernels import dispatch, repacked_dispatch
     from kernels.awq_repack import repack_awq
     from kernels.timing import time_calls, time_interleaved
 
     rows = []
     for K, N in shapes:
-        sets = [dispatch.random_awq(K, N, group, torch.bfloat16, "cuda") for _ in range(4)]
+        sets = [dispatch.random_awq(K, N, group, dt, "cuda") for _ in range(4)]
         packed = [repack_awq(s[0]) for s in sets]
-        wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        wb = torch.randn(N, K, device="cuda", dtype=dt) * 0.02
         for M in ms:
-            cfg = repacked_dispatch.select(M, N, K, group)
+            cfg = repacked_dispatch.select(M, N, K, group, dt)
             named = variants(cfg, M, extra)
             if len(named) == 1:
                 continue
-            xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+            xs = [torch.randn(M, K, device="cuda", dtype=dt) for _ in range(4)]
             ref = repacked_dispatch.run(cfg, xs[0], packed[0], sets[0][1], sets[0][2], group)
             calls = {"cublas": [lambda x=x: x @ wb.t() for x in xs]}
             for name, c in named.items():
@@ -115,7 +117,7 @@ def run(out: Path, ms: list[int], rounds: int, shapes=SHAPES, bench: bool = Fals
             print(f"{K}x{N} M={M}: " + ", ".join(f"{k} {v:.1f} ({ratio[k]:.3f}x)" for k, v in med.items()),
                   flush=True)
             meta = {"device": torch.cuda.get_device_name(), "rounds": rounds, "commit": os.environ.get("RAYAWQ_COMMIT"),
-                    "timing": "do_bench" if bench else "interleaved"}
+                    "timing": "do_bench" if bench else "interleaved", "dtype": dtype}
             (out / "config_ab.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     return rows
 
@@ -129,13 +131,14 @@ def main() -> int:
     ap.add_argument("--bench", action="store_true", help="each turn a do_bench of ~50 ms per config instead")
     ap.add_argument("--with", dest="extra", default=None,
                     help="the table's config also with these keys, e.g. EVICT_FIRST=1 or A=1+B=2,C=0 (ints)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="activations and cuBLAS")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else SHAPES
     extra = tuple(dict((f.split("=")[0], int(f.split("=")[1])) for f in v.split("+"))
                   for v in a.extra.split(",")) if a.extra else ()
-    run(out, [int(m) for m in a.ms.split(",")], a.rounds, shapes, a.bench, extra=extra)
+    run(out, [int(m) for m in a.ms.split(",")], a.rounds, shapes, a.bench, extra=extra, dtype=a.dtype)
     return 0
 
 

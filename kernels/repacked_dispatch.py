@@ -55,6 +55,13 @@ def bucket(M: int) -> int:
     return next((b for b in BUCKETS if M <= b), BUCKETS[-1])
 
 
+def parse_key(key: str) -> tuple[int, int, int, str | None]:
+    """A table key ``K{K}/N{N}/M{M}`` (or ``.../fp16``, an entry for fp16 activations only) -> ``(K, N, M, dtype
+    name or None)``."""
+    parts = key.split("/")
+    return int(parts[0][1:]), int(parts[1][1:]), int(parts[2][1:]), (parts[3] if len(parts) > 3 else None)
+
+
 def _read(path: Path) -> dict:
     return json.loads(path.read_text()).get("configs", {}) if path.exists() else {}
 
@@ -100,13 +107,16 @@ def _split_for(programs_per_split: int, target: int, cap: int = 16) -> int:
 def select(M: int, N: int, K: int, group_size: int, dtype: torch.dtype = torch.bfloat16,
            card: str | None = None) -> dict:
     """The kernel and config for ``M`` rows: the measured table's entry of ``card`` (default: this process's GPU;
-    group 128), else the rule. bf16 and fp16 share both; other dtypes get the ``tl.dot`` kernel / dequantize +
-    cuBLAS."""
+    group 128), else the rule. bf16 and fp16 share both (fp16 reads a ``K../N../M../fp16`` entry first, where one
+    was measured); other dtypes get the ``tl.dot`` kernel / dequantize + cuBLAS."""
     if dtype not in DTYPES:
         return {"kernel": "dot", "BM": 64, "BN": 64, "split_k": 1} if M <= 128 else {"kernel": "dequant"}
     b = bucket(M)
     if group_size == 128:
-        cfg = _table(card or _current_card()).get(f"K{K}/N{N}/M{b}")
+        table, key = _table(card or _current_card()), f"K{K}/N{N}/M{b}"
+        # an fp16 entry where fp16 measured another winner (its build can take fewer registers than bf16's)
+        cfg = table.get(key + "/fp16") if dtype == torch.float16 else None
+        cfg = cfg if cfg is not None else table.get(key)
         if cfg is not None:
             return {k: v for k, v in cfg.items() if k != "us"}
     if b <= 8:

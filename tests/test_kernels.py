@@ -495,8 +495,11 @@ def test_repacked_table_per_card():
     own = json.loads(rd.table_path("h200").read_text())["configs"] if rd.table_path("h200").exists() else {}
     for key, cfg in own.items():
         assert h200[key] == cfg
-        K, N, M = (int(v[1:]) for v in key.split("/"))
-        assert rd.select(M, N, K, 128, card="h200") == {k: v for k, v in cfg.items() if k != "us"}
+        K, N, M, dt = rd.parse_key(key)
+        dtype = torch.float16 if dt == "fp16" else torch.bfloat16
+        assert rd.select(M, N, K, 128, dtype, card="h200") == {k: v for k, v in cfg.items() if k != "us"}
+        if dt is None and key + "/fp16" not in own:  # fp16 shares the entry where it has none of its own
+            assert rd.select(M, N, K, 128, torch.float16, card="h200") == rd.select(M, N, K, 128, card="h200")
     assert all(h200[k] == v for k, v in h100.items() if k not in own)
 
 
