@@ -121,13 +121,13 @@ def bench_hf(model, c, device, new_tokens, batches, prompt_len, ttft_len):
 
 
 # -- our engine ------------------------------------------------------------------------------------------
-def build_engine(c, weights, device, max_seqs, fmt, tune=False):
+def build_engine(c, weights, device, max_seqs, fmt, tune=False, dtype: str = "bfloat16", repack: bool = True):
     from serving import EngineConfig, LLMEngine
 
-    cfg = EngineConfig(model_format=fmt, dtype="bfloat16" if device.type == "cuda" else "float32",
+    cfg = EngineConfig(model_format=fmt, dtype=dtype if device.type == "cuda" else "float32",
                        device=str(device), session_len=4096, max_num_seqs=max_seqs, max_num_batched_tokens=8192,
                        enable_prefix_caching=False, cache_max_entry_count=0.6, progress=False,
-                       tune_kernels=tune)
+                       tune_kernels=tune, repack_weights=repack)
     t = time.perf_counter()
     eng = LLMEngine(hf_config=c, weights=weights, engine_config=cfg)
     sync(device)
@@ -327,6 +327,17 @@ def measure(args) -> dict:
     out["engine_awq"] = {"build_s": t_load, **bench_engine(eng, c, device, new, batches, plen, tlen)}
     print("engine awq", out["engine_awq"], flush=True)
     save()
+    if args.awq_fp16:  # fp16 activations (most AutoAWQ checkpoints): repacked, and the AutoAWQ layout beside it
+        del eng
+        free_cuda()
+        for key, repack in (("engine_awq_fp16", True), ("engine_awq_fp16_autoawq", False)):
+            eng, t_load = build_engine(c_awq, awq_weights(c, args.group, device, torch.float16), device,
+                                       max(batches), "awq", tune=args.tune, dtype="float16", repack=repack)
+            out[key] = {"build_s": t_load, **bench_engine(eng, c, device, new, batches, plen, tlen)}
+            print(key, out[key], flush=True)
+            save()
+            del eng
+            free_cuda()
     if args.out:
         try:
             plot(out, Path(args.out) / "engine.png")
@@ -342,14 +353,16 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    systems = [("hf_bf16", "transformers bf16"), ("engine_bf16", "engine bf16"), ("engine_awq", "engine AWQ g128")]
+    systems = [("hf_bf16", "transformers bf16"), ("engine_bf16", "engine bf16"), ("engine_awq", "engine AWQ g128"),
+               ("engine_awq_fp16", "engine AWQ fp16"), ("engine_awq_fp16_autoawq", "AWQ fp16, AutoAWQ layout")]
     systems = [(k, n) for k, n in systems if k in res]
     metrics = [("b1_tok_s", "batch 1 decode tok/s")] + [(f"b{b}_out_tok_s", f"batch {b} output tok/s")
                                                          for b in res["batches"]]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
     for ax, (m, title) in zip(axes, metrics):
         vals = [res[k].get(m, 0) for k, _ in systems]
-        bars = ax.bar([n for _, n in systems], vals, color=["#999999", "#4c72b0", "#dd8452"][: len(systems)])
+        bars = ax.bar([n for _, n in systems], vals,
+                      color=["#999999", "#4c72b0", "#dd8452", "#c44e52", "#e3b8a0"][: len(systems)])
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=7, rotation=15)
@@ -370,7 +383,8 @@ def report(res: dict, commit: str | None = None) -> str:
         os.environ["RAYAWQ_COMMIT"] = res["commit"]
 
     rows = [("hf_bf16", "transformers `generate`, bf16"), ("engine_bf16", "engine, bf16"),
-            ("engine_awq", "engine, AWQ 4-bit g128")]
+            ("engine_awq", "engine, AWQ 4-bit g128"), ("engine_awq_fp16", "engine, AWQ 4-bit g128, fp16"),
+            ("engine_awq_fp16_autoawq", "engine, AWQ fp16, AutoAWQ layout (`repack_weights=False`)")]
     bs = res["batches"]
     head = "| system | batch 1 tok/s | ms/token | " + " | ".join(f"batch {b} out tok/s" for b in bs) + \
            " | TTFT 2048 (ms) | weights GiB | peak GiB |"
@@ -429,7 +443,8 @@ def report(res: dict, commit: str | None = None) -> str:
     if res.get("note"):
         lines += ["", res["note"]]
     lines += ["", f"![engine benchmark](engine{tag}.png)", "",
-              f"Raw numbers: `docs/engine_results_{card}.json`. Reproduce: `python benchmarks/engine.py --out /tmp/bench` "
+              f"Raw numbers: `docs/engine_results_{card}.json`. Reproduce: `python benchmarks/engine.py --out /tmp/bench"
+              f"{' --awq-fp16' if 'engine_awq_fp16' in res else ''}` "
               f"on one {card.upper()}, then `python benchmarks/engine.py --report /tmp/bench/engine_results.json`."]
     return "\n".join(lines)
 
@@ -455,6 +470,8 @@ def main(argv=None) -> int:
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--note", default=None, help="with --report: a paragraph added to the section")
     p.add_argument("--tune", action="store_true", help="autotune W4A16 shapes missing from kernels/' table")
+    p.add_argument("--awq-fp16", action="store_true",
+                   help="also the AWQ engine on fp16 activations, repacked and in the AutoAWQ layout")
     args = p.parse_args(argv)
     if args.report:
         from benchmarks._report import card_suffix, write_section
