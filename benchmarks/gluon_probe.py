@@ -277,7 +277,7 @@ def report(paths: list[str], commit: str) -> str:
     lines = [f"Device: {device} · date: {datetime.date.today().isoformat()} · commit: `{commit}` (probe runs "
              "on that tree's kernels; raw `benchmarks/results/gluon_probe_*.json`; each cell is the latest "
              f"call that measured it, from: {', '.join(f'`{Path(p).stem}`' for p in paths)})", "",
-             "The engine's path on sm_90 GPUs with bf16 (`EngineConfig.repack_weights`, on by default): the "
+             "The engine's path on sm_90 GPUs (bf16 or fp16; probed in bf16) (`EngineConfig.repack_weights`, on by default): the "
              "weights repacked at load time into the `mma.m16n8k16` fragment order (`kernels/awq_repack.py`, the "
              "only copy kept), read by the register-operand Gluon kernel (`kernels/awq_gluon_mma.py`) at small M, "
              "the warpgroup-MMA Gluon kernel (`kernels/awq_gluon_wgmma.py`) at 32 rows, the pipelined register-operand "
@@ -285,8 +285,8 @@ def report(paths: list[str], commit: str) -> str:
              "(`kernels/awq_repacked_dot.py`) where it measured faster, as `kernels/tuned_repacked_<card>.json` "
              "(these cells) says. "
              "Each cell is the fastest of those kernels and configs, beside the AutoAWQ-layout table's kernel "
-             "(what fp16 and other GPUs run), cuBLAS and PyTorch's int4 kernel timed in the same call (cold L2, "
-             "CUDA graph, median). Notes: `docs/kernels_notes.md`.", "",
+             "(what other GPUs run, and fp16 before commit 90f5b82), cuBLAS and PyTorch's int4 kernel timed in "
+             "the same call (cold L2, CUDA graph, median). Notes: `docs/kernels_notes.md`.", "",
              "| K×N | M | cuBLAS µs | int4 µs | table kernel µs | repacked µs | repacked kernel | ×cuBLAS (table) "
              "| ×cuBLAS (repacked) | ×int4 (repacked) |", "|---|---:|---:|---:|---|---:|---|---:|---:|---:|"]
     for K, N in shapes:

@@ -274,7 +274,8 @@ def markdown(results, meta):
     chosen = ("the config the repo's tables choose (`--table-only`: what `awq_linear` runs, no tuning in this run)"
               if meta.get("table_only") else "the best of `repacked_dispatch.candidates`")
     lines = [
-        "## W4A16 kernels (`benchmarks/kernels.py`" + (f", {meta['device']})" if tag else ")"), "",
+        "## W4A16 kernels (`benchmarks/kernels.py`" + (f", {meta['device']}" if tag else "")
+        + (", fp16 activations)" if dt == "fp16" else ")"), "",
         stamp(meta["device"], meta.get("commit"), meta.get("date")) + f" · torch {meta['torch']} · triton {meta['triton']}", "",
         f"{dt} activations (cuBLAS in {dt} too), group {GROUP}, AutoAWQ layout read directly. Median µs per call (`triton.testing.do_bench`), "
         + (f"every graph {meta['calls_per_graph']} calls (each contender's fresh random input sets, together 4x L2, "
@@ -294,7 +295,11 @@ def markdown(results, meta):
            f"{meta['paired_rounds'] + 1} timings." if meta.get("paired_rounds") else "")
         + (" The last column times the two again under sustained load: one graph replay of each in turn, back to "
            "back, 30 turns, the median of the per-turn ratio (`kernels.timing.time_interleaved`; it repeated within "
-           "0.3-1.6 % between calls where do_bench ratios moved by up to 8 %)." if sustained else ""),
+           "0.3-1.6 % between calls where do_bench ratios moved by up to 8 %)." if sustained else "")
+        + (" fp16 runs the repacked table measured in bf16 (same kernels, builds and registers but for the "
+           "unpacking constant and the MMA's input type; a `K../N../M../fp16` entry where fp16 measured another "
+           "winner); PyTorch's int4 kernel takes bf16 only, so its columns are empty (nan) here."
+           if dt == "fp16" else ""),
         "",
     ]
     if meta.get("rows_from"):
@@ -332,6 +337,8 @@ def markdown(results, meta):
         if not rs:
             continue
         vals = [val(r) for r in rs]
+        if all(math.isnan(v) for v in vals):  # (PyTorch's int4 kernel on fp16: not measurable)
+            continue
         met = sum(v >= thr for v in vals)
         worst = min(zip(vals, rs), key=lambda t: t[0])
         line = f"| {name} | {met}/{len(rs)} | {worst[0]:.2f} ({worst[1]['K']}×{worst[1]['N']}, M={worst[1]['M']}) |"
@@ -418,8 +425,10 @@ def join_runs(files: list[Path], out: Path, write_docs: bool) -> int:
     meta = dict(metas[0])
     meta["joined_runs"] = [{"date": m["date"], "copy_tbps": m["copy_tbps"]} for m in metas]
     (out / "kernels_results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    md = markdown(results, meta).replace(
-        "\n\n| K×N |", f"\n\nJoined from {len(files)} device calls of one session on one machine.\n\n| K×N |", 1)
+    md = markdown(results, meta)
+    if len(files) > 1:
+        md = md.replace("\n\n| K×N |", f"\n\nJoined from {len(files)} device calls of one session on one machine."
+                        "\n\n| K×N |", 1)
     write_outputs(results, meta, out, md, write_docs)
     print(md)
     return 0

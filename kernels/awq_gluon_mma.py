@@ -5,8 +5,8 @@ staged through shared memory every group (the ``swap``/``splitk`` kernels' per-g
 GEMVs spend ~4 instructions per weight (issue-bound at M = 1, docs/kernels_notes.md). Gluon (Triton's
 explicit-layout language, Triton >= 3.5) lets the kernel state layouts: with the weights repacked at load time
 into the ``mma.m16n8k16`` fragment order (:mod:`kernels.awq_repack`), one 32-bit word is one thread's 8-weight
-A fragment, and three shifts + four ``lop3`` per word give it as bf16 pairs ``128 + q`` in exactly the register
-layout the MMA reads: the conversion to the dot-operand layout is checked trivial at compile time
+A fragment, and three shifts + four ``lop3`` per word give it as bf16 pairs ``128 + q`` (fp16: ``1024 + q``) in
+exactly the register layout the MMA reads: the conversion to the dot-operand layout is checked trivial at compile time
 (``convert_layout(assert_trivial=True)``). About one instruction per weight by count (sm_90 SASS) against ~4.
 
 Math per group (fp32 accumulation): ``acc_g = W'^T x^T`` over the group's k on the exact integers ``128 + q``,
@@ -25,7 +25,8 @@ Status: compiled for sm_90 with Triton 3.6 (the weights never pass through share
 on its way into the B operand layout, or with ``XGROUPS`` a whole chunk of x is staged there by ``cp.async``); the
 engine's kernel at 1-16 rows on sm_90 (:mod:`kernels.repacked_dispatch`). Launched early under programmatic
 dependent launch (``PDL``): its first weights are requested while the launch before ends, and its split-K sum waits
-resident (M = 1 1-1.6 us faster on the H200, docs/kernels_notes.md). bf16 only. Gluon has no CPU interpreter:
+resident (M = 1 1-1.6 us faster on the H200, docs/kernels_notes.md). bf16 or fp16 x (``OFF`` above is 128 for
+bf16, 1024 for fp16: :func:`_offset`; scales in x's dtype). Gluon has no CPU interpreter:
 run on the GPU only (``tests/gpu``); its sm_90 builds and the repack are tested on the CPU.
 """
 
@@ -590,7 +591,7 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
               BK: int | None = None, SCALED: bool = False, WM: int = 1, XGROUPS: int = 0,
               PDL: int = 2, XSUM_MMA: bool = False, ZSUB: bool = False, XREADY: bool = False,
               MAXNREG: int = 0, EVICT_FIRST: bool = False) -> torch.Tensor:
-    """``x2 [M, K] @ W`` (bf16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc.
+    """``x2 [M, K] @ W`` (bf16 or fp16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc.
 
     ``BM``: rows of x per program (8, 16, 32 or 64: the MMA's N); ``TAIL``: split-K partials summed by
     ``reduce_partials``, a second launch (0), by the last program of each tile from memory (1) or in the last

@@ -15,8 +15,8 @@ on the MMA's path.
 One program: ``16 * W * T`` output features (``W`` warps, 4 or 8: one or two warpgroups, each warp its own
 16-feature tiles, ``T`` per warp) by ``BB`` rows of x (``wgmma``'s N, up to 256); split-K partials are summed by
 ``reduce_partials`` or by each tile's last program (``TAIL``). The output tile goes through shared memory so each
-thread stores 16 contiguous bytes. bf16 only; tested on the GPU (``tests/gpu``; Gluon has no CPU interpreter) and
-compiled for sm_90 on the CPU.
+thread stores 16 contiguous bytes. bf16 or fp16 x (fp16: the words unpack to ``1024 + q``); tested on the GPU
+(``tests/gpu``; Gluon has no CPU interpreter) and compiled for sm_90 on the CPU.
 """
 
 from __future__ import annotations
@@ -430,7 +430,7 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
                     BB: int = 128, W: int = 4, T: int = 2, STAGES: int = 3, split_k: int = 1,
                     BK: int | None = None, DEPTH: int = 0, TAIL: int = 0, SLOTS: int = 0, PAIR: bool = False,
                     LEAD: int = 0, WS_TAIL: bool = False, sms: int | None = None) -> torch.Tensor:
-    """``x2 [M, K] @ W`` (bf16) on repacked weights; see the module doc. ``BB``: rows of x per program (64, 128
+    """``x2 [M, K] @ W`` (bf16 or fp16) on repacked weights; see the module doc. ``BB``: rows of x per program (64, 128
     or 256: ``wgmma``'s N); ``W``: warps (4 or 8); ``T``: 16-feature tiles per warp; ``STAGES``: x buffers;
     ``BK``: input features per step (16, 32 or 64 dividing the group size; default ``min(64, group)``);
     ``DEPTH``: wgmmas left in flight when a step waits (0 or 1, see ``_advance``); ``TAIL``: split-K partials
@@ -472,7 +472,8 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     if x2.stride(1) != 1 or (x2.stride(0) * 2) % 16 or x2.data_ptr() % 16:
         x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh allocation: aligned, rows K apart
     acc_l, a_l, w_l, o_l = _pipelined_layouts(W, T, BB, BK)
-    x_desc = TensorDescriptor.from_tensor(x2, [BB, BK], gl.NVMMASharedLayout.get_default_for([BB, BK], _GL_DTYPES[x2.dtype]))
+    x_desc = TensorDescriptor.from_tensor(x2, [BB, BK],
+                                          gl.NVMMASharedLayout.get_default_for([BB, BK], _GL_DTYPES[x2.dtype]))
     check_tail("gluon_pipelined", TAIL)
     tiles = N // BF * triton.cdiv(M, BB)
     full, last_split = _last_wave_split(tiles, K // group_size, SLOTS * (sms or num_sms(x2.device))) \
