@@ -550,10 +550,13 @@ def tail_unroll(tile_elems: int, threads: int) -> int:
     return max(1, min(8, 64 * threads // tile_elems))
 
 
+GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}  # the activations the Gluon kernels take
+
+
 def check_dtypes(launcher: str, x2: torch.Tensor, scales: torch.Tensor) -> None:
     """The activations the Gluon kernels take (bf16 or fp16) and scales of the same dtype (the fragments are scaled
     and offset in it), before a launch."""
-    if x2.dtype not in (torch.bfloat16, torch.float16):
+    if x2.dtype not in GL_DTYPES:
         raise ValueError(f"{launcher} takes bf16 or fp16 x, got {x2.dtype}")
     if scales.dtype != x2.dtype:
         raise ValueError(f"{launcher} needs scales in x's dtype {x2.dtype}, got {scales.dtype}: convert them once "

@@ -32,7 +32,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # griddepcontrol (sm_90)
 
 from .awq_gluon_mma import (_add_other_splits, _cta_barrier, _fragments, _layouts, _sum_in_last_split, _word_offset,
-                            _word_offsets, _zeros, check_dtypes, check_tail, register_tail_ws)
+                            _word_offsets, _zeros, GL_DTYPES, check_dtypes, check_tail, register_tail_ws)
 from .awq_repack import check_repackable
 from .awq_triton import PDL, _out_and_ws, _split_args, reduce_partials, tile_counters
 from .dispatch import num_sms
@@ -41,7 +41,6 @@ from .dispatch import num_sms
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 # a shared buffer viewed as another dtype and shape (Triton 3.6 names it ``_reinterpret``, later releases
 # ``reinterpret``)
-_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}  # x's shared layout (TMA)
 _REINTERPRET_PUBLIC = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
 
 
@@ -262,14 +261,14 @@ def _sum_splits_and_store(acc, ws_ptr, cnt_ptr, tile, pid_k, n_split, y_ptr, b_p
 @gluon.jit
 def _store_tile(acc, y_ptr, b_ptr, pid_n, m0, M, N, stride_ym, BF: gl.constexpr, BB: gl.constexpr,
                 HAS_BIAS: gl.constexpr, acc_l: gl.constexpr, o_l: gl.constexpr):
-    """features [BF] x rows [BB] -> y[rows, features] (+ bias), in y's dtype: through shared memory into a layout where
-    each thread holds eight consecutive features of one row (16-byte stores)."""
+    """features [BF] x rows [BB] -> y[rows, features] (+ bias), in y's dtype: through shared memory into a layout
+    where each thread holds eight consecutive features of one row (16-byte stores)."""
     if HAS_BIAS:
         acc += gl.load(b_ptr + pid_n * BF + gl.arange(0, BF, layout=gl.SliceLayout(1, acc_l))).to(gl.float32)[:, None]
     on = pid_n * BF + gl.arange(0, BF, layout=gl.SliceLayout(1, o_l))
     om = m0 + gl.arange(0, BB, layout=gl.SliceLayout(0, o_l))
-    gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], gl.convert_layout(acc.to(y_ptr.dtype.element_ty), o_l),
-             mask=(om < M)[None, :] & (on < N)[:, None])
+    y = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), o_l)
+    gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], y, mask=(om < M)[None, :] & (on < N)[:, None])
 
 
 @gluon.jit
@@ -473,7 +472,7 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
         x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh allocation: aligned, rows K apart
     acc_l, a_l, w_l, o_l = _pipelined_layouts(W, T, BB, BK)
     x_desc = TensorDescriptor.from_tensor(x2, [BB, BK],
-                                          gl.NVMMASharedLayout.get_default_for([BB, BK], _GL_DTYPES[x2.dtype]))
+                                          gl.NVMMASharedLayout.get_default_for([BB, BK], GL_DTYPES[x2.dtype]))
     check_tail("gluon_pipelined", TAIL)
     tiles = N // BF * triton.cdiv(M, BB)
     full, last_split = _last_wave_split(tiles, K // group_size, SLOTS * (sms or num_sms(x2.device))) \

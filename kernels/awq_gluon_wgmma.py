@@ -20,7 +20,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
 
 from .awq_gluon_mma import (_cta_barrier, _fragments, _layouts, _word_offset, _word_offsets, _x_rows,
-                            _zeros_scales, check_dtypes)
+                            _zeros_scales, GL_DTYPES, check_dtypes)
 from .awq_repack import check_repackable
 from .awq_triton import _out_and_ws, _split_args, reduce_partials
 
@@ -93,9 +93,8 @@ def gluon_wgmma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, sc
     T = BN // 64
     _, a_l, _, w_l, x_l = _layouts(4, BK, T)
     acc_l = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
-    dt = gl.float16 if x2.dtype == torch.float16 else gl.bfloat16
-    xs_l = gl.NVMMASharedLayout.get_default_for([BM, BK], dt)
-    ws_l = gl.NVMMASharedLayout.get_default_for([BN, BK], dt)
+    xs_l = gl.NVMMASharedLayout.get_default_for([BM, BK], GL_DTYPES[x2.dtype])
+    ws_l = gl.NVMMASharedLayout.get_default_for([BN, BK], GL_DTYPES[x2.dtype])
     split_k, gps = _split_args(K // group_size, split_k)
     y, ws = _out_and_ws(x2, N, out, split_k)
     grid = (N // BN, split_k, triton.cdiv(M, ROWS))
