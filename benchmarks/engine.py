@@ -361,8 +361,7 @@ def plot(res: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
     for ax, (m, title) in zip(axes, metrics):
         vals = [res[k].get(m, 0) for k, _ in systems]
-        bars = ax.bar([n for _, n in systems], vals,
-                      color=["#999999", "#4c72b0", "#dd8452", "#c44e52", "#e3b8a0"][: len(systems)])
+        bars = ax.bar([n for _, n in systems], vals, color=[COLORS[k] for k, _ in systems])
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=7, rotation=15)
@@ -371,6 +370,8 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+COLORS = {"hf_bf16": "#999999", "engine_bf16": "#4c72b0", "engine_awq": "#dd8452", "engine_awq_fp16": "#c44e52",
+          "engine_awq_fp16_autoawq": "#e3b8a0"}  # one colour per system, whichever rows a run has
 COPY_TBS = {"h100": 3.0, "h200": 4.3}  # device-to-device copy bandwidth measured on each card (read + write)
 
 
