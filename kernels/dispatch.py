@@ -292,13 +292,16 @@ def candidates(M: int, N: int, K: int, group: int, sms: int) -> list[Config]:
 
 
 def select_config(M: int, N: int, K: int, group: int, dtype: torch.dtype, device: torch.device) -> Config:
-    """Config for one call: cache → measured table → default. Never benchmarks."""
+    """Config for one call: cache → measured table → default. Never benchmarks. fp16 reads the table's bf16 entry
+    where it has none of its own: the kernels are the same but for the unpacking constant and the MMA's input type,
+    and the table is measured in bf16."""
     key: Key = (m_bucket(M), N, K, group, _dtype_name(dtype))
     cfg = _cache.get(key)
     if cfg is not None:
         return cfg
     with _lock:
-        cfg = load_table().get("configs", {}).get(key_str(key))
+        configs = load_table().get("configs", {})
+        cfg = configs.get(key_str(key)) or configs.get(key_str((*key[:4], "bf16")))
         if cfg is None:
             kernel = bucket_kernels().get(key[0], "dequant")
             cfg = default_config(kernel, M, N, K, group, num_sms(device))

@@ -628,3 +628,12 @@ def test_tuned_table_is_consistent():
     for K, N in ISSUE_SHAPES:  # every shape the issue's benchmark names has a config for every M bucket
         for b in dispatch.M_BUCKETS:
             assert dispatch.key_str((b, N, K, 128, "bf16")) in t["configs"]
+    # fp16 (a table measured in bf16) takes the bf16 entry, not the untuned default
+    dispatch.clear_cache()
+    try:
+        for M in (1, 16, 64, 4096):
+            want = t["configs"][dispatch.key_str((dispatch.m_bucket(M), 14336, 4096, 128, "bf16"))]
+            got = dispatch.select_config(M, 14336, 4096, 128, torch.float16, torch.device("cpu"))
+            assert got == want, (M, got, want)
+    finally:
+        dispatch.clear_cache()
