@@ -49,7 +49,6 @@ SHAPES = ISSUE_SHAPES + [(4096, 28672)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 GROUP = 128
 DTYPE = torch.bfloat16  # ``--dtype float16``: fp16 activations, what most AutoAWQ checkpoints hold
-DTYPE_NAMES = {"bfloat16": (torch.bfloat16, "bf16"), "float16": (torch.float16, "fp16")}
 BW = 3.0e12  # measured copy bandwidth of the H100 here (DESIGN.md), bytes/s
 TARGETS = {1: 2.8, 16: 2.2, 64: 1.4}
 
@@ -296,9 +295,9 @@ def markdown(results, meta):
         + (" The last column times the two again under sustained load: one graph replay of each in turn, back to "
            "back, 30 turns, the median of the per-turn ratio (`kernels.timing.time_interleaved`; it repeated within "
            "0.3-1.6 % between calls where do_bench ratios moved by up to 8 %)." if sustained else "")
-        + (" fp16 runs the repacked table measured in bf16 (same kernels, builds and registers but for the "
-           "unpacking constant and the MMA's input type; a `K../N../M../fp16` entry where fp16 measured another "
-           "winner); PyTorch's int4 kernel takes bf16 only, so its columns are empty (nan) here."
+        + (" fp16 runs the repacked table measured in bf16 (the same kernels but for the unpacking constant and the "
+           "MMA's input type: same MMAs and loads, registers equal or fewer; a `K../N../M../fp16` entry where fp16 "
+           "measured another winner); PyTorch's int4 kernel takes bf16 only, so its columns are empty (nan) here."
            if dt == "fp16" else ""),
         "",
     ]
@@ -443,7 +442,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this many seconds")
     ap.add_argument("--write-docs", action="store_true", help="also write docs/benchmarks.md and the repo tables")
     ap.add_argument("--no-repacked", action="store_true", help="leave out the repacked path (sm_90)")
-    ap.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bfloat16",
+    ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
                     help="activations (and cuBLAS's weights): float16 times the bf16-tuned tables on fp16 inputs "
                          "(with --table-only; its own section in docs/benchmarks.md)")
     ap.add_argument("--calls", type=int, default=timing.GRAPH_CALLS,
@@ -463,7 +462,8 @@ def main():
                          "(e.g. --ms 1,2 / 4-64 / 128-4096): write their joint table, section and plot, no GPU needed")
     args = ap.parse_args()
     global DTYPE
-    DTYPE, dtype_name = DTYPE_NAMES[args.dtype]
+    DTYPE = getattr(torch, args.dtype)
+    dtype_name = dispatch._dtype_name(DTYPE)  # (the tables' short names: bf16, fp16)
     if DTYPE != torch.bfloat16 and not (args.table_only or args.join):
         raise SystemExit("--dtype float16 times the tables' choices (tuned in bf16, shared by fp16): add --table-only")
     out = Path(args.out)

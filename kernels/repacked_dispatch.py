@@ -11,9 +11,9 @@ programs (the measured winners keep ~400-1800 programs in flight).
 
 Requirements (:func:`supported`): an sm_90 GPU (warpgroup MMA), Triton with Gluon, bf16 or fp16 activations (scales
 in the same dtype), N a multiple of 128, K of 64, groups of 32, 64 or 128. The tables were measured in bf16 and
-serve fp16 too: the kernels' builds differ only in the unpacking constant and the MMA's input type (same
-instructions, loads and registers: ``tests/test_gluon_builds.py``), and the fp16 table is timed beside the bf16
-one in ``benchmarks/kernels.py --dtype float16``. CPU: a torch reference on the unpacked codes.
+serve fp16 too: the kernels' builds differ only in the unpacking constant and the MMA's input type (same MMAs
+and loads, registers equal or fewer: ``tests/test_gluon_builds.py``); where fewer registers changed the winner, fp16
+has an entry of its own (a ``/fp16`` key). ``benchmarks/kernels.py --dtype float16`` times the table on fp16. CPU: a torch reference on the unpacked codes.
 """
 
 from __future__ import annotations
