@@ -150,7 +150,8 @@ def run_batch(eng, ids, new_tokens):
     return time.perf_counter() - t0, [first[r] for r in rids], n_out
 
 
-def bench_engine(eng, c, device, new_tokens, batches, prompt_len, ttft_len):
+def bench_engine(eng, c, device, new_tokens, batches, prompt_len, ttft_len, diagnose: bool = True):
+    """``diagnose``: also time the decode graph's parts (one rank replaying alone: not for tensor parallel)."""
     res = {}
     v = c["vocab_size"]
     run_batch(eng, prompt_ids(2, prompt_len, v, 99), 8)  # warm-up: compile prefill paths
@@ -171,7 +172,7 @@ def bench_engine(eng, c, device, new_tokens, batches, prompt_len, ttft_len):
         wall, _, n = run_batch(eng, prompt_ids(bs, prompt_len, v, bs), new_tokens)
         res[f"b{bs}_out_tok_s"] = n / wall
     res["ttft_ms"] = 1000 * min(run_batch(eng, prompt_ids(1, ttft_len, v, 7 + i), 1)[1][0] for i in range(3))
-    if device.type == "cuda":
+    if device.type == "cuda" and diagnose:
         try:  # a diagnostic: never lose the measurements above to it
             res.update(breakdown(eng))
         except Exception as e:

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API on Ray Serve")
     s.add_argument("model", help="model directory: an AWQ checkpoint or an FP16/BF16 HF model")
     s.add_argument("--name", default=None, help="served model name (default: the directory's name)")
-    s.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per replica (1 until TP lands)")
+    s.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks per replica: GPUs of one node (NCCL); on CPU, processes (gloo)")
     s.add_argument("--model-format", default="auto", choices=["auto", "awq", "hf"])
     s.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
     s.add_argument("--device", default=None, help="cuda or cpu (default: cuda where the cluster has GPUs)")
@@ -49,9 +50,6 @@ def _config(args) -> dict:
     keys = []
     for k in args.api_keys or []:
         keys += [x for x in k.split(",") if x]
-    if args.tp > 1:
-        raise SystemExit(f"error: --tp {args.tp}: tensor parallelism is not available in this version yet "
-                         "(run with --tp 1)")
     model = {"model": os.path.abspath(args.model), "tp": args.tp, "model_format": args.model_format,
              "dtype": args.dtype, "device": args.device, "max_batch_size": args.max_batch_size,
              "session_len": args.session_len, "cache_max_entry_count": args.cache_max_entry_count,

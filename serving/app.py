@@ -76,9 +76,6 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.tp > 1:
-            raise ValueError(f"tp={self.tp}: tensor parallelism is not available in this version yet "
-                             "(serve with tp=1, or wait for the TP worker group)")
         if self.name is None:
             self.name = Path(self.model).name or self.model
         return self
@@ -166,7 +163,12 @@ class LLMServer:
         from .openai.engine_server import EngineServer
 
         self.cfg = ModelConfig.model_validate(mcfg)
-        engine = LLMEngine(self.cfg.model, self.cfg.engine_config())
+        if self.cfg.tp > 1:  # this replica is rank 0; ranks 1.. are actors in its placement group's bundles
+            from .tp_group import start_tp_engine
+
+            engine = start_tp_engine(self.cfg.model, self.cfg.engine_config())
+        else:
+            engine = LLMEngine(self.cfg.model, self.cfg.engine_config())
         self.server = EngineServer(engine, self.cfg.name, self.cfg.tool_parser, self.cfg.stream_messages_per_s)
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
@@ -281,10 +283,10 @@ def build_app(args: dict | AppConfig | None = None) -> serve.Application:
         if m.num_gpus is None:
             gpus = _has_gpus() if gpus is None else gpus
             dev = (m.device or ("cuda" if gpus else "cpu"))
-            num_gpus = float(m.tp) if dev.startswith("cuda") else 0.0
+            num_gpus = 1.0 if dev.startswith("cuda") else 0.0
         else:
             num_gpus = m.num_gpus
-        actor = {"num_cpus": m.num_cpus, "num_gpus": num_gpus}
+        actor = {"num_cpus": m.num_cpus, "num_gpus": num_gpus}  # per rank; the replica is rank 0
         if m.runtime_env:
             actor["runtime_env"] = m.runtime_env
         bs = m.batch_size()
@@ -296,6 +298,13 @@ def build_app(args: dict | AppConfig | None = None) -> serve.Application:
             "health_check_timeout_s": m.health_check_timeout_s,
             "graceful_shutdown_timeout_s": 5,
         }
+        if m.tp > 1:  # one bundle per rank on one node (NVLink), the replica's own first
+            bundle = {k: v for k, v in (("CPU", m.num_cpus), ("GPU", num_gpus)) if v}
+            if not bundle:
+                raise ValueError(f"model {m.name!r}: tp={m.tp} places one bundle per rank, and a rank with "
+                                 "num_cpus=0 and no GPU has nothing to place: give num_cpus > 0")
+            opts["placement_group_bundles"] = [dict(bundle) for _ in range(m.tp)]
+            opts["placement_group_strategy"] = "STRICT_PACK"
         if m.autoscale:
             lo, hi = m.autoscale
             opts["autoscaling_config"] = {

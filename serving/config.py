@@ -38,7 +38,7 @@ class EngineConfig:
     tune_kernels: bool = False            # autotune W4A16 configs missing from kernels/' table (seconds each)
     repack_weights: bool = True           # AWQ weights into the tensor cores' fragment order at load (sm_90, bf16 or fp16)
     progress: bool = True                 # weight-loading progress bar
-    tp: int = 1                           # tensor-parallel world size (ranks are hosted by cluster/)
+    tp: int = 1                           # tensor-parallel world size (ranks 1..tp-1 are Ray actors: serving/tp_group.py)
 
     def __post_init__(self):
         if self.model_format not in ("auto", "awq", "hf"):

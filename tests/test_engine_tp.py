@@ -17,20 +17,28 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, path: str, ps, max_new: int, q) -> None:
+    """Rank 0 runs the engine; the others follow its steps (what serving.tp_group does with Ray actors)."""
     import torch
-    import torch.distributed as dist
 
     from serving import EngineConfig, GenerationConfig, LLMEngine
+    from serving.config import ModelConfig
+    from serving.engine.model_runner import ModelRunner
     from serving.layers.parallel import TPContext
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        tp = TPContext(rank, world, dist.group.WORLD)
-        eng = LLMEngine(path, EngineConfig(dtype="float32", block_size=8, progress=False, tp=world), tp=tp)
-        outs = eng.generate(ps, GenerationConfig(max_new_tokens=max_new))
-        q.put((rank, [o.token_ids for o in outs], eng.runner.model.model.layers[0].self_attn.num_kv_heads))
-        dist.destroy_process_group()
+        tp = TPContext.init(rank, world, f"tcp://127.0.0.1:{port}", "gloo", timeout_s=300)
+        ecfg = EngineConfig(dtype="float32", block_size=8, progress=False, tp=world)
+        if rank == 0:
+            eng = LLMEngine(path, ecfg, tp=tp)
+            outs = eng.generate(ps, GenerationConfig(max_new_tokens=max_new))
+            eng.runner.stop_followers()
+            q.put((rank, [o.token_ids for o in outs], eng.runner.model.model.layers[0].self_attn.num_kv_heads))
+        else:
+            runner = ModelRunner(ModelConfig.from_path(path, "auto", "float32"), ecfg, model_path=path, tp=tp)
+            runner.follow()
+            q.put((rank, None, runner.model.model.layers[0].self_attn.num_kv_heads))
+        tp.destroy()
     except Exception as e:  # report, do not hang the parent
         q.put((rank, repr(e), None))
 
@@ -59,7 +67,8 @@ def test_tensor_parallel_matches_single_rank(tiny_model_factory, tmp_path, world
     want = [o.token_ids for o in LLMEngine(path, EngineConfig(dtype="float32", block_size=8, progress=False))
             .generate(ps, GenerationConfig(max_new_tokens=12))]
     results = run_tp(path, world, ps)
+    assert results[0][0] == want, results[0]
     for rank in range(world):
         toks, kv_heads = results[rank]
-        assert toks == want, (rank, toks)
+        assert rank == 0 or toks is None, (rank, toks)  # a follower that failed reports its error here
         assert kv_heads == (1 if world >= 2 else 2)  # 2 KV heads: split at tp=2, replicated at tp=4

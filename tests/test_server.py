@@ -24,6 +24,7 @@ from serving.app import run_local  # noqa: E402
 PORT = 8123
 KEY = "test-key-123"
 MODEL = "tiny-chat"
+MODEL_TP = "tiny-chat-tp2"
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
@@ -49,10 +50,11 @@ def server(tiny_model_factory, tmp_path_factory):
     cfg = json.loads((model / "tokenizer_config.json").read_text())
     cfg.pop("chat_template", None)
     (model / "tokenizer_config.json").write_text(json.dumps(cfg))
-    srv = run_local(
-        model, port=PORT, ray_num_cpus=2, ready_timeout_s=900, api_keys=[KEY], ingress_num_cpus=0.1,
-        num_cpus=0.2, dtype="float32", block_size=8, num_kv_blocks=1024, session_len=4096, max_batch_size=32,
-        health_check_period_s=2, health_check_timeout_s=30)
+    common = dict(model=str(model), num_cpus=0.2, dtype="float32", block_size=8, num_kv_blocks=1024,
+                  session_len=4096, max_batch_size=32, health_check_period_s=2, health_check_timeout_s=30)
+    srv = run_local(port=PORT, ray_num_cpus=2, ready_timeout_s=900, config={
+        "api_keys": [KEY], "ingress_num_cpus": 0.1,
+        "models": [common, {**common, "name": MODEL_TP, "tp": 2}]})  # the same weights over two ranks
     yield srv
     srv.shutdown()
     serve.shutdown()
@@ -77,7 +79,7 @@ def _metric(text: str, name: str) -> float:
 
 def test_models_health_auth_and_errors(server, client):
     assert _get(server.url + "/health", None)[0] == 200
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert [m.id for m in client.models.list().data] == [MODEL, MODEL_TP]
     bad = openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as e:
         bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
@@ -130,6 +132,30 @@ def test_streaming_with_usage(client):
     chunks = list(s)
     assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
     assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_tensor_parallel_replica_answers_like_the_single_rank_one(server, client):
+    """``tp: 2``: the replica is rank 0 and one TPWorker actor holds the other half of every layer, both in the
+    replica's placement group; the answers are the single-rank model's, token for token, also when batched."""
+    bundles = [p["bundles"] for p in ray.util.placement_group_table().values() if p["state"] == "CREATED"]
+    assert bundles == [{0: {"CPU": 0.2}, 1: {"CPU": 0.2}}]  # the replica's own: the worker made none of its own
+
+    async def both(prompts):
+        c = openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, timeout=120, max_retries=0)
+        rs = await asyncio.gather(*(c.completions.create(model=m, prompt=p, max_tokens=10, temperature=0,
+                                                         logprobs=2) for m in (MODEL, MODEL_TP) for p in prompts))
+        return rs[:len(prompts)], rs[len(prompts):]
+
+    single, tp = asyncio.run(both(["The city of", "Once upon a time", "A long story:", "hi"]))
+    for a, b in zip(single, tp):
+        assert b.model == MODEL_TP and b.choices[0].text == a.choices[0].text
+        assert b.choices[0].logprobs.tokens == a.choices[0].logprobs.tokens
+        assert b.choices[0].logprobs.token_logprobs == pytest.approx(a.choices[0].logprobs.token_logprobs, abs=1e-4)
+    s = client.chat.completions.create(model=MODEL_TP, messages=[{"role": "user", "content": "Count"}],
+                                       max_tokens=8, stream=True, temperature=0)
+    text = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+    assert text == client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count"}],
+                                                  max_tokens=8, temperature=0).choices[0].message.content
 
 
 def test_completions_echo_logprobs_for_scoring(client):

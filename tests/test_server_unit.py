@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from serving import EngineConfig, GenerationConfig, LLMEngine
-from serving.app import AppConfig
+from serving.app import AppConfig, build_app
 from serving.openai import tool_parser
 from serving.openai.engine_server import EngineServer, LocalBackend
 from serving.openai.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
@@ -93,8 +93,9 @@ def test_app_config():
     m = cfg.models[0]
     assert m.name == "my-model" and cfg.api_keys == ["k1", "k2"] and m.autoscale == (1, 4)
     assert m.engine_config().max_num_seqs == 16
-    with pytest.raises(ValueError, match="tensor parallelism"):
-        AppConfig.from_args({"model": "/x", "tp": 2})
+    assert AppConfig.from_args({"model": "/x", "tp": 2}).models[0].engine_config().tp == 2
+    with pytest.raises(ValueError, match="num_cpus > 0"):  # one bundle per rank, and this one would be empty
+        build_app({"model": "/x", "tp": 2, "num_cpus": 0, "device": "cpu"})
     with pytest.raises(ValueError):
         AppConfig.from_args({"model": "/x", "autoscale": "3,1"})
 

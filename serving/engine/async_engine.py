@@ -89,6 +89,8 @@ class AsyncEngine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():  # only the loop thread may touch the engine
+            self.engine.close()
 
     # -- the loop thread ---------------------------------------------------------------------------
     def _drain(self) -> None:

@@ -76,7 +76,7 @@ class LLMEngine:
         self.config = ecfg = engine_config or EngineConfig()
         if ecfg.tp != tp.world_size:
             raise ValueError(f"EngineConfig.tp={ecfg.tp} but this rank's TPContext has world_size={tp.world_size}: "
-                             "tensor parallelism runs one engine per GPU under cluster/'s worker group")
+                             "build a tensor-parallel engine with serving.tp_group.start_tp_engine")
         if hf_config is not None:
             self.model_config = ModelConfig.from_dict(hf_config, ecfg.model_format, ecfg.dtype)
         else:
@@ -97,6 +97,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._token_texts: dict[int, str] = {}
         self._pending: _Pending | None = None
+        self.followers = None  # ranks 1..N-1 when this is rank 0 of a tensor-parallel group (serving.tp_group)
 
     # -- requests ----------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int] | list[dict], chat: bool | None = None) -> list[int]:
@@ -151,6 +152,14 @@ class LLMEngine:
         if not req.seq.is_finished:
             self.scheduler.finish(req.seq, "abort")
         return True
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (a single-rank engine has none); the engine takes no more steps."""
+        if self.followers is not None:
+            followers, self.followers = self.followers, None
+            self.runner.stop_followers()
+            followers.close()
+            self.runner.tp.destroy()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

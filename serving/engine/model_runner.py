@@ -114,6 +114,7 @@ class ModelRunner:
         else:
             want = self.ecfg.max_num_seqs * (self.ecfg.session_len or self.cfg.max_position_embeddings)
             n = min(-(-want // self.block_size), CPU_KV_CACHE_BYTES // per_block)
+        n = self.tp.min_int(n)  # rank 0 schedules blocks that every rank must hold
         if n < 1:
             raise RuntimeError("no memory left for the KV cache after the weights")
         attn0 = self.model.model.layers[0].self_attn
@@ -179,7 +180,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, b: ForwardBatch, sampling: SamplingBatch | None) -> SampleOutput | None:
+        if self.tp.is_leader:
+            self.tp.broadcast_object(("execute", b))
         hidden, cu, logit_rows = self._forward(b)
+        if self.tp.rank > 0:
+            return None  # followers only fill their KV shards; rank 0 holds the logits
         scores = self._score(hidden, cu, b.score_targets, b.score_topn) if b.score_targets else None
         if not logit_rows:
             return SampleOutput([], [], scores) if scores else None
@@ -190,7 +195,7 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def launch_decode(self, b: ForwardBatch, sampling: SamplingBatch,
+    def launch_decode(self, b: ForwardBatch, sampling: SamplingBatch | None,
                       feed: tuple[PendingTokens, list[int]] | None = None) -> PendingTokens:
         """Queue a decode step (every row samples) and return without waiting for its tokens.
 
@@ -199,13 +204,18 @@ class ModelRunner:
         not need the host (no constraints, no logprobs): the engine keeps such requests on ``execute``.
         """
         n = len(b.token_ids)
+        if self.tp.is_leader:
+            self.tp.broadcast_object(("decode", b, None if feed is None else feed[1]))
         fed = None
         if feed is not None:
             prev, rows = feed
             fed = prev.tokens if rows == list(range(prev.tokens.shape[0])) else \
                 prev.tokens.index_select(0, self._tensor(rows, torch.int64))
         hidden, _, _ = self._forward(b, fed)
-        tokens = self.sampler.sample(self.model.compute_logits(hidden), sampling)
+        if self.tp.rank > 0:  # rank 0's tokens: the next step may take its inputs from them on the device
+            tokens = self.tp.broadcast(torch.empty(n, dtype=torch.int64, device=self.device))
+            return PendingTokens(tokens, tokens)
+        tokens = self.tp.broadcast(self.sampler.sample(self.model.compute_logits(hidden), sampling))
         if self.device.type != "cuda":
             return PendingTokens(tokens, tokens)
         host = torch.empty(n, dtype=torch.int64, pin_memory=True)
@@ -213,6 +223,29 @@ class ModelRunner:
         event = torch.cuda.Event()
         event.record()
         return PendingTokens(tokens, host, event)
+
+    # -- tensor parallelism: ranks > 0 follow rank 0's steps ----------------------------------------
+    def follow(self) -> None:
+        """Run the steps rank 0 sends (their collectives pair up with rank 0's) until it sends ``stop``."""
+        last: PendingTokens | None = None
+        while True:
+            msg = self.tp.broadcast_object()
+            if msg[0] == "stop":
+                return
+            if msg[0] == "execute":
+                self.execute(msg[1], None)
+            elif msg[0] == "decode":
+                _, b, rows = msg
+                if rows is not None and last is None:
+                    raise RuntimeError("rank 0 fed a decode step from tokens this rank never received")
+                last = self.launch_decode(b, None, None if rows is None else (last, rows))
+            else:
+                raise RuntimeError(f"unknown step {msg[0]!r} from rank 0")
+
+    def stop_followers(self) -> None:
+        """Rank 0: let the other ranks' ``follow`` return."""
+        if self.tp.is_leader:
+            self.tp.broadcast_object(("stop",))
 
     def _score(self, hidden, cu, targets, topn: list[int] | None = None, chunk: int = 1024) -> dict[int, list]:
         """Log-probability of each given next token, from the hidden state of the token before it.

@@ -1,0 +1,172 @@
+"""Tensor-parallel ranks on Ray: the caller is rank 0, ranks 1..N-1 are ``TPWorker`` actors, one per GPU.
+
+Rank 0 holds the engine (scheduler, sampler, tokenizer); every step it sends the batch to the other ranks over a
+gloo group and they run the same forward, their all-reduces pairing up with its own (NCCL on GPU, gloo on CPU).
+The workers sit in the caller's placement group when it has one (a Serve replica whose bundles are
+``[rank 0, rank 1, ...]``, STRICT_PACK), else in one made here. Rank 0 picks the rendezvous port on its own host.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .config import EngineConfig, ModelConfig
+from .engine.llm_engine import LLMEngine
+from .layers.parallel import TPContext, leave_process_group
+
+log = logging.getLogger(__name__)
+
+
+class TPWorker:
+    """One rank > 0: builds its shard of the model, then follows rank 0's steps until told to stop."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.runner = None
+
+    def build(self, model_path: str, ecfg: EngineConfig, init_method: str, backend: str) -> int:
+        """Join the group and build this rank's model, KV cache and CUDA graphs; returns its KV blocks."""
+        from .engine.model_runner import ModelRunner
+
+        tp = TPContext.init(self.rank, self.world_size, init_method, backend)
+        cfg = ModelConfig.from_path(model_path, ecfg.model_format, ecfg.dtype)
+        self.runner = ModelRunner(cfg, ecfg, model_path=model_path, tp=tp)
+        return self.runner.num_blocks
+
+    def follow(self) -> None:
+        try:
+            self.runner.follow()
+        finally:
+            self.runner.tp.destroy()
+
+
+class TPFollowers:
+    """Rank 0's handle on ranks 1..N-1: their actors, their ``follow`` calls and the placement group made here."""
+
+    def __init__(self, workers: list, loops: list, own_pg=None):
+        self.workers, self.loops, self.own_pg = workers, loops, own_pg
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """After rank 0 sent ``stop``: wait for the followers to return, then free their actors."""
+        try:
+            ray.get(self.loops, timeout=timeout_s)
+        except Exception as e:  # a follower that failed or hangs: it goes with its actor
+            log.warning("a tensor-parallel rank did not stop cleanly: %s", e)
+        _kill(self.workers, self.own_pg)
+
+
+def _kill(workers: list, pg) -> None:
+    for w in workers:
+        try:
+            ray.kill(w)
+        except Exception:
+            pass
+    if pg is not None:
+        remove_placement_group(pg)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _device(ecfg: EngineConfig) -> str:
+    if ecfg.device:
+        return ecfg.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def start_tp_engine(model_path: str | Path, ecfg: EngineConfig, tokenizer=None,
+                    ready_timeout_s: float = 600.0) -> LLMEngine:
+    """An ``LLMEngine`` whose model is split over ``ecfg.tp`` ranks: this process and ``tp - 1`` Ray actors.
+
+    Call ``engine.close()`` to stop the actors. A rank that fails while building takes the others down with it
+    and its error is raised here.
+    """
+    if ecfg.tp < 2:
+        raise ValueError(f"start_tp_engine is for tp >= 2 (got tp={ecfg.tp}); build LLMEngine directly")
+    if not ray.is_initialized():
+        raise RuntimeError("tensor parallelism needs Ray: call ray.init() (or run under Ray Serve) first")
+    model_path = str(model_path)
+    ModelConfig.from_path(model_path, ecfg.model_format, ecfg.dtype)  # bad checkpoints fail before any actor
+    device = _device(ecfg)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    world = ecfg.tp
+    pg, own_pg = get_current_placement_group(), None
+    if pg is None and backend == "nccl" and not ray.get_gpu_ids():
+        raise RuntimeError("on GPU, rank 0 must hold its GPU through Ray, or Ray may give the same GPU to "
+                           "another rank: call start_tp_engine inside a Ray actor with num_gpus=1 (a Serve "
+                           "replica with tp > 1 is one), not from the driver")
+    if pg is not None:
+        if len(pg.bundle_specs) < world:
+            raise ValueError(f"tp={world} needs a placement group of {world} bundles (one per rank, rank 0 "
+                             f"first); this one has {len(pg.bundle_specs)}")
+        bundles = list(range(1, world))
+    else:
+        unit = {"GPU": 1.0, "CPU": 1.0} if backend == "nccl" else {"CPU": 1.0}
+        pg = own_pg = placement_group([dict(unit) for _ in range(world - 1)], strategy="STRICT_PACK")
+        try:
+            ray.get(pg.ready(), timeout=ready_timeout_s)
+        except Exception as e:
+            remove_placement_group(pg)
+            raise RuntimeError(f"the cluster cannot place {world - 1} more rank(s) of {unit} on one node "
+                               f"within {ready_timeout_s:.0f} s: add resources or lower tp") from e
+        bundles = list(range(world - 1))
+    actor_cls = ray.remote(TPWorker)
+    workers = []
+    for rank, b in enumerate(bundles, start=1):
+        spec = pg.bundle_specs[b]
+        workers.append(actor_cls.options(
+            num_cpus=spec.get("CPU", 0), num_gpus=spec.get("GPU", 0),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=b),
+        ).remote(rank, world))
+    init_method = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+    ecfg = replace(ecfg, device=device)
+    builds = [w.build.remote(model_path, ecfg, init_method, backend) for w in workers]
+    failed: list[str] = []
+    done = threading.Event()
+    threading.Thread(target=_watch_builds, args=(builds, workers, failed, done), daemon=True,
+                     name="rayawq-tp-build-watch").start()
+    try:
+        tp = TPContext.init(0, world, init_method, backend)
+        engine = LLMEngine(model_path, ecfg, tokenizer=tokenizer, tp=tp)
+        ray.get(builds)
+    except BaseException as e:
+        done.set()
+        first = failed[:1]  # a follower's own error, not one of the kills below
+        _kill(workers, own_pg)
+        leave_process_group()
+        if first:
+            raise RuntimeError(f"a tensor-parallel rank failed while building: {first[0]}") from e
+        raise
+    finally:
+        done.set()
+    engine.followers = TPFollowers(workers, [w.follow.remote() for w in workers], own_pg)
+    log.info("tensor parallel over %d ranks (%s), %d KV blocks each", world, backend, engine.runner.num_blocks)
+    return engine
+
+
+def _watch_builds(builds: list, workers: list, failed: list, done: threading.Event) -> None:
+    """A rank that fails to build leaves rank 0 blocked in a collective: kill every follower so that it fails
+    (gloo sees the peers go) and report the first error."""
+    pending = list(builds)
+    while pending and not done.is_set():
+        ready, pending = ray.wait(pending, timeout=1.0)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as e:
+                failed.append(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
+                _kill(workers, None)
+                return

@@ -1,0 +1,74 @@
+"""Tensor parallelism over Ray actors on CPU (gloo): this process is rank 0, the other ranks are TPWorker actors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from serving import EngineConfig, GenerationConfig, LLMEngine  # noqa: E402
+from serving.tp_group import start_tp_engine  # noqa: E402
+from tests.test_engine import make_awq_checkpoint, prompts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _all_cpus_free(timeout_s: float = 60.0) -> bool:
+    """Placement groups and actors are released asynchronously: wait for the cluster's CPUs to come back."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _cfg(**kw) -> EngineConfig:
+    return EngineConfig(dtype="float32", block_size=8, progress=False, **kw)
+
+
+def test_ray_ranks_give_the_single_rank_tokens(cluster, tiny_model_factory, tmp_path):
+    path = make_awq_checkpoint(tiny_model_factory("qwen2"), tmp_path / "awq", group_size=32)
+    ps = prompts([5, 17, 9], seed=3)
+    greedy = GenerationConfig(max_new_tokens=10)
+    sampled = GenerationConfig(max_new_tokens=10, temperature=0.8, top_p=0.9, random_seed=7)
+    single = LLMEngine(path, _cfg())
+    want = [[o.token_ids for o in single.generate(ps, g)] for g in (greedy, sampled)]
+
+    engine = start_tp_engine(path, _cfg(tp=2))
+    try:
+        workers = engine.followers.workers
+        assert len(workers) == 1
+        got = [[o.token_ids for o in engine.generate(ps, g)] for g in (greedy, sampled)]
+        assert got == want
+        # unseeded sampling: rank 0 draws, the follower takes its tokens; the engine keeps going afterwards
+        outs = engine.generate(ps, GenerationConfig(max_new_tokens=6, temperature=1.0))
+        assert all(len(o.token_ids) == 6 for o in outs)
+        assert [o.token_ids for o in engine.generate(ps, greedy)] == want[0]
+    finally:
+        engine.close()
+    assert engine.followers is None and _all_cpus_free()
+    with pytest.raises(Exception):  # the follower's actor is gone
+        ray.get(workers[0].build.remote("x", _cfg(tp=2), "tcp://127.0.0.1:1", "gloo"), timeout=30)
+
+
+def test_a_model_that_does_not_split_fails_clearly_and_frees_the_ranks(cluster, tiny_model_factory):
+    path = tiny_model_factory("qwen2")
+    heads = LLMEngine(path, _cfg()).model_config.num_heads
+    tp = next(t for t in (3, 5, 7) if heads % t)
+    with pytest.raises(Exception, match="does not divide over tp"):
+        start_tp_engine(path, _cfg(tp=tp), ready_timeout_s=30)
+    assert _all_cpus_free()
+
+
+def test_tp_needs_ray_and_two_ranks(tiny_model_factory):
+    path = tiny_model_factory("qwen2")
+    with pytest.raises(ValueError, match="tp >= 2"):
+        start_tp_engine(path, _cfg(tp=1))
