@@ -158,8 +158,8 @@ class LLMEngine:
         if self.followers is not None:
             followers, self.followers = self.followers, None
             self.runner.stop_followers()
+            self.runner.tp.destroy()  # while the followers leave too: NCCL's teardown waits for every rank
             followers.close()
-            self.runner.tp.destroy()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,12 +78,20 @@ class TPContext:
             leave_process_group()
 
 
-def leave_process_group() -> None:
-    """Leave the default group (if any), so that this process can join another one later."""
+def leave_process_group(timeout_s: float = 60.0) -> None:
+    """Leave the default group (if any), so that this process can join another one later.
+
+    NCCL's teardown waits for the other ranks' (every rank should leave at about the same time); a teardown that
+    does not finish in ``timeout_s`` is left behind with a warning rather than hanging the caller."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    t = threading.Thread(target=dist.destroy_process_group, name="rayawq-leave-group", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        logging.getLogger(__name__).warning("leaving the tensor-parallel group did not finish in %.0f s", timeout_s)
 
 
 SINGLE = TPContext()
