@@ -64,7 +64,8 @@ def write_checkpoint(c: dict, path: Path, group: int = 128, shard_layers: int = 
 class Host:
     """Rank 0 of one configuration, in a Ray actor like a Serve replica: builds the engine, measures it."""
 
-    def run(self, path: str, tp: int, device: str, new_tokens: int, batches: list[int], ref: dict | None) -> dict:
+    def run(self, path: str, tp: int, device: str, new_tokens: int, batches: list[int], ref: dict | None,
+            symm: bool = True) -> dict:
         import torch
 
         from serving import EngineConfig, GenerationConfig, LLMEngine
@@ -72,10 +73,11 @@ class Host:
 
         cfg = EngineConfig(dtype="bfloat16" if device == "cuda" else "float32", device=device, session_len=4096,
                            max_num_seqs=max(batches), max_num_batched_tokens=8192, enable_prefix_caching=False,
-                           cache_max_entry_count=0.6, progress=False, tp=tp)
+                           cache_max_entry_count=0.6, progress=False, tp=tp, tp_symmetric_memory=symm)
         t = time.perf_counter()
         eng = LLMEngine(path, cfg) if tp == 1 else start_tp_engine(path, cfg)
-        res = {"tp": tp, "load_s": time.perf_counter() - t, "kv_blocks": eng.runner.num_blocks}
+        res = {"tp": tp, "load_s": time.perf_counter() - t, "kv_blocks": eng.runner.num_blocks,
+               "all_reduce": "symmetric memory" if eng.runner.tp.fast is not None else "NCCL" if tp > 1 else "-"}
         try:
             c = json.loads((Path(path) / "config.json").read_text())
             res.update(bench_engine(eng, c, torch.device(device), new_tokens, batches, 128, 2048, diagnose=False))
@@ -93,7 +95,8 @@ class Host:
         return res
 
 
-def run_config(path: Path, tp: int, device: str, new_tokens: int, batches: list[int], ref: dict | None) -> dict:
+def run_config(path: Path, tp: int, device: str, new_tokens: int, batches: list[int], ref: dict | None,
+               symm: bool = True) -> dict:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -105,7 +108,7 @@ def run_config(path: Path, tp: int, device: str, new_tokens: int, batches: list[
         host = ray.remote(Host).options(
             num_cpus=1, num_gpus=unit.get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)).remote()
-        res = ray.get(host.run.remote(str(path), tp, device, new_tokens, batches, ref))
+        res = ray.get(host.run.remote(str(path), tp, device, new_tokens, batches, ref, symm))
         ray.kill(host)
         return res
     finally:
@@ -134,8 +137,8 @@ def measure(args) -> dict:
     except ImportError:
         pass
     ref = None
-    for tp in [1] + [args.tp]:
-        r = run_config(path, tp, args.device, args.new_tokens, batches, ref)
+    for tp, symm in [(1, True), (args.tp, True)] + ([(args.tp, False)] if args.device == "cuda" else []):
+        r = run_config(path, tp, args.device, args.new_tokens, batches, ref, symm)
         ref = ref or r
         res["runs"].append(r)
         print(json.dumps({k: v for k, v in r.items() if k not in ("greedy", "nll")}), flush=True)
@@ -156,7 +159,7 @@ def plot(res: dict, path: Path) -> None:
     for i, r in enumerate(runs):
         base = runs[0]
         vals = [r[k] / base[k] for k, _ in keys]
-        bars = ax.bar([j + i * width for j in range(len(keys))], vals, width, label=f"{r['tp']} GPU(s)")
+        bars = ax.bar([j + i * width for j in range(len(keys))], vals, width, label=_label(r))
         for b, (k, _) in zip(bars, keys):
             ax.annotate(f"{r[k]:,.0f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
                         va="bottom", fontsize=8)
@@ -166,6 +169,10 @@ def plot(res: dict, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _label(r: dict) -> str:
+    return f"{r['tp']} GPU" + ("s" if r["tp"] > 1 else "") + (f", {r.get('all_reduce', 'NCCL')}" if r["tp"] > 1 else "")
 
 
 def report(res: dict) -> str:
@@ -181,23 +188,25 @@ def report(res: dict) -> str:
     lines = [f"## Tensor parallelism on Ray (`benchmarks/tp.py`, {res['device']})", "", stamp(res["device"]), "",
              f"The same random-weight Llama-3-8B-shaped AWQ g128 checkpoint (bf16 activations) served by 1 GPU and "
              f"by {runs[-1]['tp']}: rank 0 in a Ray actor on bundle 0 of a STRICT_PACK placement group (as a Serve "
-             "replica), the other ranks `serving.tp_group` workers, NCCL all-reduces inside the decode CUDA graphs. "
+             "replica), the other ranks `serving.tp_group` workers; all-reduces inside the decode CUDA graphs, through "
+             "torch's symmetric memory (one-shot) up to decode size and NCCL above, or NCCL only where the row says so. "
              f"Prompt {res['prompt_len']} tokens, {res['new_tokens']} new per request; torch {res['torch']}, "
              f"triton {res.get('triton', '-')}, ray {res['ray']}.", "", head, "|" + "---|" * (7 + len(bs))]
     for r in runs:
-        cells = [str(r["tp"]), f"{r['b1_tok_s']:.0f}", f"{r['b1_ms_tok']:.2f}"]
+        cells = [_label(r), f"{r['b1_tok_s']:.0f}", f"{r['b1_ms_tok']:.2f}"]
         cells += [f"{r.get(f'b{b}_out_tok_s', 0):,.0f}" for b in bs]
         cells += [f"{r['ttft_ms']:.0f}", f"{r['weights_gib']:.2f}", f"{r['kv_blocks']:,}", f"{r['load_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    one, many = runs[0], runs[-1]
-    lines += ["", f"{many['tp']} GPUs against 1: batch 1 {many['b1_tok_s'] / one['b1_tok_s']:.2f}×, "
-              + ", ".join(f"batch {b} {many[f'b{b}_out_tok_s'] / one[f'b{b}_out_tok_s']:.2f}×" for b in bs)
-              + f", TTFT {one['ttft_ms'] / many['ttft_ms']:.2f}× shorter."]
-    if "nll_max_abs_diff" in many:
-        lines.append(f"Agreement with 1 GPU: mean log-likelihood of 4 fixed 512-token sequences within "
-                     f"{many['nll_max_abs_diff']:.4f} nats; greedy outputs (4 prompts, 32 tokens) identical for the "
-                     f"first {min(many['greedy_same_prefix'])}-{max(many['greedy_same_prefix'])} tokens (bf16 "
-                     "all-reduces sum in another order, so near-ties of random weights can flip).")
+    one = runs[0]
+    for many in runs[1:]:
+        lines += ["", f"{_label(many)} against 1: batch 1 {many['b1_tok_s'] / one['b1_tok_s']:.2f}×, "
+                  + ", ".join(f"batch {b} {many[f'b{b}_out_tok_s'] / one[f'b{b}_out_tok_s']:.2f}×" for b in bs)
+                  + f", TTFT {one['ttft_ms'] / many['ttft_ms']:.2f}× shorter."]
+        if "nll_max_abs_diff" in many:
+            lines[-1] += (f" Agreement with 1 GPU: mean log-likelihood of 4 fixed 512-token sequences within "
+                          f"{many['nll_max_abs_diff']:.4f} nats; greedy outputs (4 prompts, 32 tokens) identical for "
+                          f"the first {min(many['greedy_same_prefix'])}-{max(many['greedy_same_prefix'])} tokens "
+                          "(bf16 all-reduces add in another order, so near-ties of random weights flip).")
     if res.get("note"):
         lines += ["", res["note"]]
     lines += ["", f"![tensor parallel](tp{tag}.png)", "",

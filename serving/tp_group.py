@@ -45,7 +45,7 @@ class TPWorker:
         try:
             self.runner.follow()
         finally:
-            self.runner.tp.destroy()
+            self.runner.leave_group()
 
 
 class TPFollowers:

@@ -158,7 +158,7 @@ class LLMEngine:
         if self.followers is not None:
             followers, self.followers = self.followers, None
             self.runner.stop_followers()
-            self.runner.tp.destroy()  # while the followers leave too: NCCL's teardown waits for every rank
+            self.runner.leave_group()  # while the followers leave too: NCCL's teardown waits for every rank
             followers.close()
 
     def has_unfinished(self) -> bool:

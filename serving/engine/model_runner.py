@@ -69,6 +69,9 @@ class ModelRunner:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         self.block_size = engine_cfg.block_size
+        if tp.world_size > 1 and self.device.type == "cuda" and engine_cfg.tp_symmetric_memory:
+            rows = min(max(engine_cfg.max_num_seqs, 16), 512)  # decode batches (and prefill chunks that small)
+            self.tp = tp = tp.with_symmetric_memory(self.device, rows * model_cfg.hidden_size * 4)
         with torch.device(self.device):
             self.model = build_model(model_cfg, tp).eval()
         if weights is None:
@@ -246,6 +249,14 @@ class ModelRunner:
         """Rank 0: let the other ranks' ``follow`` return."""
         if self.tp.is_leader:
             self.tp.broadcast_object(("stop",))
+
+    def leave_group(self) -> None:
+        """Every rank, after ``stop``: drop the graphs (their kernels hold the group's communicators), leave."""
+        if self.tp.world_size > 1:
+            self.graphs.clear()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.tp.destroy()
 
     def _score(self, hidden, cu, targets, topn: list[int] | None = None, chunk: int = 1024) -> dict[int, list]:
         """Log-probability of each given next token, from the hidden state of the token before it.

@@ -47,6 +47,7 @@ def test_two_gpus_agree_with_one(cluster, checkpoint):
     one = run_config(checkpoint, 1, "cuda", 16, [4], None)
     two = run_config(checkpoint, 2, "cuda", 16, [4], one)
     assert two["graph_batch_sizes"] and two["graph_batch_sizes"] == one["graph_batch_sizes"]  # decode in graphs
+    assert two["all_reduce"] == "symmetric memory"  # NVLink peers: decode sums skip NCCL
     assert two["nll_max_abs_diff"] < 2e-2, two["nll_max_abs_diff"]
     assert min(two["greedy_same_prefix"]) >= 4, two["greedy_same_prefix"]
     assert two["weights_gib"] < one["weights_gib"]  # rank 0 holds half of every decoder linear
