@@ -32,10 +32,16 @@ class TPWorker:
         self.rank, self.world_size = rank, world_size
         self.runner = None
 
-    def build(self, model_path: str, ecfg: EngineConfig, init_method: str, backend: str) -> int:
+    def gpu_ids(self) -> list[str]:
+        return [str(i) for i in ray.get_gpu_ids()]
+
+    def build(self, model_path: str, ecfg: EngineConfig, init_method: str, backend: str,
+              visible: str | None = None) -> int:
         """Join the group and build this rank's model, KV cache and CUDA graphs; returns its KV blocks."""
         from .engine.model_runner import ModelRunner
 
+        if visible:
+            ecfg = replace(ecfg, device=_see_group_gpus(visible, self.rank))
         tp = TPContext.init(self.rank, self.world_size, init_method, backend)
         cfg = ModelConfig.from_path(model_path, ecfg.model_format, ecfg.dtype)
         self.runner = ModelRunner(cfg, ecfg, model_path=model_path, tp=tp)
@@ -82,9 +88,25 @@ def _free_port() -> int:
 def _device(ecfg: EngineConfig) -> str:
     if ecfg.device:
         return ecfg.device
+    if ray.get_gpu_ids():  # asked first: CUDA must not start before _see_group_gpus
+        return "cuda"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _see_group_gpus(visible: str, rank: int) -> str:
+    """Let this rank's process see every GPU of the group (Ray shows each actor only its own), in rank order, so
+    that the ranks' devices are distinct and can map each other's memory (symmetric-memory all-reduce). Only
+    possible before CUDA starts in the process; otherwise the rank keeps its one GPU. Returns its device."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_initialized():
+        return "cuda"
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    return f"cuda:{rank}" if torch.cuda.device_count() > rank else "cuda"
 
 
 def start_tp_engine(model_path: str | Path, ecfg: EngineConfig, tokenizer=None,
@@ -133,7 +155,13 @@ def start_tp_engine(model_path: str | Path, ecfg: EngineConfig, tokenizer=None,
         ).remote(rank, world))
     init_method = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
     ecfg = replace(ecfg, device=device)
-    builds = [w.build.remote(model_path, ecfg, init_method, backend) for w in workers]
+    visible = None
+    if backend == "nccl" and device == "cuda":
+        ids = [[str(i) for i in ray.get_gpu_ids()]] + ray.get([w.gpu_ids.remote() for w in workers])
+        if all(len(x) == 1 for x in ids) and len({x[0] for x in ids}) == world:
+            visible = ",".join(x[0] for x in ids)
+            ecfg = replace(ecfg, device=_see_group_gpus(visible, 0))
+    builds = [w.build.remote(model_path, ecfg, init_method, backend, visible) for w in workers]
     failed: list[str] = []
     done = threading.Event()
     threading.Thread(target=_watch_builds, args=(builds, workers, failed, done), daemon=True,
