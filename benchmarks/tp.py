@@ -65,7 +65,7 @@ class Host:
     """Rank 0 of one configuration, in a Ray actor like a Serve replica: builds the engine, measures it."""
 
     def run(self, path: str, tp: int, device: str, new_tokens: int, batches: list[int], ref: dict | None,
-            symm: bool = True) -> dict:
+            symm: bool = False) -> dict:
         import torch
 
         from serving import EngineConfig, GenerationConfig, LLMEngine
@@ -96,7 +96,7 @@ class Host:
 
 
 def run_config(path: Path, tp: int, device: str, new_tokens: int, batches: list[int], ref: dict | None,
-               symm: bool = True) -> dict:
+               symm: bool = False) -> dict:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -137,7 +137,7 @@ def measure(args) -> dict:
     except ImportError:
         pass
     ref = None
-    for tp, symm in [(1, True), (args.tp, True)] + ([(args.tp, False)] if args.device == "cuda" else []):
+    for tp, symm in [(1, False), (args.tp, False)] + ([(args.tp, True)] if args.device == "cuda" else []):
         r = run_config(path, tp, args.device, args.new_tokens, batches, ref, symm)
         ref = ref or r
         res["runs"].append(r)
@@ -156,23 +156,27 @@ def plot(res: dict, path: Path) -> None:
     keys = [("b1_tok_s", "batch 1\ntok/s")] + [(f"b{b}_out_tok_s", f"batch {b}\nout tok/s") for b in res["batches"]]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     width = 0.8 / len(runs)
-    for i, r in enumerate(runs):
-        base = runs[0]
-        vals = [r[k] / base[k] for k, _ in keys]
-        bars = ax.bar([j + i * width for j in range(len(keys))], vals, width, label=_label(r))
+    for i, (r, label) in enumerate(zip(runs, _labels(runs))):
+        vals = [r[k] / runs[0][k] for k, _ in keys]
+        bars = ax.bar([j + i * width for j in range(len(keys))], vals, width, label=label)
         for b, (k, _) in zip(bars, keys):
             ax.annotate(f"{r[k]:,.0f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
                         va="bottom", fontsize=8)
     ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(keys))], [t for _, t in keys])
     ax.set_ylabel("throughput / 1 GPU")
+    ax.set_ylim(0, 1.6)
     ax.set_title(f"AWQ Llama-3-8B shape, tensor parallel on Ray ({res['device']})", fontsize=10)
-    ax.legend()
+    ax.legend(loc="upper center", ncol=len(runs), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def _label(r: dict) -> str:
     return f"{r['tp']} GPU" + ("s" if r["tp"] > 1 else "") + (f", {r.get('all_reduce', 'NCCL')}" if r["tp"] > 1 else "")
+
+
+def _labels(runs: list[dict]) -> list[str]:
+    return [_label(r) + (" (again)" if _label(r) in map(_label, runs[:i]) else "") for i, r in enumerate(runs)]
 
 
 def report(res: dict) -> str:
@@ -188,20 +192,21 @@ def report(res: dict) -> str:
     lines = [f"## Tensor parallelism on Ray (`benchmarks/tp.py`, {res['device']})", "", stamp(res["device"]), "",
              f"The same random-weight Llama-3-8B-shaped AWQ g128 checkpoint (bf16 activations) served by 1 GPU and "
              f"by {runs[-1]['tp']}: rank 0 in a Ray actor on bundle 0 of a STRICT_PACK placement group (as a Serve "
-             "replica), the other ranks `serving.tp_group` workers; all-reduces inside the decode CUDA graphs, through "
-             "torch's symmetric memory (one-shot) up to decode size and NCCL above, or NCCL only where the row says so. "
+             "replica), the other ranks `serving.tp_group` workers; NCCL all-reduces, inside the decode CUDA graphs "
+             "(a row marked symmetric memory took torch's one-shot all-reduce up to decode size instead). "
              f"Prompt {res['prompt_len']} tokens, {res['new_tokens']} new per request; torch {res['torch']}, "
              f"triton {res.get('triton', '-')}, ray {res['ray']}.", "", head, "|" + "---|" * (7 + len(bs))]
-    for r in runs:
-        cells = [_label(r), f"{r['b1_tok_s']:.0f}", f"{r['b1_ms_tok']:.2f}"]
+    labels = _labels(runs)
+    for r, label in zip(runs, labels):
+        cells = [label, f"{r['b1_tok_s']:.0f}", f"{r['b1_ms_tok']:.2f}"]
         cells += [f"{r.get(f'b{b}_out_tok_s', 0):,.0f}" for b in bs]
         cells += [f"{r['ttft_ms']:.0f}", f"{r['weights_gib']:.2f}", f"{r['kv_blocks']:,}", f"{r['load_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     one = runs[0]
-    for many in runs[1:]:
-        lines += ["", f"{_label(many)} against 1: batch 1 {many['b1_tok_s'] / one['b1_tok_s']:.2f}×, "
+    for many, label in zip(runs[1:], labels[1:]):
+        lines += ["", f"{label} against 1 GPU: batch 1 {many['b1_tok_s'] / one['b1_tok_s']:.2f}×, "
                   + ", ".join(f"batch {b} {many[f'b{b}_out_tok_s'] / one[f'b{b}_out_tok_s']:.2f}×" for b in bs)
-                  + f", TTFT {one['ttft_ms'] / many['ttft_ms']:.2f}× shorter."]
+                  + f" the throughput; TTFT {many['ttft_ms'] / one['ttft_ms']:.2f}× as long."]
         if "nll_max_abs_diff" in many:
             lines[-1] += (f" Agreement with 1 GPU: mean log-likelihood of 4 fixed 512-token sequences within "
                           f"{many['nll_max_abs_diff']:.4f} nats; greedy outputs (4 prompts, 32 tokens) identical for "

@@ -38,8 +38,8 @@ class EngineConfig:
     tune_kernels: bool = False            # autotune W4A16 configs missing from kernels/' table (seconds each)
     repack_weights: bool = True           # AWQ weights into the tensor cores' fragment order at load (sm_90, bf16 or fp16)
     progress: bool = True                 # weight-loading progress bar
-    tp: int = 1                           # tensor-parallel world size (ranks 1..tp-1 are Ray actors: serving/tp_group.py)
-    tp_symmetric_memory: bool = True      # GPU tp > 1: decode-sized all-reduces through symmetric memory, not NCCL
+    tp: int = 1                           # tensor-parallel world size (ranks 1.. are Ray actors: serving/tp_group.py)
+    tp_symmetric_memory: bool = False     # GPU tp > 1: decode-sized all-reduces via symmetric memory (unmeasured)
 
     def __post_init__(self):
         if self.model_format not in ("auto", "awq", "hf"):

@@ -156,7 +156,7 @@ def start_tp_engine(model_path: str | Path, ecfg: EngineConfig, tokenizer=None,
     init_method = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
     ecfg = replace(ecfg, device=device)
     visible = None
-    if backend == "nccl" and device == "cuda":
+    if backend == "nccl" and device == "cuda" and ecfg.tp_symmetric_memory:
         ids = [[str(i) for i in ray.get_gpu_ids()]] + ray.get([w.gpu_ids.remote() for w in workers])
         if all(len(x) == 1 for x in ids) and len({x[0] for x in ids}) == world:
             visible = ",".join(x[0] for x in ids)

@@ -48,8 +48,9 @@ class TPContext:
     def with_symmetric_memory(self, device: torch.device, max_bytes: int) -> "TPContext":
         """This context with a one-shot all-reduce through symmetric memory for tensors up to ``max_bytes``.
 
-        NCCL's ring costs ~10-20 us per small all-reduce, two per decoder layer; reading the peers' buffers over
-        NVLink directly takes a few. Where symmetric memory cannot be set up, NCCL stays (with a warning)."""
+        Decode makes two small all-reduces per decoder layer; one kernel that reads the peers' buffers over NVLink
+        should take less than NCCL's protocol for each (not yet measured on two GPUs: see docs/benchmarks.md).
+        Where symmetric memory cannot be set up on every rank, NCCL stays (with a warning)."""
         if self.world_size == 1 or device.type != "cuda":
             return self
         fast, why = None, ""

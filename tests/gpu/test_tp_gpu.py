@@ -35,19 +35,20 @@ def cluster():
     from pathlib import Path
 
     root = str(Path(__file__).resolve().parents[2])
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}})
+    path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield
     ray.shutdown()
 
 
-def test_two_gpus_agree_with_one(cluster, checkpoint):
+@pytest.mark.parametrize("symm", [False, True], ids=["nccl", "symmetric-memory"])
+def test_two_gpus_agree_with_one(cluster, checkpoint, symm):
     from benchmarks.tp import run_config
 
     one = run_config(checkpoint, 1, "cuda", 16, [4], None)
-    two = run_config(checkpoint, 2, "cuda", 16, [4], one)
+    two = run_config(checkpoint, 2, "cuda", 16, [4], one, symm)
     assert two["graph_batch_sizes"] and two["graph_batch_sizes"] == one["graph_batch_sizes"]  # decode in graphs
-    assert two["all_reduce"] == "symmetric memory"  # NVLink peers: decode sums skip NCCL
+    assert two["all_reduce"] == ("symmetric memory" if symm else "NCCL")
     assert two["nll_max_abs_diff"] < 2e-2, two["nll_max_abs_diff"]
     assert min(two["greedy_same_prefix"]) >= 4, two["greedy_same_prefix"]
     assert two["weights_gib"] < one["weights_gib"]  # rank 0 holds half of every decoder linear
