@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import EngineConfig, ModelConfig
 from .engine.llm_engine import LLMEngine
+from .engine.step_channel import StepChannel
 from .layers.parallel import TPContext, leave_process_group
 
 log = logging.getLogger(__name__)
@@ -32,17 +33,20 @@ class TPWorker:
         self.rank, self.world_size = rank, world_size
         self.runner = None
 
-    def gpu_ids(self) -> list[str]:
-        return [str(i) for i in ray.get_gpu_ids()]
+    def where(self) -> tuple[str, list[str]]:
+        """This actor's node and GPUs."""
+        return _where()
 
     def build(self, model_path: str, ecfg: EngineConfig, init_method: str, backend: str,
-              visible: str | None = None) -> int:
+              visible: str | None = None, channel: str | None = None) -> int:
         """Join the group and build this rank's model, KV cache and CUDA graphs; returns its KV blocks."""
         from .engine.model_runner import ModelRunner
 
         if visible:
             ecfg = replace(ecfg, device=_see_group_gpus(visible, self.rank))
         tp = TPContext.init(self.rank, self.world_size, init_method, backend)
+        if channel:  # rank 0 created it before joining the group
+            tp = replace(tp, channel=StepChannel(channel, self.rank, self.world_size, tp.gloo_broadcast_object))
         cfg = ModelConfig.from_path(model_path, ecfg.model_format, ecfg.dtype)
         self.runner = ModelRunner(cfg, ecfg, model_path=model_path, tp=tp)
         return self.runner.num_blocks
@@ -77,6 +81,10 @@ def _kill(workers: list, pg) -> None:
             pass
     if pg is not None:
         remove_placement_group(pg)
+
+
+def _where() -> tuple[str, list[str]]:
+    return ray.get_runtime_context().get_node_id(), [str(i) for i in ray.get_gpu_ids()]
 
 
 def _free_port() -> int:
@@ -155,19 +163,27 @@ def start_tp_engine(model_path: str | Path, ecfg: EngineConfig, tokenizer=None,
         ).remote(rank, world))
     init_method = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
     ecfg = replace(ecfg, device=device)
+    places = [_where()] + ray.get([w.where.remote() for w in workers])
     visible = None
     if backend == "nccl" and device == "cuda" and ecfg.tp_symmetric_memory:
-        ids = [[str(i) for i in ray.get_gpu_ids()]] + ray.get([w.gpu_ids.remote() for w in workers])
+        ids = [gpus for _, gpus in places]
         if all(len(x) == 1 for x in ids) and len({x[0] for x in ids}) == world:
             visible = ",".join(x[0] for x in ids)
             ecfg = replace(ecfg, device=_see_group_gpus(visible, 0))
-    builds = [w.build.remote(model_path, ecfg, init_method, backend, visible) for w in workers]
+    # one node (STRICT_PACK): steps go through shared memory, else over gloo
+    channel = StepChannel(StepChannel.new_path(), 0, world, None, create=True) \
+        if len({node for node, _ in places}) == 1 else None
+    builds = [w.build.remote(model_path, ecfg, init_method, backend, visible, channel and channel.path)
+              for w in workers]
     failed: list[str] = []
     done = threading.Event()
     threading.Thread(target=_watch_builds, args=(builds, workers, failed, done), daemon=True,
                      name="rayawq-tp-build-watch").start()
     try:
         tp = TPContext.init(0, world, init_method, backend)
+        if channel is not None:
+            channel.fallback = tp.gloo_broadcast_object
+            tp = replace(tp, channel=channel)
         engine = LLMEngine(model_path, ecfg, tokenizer=tokenizer, tp=tp)
         ray.get(builds)
     except BaseException as e:
@@ -180,6 +196,8 @@ def start_tp_engine(model_path: str | Path, ecfg: EngineConfig, tokenizer=None,
         raise
     finally:
         done.set()
+        if channel is not None:
+            channel.unlink()  # every rank has it mapped (or failed): the name is not needed any more
     engine.followers = TPFollowers(workers, [w.follow.remote() for w in workers], own_pg)
     log.info("tensor parallel over %d ranks (%s), %d KV blocks each", world, backend, engine.runner.num_blocks)
     return engine

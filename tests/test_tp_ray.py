@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -46,6 +47,8 @@ def test_ray_ranks_give_the_single_rank_tokens(cluster, tiny_model_factory, tmp_
     try:
         workers = engine.followers.workers
         assert len(workers) == 1
+        channel = engine.runner.tp.channel  # one node: steps through shared memory, its file already unlinked
+        assert channel is not None and not os.path.exists(channel.path)
         got = [[o.token_ids for o in engine.generate(ps, g)] for g in (greedy, sampled)]
         assert got == want
         # unseeded sampling: rank 0 draws, the follower takes its tokens; the engine keeps going afterwards

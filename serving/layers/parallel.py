@@ -18,6 +18,7 @@ class TPContext:
     group: Any = None      # a torch.distributed process group (NCCL on GPU, gloo on CPU); None for tp = 1
     cpu_group: Any = None  # gloo group for host messages (the steps rank 0 sends); None: ``group`` (gloo itself)
     fast: Any = None       # a SymmetricAllReduce for small tensors (decode), when the GPUs can map each other's memory
+    channel: Any = None    # a StepChannel (shared memory) for rank 0's steps when every rank is on one node
 
     @classmethod
     def init(cls, rank: int, world_size: int, init_method: str, backend: str,
@@ -83,7 +84,15 @@ class TPContext:
         return x
 
     def broadcast_object(self, obj: Any = None) -> Any:
-        """Rank 0's picklable ``obj``, returned on every rank (host to host, over gloo)."""
+        """Rank 0's picklable ``obj``, returned on every rank (host to host: the step channel, else gloo)."""
+        if self.channel is None:
+            return self.gloo_broadcast_object(obj)
+        if self.rank == 0:
+            self.channel.send(obj)
+            return obj
+        return self.channel.recv()
+
+    def gloo_broadcast_object(self, obj: Any = None) -> Any:
         import torch.distributed as dist
 
         box = [obj]

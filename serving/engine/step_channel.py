@@ -1,0 +1,108 @@
+"""Rank 0's steps to the other ranks of one node through shared memory, not a socket.
+
+Every step of a tensor-parallel engine starts with rank 0 telling the other ranks what to run; the others cannot
+start their part (and rank 0's first all-reduce waits for them) before the message is there. Over gloo that is
+two socket broadcasts per message (size, then bytes). Here it is one pickled message in a shared mapping: the
+writer waits until every reader took the previous one, copies the bytes in, then bumps a sequence number; each
+reader spins briefly on that number (then sleeps in growing steps while the engine is idle), copies the bytes out
+and acknowledges. One slot is enough: a reader acknowledges as soon as it has copied, before it runs the step.
+
+Layout: ``[seq u64][size i64][ack u64 x world]`` then the payload. A message larger than the payload area is
+announced with size -1 and sent through the fallback (gloo) instead.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import struct
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+_HEAD = struct.Struct("<Qq")
+_ACK = struct.Struct("<Q")
+_SHM_DIR = "/dev/shm"
+_lock = threading.Lock()
+
+
+def _fence() -> None:
+    """A full memory barrier (a lock's acquire and release): bytes before the sequence number, on any CPU."""
+    with _lock:
+        pass
+
+
+def _wait(ready: Callable[[], bool], spin_s: float = 2e-4, max_sleep_s: float = 1e-3) -> None:
+    """Spin on ``ready`` for ``spin_s``, then sleep in doubling steps up to ``max_sleep_s`` (an idle engine)."""
+    start = time.perf_counter()
+    sleep = 1e-5
+    while not ready():
+        if time.perf_counter() - start > spin_s:
+            time.sleep(sleep)
+            sleep = min(2 * sleep, max_sleep_s)
+
+
+class StepChannel:
+    """One writer (rank 0) and ``world_size - 1`` readers on one node; ``send`` / ``recv`` pickled objects."""
+
+    def __init__(self, path: str, rank: int, world_size: int, fallback: Callable[[Any], Any], create: bool = False,
+                 payload_bytes: int = 4 << 20):
+        self.path, self.rank, self.world_size, self.fallback = path, rank, world_size, fallback
+        self.base = _HEAD.size + _ACK.size * world_size
+        if create:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            os.ftruncate(fd, self.base + payload_bytes)
+        else:
+            fd = os.open(path, os.O_RDWR)
+        try:
+            self.buf = mmap.mmap(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        self.capacity = len(self.buf) - self.base
+        self.seq = 0  # messages sent (writer) or taken (reader)
+
+    @staticmethod
+    def new_path() -> str:
+        """A fresh name in /dev/shm (memory, not disk) for rank 0 to create and the readers to open."""
+        return os.path.join(_SHM_DIR if os.path.isdir(_SHM_DIR) else "/tmp", f"rayawq-tp-{uuid.uuid4().hex}")
+
+    def unlink(self) -> None:
+        """Remove the file once every reader has mapped it: the mappings live on, nothing is left behind."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _seq(self) -> int:
+        return _HEAD.unpack_from(self.buf, 0)[0]
+
+    def _acked(self) -> bool:
+        return all(_ACK.unpack_from(self.buf, _HEAD.size + _ACK.size * r)[0] == self.seq
+                   for r in range(1, self.world_size))
+
+    def send(self, obj: Any) -> None:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        _wait(self._acked)  # every reader has copied the previous message out
+        fits = len(data) <= self.capacity
+        if fits:
+            self.buf[self.base:self.base + len(data)] = data
+        _fence()
+        self.seq += 1
+        _HEAD.pack_into(self.buf, 0, self.seq, len(data) if fits else -1)
+        if not fits:
+            self.fallback(obj)
+
+    def recv(self) -> Any:
+        want = self.seq + 1
+        _wait(lambda: self._seq() == want)
+        _fence()
+        size = _HEAD.unpack_from(self.buf, 0)[1]
+        data = bytes(self.buf[self.base:self.base + size]) if size >= 0 else None
+        self.seq = want
+        _ACK.pack_into(self.buf, _HEAD.size + _ACK.size * self.rank, want)
+        return pickle.loads(data) if data is not None else self.fallback(None)
+
+    def close(self) -> None:
+        self.buf.close()
