@@ -28,16 +28,10 @@ def _rank(rank: int, world: int, port: int, path: str, n: int, q) -> None:
     import torch.distributed as dist
 
     from serving.engine.model_runner import ForwardBatch
-    from serving.engine.step_channel import StepChannel
     from serving.layers.parallel import TPContext
 
-    ch = StepChannel(path, 0, world, None, create=True) if rank == 0 else None
-    tp = TPContext.init(rank, world, f"tcp://127.0.0.1:{port}", "gloo")
-    if rank == 0:
-        ch.fallback = tp.gloo_broadcast_object
-    else:
-        ch = StepChannel(path, rank, world, tp.gloo_broadcast_object)
-    shm = replace(tp, channel=ch)
+    shm = TPContext.init(rank, world, f"tcp://127.0.0.1:{port}", "gloo", channel=path)
+    tp = replace(shm, channel=None)
     b = ForwardBatch([[5]] * 32, list(range(100, 132)), [list(range(i, i + 4)) for i in range(32)], [True] * 32)
     res: dict[str, list[float]] = {"gloo": [], "shared memory": []}
     for _ in range(3):
@@ -53,7 +47,7 @@ def _rank(rank: int, world: int, port: int, path: str, n: int, q) -> None:
             res[name].append((time.perf_counter() - start) / n * 1e6)
             dist.barrier()
     if rank == 0:
-        ch.unlink()
+        shm.channel.unlink()
         q.put({k: statistics.median(v) for k, v in res.items()})
     tp.destroy()
 

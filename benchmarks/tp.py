@@ -172,7 +172,9 @@ def plot(res: dict, path: Path) -> None:
 
 
 def _label(r: dict) -> str:
-    return f"{r['tp']} GPU" + ("s" if r["tp"] > 1 else "") + (f", {r.get('all_reduce', 'NCCL')}" if r["tp"] > 1 else "")
+    if r["tp"] == 1:
+        return "1 GPU"
+    return f"{r['tp']} GPUs, {r.get('all_reduce', 'NCCL')}"
 
 
 def _labels(runs: list[dict]) -> list[str]:

@@ -9,6 +9,7 @@ The workers sit in the caller's placement group when it has one (a Serve replica
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from dataclasses import replace
@@ -44,9 +45,7 @@ class TPWorker:
 
         if visible:
             ecfg = replace(ecfg, device=_see_group_gpus(visible, self.rank))
-        tp = TPContext.init(self.rank, self.world_size, init_method, backend)
-        if channel:  # rank 0 created it before joining the group
-            tp = replace(tp, channel=StepChannel(channel, self.rank, self.world_size, tp.gloo_broadcast_object))
+        tp = TPContext.init(self.rank, self.world_size, init_method, backend, channel=channel)
         cfg = ModelConfig.from_path(model_path, ecfg.model_format, ecfg.dtype)
         self.runner = ModelRunner(cfg, ecfg, model_path=model_path, tp=tp)
         return self.runner.num_blocks
@@ -107,8 +106,6 @@ def _see_group_gpus(visible: str, rank: int) -> str:
     """Let this rank's process see every GPU of the group (Ray shows each actor only its own), in rank order, so
     that the ranks' devices are distinct and can map each other's memory (symmetric-memory all-reduce). Only
     possible before CUDA starts in the process; otherwise the rank keeps its one GPU. Returns its device."""
-    import os
-
     import torch
 
     if torch.cuda.is_initialized():
@@ -163,27 +160,23 @@ def start_tp_engine(model_path: str | Path, ecfg: EngineConfig, tokenizer=None,
         ).remote(rank, world))
     init_method = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
     ecfg = replace(ecfg, device=device)
-    places = [_where()] + ray.get([w.where.remote() for w in workers])
-    visible = None
-    if backend == "nccl" and device == "cuda" and ecfg.tp_symmetric_memory:
-        ids = [gpus for _, gpus in places]
-        if all(len(x) == 1 for x in ids) and len({x[0] for x in ids}) == world:
-            visible = ",".join(x[0] for x in ids)
-            ecfg = replace(ecfg, device=_see_group_gpus(visible, 0))
-    # one node (STRICT_PACK): steps go through shared memory, else over gloo
-    channel = StepChannel(StepChannel.new_path(), 0, world, None, create=True) \
-        if len({node for node, _ in places}) == 1 else None
-    builds = [w.build.remote(model_path, ecfg, init_method, backend, visible, channel and channel.path)
-              for w in workers]
     failed: list[str] = []
     done = threading.Event()
-    threading.Thread(target=_watch_builds, args=(builds, workers, failed, done), daemon=True,
-                     name="rayawq-tp-build-watch").start()
+    channel = None
     try:
-        tp = TPContext.init(0, world, init_method, backend)
-        if channel is not None:
-            channel.fallback = tp.gloo_broadcast_object
-            tp = replace(tp, channel=channel)
+        places = [_where()] + ray.get([w.where.remote() for w in workers])
+        visible = None
+        if backend == "nccl" and device == "cuda" and ecfg.tp_symmetric_memory:
+            ids = [gpus for _, gpus in places]
+            if all(len(x) == 1 for x in ids) and len({x[0] for x in ids}) == world:
+                visible = ",".join(x[0] for x in ids)
+                ecfg = replace(ecfg, device=_see_group_gpus(visible, 0))
+        # one node (STRICT_PACK): steps go through shared memory, else over gloo
+        channel = StepChannel.new_path() if len({node for node, _ in places}) == 1 else None
+        builds = [w.build.remote(model_path, ecfg, init_method, backend, visible, channel) for w in workers]
+        threading.Thread(target=_watch_builds, args=(builds, workers, failed, done), daemon=True,
+                         name="rayawq-tp-build-watch").start()
+        tp = TPContext.init(0, world, init_method, backend, channel=channel)
         engine = LLMEngine(model_path, ecfg, tokenizer=tokenizer, tp=tp)
         ray.get(builds)
     except BaseException as e:
@@ -196,8 +189,8 @@ def start_tp_engine(model_path: str | Path, ecfg: EngineConfig, tokenizer=None,
         raise
     finally:
         done.set()
-        if channel is not None:
-            channel.unlink()  # every rank has it mapped (or failed): the name is not needed any more
+        if channel is not None and os.path.exists(channel):
+            os.unlink(channel)  # every rank has it mapped (or failed): the name is not needed any more
     engine.followers = TPFollowers(workers, [w.follow.remote() for w in workers], own_pg)
     log.info("tensor parallel over %d ranks (%s), %d KV blocks each", world, backend, engine.runner.num_blocks)
     return engine

@@ -75,19 +75,13 @@ def test_tensor_parallel_matches_single_rank(tiny_model_factory, tmp_path, world
 
 
 def _channel_rank(rank: int, world: int, port: int, path: str, msgs, q) -> None:
-    from dataclasses import replace
-
-    from serving.engine.step_channel import StepChannel
+    from serving.engine import step_channel
     from serving.layers.parallel import TPContext
 
     try:
-        ch = StepChannel(path, 0, world, None, create=True, payload_bytes=256) if rank == 0 else None
-        tp = TPContext.init(rank, world, f"tcp://127.0.0.1:{port}", "gloo", timeout_s=120)
-        if rank == 0:
-            ch.fallback = tp.gloo_broadcast_object
-        else:
-            ch = StepChannel(path, rank, world, tp.gloo_broadcast_object)
-        tp = replace(tp, channel=ch)
+        step_channel.PAYLOAD_BYTES = 256  # so that some messages go through gloo
+        tp = TPContext.init(rank, world, f"tcp://127.0.0.1:{port}", "gloo", timeout_s=120, channel=path)
+        assert tp.channel is not None and tp.channel.capacity == 256
         got = [tp.broadcast_object(m if rank == 0 else None) for m in msgs]
         q.put((rank, got))
         tp.destroy()

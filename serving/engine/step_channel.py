@@ -25,6 +25,7 @@ from typing import Any, Callable
 _HEAD = struct.Struct("<Qq")
 _ACK = struct.Struct("<Q")
 _SHM_DIR = "/dev/shm"
+PAYLOAD_BYTES = 4 << 20  # the payload area rank 0 creates; larger messages go through the fallback
 _lock = threading.Lock()
 
 
@@ -47,13 +48,13 @@ def _wait(ready: Callable[[], bool], spin_s: float = 2e-4, max_sleep_s: float = 
 class StepChannel:
     """One writer (rank 0) and ``world_size - 1`` readers on one node; ``send`` / ``recv`` pickled objects."""
 
-    def __init__(self, path: str, rank: int, world_size: int, fallback: Callable[[Any], Any], create: bool = False,
-                 payload_bytes: int = 4 << 20):
+    def __init__(self, path: str, rank: int, world_size: int, fallback: Callable[[Any], Any] | None,
+                 create: bool = False):
         self.path, self.rank, self.world_size, self.fallback = path, rank, world_size, fallback
         self.base = _HEAD.size + _ACK.size * world_size
         if create:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            os.ftruncate(fd, self.base + payload_bytes)
+            os.ftruncate(fd, self.base + PAYLOAD_BYTES)
         else:
             fd = os.open(path, os.O_RDWR)
         try:

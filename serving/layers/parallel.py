@@ -21,15 +21,26 @@ class TPContext:
     channel: Any = None    # a StepChannel (shared memory) for rank 0's steps when every rank is on one node
 
     @classmethod
-    def init(cls, rank: int, world_size: int, init_method: str, backend: str,
-             timeout_s: float = 1800.0) -> "TPContext":
-        """Join the group at ``init_method`` (``tcp://host:port``, chosen by rank 0); blocks until all ranks do."""
+    def init(cls, rank: int, world_size: int, init_method: str, backend: str, timeout_s: float = 1800.0,
+             channel: str | None = None) -> "TPContext":
+        """Join the group at ``init_method`` (``tcp://host:port``, chosen by rank 0); blocks until all ranks do.
+
+        ``channel``: a path for rank 0's step messages through shared memory (``StepChannel.new_path()``; every
+        rank on one node): rank 0 creates the file before joining, the others open it after."""
         import torch.distributed as dist
 
+        from ..engine.step_channel import StepChannel
+
+        ch = StepChannel(channel, 0, world_size, None, create=True) if channel and rank == 0 else None
         timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
         cpu = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-        return cls(rank, world_size, dist.group.WORLD, cpu)
+        tp = cls(rank, world_size, dist.group.WORLD, cpu)
+        if channel:
+            ch = ch or StepChannel(channel, rank, world_size, None)
+            ch.fallback = tp.gloo_broadcast_object  # messages over the payload area
+            tp = replace(tp, channel=ch)
+        return tp
 
     @property
     def is_leader(self) -> bool:
