@@ -99,20 +99,14 @@ def _graph_time(tp, x, per_graph: int = 64, reps: int = 20) -> float:
             y = tp.all_reduce(y)  # NCCL in place, symmetric memory into a new tensor: as the engine's linears
         return y
 
+    from benchmarks.engine import _replay_ms
+
     chain()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         chain()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps / per_graph
+    return _replay_ms(graph, reps) * 1e3 / per_graph
 
 
 def measure(args) -> dict:
