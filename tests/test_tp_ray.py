@@ -71,6 +71,22 @@ def test_a_model_that_does_not_split_fails_clearly_and_frees_the_ranks(cluster, 
     assert _all_cpus_free()
 
 
+def test_closing_with_a_dead_rank_returns_and_frees_the_cluster(cluster, tiny_model_factory):
+    """A follower that died (out of memory, a lost node) must not hang rank 0's close(): the stop message
+    times out, the rest of the teardown goes on."""
+    engine = start_tp_engine(tiny_model_factory("qwen2"), _cfg(tp=2))
+    assert [o.finished for o in engine.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=2))] == [True]
+    ray.kill(engine.followers.workers[0])
+    time.sleep(1)
+    # the next step reaches nobody: its collective fails (gloo sees the peer gone), the request ends in error
+    out = engine.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=2))[0]
+    assert out.finish_reason == "error" and out.error
+    start = time.monotonic()
+    engine.close()  # the stop message finds the last step message never taken: it times out instead of hanging
+    assert time.monotonic() - start < 60
+    assert engine.followers is None and _all_cpus_free()
+
+
 def test_tp_needs_ray_and_two_ranks(tiny_model_factory):
     path = tiny_model_factory("qwen2")
     with pytest.raises(ValueError, match="tp >= 2"):

@@ -245,10 +245,13 @@ class ModelRunner:
             else:
                 raise RuntimeError(f"unknown step {msg[0]!r} from rank 0")
 
-    def stop_followers(self) -> None:
-        """Rank 0: let the other ranks' ``follow`` return."""
+    def stop_followers(self, timeout_s: float = 10.0) -> None:
+        """Rank 0: let the other ranks' ``follow`` return (a rank that died is left to its actor's end)."""
         if self.tp.is_leader:
-            self.tp.broadcast_object(("stop",))
+            try:
+                self.tp.broadcast_object(("stop",), timeout_s)
+            except Exception as e:
+                log.warning("could not tell every tensor-parallel rank to stop: %s", e)
 
     def leave_group(self) -> None:
         """Every rank, after ``stop``: drop the graphs (their kernels hold the group's communicators), leave."""

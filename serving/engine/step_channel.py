@@ -35,14 +35,20 @@ def _fence() -> None:
         pass
 
 
-def _wait(ready: Callable[[], bool], spin_s: float = 2e-4, max_sleep_s: float = 1e-3) -> None:
-    """Spin on ``ready`` for ``spin_s``, then sleep in doubling steps up to ``max_sleep_s`` (an idle engine)."""
+def _wait(ready: Callable[[], bool], timeout_s: float | None = None, spin_s: float = 2e-4,
+          max_sleep_s: float = 1e-3) -> bool:
+    """Spin on ``ready`` for ``spin_s``, then sleep in doubling steps up to ``max_sleep_s`` (an idle engine);
+    False if ``timeout_s`` passed first."""
     start = time.perf_counter()
     sleep = 1e-5
     while not ready():
-        if time.perf_counter() - start > spin_s:
+        waited = time.perf_counter() - start
+        if timeout_s is not None and waited > timeout_s:
+            return False
+        if waited > spin_s:
             time.sleep(sleep)
             sleep = min(2 * sleep, max_sleep_s)
+    return True
 
 
 class StepChannel:
@@ -83,9 +89,12 @@ class StepChannel:
         return all(_ACK.unpack_from(self.buf, _HEAD.size + _ACK.size * r)[0] == self.seq
                    for r in range(1, self.world_size))
 
-    def send(self, obj: Any) -> None:
+    def send(self, obj: Any, timeout_s: float | None = None) -> None:
+        """Raises ``TimeoutError`` (sending nothing) when a reader has not taken the previous message within
+        ``timeout_s``: a rank that died."""
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        _wait(self._acked)  # every reader has copied the previous message out
+        if not _wait(self._acked, timeout_s):  # every reader has copied the previous message out
+            raise TimeoutError(f"a rank has not taken step message {self.seq} in {timeout_s:.0f} s")
         fits = len(data) <= self.capacity
         if fits:
             self.buf[self.base:self.base + len(data)] = data

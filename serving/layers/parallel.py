@@ -94,12 +94,13 @@ class TPContext:
             dist.broadcast(x, src=0, group=self.group)
         return x
 
-    def broadcast_object(self, obj: Any = None) -> Any:
-        """Rank 0's picklable ``obj``, returned on every rank (host to host: the step channel, else gloo)."""
+    def broadcast_object(self, obj: Any = None, timeout_s: float | None = None) -> Any:
+        """Rank 0's picklable ``obj``, returned on every rank (host to host: the step channel, else gloo).
+        ``timeout_s``: rank 0 gives up on the channel (``TimeoutError``) if a rank is not there to take it."""
         if self.channel is None:
             return self.gloo_broadcast_object(obj)
         if self.rank == 0:
-            self.channel.send(obj)
+            self.channel.send(obj, timeout_s)
             return obj
         return self.channel.recv()
 
