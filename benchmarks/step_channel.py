@@ -28,6 +28,7 @@ def _rank(rank: int, world: int, port: int, path: str, n: int, q) -> None:
     import torch.distributed as dist
 
     from serving.engine.model_runner import ForwardBatch
+    from serving.engine.step_channel import unlink
     from serving.layers.parallel import TPContext
 
     shm = TPContext.init(rank, world, f"tcp://127.0.0.1:{port}", "gloo", channel=path)
@@ -47,7 +48,7 @@ def _rank(rank: int, world: int, port: int, path: str, n: int, q) -> None:
             res[name].append((time.perf_counter() - start) / n * 1e6)
             dist.barrier()
     if rank == 0:
-        shm.channel.unlink()
+        unlink(path)
         q.put({k: statistics.median(v) for k, v in res.items()})
     tp.destroy()
 

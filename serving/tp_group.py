@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import EngineConfig, ModelConfig
 from .engine.llm_engine import LLMEngine
-from .engine.step_channel import StepChannel
+from .engine import step_channel
 from .layers.parallel import TPContext, leave_process_group
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def start_tp_engine(model_path: str | Path, ecfg: EngineConfig, tokenizer=None,
                 visible = ",".join(x[0] for x in ids)
                 ecfg = replace(ecfg, device=_see_group_gpus(visible, 0))
         # one node (STRICT_PACK): steps go through shared memory, else over gloo
-        channel = StepChannel.new_path() if len({node for node, _ in places}) == 1 else None
+        channel = step_channel.StepChannel.new_path() if len({node for node, _ in places}) == 1 else None
         builds = [w.build.remote(model_path, ecfg, init_method, backend, visible, channel) for w in workers]
         threading.Thread(target=_watch_builds, args=(builds, workers, failed, done), daemon=True,
                          name="rayawq-tp-build-watch").start()
@@ -189,8 +189,8 @@ def start_tp_engine(model_path: str | Path, ecfg: EngineConfig, tokenizer=None,
         raise
     finally:
         done.set()
-        if channel is not None and os.path.exists(channel):
-            os.unlink(channel)  # every rank has it mapped (or failed): the name is not needed any more
+        if channel is not None:
+            step_channel.unlink(channel)
     engine.followers = TPFollowers(workers, [w.follow.remote() for w in workers], own_pg)
     log.info("tensor parallel over %d ranks (%s), %d KV blocks each", world, backend, engine.runner.num_blocks)
     return engine

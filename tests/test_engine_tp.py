@@ -92,13 +92,13 @@ def _channel_rank(rank: int, world: int, port: int, path: str, msgs, q) -> None:
 def test_step_channel_delivers_in_order_to_every_rank_big_messages_through_gloo(tmp_path):
     """Rank 0's messages reach ranks 1 and 2 in order through shared memory; those over the payload area (256
     bytes here) are announced there and sent over gloo, without losing their place in the sequence."""
-    from serving.engine.step_channel import StepChannel
+    from serving.engine import step_channel
 
     msgs = [("decode", list(range(i % 7))) for i in range(200)]
     msgs[5] = msgs[150] = ("execute", list(range(500)))  # pickled: ~1.5 KB, over the 256-byte slot
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    path = StepChannel.new_path()
+    path = step_channel.StepChannel.new_path()
     port = _free_port()
     procs = [ctx.Process(target=_channel_rank, args=(r, 3, port, path, msgs, q)) for r in range(3)]
     for p in procs:
@@ -106,7 +106,5 @@ def test_step_channel_delivers_in_order_to_every_rank_big_messages_through_gloo(
     results = dict(q.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=30)
-    import os
-
-    os.unlink(path)
+    step_channel.unlink(path)
     assert all(results[r] == msgs for r in range(3)), {r: str(v)[:200] for r, v in results.items()}

@@ -75,12 +75,6 @@ class StepChannel:
         """A fresh name in /dev/shm (memory, not disk) for rank 0 to create and the readers to open."""
         return os.path.join(_SHM_DIR if os.path.isdir(_SHM_DIR) else "/tmp", f"rayawq-tp-{uuid.uuid4().hex}")
 
-    def unlink(self) -> None:
-        """Remove the file once every reader has mapped it: the mappings live on, nothing is left behind."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
     def _seq(self) -> int:
         return _HEAD.unpack_from(self.buf, 0)[0]
@@ -114,5 +108,11 @@ class StepChannel:
         _ACK.pack_into(self.buf, _HEAD.size + _ACK.size * self.rank, want)
         return pickle.loads(data) if data is not None else self.fallback(None)
 
-    def close(self) -> None:
-        self.buf.close()
+
+def unlink(path: str) -> None:
+    """Remove a channel's file once every rank has mapped it (or failed to): the mappings live on, no name is
+    left behind in /dev/shm."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
