@@ -18,6 +18,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from quant.evaluate import eval_windows, load_for_eval, perplexity
     from quant.pipeline import pick_device
 
+    if args.tp > 1 and args.backend != "engine":
+        raise SystemExit(f"--tp {args.tp} splits the serving engine over GPUs; the reference backend runs on one "
+                         "(use --backend engine or drop --tp)")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if args.backend == "engine":
         from serving.config import EngineConfig
@@ -25,9 +28,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         windows = eval_windows(tokenizer, args.dataset, args.seqlen, args.max_windows)
         device = str(pick_device(args.device))
-        pipe = pipeline(args.model, EngineConfig(dtype=args.dtype, device=device, session_len=args.seqlen + 1,
-                                                 max_num_seqs=8, enable_prefix_caching=False))
-        nlls = pipe.get_ppl(windows.tolist())
+        cfg = EngineConfig(dtype=args.dtype, device=device, session_len=args.seqlen + 1, max_num_seqs=8,
+                           enable_prefix_caching=False, tp=args.tp)
+        with pipeline(args.model, cfg) as pipe:
+            nlls = pipe.get_ppl(windows.tolist())
         ppl, n = math.exp(sum(nlls) / len(nlls)), len(nlls)
     else:
         dtype = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -46,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    e.add_argument("--tp", type=int, default=1, help="engine backend: tensor-parallel ranks (GPUs) on Ray")
     e.add_argument("--backend", default="engine", choices=["engine", "reference"],
                    help="engine: the serving engine; reference: transformers + the reference AWQ loader")
     e.set_defaults(func=cmd_eval)

@@ -17,6 +17,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of free GPU memory for the KV cache")
     p.add_argument("--max-batch-size", type=int, default=None, help="sequences decoded together")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks (GPUs), each a Ray actor; starts a local Ray unless one is running")
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -52,7 +54,7 @@ def _build(args, max_batch: int):
     cfg = EngineConfig(model_format=args.model_format, dtype=args.dtype, device=args.device,
                        session_len=args.session_len, cache_max_entry_count=args.cache_max_entry_count,
                        max_num_seqs=args.max_batch_size or max_batch, enforce_eager=args.eager,
-                       progress=sys.stderr.isatty())
+                       progress=sys.stderr.isatty(), tp=args.tp)
     return pipeline(args.model, cfg)
 
 
@@ -75,9 +77,9 @@ def generate_main(args) -> int:
     try:
         gen = _gen_config(args)
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        pipe = _build(args, max_batch=1)
-        out = pipe(prompt, gen, do_preprocess=args.chat)
-    except (CheckpointError, InvalidRequestError, ValueError, FileNotFoundError, OSError) as e:
+        with _build(args, max_batch=1) as pipe:
+            out = pipe(prompt, gen, do_preprocess=args.chat)
+    except (CheckpointError, InvalidRequestError, ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         return _fail(e)
     sys.stdout.write(out.text + "\n")
     sys.stdout.flush()
@@ -90,9 +92,15 @@ def chat_main(args) -> int:
     try:
         gen = _gen_config(args)
         pipe = _build(args, max_batch=1)
-    except (CheckpointError, InvalidRequestError, ValueError, FileNotFoundError, OSError) as e:
+    except (CheckpointError, InvalidRequestError, ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         return _fail(e)
-    session = ChatSession(pipe, gen, system=args.system)
+    with pipe:
+        return _chat_loop(ChatSession(pipe, gen, system=args.system))
+
+
+def _chat_loop(session: "ChatSession") -> int:
+    from .config import InvalidRequestError
+
     print("Chat with the model. /reset starts over, /exit quits.", flush=True)
     while True:
         try:

@@ -50,6 +50,8 @@ class EngineConfig:
             raise ValueError("cache_max_entry_count must lie in (0, 1]")
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
+        if self.tp < 1:
+            raise ValueError(f"tp (tensor-parallel ranks) must be at least 1, got {self.tp}")
 
 
 @dataclass

@@ -35,9 +35,30 @@ def _is_single(prompts) -> bool:
 
 
 class Pipeline:
+    """Owns its engine: ``close()`` (or ``with pipeline(...) as pipe``) frees it, and with ``tp > 1`` its Ray ranks."""
+
     def __init__(self, model_path: str, engine_config: EngineConfig | None = None, **engine_kwargs):
-        self.engine = LLMEngine(model_path, engine_config, **engine_kwargs)
+        cfg = engine_config or EngineConfig()
+        if cfg.tp > 1:
+            extra = set(engine_kwargs) - {"tokenizer"}
+            if extra:
+                raise ValueError(f"with tp={cfg.tp} the model loads from model_path on every rank; "
+                                 f"{sorted(extra)} cannot be passed")
+            from .remote_engine import RemoteEngine
+
+            self.engine = RemoteEngine(model_path, cfg, **engine_kwargs)
+        else:
+            self.engine = LLMEngine(model_path, engine_config, **engine_kwargs)
         self.tokenizer = self.engine.tokenizer
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _ids(self, prompt, do_preprocess: bool) -> list[int]:
         has_template = getattr(self.tokenizer, "chat_template", None)

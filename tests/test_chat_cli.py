@@ -58,3 +58,20 @@ def test_generate_cli_prints_only_the_completion(tiny_model_factory):
     r = subprocess.run(base + ["--temperature", "-2"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "temperature" in r.stderr and r.stdout == ""
+
+
+def test_generate_cli_with_tp_starts_its_own_ray(tiny_model_factory):
+    """``--tp 2`` with no Ray running: the command starts a local Ray, splits the model over two ranks (gloo on
+    CPU), prints what one rank prints, and takes its Ray down on exit."""
+    from serving import EngineConfig, GenerationConfig
+    from serving.pipeline import pipeline
+
+    model = tiny_model_factory("qwen2")
+    with pipeline(str(model), EngineConfig(dtype="float32", progress=False)) as pipe:
+        want = pipe("the city of", GenerationConfig(max_new_tokens=10), do_preprocess=False).text
+    cmd = [sys.executable, "-m", "serving.cli", "generate", str(model), "--prompt", "the city of",
+           "--max-tokens", "10", "--dtype", "float32", "--device", "cpu", "--tp", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, env={k: v for k, v in ENV.items() if k != "RAY_ADDRESS"}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout == want + "\n"

@@ -10,6 +10,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from serving import EngineConfig, GenerationConfig, LLMEngine  # noqa: E402
+from serving.pipeline import pipeline  # noqa: E402
 from serving.tp_group import start_tp_engine  # noqa: E402
 from tests.test_engine import make_awq_checkpoint, prompts  # noqa: E402
 
@@ -91,3 +92,30 @@ def test_tp_needs_ray_and_two_ranks(tiny_model_factory):
     path = tiny_model_factory("qwen2")
     with pytest.raises(ValueError, match="tp >= 2"):
         start_tp_engine(path, _cfg(tp=1))
+
+
+def test_pipeline_with_tp_runs_every_rank_as_a_ray_actor(cluster, tiny_model_factory):
+    """``pipeline(model, EngineConfig(tp=2))`` from a plain process: rank 0 is an actor too (on GPU a driver holds
+    no Ray GPU), and generate / stream_infer / get_ppl give what one rank gives."""
+    path = tiny_model_factory("qwen2")
+    g = GenerationConfig(max_new_tokens=8)
+    texts = ["the city of", "a river runs"]
+    single = pipeline(str(path), _cfg())
+    want = single(texts, g, do_preprocess=False)
+    want_nll = single.get_ppl([3, 14, 15, 92, 65, 35])
+    with pipeline(str(path), _cfg(tp=2)) as pipe:
+        assert ray.available_resources().get("CPU", 0) == 0  # both bundles taken: rank 0 and rank 1
+        got = pipe(texts, g, do_preprocess=False)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        pieces = list(pipe.stream_infer(texts[0], g, do_preprocess=False))
+        assert "".join(p.text for p in pieces) == want[0].text and pieces[-1].finish_reason == want[0].finish_reason
+        assert pipe.get_ppl([3, 14, 15, 92, 65, 35]) == pytest.approx(want_nll, abs=1e-4)
+    assert _all_cpus_free() and ray.is_initialized()  # the caller's Ray stays up
+    with pytest.raises(RuntimeError, match="closed"):
+        pipe("again", g)
+
+
+def test_pipeline_with_more_ranks_than_the_cluster_holds_fails_clearly(cluster, tiny_model_factory):
+    with pytest.raises(RuntimeError, match=r"tp=3 needs .* lower tp or add resources"):
+        pipeline(str(tiny_model_factory("qwen2")), _cfg(tp=3))
+    assert _all_cpus_free()

@@ -1,0 +1,145 @@
+"""A tensor-parallel engine for a plain Python process (pipeline, chat CLI, ``rayawq eval``).
+
+On GPU, rank 0 must hold its GPU through Ray, or Ray may hand that GPU to another rank, and a driver holds none.
+So here rank 0 runs in a Ray actor on bundle 0 of a STRICT_PACK placement group of ``tp`` bundles (the other ranks
+take the other bundles, as in a Serve replica), and the caller talks to it through ``RemoteEngine``, which has the
+``LLMEngine`` methods the pipeline uses. ``generate`` and ``get_ppl`` are one actor call each; streaming is one
+call per engine step.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .config import EngineConfig, ModelConfig
+from .engine.llm_engine import RequestOutput
+from .sampling_params import GenerationConfig
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class EngineHost:
+    """Rank 0 in a Ray actor: starts the other ranks in its own placement group and runs the engine."""
+
+    def __init__(self):
+        self.engine = None
+
+    def build(self, model_path: str, ecfg: EngineConfig) -> dict:
+        from .tp_group import start_tp_engine
+
+        self.engine = start_tp_engine(model_path, ecfg)
+        return {"max_model_len": self.engine.max_model_len, "num_blocks": self.engine.runner.num_blocks,
+                "device": str(self.engine.runner.device)}
+
+    def call(self, method: str, *args, **kwargs):
+        return getattr(self.engine, method)(*args, **kwargs)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
+def _rank_device(ecfg: EngineConfig) -> str:
+    if ecfg.device:
+        return ecfg.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class RemoteEngine:
+    """An ``LLMEngine`` split over ``ecfg.tp`` ranks, all of them Ray actors; starts a local Ray when none runs.
+
+    ``close()`` stops the ranks and frees their placement group (and the Ray this started).
+    """
+
+    def __init__(self, model_path: str | Path, ecfg: EngineConfig, tokenizer=None, ready_timeout_s: float = 600.0):
+        model_path = str(model_path)
+        self.config = ecfg
+        self.model_config = ModelConfig.from_path(model_path, ecfg.model_format, ecfg.dtype)  # fails before Ray
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
+        self._own_ray = not ray.is_initialized()
+        if self._own_ray:
+            log.info("starting a local Ray for tp=%d (connect to a cluster with ray.init() first to use it)", ecfg.tp)
+            ray.init(include_dashboard=False)
+        device = _rank_device(ecfg)
+        gpu = 1.0 if device.startswith("cuda") else 0.0
+        unit = {"CPU": 1.0, "GPU": gpu} if gpu else {"CPU": 1.0}
+        have = ray.cluster_resources()
+        need = {k: v * ecfg.tp for k, v in unit.items()}
+        short = {k: v for k, v in need.items() if have.get(k, 0.0) < v}
+        self.host = self._pg = None
+        try:
+            if short:
+                raise RuntimeError(f"tp={ecfg.tp} needs {need} (one bundle per rank) but the Ray cluster has "
+                                   f"{ {k: have.get(k, 0.0) for k in need} }: lower tp or add resources")
+            self._pg = placement_group([dict(unit) for _ in range(ecfg.tp)], strategy="STRICT_PACK")
+            try:
+                ray.get(self._pg.ready(), timeout=ready_timeout_s)
+            except Exception as e:
+                raise RuntimeError(f"the cluster cannot place {ecfg.tp} ranks of {unit} on one node within "
+                                   f"{ready_timeout_s:.0f} s: free resources or lower tp") from e
+            self.host = ray.remote(EngineHost).options(
+                num_cpus=1, num_gpus=gpu, max_concurrency=1,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=0),
+            ).remote()
+            info = ray.get(self.host.build.remote(model_path, ecfg))
+        except BaseException:
+            self._release()
+            raise
+        self.max_model_len = info["max_model_len"]
+        self.num_blocks = info["num_blocks"]
+        log.info("tp=%d engine ready on %s: %d KV blocks per rank", ecfg.tp, info["device"], self.num_blocks)
+
+    def _call(self, method: str, *args, **kwargs):
+        if self.host is None:
+            raise RuntimeError("this engine is closed")
+        return ray.get(self.host.call.remote(method, *args, **kwargs))
+
+    def encode(self, prompt: str | list[int] | list[dict], chat: bool | None = None) -> list[int]:
+        return self._call("encode", prompt, chat)
+
+    def add_request(self, prompt: str | list[int] | list[dict], params: GenerationConfig | None = None,
+                    request_id: str | None = None, stream: bool = False) -> str:
+        return self._call("add_request", prompt, params, request_id, stream)
+
+    def abort(self, request_id: str) -> bool:
+        return self._call("abort", request_id)
+
+    def has_unfinished(self) -> bool:
+        return self._call("has_unfinished")
+
+    def step(self) -> list[RequestOutput]:
+        return self._call("step")
+
+    def generate(self, prompts: list, params: GenerationConfig | list[GenerationConfig] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        return self._call("generate", prompts, params, use_tqdm)
+
+    def get_ppl(self, input_ids: list[list[int]]) -> list[float]:
+        return self._call("get_ppl", input_ids)
+
+    def close(self) -> None:
+        """Stop every rank and free the placement group; safe to call twice."""
+        if self.host is not None:
+            try:
+                ray.get(self.host.close.remote(), timeout=120)
+            except Exception as e:  # a dead rank 0: its actors go with the placement group below
+                log.warning("rank 0 did not close cleanly: %s", e)
+        self._release()
+
+    def _release(self) -> None:
+        host, pg, self.host, self._pg = self.host, self._pg, None, None
+        if host is not None:
+            ray.kill(host)
+        if pg is not None:
+            remove_placement_group(pg)
+        if self._own_ray:
+            self._own_ray = False
+            ray.shutdown()
