@@ -51,9 +51,8 @@ def awq_linear(
     width = N // 2 if act else N
     if M == 0:
         return x.new_empty((*lead, width))
-    if repacked:  # no fused activation in these kernels: a launch of its own
-        y = repacked_dispatch.linear(x2, qweight, qzeros, scales, group_size, bias)
-        return (y if act is None else silu_mul(y)).reshape(*lead, width)
+    if repacked:
+        return repacked_dispatch.linear(x2, qweight, qzeros, scales, group_size, bias, act).reshape(*lead, width)
     cfg = select_config(M, N, K, group_size, x.dtype, x.device)
     return run_config(cfg, x2, qweight, qzeros, scales, group_size, bias, act=act).reshape(*lead, width)
 
@@ -69,7 +68,7 @@ def awq_linear_partials(
     rows sums them in a launch of its own, so that the consumer of the output can do that sum instead (the
     engine's RoPE + KV-cache store does, one launch fewer per layer); ``None``, with nothing launched, otherwise
     (then call :func:`awq_linear`). CUDA only (``None`` on CPU)."""
-    if not x.is_cuda or qweight.dim() == 4:
+    if not x.is_cuda:
         return None
     K, N = check_inputs(x, qweight, qzeros, scales, group_size, None, for_triton=True)
     from .dispatch import run_config, split_partials
@@ -79,6 +78,11 @@ def awq_linear_partials(
         x2 = x2.contiguous()
     if x2.shape[0] == 0:
         return None
+    if qweight.dim() == 4:  # repacked at load time
+        cfg = repacked_dispatch.select(x2.shape[0], N, K, group_size, x.dtype)
+        if not repacked_dispatch.leaves_partials(cfg, K, group_size):
+            return None
+        return repacked_dispatch.run(cfg, x2, qweight, qzeros, scales, group_size, None, act="partials")
     cfg = select_config(x2.shape[0], N, K, group_size, x.dtype, x.device)
     if not split_partials(cfg, K, group_size):
         return None

@@ -41,7 +41,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # griddepcontrol (sm_90), Gluon calls them too
 
 from .awq_repack import check_repackable
-from .awq_triton import PDL as _PDL_ON, _out_and_ws, _split_args, reduce_partials, tile_counters
+from .awq_triton import PDL as _PDL_ON, _out_and_ws, _split_args, finish_split, tile_counters
 
 XSTAGE_BYTES = 64 * 1024  # the most shared memory a program's staged x takes (``XGROUPS``)
 
@@ -593,7 +593,7 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
               T: int = 2, split_k: int = 1, TAIL: bool = True, PREFETCH: int = 0,
               BK: int | None = None, SCALED: bool = False, WM: int = 1, XGROUPS: int = 0,
               PDL: int = 2, XSUM_MMA: bool = False, ZSUB: bool = False, XREADY: bool = False,
-              MAXNREG: int = 0, EVICT_FIRST: bool = False) -> torch.Tensor:
+              MAXNREG: int = 0, EVICT_FIRST: bool = False, act: str | None = None) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16 or fp16) with ``packed`` from :func:`kernels.awq_repack.repack_awq`; see module doc.
 
     ``BM``: rows of x per program (8, 16, 32 or 64: the MMA's N); ``TAIL``: split-K partials summed by
@@ -617,7 +617,7 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
     requested) instead of at the split's first step inside it, where the compiler then also put a CTA barrier in
     every group (it cannot see that the conditional wait has run); ``MAXNREG``: a cap on registers per thread (ptxas ``.maxnreg``; 0: none),
     e.g. 64 to keep four 256-thread programs per SM where ``PREFETCH = 2`` takes 72; ``EVICT_FIRST``: the weights'
-    loads marked first to leave L1 and L2 (:func:`_wload`)."""
+    loads marked first to leave L1 and L2 (:func:`_wload`); ``act``: see :func:`kernels.awq_triton.finish_split`."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -676,6 +676,4 @@ def gluon_mma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scal
         xs_l=staged_layout(BK), PDL=PDL, XSUM_MMA=bool(XSUM_MMA), ZSUB=bool(ZSUB), XREADY=bool(XREADY),
         EVICT_FIRST=bool(EVICT_FIRST),
         num_warps=num_warps * WM, launch_pdl=PDL == 2, **({"maxnreg": MAXNREG} if MAXNREG else {}))
-    if split_k > 1 and not tail:
-        return reduce_partials(ws, y, bias)
-    return y
+    return finish_split(ws, y, bias, split_k > 1 and not tail, act)

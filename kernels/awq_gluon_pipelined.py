@@ -34,7 +34,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # gridde
 from .awq_gluon_mma import (_add_other_splits, _cta_barrier, _fragments, _layouts, _sum_in_last_split, _word_offset,
                             _word_offsets, _zeros, GL_DTYPES, check_dtypes, check_tail, register_tail_ws)
 from .awq_repack import check_repackable
-from .awq_triton import PDL, _out_and_ws, _split_args, reduce_partials, tile_counters
+from .awq_triton import PDL, _out_and_ws, _split_args, finish_split, tile_counters
 from .dispatch import num_sms
 
 # the TMA load (Triton 3.6 names it ``async_copy_global_to_shared``, later releases ``async_load``)
@@ -428,7 +428,8 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
                     group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                     BB: int = 128, W: int = 4, T: int = 2, STAGES: int = 3, split_k: int = 1,
                     BK: int | None = None, DEPTH: int = 0, TAIL: int = 0, SLOTS: int = 0, PAIR: bool = False,
-                    LEAD: int = 0, WS_TAIL: bool = False, sms: int | None = None) -> torch.Tensor:
+                    LEAD: int = 0, WS_TAIL: bool = False, sms: int | None = None,
+                    act: str | None = None) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16 or fp16) on repacked weights; see the module doc. ``BB``: rows of x per program (64, 128
     or 256: ``wgmma``'s N); ``W``: warps (4 or 8); ``T``: 16-feature tiles per warp; ``STAGES``: x buffers;
     ``BK``: input features per step (16, 32 or 64 dividing the group size; default ``min(64, group)``);
@@ -504,6 +505,4 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
         HAS_BIAS=bias is not None, TAIL=tail, LAST_WAVE=last_split > 1, PAIR=bool(PAIR),
         UNEVEN=tail == 2 and LEAD > 0, acc_l=acc_l, a_l=a_l, w_l=w_l, o_l=o_l,
         AFTER_TAIL=ws_tail and PDL, num_warps=W, launch_pdl=ws_tail and PDL)
-    if split_k > 1 and not tail:
-        return reduce_partials(ws, y, bias)
-    return y
+    return finish_split(ws, y, bias, split_k > 1 and not tail, act)

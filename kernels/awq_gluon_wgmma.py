@@ -22,7 +22,7 @@ from triton.experimental.gluon.language.nvidia import hopper
 from .awq_gluon_mma import (_cta_barrier, _fragments, _layouts, _word_offset, _word_offsets, _x_rows,
                             _zeros_scales, GL_DTYPES, check_dtypes)
 from .awq_repack import check_repackable
-from .awq_triton import _out_and_ws, _split_args, reduce_partials
+from .awq_triton import _out_and_ws, _split_args, finish_split
 
 ROWS = 64  # rows of x per program: one warpgroup's wgmma M
 BM = gl.constexpr(ROWS)
@@ -76,9 +76,9 @@ def _awq_gluon_wgmma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, 
 
 def gluon_wgmma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                 group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-                BN: int = 128, split_k: int = 1, BK: int | None = None) -> torch.Tensor:
+                BN: int = 128, split_k: int = 1, BK: int | None = None, act: str | None = None) -> torch.Tensor:
     """``x2 [M, K] @ W`` (bf16 or fp16) on repacked weights with ``wgmma``; ``BN`` 64, 128 or 256 columns per program,
-    64 rows of x per program; see the module doc."""
+    64 rows of x per program; ``act``: see :func:`kernels.awq_triton.finish_split`; see the module doc."""
     M, K = x2.shape
     N = scales.shape[1]
     check_repackable(K, N)
@@ -102,6 +102,4 @@ def gluon_wgmma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, sc
         x2, packed, qzeros, scales, bias if bias is not None else y, y, ws, M, N, K, x2.stride(0), y.stride(0),
         split_k, gps, GROUP=group_size, BK=BK, BN=BN, T=T, HAS_BIAS=bias is not None, a_l=a_l, w_l=w_l, x_l=x_l,
         acc_l=acc_l, xs_l=xs_l, ws_l=ws_l, num_warps=4)
-    if split_k > 1:
-        return reduce_partials(ws, y, bias)
-    return y
+    return finish_split(ws, y, bias, split_k > 1, act)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .awq_repack import check_repackable
-from .awq_triton import _INTERPRET, _code_at, _out_and_ws, _split_args, reduce_partials
+from .awq_triton import _INTERPRET, _code_at, _out_and_ws, _split_args, finish_split
 
 
 @triton.jit
@@ -176,9 +176,10 @@ def _check(x2: torch.Tensor | None, packed: torch.Tensor, scales: torch.Tensor, 
 def dot_repacked(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                  group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                  BM: int = 64, BN: int = 64, split_k: int = 1, num_warps: int = 4, num_stages: int = 2,
-                 SCALE_AFTER: bool = True, PREFETCH: bool = False) -> torch.Tensor:
+                 SCALE_AFTER: bool = True, PREFETCH: bool = False, act: str | None = None) -> torch.Tensor:
     """``x2 [M, K] @ W`` on repacked weights (:func:`kernels.awq_repack.repack_awq`), tensor cores, split-K
-    partials summed by ``reduce_partials``; ``SCALE_AFTER`` applies to groups of 64 or 128 only."""
+    partials summed by ``reduce_partials``; ``SCALE_AFTER`` applies to groups of 64 or 128 only; ``act``: see
+    :func:`kernels.awq_triton.finish_split`."""
     K, N = _check(x2, packed, scales, group_size)
     M = x2.shape[0]
     scale_after = bool(SCALE_AFTER) and group_size >= 64
@@ -190,7 +191,7 @@ def dot_repacked(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, s
                                    HAS_BIAS=bias is not None, DOT_F32=_INTERPRET and x2.dtype == torch.bfloat16,
                                    SCALE_AFTER=scale_after, PREFETCH=bool(PREFETCH), num_warps=num_warps,
                                    num_stages=num_stages)
-    return reduce_partials(ws, y, bias) if split_k > 1 else y
+    return finish_split(ws, y, bias, split_k > 1, act)
 
 
 def dequantize_repacked(packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,

@@ -71,40 +71,9 @@ _PTX_SCALED_F16 = tl.constexpr(_pair_ptx("f16x2", "0x64006400", True))
 _ASM_IO_2 = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 16))
 _ASM_IO_3 = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 24))
 
-# Programmatic dependent launch (sm_90). Every W4A16 kernel begins by releasing the next launch
-# (``gdc_launch_dependents``: it starts once all our programs have started), so a split-K sum launched with
-# ``launch_pdl`` is resident when the GEMV's last wave ends, and waits in ``gdc_wait`` for its partials. The
-# tensor-core kernels (``swap``, ``splitk``/``gemm``) are launched with ``launch_pdl`` too and wait at their start
-# for the kernel before them; the decode GEMVs are not: measured on the H100, a decode GEMV launched early lost
-# 0.2-3.5 us at M = 1 (its waiting programs hold the SMs), the tensor-core ones gained 0.5-2 us at M = 16-64
-# (``benchmarks/pdl_probe.py``; the small-M Gluon kernel, whose programs fit in one wave, gained from being launched
-# early: :mod:`kernels.awq_gluon_mma`). ``RAYAWQ_PDL=0`` turns it off; off under the interpreter and on Triton builds
-# without the intrinsics.
-try:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+# Programmatic dependent launch: see kernels/pdl.py
+from .pdl import PDL, _PDL_LAUNCH, pdl_enter, pdl_release  # noqa: E402,F401
 
-    _HAS_GDC = True
-except ImportError:  # pragma: no cover - older Triton
-    _HAS_GDC = False
-
-PDL = _HAS_GDC and not _INTERPRET and os.environ.get("RAYAWQ_PDL", "1") != "0"
-_PDL = tl.constexpr(PDL)
-_PDL_LAUNCH = {"launch_pdl": True} if PDL else {}
-
-
-@triton.jit
-def pdl_release():
-    """First statement of a kernel launched without ``_PDL_LAUNCH``: let the next launch start."""
-    if _PDL:
-        gdc_launch_dependents()
-
-
-@triton.jit
-def pdl_enter():
-    """First statement of a kernel launched with ``_PDL_LAUNCH``: release the next launch, wait for the last."""
-    if _PDL:
-        gdc_launch_dependents()
-        gdc_wait()
 MAX_TILES = 1 << 16  # counters per device
 
 

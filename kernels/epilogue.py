@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .pdl import PDL_LAUNCH, pdl_enter
+
 ACTS = (None, "silu_mul")  # public; run_config also takes "partials" (see kernels.awq_linear_partials)
 
 
@@ -33,6 +35,7 @@ def silu_mul_math(g, u, dtype: tl.constexpr):
 
 @triton.jit
 def _silu_mul_kernel(X, Y, stride_x, stride_y, N, BLOCK: tl.constexpr):
+    pdl_enter()  # launched early; the W4A16 kernel after it loads its weights meanwhile (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -49,6 +52,7 @@ def silu_mul(x: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
     if use_triton and x.dim() == 2 and x.stride(-1) == 1:
         y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
         block = 1024
-        _silu_mul_kernel[(x.shape[0], triton.cdiv(n, block))](x, y, x.stride(0), y.stride(0), n, BLOCK=block)
+        _silu_mul_kernel[(x.shape[0], triton.cdiv(n, block))](x, y, x.stride(0), y.stride(0), n, BLOCK=block,
+                                                                **PDL_LAUNCH)
         return y
     return F.silu(x[..., :n]) * x[..., n:]

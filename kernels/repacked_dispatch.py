@@ -224,38 +224,54 @@ def candidates(M: int, N: int, K: int, group_size: int) -> list[dict]:
 
 
 def run(cfg: dict, x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-        group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch ``cfg`` (from :func:`select`) on ``x2 [M, K]``."""
+        group_size: int, bias: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
+    """Launch ``cfg`` (from :func:`select`) on ``x2 [M, K]``; ``act`` (``"silu_mul"`` or ``"partials"``, only where
+    :func:`leaves_partials`): see :func:`kernels.awq_triton.finish_split`."""
     kw = {k: v for k, v in cfg.items() if k != "kernel"}
     kernel = cfg["kernel"]
     if kernel == "gluon":
         from .awq_gluon_mma import gluon_mma
 
-        return gluon_mma(x2, packed, qzeros, scales, group_size, bias, **kw)
+        return gluon_mma(x2, packed, qzeros, scales, group_size, bias, act=act, **kw)
     if kernel == "wgmma":
         from .awq_gluon_wgmma import gluon_wgmma
 
-        return gluon_wgmma(x2, packed, qzeros, scales, group_size, bias, **kw)
+        return gluon_wgmma(x2, packed, qzeros, scales, group_size, bias, act=act, **kw)
     if kernel == "pipelined":
         from .awq_gluon_pipelined import gluon_pipelined
 
-        return gluon_pipelined(x2, packed, qzeros, scales, group_size, bias, **kw)
+        return gluon_pipelined(x2, packed, qzeros, scales, group_size, bias, act=act, **kw)
     from .awq_repacked_dot import dequant_matmul_repacked, dot_repacked
+    from .awq_triton import finish_split
 
     if kernel == "dot":
-        return dot_repacked(x2, packed, qzeros, scales, group_size, bias, **kw)
+        return dot_repacked(x2, packed, qzeros, scales, group_size, bias, act=act, **kw)
     if kernel == "dequant":
-        return dequant_matmul_repacked(x2, packed, qzeros, scales, group_size, bias, **kw)
+        y = dequant_matmul_repacked(x2, packed, qzeros, scales, group_size, bias, **kw)
+        return finish_split(y, y, bias, False, act)
     raise ValueError(f"unknown kernel {kernel!r} for repacked weights (gluon, wgmma, pipelined, dot or "
                      "dequant)")
 
 
+def leaves_partials(cfg: dict, K: int, group_size: int) -> bool:
+    """Whether ``cfg`` sums its split-K partials in a launch of its own (so ``act="partials"`` can hand them to the
+    output's consumer instead)."""
+    from .awq_triton import _split_args
+
+    default_tail = {"gluon": 1, "pipelined": 0, "wgmma": 0, "dot": 0}
+    if cfg["kernel"] not in default_tail or cfg.get("TAIL", default_tail[cfg["kernel"]]):
+        return False
+    if cfg["kernel"] == "dot" and not (cfg.get("SCALE_AFTER", True) and group_size >= 64):
+        return _split_args(K // 64, cfg.get("split_k", 1))[0] > 1
+    return _split_args(K // group_size, cfg.get("split_k", 1))[0] > 1
+
+
 def linear(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x2 [M, K] @ W (+ bias)`` on repacked weights, the kernel chosen by ``M`` (CUDA)."""
+           bias: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
+    """``x2 [M, K] @ W (+ bias)`` on repacked weights, the kernel chosen by ``M`` (CUDA); ``act`` as in :func:`run`."""
     M, K = x2.shape
     cfg = select(M, scales.shape[1], K, group_size, x2.dtype)
-    return run(cfg, x2, packed, qzeros, scales, group_size, bias)
+    return run(cfg, x2, packed, qzeros, scales, group_size, bias, act)
 
 
 def reference(x: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,

@@ -418,6 +418,41 @@ def test_repacked_dot_and_dequantize_match_fp64(group, K, M, split_k, bias, mode
         assert rel(y2, ref64(x, *w, group, b)) < 1e-2
 
 
+def test_repacked_dispatch_hands_partials_or_fuses_the_activation():
+    """On repacked weights a config that sums its split-K partials in a second launch can hand them over
+    (``act="partials"``: the engine's RoPE + KV store sums them) or fuse ``silu_mul`` into that sum; configs that
+    sum in the kernel (or have no split) say so through ``leaves_partials``."""
+    from kernels.awq_repack import repack_awq
+    from kernels.epilogue import silu_mul
+
+    rd = importlib.import_module("kernels.repacked_dispatch")
+    _repacked_module()  # the interpreter's build of the dot kernel
+    K, N, g = 256, 64, 64
+    w = random_weights(K, N, g)
+    packed = repack_awq(w[0])
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    bias = torch.randn(N, dtype=torch.bfloat16)
+    cfg = {"kernel": "dot", "BM": 16, "BN": 32, "split_k": 4}
+    assert rd.leaves_partials(cfg, K, g)
+    ws = rd.run(cfg, x, packed, w[1], w[2], g, None, act="partials")
+    assert ws.shape == (4, 3, N) and ws.dtype == torch.float32
+    assert rel((ws.sum(0) + bias.float()).to(torch.bfloat16), ref64(x, *w, g, bias)) < 1e-2
+    fused = rd.run(cfg, x, packed, w[1], w[2], g, bias, act="silu_mul")
+    unfused = silu_mul(rd.run(cfg, x, packed, w[1], w[2], g, bias))
+    assert fused.shape == (3, N // 2) and rel(fused, unfused.double()) < 2e-2
+    dq = rd.run({"kernel": "dequant", "BN": 32}, x, packed, w[1], w[2], g, bias, act="silu_mul")
+    assert rel(dq, fused.double()) < 2e-2
+    with pytest.raises(ValueError, match="partials"):
+        rd.run({"kernel": "dequant", "BN": 32}, x, packed, w[1], w[2], g, None, act="partials")
+    assert not rd.leaves_partials({"kernel": "dot", "split_k": 1}, K, g)
+    assert not rd.leaves_partials({"kernel": "dot", "split_k": 8}, 64, 64)  # one group: the split is clamped to 1
+    assert not rd.leaves_partials({"kernel": "gluon", "split_k": 16}, 4096, 128)  # TAIL defaults to in-kernel
+    assert rd.leaves_partials({"kernel": "gluon", "split_k": 16, "TAIL": False}, 4096, 128)
+    assert not rd.leaves_partials({"kernel": "pipelined", "split_k": 4, "TAIL": 2}, 4096, 128)
+    assert rd.leaves_partials({"kernel": "wgmma", "split_k": 4}, 4096, 128)
+    assert not rd.leaves_partials({"kernel": "dequant"}, 4096, 128)
+
+
 def test_repacked_kernels_refuse_mismatched_weights():
     from kernels.awq_repack import repack_awq
 

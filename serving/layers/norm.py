@@ -11,9 +11,12 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from kernels.pdl import PDL_LAUNCH, pdl_enter
+
     @triton.jit
     def _rmsnorm_kernel(X, R, W, Y, stride_x, stride_r, stride_y, N, eps,
                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        pdl_enter()  # launched early; the W4A16 kernel after it loads its weights meanwhile (kernels/pdl.py)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -36,7 +39,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         res = residual if residual is not None else x
         _rmsnorm_kernel[(x.shape[0],)](
             x, res, weight, y, x.stride(0), res.stride(0), y.stride(0), x.shape[1], eps,
-            HAS_RES=residual is not None, BLOCK=next_pow2(x.shape[1]), num_warps=4 if x.shape[1] <= 4096 else 8)
+            HAS_RES=residual is not None, BLOCK=next_pow2(x.shape[1]), num_warps=4 if x.shape[1] <= 4096 else 8,
+            **PDL_LAUNCH)
         return y if residual is None else (y, res)
     if residual is not None:
         x = x + residual

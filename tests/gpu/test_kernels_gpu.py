@@ -190,6 +190,32 @@ def test_partials_are_what_the_second_launch_sums():
     assert awq_linear_partials(torch.randn(2048, K, device="cuda", dtype=torch.bfloat16), *w, G) is None
 
 
+@pytest.mark.parametrize("M", [1, 2, 8, 16, 64, 256])
+@pytest.mark.parametrize("K,N", [(4096, 28672), (4096, 6144)])
+def test_repacked_silu_and_partials_equal_the_unfused_layers(M, K, N):
+    """Repacked weights: ``act="silu_mul"`` is bit-equal to the linear then the activation, and where the table's
+    config sums its split-K partials in a second launch, ``awq_linear_partials`` hands over exactly what it sums."""
+    import kernels
+    from kernels.awq_repack import repack_awq
+    from kernels.epilogue import silu_mul
+
+    rd = kernels.repacked_dispatch
+    if not rd.supported(K, N, G, torch.bfloat16, "cuda"):
+        pytest.skip("repacked kernels need an sm_90 GPU and Gluon")
+    w = weights(K, N)
+    packed = repack_awq(w[0])
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    cfg = rd.select(M, N, K, G, x.dtype)
+    plain = awq_linear(x, packed, w[1], w[2], G, bias)
+    assert torch.equal(awq_linear(x, packed, w[1], w[2], G, bias, act="silu_mul"), silu_mul(plain)), cfg
+    ws = kernels.awq_linear_partials(x, packed, w[1], w[2], G)
+    assert (ws is not None) == rd.leaves_partials(cfg, K, G), cfg
+    if ws is not None:
+        y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(at.reduce_partials(ws, y, bias), plain), cfg
+
+
 def test_bad_inputs_raise_on_cuda():
     K, N = 256, 64
     qw, qz, sc = weights(K, N)
