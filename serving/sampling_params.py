@@ -21,6 +21,7 @@ class GenerationConfig:
     presence_penalty: float = 0.0         # OpenAI's: subtract this once from every token already generated
     frequency_penalty: float = 0.0        # OpenAI's: subtract this times the token's count in the output
     random_seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> added to its logit, [-100, 100]
     stop_words: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -55,6 +56,15 @@ class GenerationConfig:
             v = getattr(self, name)
             if not -2.0 <= v <= 2.0:
                 bad(f"{name} must lie in [-2, 2], got {v}")
+        if self.logit_bias is None:
+            self.logit_bias = {}
+        if not isinstance(self.logit_bias, dict):
+            bad("logit_bias must map token ids to biases")
+        for t, v in self.logit_bias.items():
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                bad(f"logit_bias keys must be non-negative token ids, got {t!r}")
+            if not isinstance(v, (int, float)) or not -100.0 <= v <= 100.0:
+                bad(f"logit_bias values must lie in [-100, 100], got {v!r} for token {t}")
         if not isinstance(self.prompt_top_logprobs, int) or not 0 <= self.prompt_top_logprobs <= MAX_LOGPROBS:
             bad(f"prompt_top_logprobs must lie in [0, {MAX_LOGPROBS}], got {self.prompt_top_logprobs!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:

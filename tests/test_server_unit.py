@@ -79,6 +79,12 @@ def test_request_validation():
     with pytest.raises(pydantic.ValidationError) as e:  # the routes answer this with a 400 naming the field
         ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "frequency_penalty": 2.5})
     assert e.value.errors()[0]["loc"] == ("frequency_penalty",)
+    lb = ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "logit_bias": {"42": 100, "7": -5.5}})
+    assert lb.sampling(5)["logit_bias"] == {42: 100.0, 7: -5.5}
+    for bad in ({"abc": 1}, {"3": 101}, {"-2": 1}):
+        with pytest.raises(pydantic.ValidationError) as e:
+            ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "logit_bias": bad})
+        assert e.value.errors()[0]["loc"] == ("logit_bias",)
     with pytest.raises(OpenAIError):
         ChatCompletionRequest.model_validate({"model": "m", "messages": MSG, "tool_choice": "auto"})
     with pytest.raises(OpenAIError):
@@ -166,6 +172,14 @@ def test_routes_in_process(server):
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
         bad = await http.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG, "n": 0})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
+        # logit_bias: a +100 token is all the model says; a token id outside the vocabulary is a 400
+        r = await c.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0.7,
+                                       logit_bias={"42": 100})
+        assert r.usage.completion_tokens == 4 and server.tokenizer.encode(r.choices[0].text,
+                                                                          add_special_tokens=False) == [42] * 4
+        with pytest.raises(openai.BadRequestError) as e:
+            await c.completions.create(model="tiny", prompt="hello", max_tokens=2, logit_bias={"100000": 5})
+        assert "vocabulary" in e.value.body["message"]
         assert server.engine_stats()["running"] == 0
     asyncio.run(main())
 

@@ -125,6 +125,9 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidRequestError(f"token ids must lie in [0, {vocab})")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise InvalidRequestError(f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary "
+                                      f"[0, {vocab})")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
@@ -309,7 +312,8 @@ class LLMEngine:
             forbidden=forbidden,
             presence_penalties=[p.presence_penalty for p in ps], frequency_penalties=[p.frequency_penalty for p in ps],
             outputs=[s.output_ids if (p.presence_penalty or p.frequency_penalty) else [] for s, p in zip(seqs, ps)],
-            constraints=[self.requests[s.request_id].extra.get("constraint") for s in seqs])
+            constraints=[self.requests[s.request_id].extra.get("constraint") for s in seqs],
+            logit_biases=[p.logit_bias for p in ps])
 
     def _token_text(self, token_id: int) -> str:
         """A token's text alone (cached): what the JSON constraint checks a candidate with."""

@@ -1,4 +1,5 @@
-"""From logits to next tokens: repetition, presence and frequency penalties, temperature, top-k, top-p, seeded sampling, logprobs.
+"""From logits to next tokens: logit bias, repetition, presence and frequency penalties, temperature, top-k, top-p,
+seeded sampling, logprobs.
 
 Works on a batch; the per-row settings come as plain lists (the sampler knows nothing of requests).
 A seeded row draws its noise from a generator seeded with (seed, step), so a request with a seed gives the
@@ -27,6 +28,7 @@ class SamplingBatch:
     frequency_penalties: list[float] = field(default_factory=list)  # output tokens only (empty: none)
     outputs: list[list[int]] = field(default_factory=list)  # output tokens, only where an additive penalty is set
     constraints: list = field(default_factory=list)  # per row None or an object with allows(token_id) -> bool
+    logit_biases: list[dict[int, float]] = field(default_factory=list)  # per row token id -> bias (empty: none)
 
     @property
     def all_greedy(self) -> bool:
@@ -74,14 +76,21 @@ class Sampler:
 
     @staticmethod
     def _penalise(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-        """HF repetition penalty on every token seen (prompt and output); forbidden tokens to -inf."""
+        """OpenAI's logit bias (added first, as in vLLM, so the penalties see the biased logits), the additive
+        penalties, HF repetition penalty on every token seen (prompt and output); forbidden tokens to -inf."""
         rows = [i for i, p in enumerate(b.repetition_penalties) if p != 1.0 and b.histories and b.histories[i]]
         forbid = [i for i, f in enumerate(b.forbidden) if f]
         additive = [i for i, out in enumerate(b.outputs) if out]
-        if not rows and not forbid and not additive:
+        biased = [i for i, d in enumerate(b.logit_biases) if d]
+        if not rows and not forbid and not additive and not biased:
             return logits
         dev = logits.device
         logits = logits.clone()
+        if biased:
+            r_idx = _on(dev, [i for i in biased for _ in b.logit_biases[i]])
+            t_idx = _on(dev, [t for i in biased for t in b.logit_biases[i]])
+            vals = _on(dev, [float(v) for i in biased for v in b.logit_biases[i].values()], logits.dtype)
+            logits.index_put_((r_idx, t_idx), vals, accumulate=True)
         if additive:  # logit -= frequency * count + presence * (count > 0), as OpenAI defines them
             r_idx = _on(dev, [i for i in additive for _ in b.outputs[i]])
             t_idx = _on(dev, [t for i in additive for t in b.outputs[i]])

@@ -166,11 +166,26 @@ class _Sampling(_Model):
             raise ValueError("stop_token_ids must be non-negative")
         return v
 
-    @model_validator(mode="after")
-    def _no_penalties(self):
-        if self.logit_bias:
-            raise unsupported("logit_bias", "not supported by this server")
-        return self
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        """OpenAI's keys are token ids written as strings; biases lie in [-100, 100]."""
+        if not v:
+            return None
+        if len(v) > 300:
+            raise ValueError("logit_bias takes at most 300 tokens")
+        out = {}
+        for k, b in v.items():
+            try:
+                t = int(k)
+            except ValueError:
+                raise ValueError(f"logit_bias keys must be token ids (integers as strings), got {k!r}") from None
+            if t < 0:
+                raise ValueError(f"logit_bias keys must be non-negative token ids, got {k!r}")
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias values must lie in [-100, 100], got {b} for token {k}")
+            out[str(t)] = float(b)
+        return out
 
     def sampling(self, max_new_tokens: int | None) -> dict:
         """GenerationConfig keyword arguments (max_new_tokens is filled in by the engine deployment)."""
@@ -190,6 +205,8 @@ class _Sampling(_Model):
                 g[name] = float(getattr(self, name))
         if self.seed is not None:
             g["random_seed"] = int(self.seed) % (2**63)
+        if self.logit_bias:
+            g["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
         return g
 
 
