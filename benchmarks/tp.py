@@ -77,7 +77,8 @@ class Host:
         t = time.perf_counter()
         eng = LLMEngine(path, cfg) if tp == 1 else start_tp_engine(path, cfg)
         res = {"tp": tp, "load_s": time.perf_counter() - t, "kv_blocks": eng.runner.num_blocks,
-               "all_reduce": "symmetric memory" if eng.runner.tp.fast is not None else "NCCL" if tp > 1 else "-"}
+               "all_reduce": "symmetric memory" if eng.runner.tp.fast is not None else
+               ("NCCL" if device == "cuda" else "gloo") if tp > 1 else "-"}
         try:
             c = json.loads((Path(path) / "config.json").read_text())
             res.update(bench_engine(eng, c, torch.device(device), new_tokens, batches, 128, 2048, diagnose=False))
@@ -98,12 +99,13 @@ class Host:
 def run_config(path: Path, tp: int, device: str, new_tokens: int, batches: list[int], ref: dict | None,
                symm: bool = False) -> dict:
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    unit = {"GPU": 1.0, "CPU": 1.0} if device == "cuda" else {"CPU": 1.0}
-    pg = placement_group([dict(unit) for _ in range(tp)], strategy="STRICT_PACK")
-    ray.get(pg.ready(), timeout=300)
+    from serving.tp_group import packed_group, rank_bundle
+
+    unit = rank_bundle(device)
+    pg = packed_group(tp, unit, 300)
     try:
         host = ray.remote(Host).options(
             num_cpus=1, num_gpus=unit.get("GPU", 0),

@@ -13,13 +13,14 @@ import logging
 from pathlib import Path
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import EngineConfig, ModelConfig
 from .engine.llm_engine import RequestOutput
 from .sampling_params import GenerationConfig
 from .tokenizer import load_tokenizer
+from .tp_group import packed_group, rank_bundle, rank_device
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,6 @@ class EngineHost:
             self.engine.close()
 
 
-def _rank_device(ecfg: EngineConfig) -> str:
-    if ecfg.device:
-        return ecfg.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class RemoteEngine:
     """An ``LLMEngine`` split over ``ecfg.tp`` ranks, all of them Ray actors; starts a local Ray when none runs.
 
@@ -68,9 +61,7 @@ class RemoteEngine:
         if self._own_ray:
             log.info("starting a local Ray for tp=%d (connect to a cluster with ray.init() first to use it)", ecfg.tp)
             ray.init(include_dashboard=False)
-        device = _rank_device(ecfg)
-        gpu = 1.0 if device.startswith("cuda") else 0.0
-        unit = {"CPU": 1.0, "GPU": gpu} if gpu else {"CPU": 1.0}
+        unit = rank_bundle(rank_device(ecfg))
         have = ray.cluster_resources()
         need = {k: v * ecfg.tp for k, v in unit.items()}
         short = {k: v for k, v in need.items() if have.get(k, 0.0) < v}
@@ -79,14 +70,9 @@ class RemoteEngine:
             if short:
                 raise RuntimeError(f"tp={ecfg.tp} needs {need} (one bundle per rank) but the Ray cluster has "
                                    f"{ {k: have.get(k, 0.0) for k in need} }: lower tp or add resources")
-            self._pg = placement_group([dict(unit) for _ in range(ecfg.tp)], strategy="STRICT_PACK")
-            try:
-                ray.get(self._pg.ready(), timeout=ready_timeout_s)
-            except Exception as e:
-                raise RuntimeError(f"the cluster cannot place {ecfg.tp} ranks of {unit} on one node within "
-                                   f"{ready_timeout_s:.0f} s: free resources or lower tp") from e
+            self._pg = packed_group(ecfg.tp, unit, ready_timeout_s)
             self.host = ray.remote(EngineHost).options(
-                num_cpus=1, num_gpus=gpu, max_concurrency=1,
+                num_cpus=1, num_gpus=unit.get("GPU", 0.0), max_concurrency=1,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=0),
             ).remote()
             info = ray.get(self.host.build.remote(model_path, ecfg))

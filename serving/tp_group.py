@@ -92,7 +92,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _device(ecfg: EngineConfig) -> str:
+def rank_device(ecfg: EngineConfig) -> str:
+    """The device the ranks run on: ``ecfg.device``, else CUDA where this process holds or sees a GPU."""
     if ecfg.device:
         return ecfg.device
     if ray.get_gpu_ids():  # asked first: CUDA must not start before _see_group_gpus
@@ -100,6 +101,23 @@ def _device(ecfg: EngineConfig) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rank_bundle(device: str) -> dict:
+    """One rank's placement-group bundle."""
+    return {"GPU": 1.0, "CPU": 1.0} if device.startswith("cuda") else {"CPU": 1.0}
+
+
+def packed_group(ranks: int, unit: dict, ready_timeout_s: float):
+    """A STRICT_PACK placement group of ``ranks`` bundles ``unit`` (one node: NVLink, shared memory), ready."""
+    pg = placement_group([dict(unit) for _ in range(ranks)], strategy="STRICT_PACK")
+    try:
+        ray.get(pg.ready(), timeout=ready_timeout_s)
+    except Exception as e:
+        remove_placement_group(pg)
+        raise RuntimeError(f"the cluster cannot place {ranks} tensor-parallel rank(s) of {unit} on one node within "
+                           f"{ready_timeout_s:.0f} s: add resources or lower tp") from e
+    return pg
 
 
 def _see_group_gpus(visible: str, rank: int) -> str:
@@ -127,7 +145,7 @@ def start_tp_engine(model_path: str | Path, ecfg: EngineConfig, tokenizer=None,
         raise RuntimeError("tensor parallelism needs Ray: call ray.init() (or run under Ray Serve) first")
     model_path = str(model_path)
     ModelConfig.from_path(model_path, ecfg.model_format, ecfg.dtype)  # bad checkpoints fail before any actor
-    device = _device(ecfg)
+    device = rank_device(ecfg)
     backend = "nccl" if device.startswith("cuda") else "gloo"
     world = ecfg.tp
     pg, own_pg = get_current_placement_group(), None
@@ -141,14 +159,7 @@ def start_tp_engine(model_path: str | Path, ecfg: EngineConfig, tokenizer=None,
                              f"first); this one has {len(pg.bundle_specs)}")
         bundles = list(range(1, world))
     else:
-        unit = {"GPU": 1.0, "CPU": 1.0} if backend == "nccl" else {"CPU": 1.0}
-        pg = own_pg = placement_group([dict(unit) for _ in range(world - 1)], strategy="STRICT_PACK")
-        try:
-            ray.get(pg.ready(), timeout=ready_timeout_s)
-        except Exception as e:
-            remove_placement_group(pg)
-            raise RuntimeError(f"the cluster cannot place {world - 1} more rank(s) of {unit} on one node "
-                               f"within {ready_timeout_s:.0f} s: add resources or lower tp") from e
+        pg = own_pg = packed_group(world - 1, rank_bundle(device), ready_timeout_s)
         bundles = list(range(world - 1))
     actor_cls = ray.remote(TPWorker)
     workers = []
