@@ -2,6 +2,7 @@
 
     python benchmarks/tp_allreduce.py --out DIR       # 2+ GPUs: DIR/tp_allreduce.json
     python benchmarks/tp_allreduce.py --device cpu    # gloo, small sizes: checks the script
+    python benchmarks/tp_allreduce.py --report DIR/tp_allreduce.json   # docs/benchmarks.md section + plot
 
 Why: at tp = 2 a batch-1 decode step makes 64 all-reduces of 8 KB (Llama-3-8B shape) and a 2048-token prefill 64
 of 16 MB; docs/benchmarks.md's tensor-parallel section finds batch 1 slower on two GPUs than on one and the first
@@ -54,6 +55,7 @@ class Rank:
         cuda = mode != "gloo"
         device = torch.device(_see_group_gpus(visible, rank) if visible else "cuda") if cuda else torch.device("cpu")
         if cuda:
+            device = device if device.index is not None else torch.device("cuda", 0)  # the one GPU Ray shows it
             torch.cuda.set_device(device)
         tp = TPContext.init(rank, world, init, "nccl" if cuda else "gloo", timeout_s=300)
         if mode == "symm":
@@ -119,7 +121,14 @@ def measure(args) -> dict:
     ray.init(num_cpus=max(2, args.world + 1), num_gpus=args.world if cuda else 0, include_dashboard=False,
              runtime_env=env)
     unit = {"GPU": 1.0, "CPU": 1.0} if cuda else {"CPU": 1.0}
-    res = {"world": args.world, "device": args.device, "commit": os.environ.get("RAYAWQ_COMMIT"), "modes": []}
+    import datetime
+
+    import torch
+
+    from benchmarks._report import git_commit
+
+    res = {"world": args.world, "device": args.device, "commit": git_commit(), "modes": [],
+           "gpu": torch.cuda.get_device_name(0) if cuda else "cpu", "date": datetime.date.today().isoformat()}
     for mode in (["nccl", "nccl-shared", "symm"] if cuda else ["gloo"]):
         pg = placement_group([dict(unit) for _ in range(args.world)], strategy="STRICT_PACK")
         ray.get(pg.ready(), timeout=120)
@@ -140,12 +149,81 @@ def measure(args) -> dict:
     return res
 
 
+def _size(b: int) -> str:
+    return f"{b >> 20} MB" if b >= 1 << 20 else f"{b >> 10} KB"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for m in res["modes"]:
+        for kind, style in (("graph_us", "-o"), ("eager_us", "--x")):
+            pts = sorted((int(k), v) for k, v in m[kind].items())
+            if pts:
+                ax.plot([k for k, _ in pts], [v for _, v in pts], style,
+                        label=f"{m['mode']} ({'in a CUDA graph' if kind == 'graph_us' else 'eager'})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    sizes = sorted({int(k) for m in res["modes"] for k in m["eager_us"]})
+    ax.set_xticks(sizes, [_size(b) for b in sizes])
+    ax.set_xlabel("all-reduce size (bf16)")
+    ax.set_ylabel("us per all-reduce")
+    ax.set_title(f"{res['world']} x {res['gpu']}: one all-reduce between Ray actors", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report(res: dict) -> str:
+    from benchmarks._report import stamp
+
+    sizes = sorted({int(k) for m in res["modes"] for k in m["eager_us"]})
+    lines = [f"## Tensor-parallel all-reduce (`benchmarks/tp_allreduce.py`, {res['world']} x {res['gpu']})", "",
+             stamp(f"{res['world']} x {res['gpu']}", res["commit"], res.get("date")), "",
+             "Microseconds per all-reduce of a bf16 tensor between two ranks that are Ray actors (as `serving.tp_group` "
+             "places them): eager (a prefill's sums) and inside a CUDA graph of 64 chained ones (a decode step's).", "",
+             "| path | " + " | ".join(_size(b) for b in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for m in res["modes"]:
+        for kind, name in (("eager_us", "eager"), ("graph_us", "graph")):
+            if m[kind]:
+                lines.append(f"| {m['mode']} ({m['path']}), {name} | "
+                             + " | ".join(f"{m[kind][str(b)]:.1f}" if str(b) in m[kind] else "-" for b in sizes)
+                             + " |")
+    lines += ["", "![all-reduce by size](tp_allreduce" + _tag(res) + ".png)"]
+    if res.get("note"):
+        lines += ["", res["note"]]
+    lines += ["", "Raw numbers: `benchmarks/results/tp_allreduce" + _tag(res) + ".json`. Reproduce: "
+              "`python benchmarks/tp_allreduce.py --out /tmp/ar` on 2 GPUs, then `--report /tmp/ar/tp_allreduce.json`."]
+    return "\n".join(lines)
+
+
+def _tag(res: dict) -> str:
+    from benchmarks._report import card_suffix
+
+    return card_suffix(res["gpu"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None)
     p.add_argument("--device", default="cuda")
     p.add_argument("--world", type=int, default=2)
+    p.add_argument("--report", default=None, help="results JSON: write the docs section and plot from it")
+    p.add_argument("--note", default=None, help="with --report: a paragraph added to the section")
     args = p.parse_args(argv)
+    if args.report:
+        from benchmarks._report import DOCS, write_section
+
+        res = json.loads(Path(args.report).read_text())
+        if args.note:
+            res["note"] = args.note
+        plot(res, DOCS / f"tp_allreduce{_tag(res)}.png")
+        write_section(f"tp_allreduce{_tag(res)}", report(res))
+        return 0
     res = measure(args)
     out = Path(args.out or ".")
     out.mkdir(parents=True, exist_ok=True)
