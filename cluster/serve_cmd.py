@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--target-ongoing-requests", type=float, default=None,
                    help="with --autoscale: requests per replica to aim for (default max-batch-size / 2)")
     s.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per engine replica")
+    s.add_argument("--chat-template", default=None,
+                   help="Jinja chat template, or a file holding one, replacing the tokenizer's (read here)")
     s.add_argument("--tool-parser", default="auto", choices=["auto", "hermes", "llama3", "none"])
     s.add_argument("--ray-address", default="auto",
                    help="Ray cluster to join (auto: this machine's, else start a local one; local: always new)")
@@ -58,6 +60,10 @@ def _config(args) -> dict:
              "tool_parser": args.tool_parser}
     if args.name:
         model["name"] = args.name
+    if args.chat_template:  # the text itself travels, so replicas on other nodes need no copy of the file
+        from serving.tokenizer import resolve_chat_template
+
+        model["chat_template"] = resolve_chat_template(args.chat_template)
     return {"models": [{k: v for k, v in model.items() if v is not None}], "api_keys": keys}
 
 
@@ -65,7 +71,11 @@ def cmd_serve(args) -> int:
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")  # small machines (DESIGN.md)
     from serving.app import run_local
 
-    cfg = _config(args)
+    try:
+        cfg = _config(args)
+    except ValueError as e:  # a bad chat template: say so before any Ray work
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     address = None if args.ray_address == "local" else args.ray_address
     server = run_local(config=cfg, port=args.port, host=args.host, address=address)
     print(f"serving {', '.join(server.model_names)} at {server.base_url} (chat page: {server.url}/); "

@@ -47,6 +47,7 @@ class ModelConfig(BaseModel):
     block_size: int | None = Field(None, ge=1)
     enable_prefix_caching: bool | None = None
     enforce_eager: bool | None = None
+    chat_template: str | None = None                         # Jinja text, or a file every node can read
     engine: dict[str, Any] = Field(default_factory=dict)      # any other EngineConfig field
     tool_parser: Literal["auto", "hermes", "llama3", "none"] = "auto"
     # deployment
@@ -88,7 +89,8 @@ class ModelConfig(BaseModel):
                              ("tp", "tp"), ("max_batch_size", "max_num_seqs"), ("session_len", "session_len"),
                              ("cache_max_entry_count", "cache_max_entry_count"), ("num_kv_blocks", "num_kv_blocks"),
                              ("max_num_batched_tokens", "max_num_batched_tokens"), ("block_size", "block_size"),
-                             ("enable_prefix_caching", "enable_prefix_caching"), ("enforce_eager", "enforce_eager")):
+                             ("enable_prefix_caching", "enable_prefix_caching"), ("enforce_eager", "enforce_eager"),
+                             ("chat_template", "chat_template")):
             v = getattr(self, ours)
             if v is not None:
                 kw[theirs] = v

@@ -17,6 +17,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of free GPU memory for the KV cache")
     p.add_argument("--max-batch-size", type=int, default=None, help="sequences decoded together")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--chat-template", default=None,
+                   help="Jinja chat template, or a file holding one, replacing the tokenizer's")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks (GPUs), each a Ray actor; starts a local Ray unless one is running")
 
@@ -54,7 +56,7 @@ def _build(args, max_batch: int):
     cfg = EngineConfig(model_format=args.model_format, dtype=args.dtype, device=args.device,
                        session_len=args.session_len, cache_max_entry_count=args.cache_max_entry_count,
                        max_num_seqs=args.max_batch_size or max_batch, enforce_eager=args.eager,
-                       progress=sys.stderr.isatty(), tp=args.tp)
+                       progress=sys.stderr.isatty(), tp=args.tp, chat_template=args.chat_template)
     return pipeline(args.model, cfg)
 
 

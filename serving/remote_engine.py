@@ -56,7 +56,7 @@ class RemoteEngine:
         model_path = str(model_path)
         self.config = ecfg
         self.model_config = ModelConfig.from_path(model_path, ecfg.model_format, ecfg.dtype)  # fails before Ray
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, ecfg.chat_template)
         self._own_ray = not ray.is_initialized()
         if self._own_ray:
             log.info("starting a local Ray for tp=%d (connect to a cluster with ray.init() first to use it)", ecfg.tp)

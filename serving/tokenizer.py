@@ -10,19 +10,46 @@ from pathlib import Path
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(path: str | Path):
-    """The model directory's tokenizer; None (token ids only) when the directory has none."""
+def load_tokenizer(path: str | Path, chat_template: str | None = None):
+    """The model directory's tokenizer; None (token ids only) when the directory has none. ``chat_template``
+    (a Jinja template or a file holding one, see :func:`resolve_chat_template`) replaces the tokenizer's own."""
     from transformers import AutoTokenizer
 
     from .config import CheckpointError
 
     if not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
+        if chat_template:
+            raise CheckpointError(f"{path} has no tokenizer, so a chat template cannot be used: add the "
+                                  "tokenizer files or drop the chat template")
         logging.getLogger(__name__).warning("%s has no tokenizer: the engine takes token ids only", path)
         return None
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise CheckpointError(f"{path}: cannot load the tokenizer ({e})") from e
+    if chat_template:
+        tok.chat_template = resolve_chat_template(chat_template)
+    return tok
+
+
+def resolve_chat_template(value: str) -> str:
+    """A chat template given as Jinja text or as the path of a file holding it (vLLM's ``--chat-template``): text
+    when it has a brace or a line break, else a path. Its syntax is checked here, so a bad template fails at load
+    with the line it breaks on, not on the first chat request."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if not any(c in value for c in "{}\n"):
+        p = Path(value).expanduser()
+        if not p.is_file():
+            raise ValueError(f"chat template file {value!r} not found (pass the path of a Jinja file, or the "
+                             "template itself)")
+        value = p.read_text()
+    try:
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(value)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat template: {e.message} (line {e.lineno})") from e
+    return value
 
 
 def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:

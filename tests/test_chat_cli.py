@@ -75,3 +75,38 @@ def test_generate_cli_with_tp_starts_its_own_ray(tiny_model_factory):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout == want + "\n"
+
+
+TEMPLATE = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+def test_chat_template_replaces_the_tokenizers(tiny_model_factory, tmp_path):
+    """``EngineConfig(chat_template=...)`` / ``--chat-template``: Jinja text or a file, used for every chat prompt;
+    a broken template or a missing file fails at load with what is wrong."""
+    from serving import EngineConfig, GenerationConfig, LLMEngine
+    from serving.pipeline import pipeline
+
+    model = tiny_model_factory("llama")
+    f = tmp_path / "chat.jinja"
+    f.write_text(TEMPLATE)
+    msgs = [{"role": "user", "content": "the city of"}]
+    for tpl in (TEMPLATE, str(f)):
+        eng = LLMEngine(model, EngineConfig(dtype="float32", progress=False, chat_template=tpl))
+        want = eng.tokenizer.encode("[user] the city of\n[assistant] ", add_special_tokens=False)
+        assert eng.encode(msgs) == want and eng.encode("the city of", chat=True) == want
+    with pytest.raises(ValueError, match=r"line 1"):
+        LLMEngine(model, EngineConfig(dtype="float32", progress=False, chat_template="{% for m in messages %}"))
+    with pytest.raises(ValueError, match="not found"):
+        LLMEngine(model, EngineConfig(dtype="float32", progress=False, chat_template=str(tmp_path / "no.jinja")))
+    g = GenerationConfig(max_new_tokens=8)
+    with pipeline(str(model), EngineConfig(dtype="float32", progress=False, chat_template=TEMPLATE)) as pipe:
+        want_text = pipe("the city of", g).text
+    base = [sys.executable, "-m", "serving.cli", "generate", str(model), "--prompt", "the city of", "--chat",
+            "--max-tokens", "8", "--dtype", "float32"]
+    r = subprocess.run(base + ["--chat-template", str(f)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout == want_text + "\n", r.stderr[-2000:]
+    r = subprocess.run(base + ["--chat-template", "missing.jinja"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "chat template file 'missing.jinja' not found" in r.stderr

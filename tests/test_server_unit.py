@@ -104,6 +104,24 @@ def test_app_config():
         build_app({"model": "/x", "tp": 2, "num_cpus": 0, "device": "cpu"})
     with pytest.raises(ValueError):
         AppConfig.from_args({"model": "/x", "autoscale": "3,1"})
+    tpl = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert AppConfig.from_args({"model": "/x", "chat_template": tpl}).models[0].engine_config().chat_template == tpl
+
+
+def test_serve_command_sends_the_chat_template_text(tmp_path):
+    """``rayawq serve --chat-template FILE`` reads the file on the driver: replicas on other nodes need no copy."""
+    import argparse
+
+    from cluster.serve_cmd import _config, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    f = tmp_path / "t.jinja"
+    f.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}")
+    args = parser.parse_args(["serve", "/x/m", "--chat-template", str(f)])
+    assert _config(args)["models"][0]["chat_template"] == f.read_text()
+    with pytest.raises(ValueError, match="not found"):
+        _config(parser.parse_args(["serve", "/x/m", "--chat-template", str(tmp_path / "missing.jinja")]))
 
 
 # -- the routes over a real in-process engine ------------------------------------------------------------
