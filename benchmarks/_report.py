@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -46,3 +48,23 @@ def write_section(name: str, markdown: str, path: Path = DOCS / "benchmarks.md")
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def measure_or_report(args, name: str, results_file: str, card: Callable[[dict], str], measure: Callable,
+                      report: Callable[[dict], str], plot: Callable[[dict, Path], None]) -> int:
+    """The end of a benchmark's ``main``: with ``--report FILE`` (and ``--note``), its docs section ``name`` + card
+    suffix and plot from a results JSON; else ``measure(args)`` and the JSON written to ``--out``."""
+    if args.report:
+        res = json.loads(Path(args.report).read_text())
+        if args.note:
+            res["note"] = args.note
+        tag = card_suffix(card(res))
+        plot(res, DOCS / f"{name}{tag}.png")
+        write_section(f"{name}{tag}", report(res))
+        return 0
+    res = measure(args)
+    out = Path(args.out or ".")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / results_file).write_text(json.dumps(res, indent=1))
+    print(f"wrote {out / results_file}")
+    return 0

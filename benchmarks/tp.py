@@ -144,6 +144,9 @@ def measure(args) -> dict:
         ref = ref or r
         res["runs"].append(r)
         print(json.dumps({k: v for k, v in r.items() if k not in ("greedy", "nll")}), flush=True)
+        if args.out:  # each configuration's row kept, should a later one be cut off
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "tp_results.json").write_text(json.dumps(res, indent=1))
     ray.shutdown()
     return res
 
@@ -237,22 +240,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batches", default="32,128")
     args = p.parse_args(argv)
-    if args.report:
-        from benchmarks._report import DOCS, card_suffix, write_section
+    from benchmarks._report import measure_or_report
 
-        res = json.loads(Path(args.report).read_text())
-        if args.note:
-            res["note"] = args.note
-        tag = card_suffix(res["device"])
-        plot(res, DOCS / f"tp{tag}.png")
-        write_section(f"tp{tag}", report(res))
-        return 0
-    res = measure(args)
-    out = Path(args.out or ".")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tp_results.json").write_text(json.dumps(res, indent=1))
-    print(f"wrote {out / 'tp_results.json'}")
-    return 0
+    return measure_or_report(args, "tp", "tp_results.json", lambda r: r["device"], measure, report, plot)
 
 
 if __name__ == "__main__":

@@ -215,21 +215,9 @@ def main(argv=None) -> int:
     p.add_argument("--report", default=None, help="results JSON: write the docs section and plot from it")
     p.add_argument("--note", default=None, help="with --report: a paragraph added to the section")
     args = p.parse_args(argv)
-    if args.report:
-        from benchmarks._report import DOCS, write_section
+    from benchmarks._report import measure_or_report
 
-        res = json.loads(Path(args.report).read_text())
-        if args.note:
-            res["note"] = args.note
-        plot(res, DOCS / f"tp_allreduce{_tag(res)}.png")
-        write_section(f"tp_allreduce{_tag(res)}", report(res))
-        return 0
-    res = measure(args)
-    out = Path(args.out or ".")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tp_allreduce.json").write_text(json.dumps(res, indent=1))
-    print(f"wrote {out / 'tp_allreduce.json'}")
-    return 0
+    return measure_or_report(args, "tp_allreduce", "tp_allreduce.json", lambda r: r["gpu"], measure, report, plot)
 
 
 if __name__ == "__main__":
