@@ -19,8 +19,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .config import EngineConfig, ModelConfig
 from .engine.llm_engine import RequestOutput
 from .sampling_params import GenerationConfig
-from .tokenizer import load_tokenizer
-from .tp_group import packed_group, rank_bundle, rank_device
+from .tokenizer import load_tokenizer, resolve_chat_template
+from .tp_group import packed_group, rank_bundle, rank_device, start_tp_engine
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,8 @@ class EngineHost:
     def __init__(self):
         self.engine = None
 
-    def build(self, model_path: str, ecfg: EngineConfig) -> dict:
-        from .tp_group import start_tp_engine
-
-        self.engine = start_tp_engine(model_path, ecfg)
+    def build(self, model_path: str, ecfg: EngineConfig, tokenizer=None) -> dict:
+        self.engine = start_tp_engine(model_path, ecfg, tokenizer=tokenizer)
         return {"max_model_len": self.engine.max_model_len, "num_blocks": self.engine.runner.num_blocks,
                 "device": str(self.engine.runner.device)}
 
@@ -56,7 +54,10 @@ class RemoteEngine:
         model_path = str(model_path)
         self.config = ecfg
         self.model_config = ModelConfig.from_path(model_path, ecfg.model_format, ecfg.dtype)  # fails before Ray
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, ecfg.chat_template)
+        given = tokenizer is not None  # then rank 0 gets it too (pickled), else both load the model's
+        if given and ecfg.chat_template:
+            tokenizer.chat_template = resolve_chat_template(ecfg.chat_template)
+        self.tokenizer = tokenizer if given else load_tokenizer(model_path, ecfg.chat_template)
         self._own_ray = not ray.is_initialized()
         if self._own_ray:
             log.info("starting a local Ray for tp=%d (connect to a cluster with ray.init() first to use it)", ecfg.tp)
@@ -75,7 +76,7 @@ class RemoteEngine:
                 num_cpus=1, num_gpus=unit.get("GPU", 0.0), max_concurrency=1,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=0),
             ).remote()
-            info = ray.get(self.host.build.remote(model_path, ecfg))
+            info = ray.get(self.host.build.remote(model_path, ecfg, self.tokenizer if given else None))
         except BaseException:
             self._release()
             raise
