@@ -10,13 +10,21 @@
 #   one H100, prefill kernels on repacked weights (tests, ncu, probe from 256 rows):  x1p <commit>
 #   4 H100s:    bash benchmarks/gpu_session.sh x4 <commit>   (x4s: GPU quant-job tests + [SCALING_GPUS, default 1,4,2]-GPU scaling only)
 #   what is left of a budget, 2-4 GPUs:  [SCALING_GPUS=1,2] bash benchmarks/gpu_session.sh x4f <commit>
+#   2 GPUs, tensor parallel (the bundle and the tree exceed one call's carry, so Ray goes ahead through /tmp):
+#               call 1, carry [".devbundle/ray.tar.xz"]: mkdir -p /tmp/devb && cp .devbundle/ray.tar.xz /tmp/devb/
+#               call 2 at once, carry [".devbundle/whl", ".devbundle/setup.sh"]: bash benchmarks/gpu_session.sh x2 <commit>
+#               (tp.py's three configurations: 1 GPU, 2 with NCCL, 2 with symmetric memory; then the GPU TP tests)
 # Everything lands under $OUT/<name>/; write the docs sections here afterwards from the JSON files
 # (each benchmark's --report, or benchmarks/_report.py:write_section with its *_section.md).
 set -uo pipefail
-kind=${1:?x1a, x1c, x1b, x1g, x1r, x1e, x1p, x1m, x1n, x4, x4s or x4f}
+kind=${1:?x1a, x1c, x1b, x1g, x1r, x1e, x1p, x1m, x1n, x2, x4, x4s or x4f}
 export RAYAWQ_COMMIT=${2:?commit} PYTHONUNBUFFERED=1
 out=${OUT:?run this through the device tool}
-source .devbundle/setup.sh || exit 1
+if [ "$kind" = x2 ]; then  # Ray's archive staged in /tmp/devb by the call before
+  cp -r .devbundle/whl .devbundle/setup.sh /tmp/devb/ && source /tmp/devb/setup.sh || exit 1
+else
+  source .devbundle/setup.sh || exit 1
+fi
 nvidia-smi -L
 case $kind in
   x1a)
@@ -98,6 +106,13 @@ case $kind in
     timeout 100 python3 -m pytest -q tests/gpu/test_engine_gpu.py 2>&1 | tail -4
     timeout 170 python3 benchmarks/engine.py --out "$out/engine" --skip-hf 2>&1 | tail -15
     timeout 280 python3 benchmarks/serve.py --out "$out/serve" --no-docs --requests-per-client 2 2>&1 | tail -20
+    ;;
+  x2)
+    # tensor parallel on 2 GPUs: the engine benchmark (8B shape; each configuration keeps its row if cut), then
+    # the GPU tests (NCCL and symmetric memory agree with one GPU, a Serve replica at tp 2, pipeline(tp=2))
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    timeout 360 python3 benchmarks/tp.py --out "$out/tp" --tp 2 2>&1 | grep -v "^(" | tail -6
+    timeout 200 python3 -m pytest -q tests/gpu/test_tp_gpu.py 2>&1 | tail -4
     ;;
   x4f)
     # one x4 call for what is left of a session's budget: a decode-kernel probe (one shape), the scaling job
