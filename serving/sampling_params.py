@@ -31,6 +31,7 @@ class GenerationConfig:
     prompt_logprobs: bool = False         # log-probability of each prompt token (perplexity); no prefix cache
     prompt_top_logprobs: int = 0          # with prompt_logprobs: also the top n at each prompt position
     json_mode: bool = False               # the output is json_prefix + one JSON object + json_suffix (constrained)
+    json_schema: dict | str | None = None  # the output is one JSON document this schema accepts (xgrammar)
     json_prefix: str | tuple[str, ...] = ""  # a forced tool call's opening literal (or alternatives)
     json_suffix: str = ""
 
@@ -56,6 +57,8 @@ class GenerationConfig:
             v = getattr(self, name)
             if not -2.0 <= v <= 2.0:
                 bad(f"{name} must lie in [-2, 2], got {v}")
+        if self.json_schema is not None and not isinstance(self.json_schema, (dict, str)):
+            bad("json_schema must be a JSON Schema (a dict, or its JSON text)")
         if self.logit_bias is None:
             self.logit_bias = {}
         if not isinstance(self.logit_bias, dict):

@@ -200,6 +200,17 @@ def test_tools_and_json_mode(client):
     assert content.startswith("{") and JsonState().feed(content) is not None, content
     if j.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(content), dict)
+    # json_schema: the schema's grammar (xgrammar) holds the output to it
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    s = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, response_format={
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}})
+    assert s.choices[0].finish_reason == "stop" and json.loads(s.choices[0].message.content) in (
+        {"ok": True}, {"ok": False}), s.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "x"}})
+    assert "json_schema.schema" in e.value.body["message"]
 
 
 def test_named_tool_choice_forces_the_call(client):

@@ -99,6 +99,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._token_texts: dict[int, str] = {}
         self._pending: _Pending | None = None
+        self._schemas = None  # xgrammar's compiler for json_schema requests, made on the first one
         self.followers = None  # ranks 1..N-1 when this is rank 0 of a tensor-parallel group (serving.tp_group)
 
     # -- requests ----------------------------------------------------------------------------------
@@ -139,15 +140,28 @@ class LLMEngine:
         detok = None
         if self.tokenizer is not None and (stream or params.stop_words):
             detok = Detokenizer(self.tokenizer, params.skip_special_tokens, list(params.stop_words))
+        constraint = self._constraint(params, stop_ids or self.eos_ids)  # may refuse: before anything is queued
         self.requests[rid] = _Request(seq, stop_ids, detok, stream)
-        if params.json_mode:
-            if self.tokenizer is None:
-                raise InvalidRequestError("json_mode needs the model's tokenizer")
-            self.requests[rid].extra["constraint"] = JsonObjectConstraint(
-                self._token_text, stop_ids or self.eos_ids, set(self.tokenizer.all_special_ids),
-                params.json_prefix, params.json_suffix)
+        if constraint is not None:
+            self.requests[rid].extra["constraint"] = constraint
         self.scheduler.add(seq)
         return rid
+
+    def _constraint(self, params: GenerationConfig, end_ids: set[int]):
+        """The decoding constraint of a ``json_schema`` (xgrammar) or ``json_mode`` request, else None."""
+        if params.json_schema is None and not params.json_mode:
+            return None
+        if self.tokenizer is None:
+            raise InvalidRequestError(f"{'json_schema' if params.json_schema is not None else 'json_mode'} needs "
+                                      "the model's tokenizer")
+        if params.json_schema is not None:
+            if self._schemas is None:
+                from ..constrain.json_schema import SchemaCompiler
+
+                self._schemas = SchemaCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
+            return self._schemas.constraint(params.json_schema, end_ids)
+        return JsonObjectConstraint(self._token_text, end_ids, set(self.tokenizer.all_special_ids),
+                                    params.json_prefix, params.json_suffix)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request: its blocks go back to the pool now."""

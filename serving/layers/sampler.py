@@ -114,12 +114,18 @@ class Sampler:
 
     @staticmethod
     def _constrain(scores: torch.Tensor, tokens: list[int], constraints: list, first: int = 64) -> list[int]:
-        """Replace each constrained row's choice by its best-ranked allowed token."""
+        """Replace each constrained row's choice by its best-ranked allowed token (through the constraint's
+        ``token_mask`` where it has one: a grammar's bitmask)."""
         out = list(tokens)
         for i, c in enumerate(constraints):
             if c is None or c.allows(out[i]):
                 continue
             row = scores[i]
+            if hasattr(c, "token_mask"):
+                mask = c.token_mask(row.numel(), row.device)
+                if bool(mask.any()):
+                    out[i] = int(torch.where(mask, row, float("-inf")).argmax())
+                continue
             ranked = row.topk(min(first, row.numel())).indices.tolist()
             pick = next((t for t in ranked if c.allows(t)), None)
             if pick is None:  # rare: scan the whole vocabulary in rank order

@@ -154,7 +154,9 @@ class EngineServer:
         if tools and not self.template_renders_tools:
             system_extra.append(tool_instruction(tools))
             tools = None
-        if req.get("json_mode"):
+        if req.get("json_schema") is not None:
+            system_extra.append(f"{JSON_INSTRUCTION} It follows this JSON Schema: {json.dumps(req['json_schema'])}")
+        elif req.get("json_mode"):
             system_extra.append(JSON_INSTRUCTION)
         if system_extra:
             extra = "\n\n".join(system_extra)
@@ -222,6 +224,8 @@ class EngineServer:
                 g = dict(req["sampling"], max_new_tokens=new)
                 if req.get("json_mode"):
                     g["json_mode"] = True  # constrained decoding: the output is one JSON object
+                if req.get("json_schema") is not None and not req.get("tool_call"):
+                    g["json_schema"] = req["json_schema"]  # ... that this schema accepts (xgrammar)
                 if req.get("tool_call"):  # tool_choice required or named: exactly one call, in the model's format
                     g["json_mode"] = True
                     g["json_prefix"], g["json_suffix"] = forced_call(**req["tool_call"])

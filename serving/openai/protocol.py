@@ -77,7 +77,18 @@ class NamedToolChoice(_Model):
 
 class ResponseFormat(_Model):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: dict[str, Any] | None = None  # OpenAI's {"name", "schema", "strict", "description"}
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if self.type == "json_schema" and not isinstance((self.json_schema or {}).get("schema"), dict):
+            raise ValueError("response_format json_schema needs json_schema.schema, a JSON Schema object")
+        return self
+
+    @property
+    def schema(self) -> dict | None:
+        """The JSON Schema the output must follow (``json_schema`` type), else None."""
+        return self.json_schema["schema"] if self.type == "json_schema" else None
 
 
 class TextPart(_Model):

@@ -232,6 +232,7 @@ def create_app(backend, api_keys: list[str] | tuple = (), metrics: IngressMetric
             "messages": [_message(m) for m in req.messages],
             "tools": [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
             "json_mode": bool(req.response_format and req.response_format.type != "text"),
+            "json_schema": req.response_format.schema if req.response_format else None,
             "chat_template_kwargs": req.chat_template_kwargs, "add_generation_prompt": req.add_generation_prompt,
             "sampling": req.sampling(req.max_new),
             "logprobs": (req.top_logprobs or 0) if req.logprobs else None,

@@ -1,0 +1,92 @@
+"""JSON Schema as a decoding constraint (``response_format: json_schema``), through xgrammar.
+
+xgrammar compiles the schema into a grammar over the tokenizer's vocabulary; at each step its matcher gives the
+tokens that keep the output a prefix of a document the schema accepts (a bitmask over the vocabulary), and the
+sampler takes the best-ranked of them. End-of-sequence is allowed once the document is whole. Separators are fixed
+(``", "``, ``": "``) and there is no other whitespace between tokens, as in OpenAI's structured outputs. The grammar
+compiler is made once per engine (it holds the vocabulary) and caches compiled schemas.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+
+from ..config import InvalidRequestError
+
+
+_LOG_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:[0-9]+: ")  # xgrammar's "[time] file.cc:line: " before a message
+
+
+class SchemaCompiler:
+    """Per engine: the tokenizer's vocabulary as xgrammar sees it, and a cache of compiled schemas."""
+
+    def __init__(self, tokenizer, vocab_size: int, end_ids: set[int]):
+        try:
+            import xgrammar as xgr
+        except ImportError as e:
+            raise InvalidRequestError("response_format json_schema needs the xgrammar package on the server "
+                                      "(pip install xgrammar); json_object works without it") from e
+        self.xgr = xgr
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(end_ids))
+        self.compiler = xgr.GrammarCompiler(info, cache_enabled=True)
+        self.vocab_size = vocab_size
+        self.stop_ids = set(end_ids)
+
+    def constraint(self, schema: dict | str, end_ids: set[int]) -> "JsonSchemaConstraint":
+        text = schema if isinstance(schema, str) else json.dumps(schema)
+        try:
+            # separators fixed (", " and ": "), no free whitespace: free whitespace lets a model loop on it
+            grammar = self.compiler.compile_json_schema(text, any_whitespace=False)
+        except Exception as e:  # xgrammar reports a schema it cannot take as RuntimeError / ValueError
+            first = (str(e).strip().splitlines() or [repr(e)])[0]
+            raise InvalidRequestError("json_schema: " + _LOG_PREFIX.sub("", first)) from e
+        return JsonSchemaConstraint(self.xgr, grammar, self.vocab_size, set(end_ids), self.stop_ids)
+
+
+class JsonSchemaConstraint:
+    """One request's matcher: ``allows`` / ``token_mask`` for the sampler, ``advance`` with the chosen token."""
+
+    def __init__(self, xgr, grammar, vocab_size: int, end_ids: set[int], stop_ids: set[int]):
+        self.xgr, self.vocab_size = xgr, vocab_size
+        self.matcher = xgr.GrammarMatcher(grammar)
+        self.end_ids, self.stop_ids = end_ids, stop_ids
+        self._bits = xgr.allocate_token_bitmask(1, vocab_size)
+        self._mask: torch.Tensor | None = None  # bool [vocab] for the current state, made on first use
+
+    @property
+    def complete(self) -> bool:
+        return self.matcher.is_terminated() or self._can_end()
+
+    def _can_end(self) -> bool:
+        m = self.token_mask()
+        return any(bool(m[t]) for t in self.stop_ids if t < self.vocab_size)
+
+    def token_mask(self, vocab_size: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Allowed tokens now, as a bool vector over the vocabulary (padded to ``vocab_size`` with False)."""
+        if self._mask is None:
+            self.matcher.fill_next_token_bitmask(self._bits)
+            words = self._bits[0].to(torch.int64) & 0xFFFFFFFF
+            bits = (words[:, None] >> torch.arange(32)) & 1
+            mask = bits.flatten()[: self.vocab_size].bool()
+            # this request's own stop ids end it like the tokenizer's: allowed when the document is whole
+            extra = [t for t in self.end_ids - self.stop_ids if t < self.vocab_size]
+            if extra:
+                mask[extra] = any(bool(mask[t]) for t in self.stop_ids if t < self.vocab_size)
+            self._mask = mask
+        mask = self._mask
+        if vocab_size is not None and vocab_size != mask.numel():
+            mask = torch.cat([mask, mask.new_zeros(max(0, vocab_size - mask.numel()))])[:vocab_size]
+        return mask.to(device)
+
+    def allows(self, token_id: int) -> bool:
+        return 0 <= token_id < self.vocab_size and bool(self.token_mask()[token_id])
+
+    def advance(self, token_id: int) -> None:
+        """Record the token the sampler chose (always one ``allows`` accepted)."""
+        if token_id in self.end_ids and token_id not in self.stop_ids:
+            return  # a request stop id: the sequence ends here, the matcher has nothing to learn
+        self.matcher.accept_token(token_id)
+        self._mask = None
