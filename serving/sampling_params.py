@@ -31,7 +31,8 @@ class GenerationConfig:
     prompt_logprobs: bool = False         # log-probability of each prompt token (perplexity); no prefix cache
     prompt_top_logprobs: int = 0          # with prompt_logprobs: also the top n at each prompt position
     json_mode: bool = False               # the output is json_prefix + one JSON object + json_suffix (constrained)
-    json_schema: dict | str | None = None  # the output is one JSON document this schema accepts (xgrammar)
+    json_schema: dict | str | list | None = None  # the output is one document it accepts (xgrammar); between
+    #                                      json_prefix and json_suffix when set (a list: one per prefix alternative)
     json_prefix: str | tuple[str, ...] = ""  # a forced tool call's opening literal (or alternatives)
     json_suffix: str = ""
 
@@ -57,8 +58,9 @@ class GenerationConfig:
             v = getattr(self, name)
             if not -2.0 <= v <= 2.0:
                 bad(f"{name} must lie in [-2, 2], got {v}")
-        if self.json_schema is not None and not isinstance(self.json_schema, (dict, str)):
-            bad("json_schema must be a JSON Schema (a dict, or its JSON text)")
+        if self.json_schema is not None and not (isinstance(self.json_schema, (dict, str)) or (
+                isinstance(self.json_schema, list) and all(isinstance(x, (dict, str)) for x in self.json_schema))):
+            bad("json_schema must be a JSON Schema (a dict, or its JSON text), or a list of them")
         if self.logit_bias is None:
             self.logit_bias = {}
         if not isinstance(self.logit_bias, dict):

@@ -133,3 +133,38 @@ def test_engine_json_schema_output_follows_the_schema(tiny_model_factory):
         eng.add_request(prompt, GenerationConfig(json_schema={"type": "object",
                                                               "properties": {"a": {"type": "nonsense"}}}))
     assert not eng.requests and not eng.has_unfinished()  # a refused request leaves nothing queued
+
+
+def test_forced_tool_call_arguments_follow_each_tools_schema(tiny_model_factory):
+    """``tool_choice: required`` over two tools: the call is one of them, between the format's literals, and its
+    arguments follow that tool's parameters (one schema per prefix alternative)."""
+    pytest.importorskip("xgrammar")
+    from serving.config import EngineConfig
+    from serving.engine.llm_engine import LLMEngine
+    from serving.openai.engine_server import forced_call, tool_schemas
+    from serving.sampling_params import GenerationConfig
+
+    tools = [{"type": "function", "function": {"name": "pick", "parameters": {
+                 "type": "object", "required": ["x"], "additionalProperties": False,
+                 "properties": {"x": {"enum": ["red", "blue"]}}}}},
+             {"type": "function", "function": {"name": "add", "parameters": {
+                 "type": "object", "required": ["a"], "additionalProperties": False,
+                 "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}}}}]
+    names = ["pick", "add"]
+    schemas = tool_schemas(tools, names)
+    assert schemas == [t["function"]["parameters"] for t in tools]
+    assert tool_schemas([{"type": "function", "function": {"name": "f"}}], ["f"]) == [{"type": "object"}]
+    eng = LLMEngine(str(tiny_model_factory("qwen3")), EngineConfig(device="cpu", dtype="float32", progress=False))
+    pre, suf = forced_call("hermes", names)
+    seen = set()
+    for seed in range(6):
+        out = eng.generate([eng.encode("Call a tool:")], GenerationConfig(
+            max_new_tokens=150, temperature=1.0, random_seed=seed, json_mode=True, json_prefix=pre,
+            json_suffix=suf, json_schema=schemas))[0]
+        assert out.finish_reason == "stop" and out.text.startswith("<tool_call>\n") and out.text.endswith(suf)
+        call = json.loads(out.text[len("<tool_call>\n"):-len("\n</tool_call>")])
+        seen.add(call["name"])
+        args = call["arguments"]
+        assert args in ({"x": "red"}, {"x": "blue"}) if call["name"] == "pick" else (
+            set(args) == {"a"} and 0 <= args["a"] <= 9), out.text
+    assert seen <= {"pick", "add"}

@@ -224,6 +224,18 @@ def test_named_tool_choice_forces_the_call(client):
         else:  # cut by max_tokens: the text is the start of the forced call, nothing else
             head = '<tool_call>\n{"name": "get_weather", "arguments": {'
             assert ch.finish_reason == "length" and ch.message.content.startswith(head), ch.message.content
+    # the arguments are held to the tool's parameters schema (xgrammar): bounded ones close within max_tokens
+    add = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["a", "b"],
+        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                       "b": {"type": "integer", "minimum": 0, "maximum": 99}}}}}
+    for seed in (1, 2):
+        r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=64, tools=TOOLS + [add],
+                                           tool_choice={"type": "function", "function": {"name": "add"}},
+                                           temperature=1.0, seed=seed)
+        call = r.choices[0].message.tool_calls[0].function
+        args = json.loads(call.arguments)
+        assert call.name == "add" and set(args) == {"a", "b"} and all(0 <= v <= 99 for v in args.values()), args
 
 
 def test_mixed_load_no_lost_or_duplicated_responses(server):

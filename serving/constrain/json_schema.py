@@ -9,6 +9,7 @@ compiler is made once per engine (it holds the vocabulary) and caches compiled s
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -18,6 +19,14 @@ from ..config import InvalidRequestError
 
 
 _LOG_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:[0-9]+: ")  # xgrammar's "[time] file.cc:line: " before a message
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether xgrammar is installed (json_schema requests and schema-held tool arguments need it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("xgrammar") is not None
 
 
 class SchemaCompiler:
@@ -35,15 +44,35 @@ class SchemaCompiler:
         self.vocab_size = vocab_size
         self.stop_ids = set(end_ids)
 
-    def constraint(self, schema: dict | str, end_ids: set[int]) -> "JsonSchemaConstraint":
-        text = schema if isinstance(schema, str) else json.dumps(schema)
+    def constraint(self, schema: dict | str | list, end_ids: set[int], prefix: str | tuple[str, ...] = "",
+                   suffix: str = "") -> "JsonSchemaConstraint":
+        """The output is ``prefix`` + one document ``schema`` accepts + ``suffix``. ``prefix`` may be alternatives
+        (a forced tool call: one per tool), each with its own schema when ``schema`` is a list of them."""
+        prefixes = (prefix,) if isinstance(prefix, str) else tuple(prefix)
+        schemas = list(schema) if isinstance(schema, list) else [schema] * len(prefixes)
+        if len(schemas) != len(prefixes):
+            raise InvalidRequestError(f"json_schema: {len(schemas)} schemas for {len(prefixes)} prefixes")
+        texts = [s if isinstance(s, str) else json.dumps(s) for s in schemas]
+        xgr = self.xgr
         try:
             # separators fixed (", " and ": "), no free whitespace: free whitespace lets a model loop on it
-            grammar = self.compiler.compile_json_schema(text, any_whitespace=False)
+            if prefixes == ("",) and not suffix:
+                grammar = self.compiler.compile_json_schema(texts[0], any_whitespace=False)
+            else:
+                alts = [xgr.Grammar.from_json_schema(t, any_whitespace=False) for t in texts]
+                alts = [xgr.Grammar.concat(_literal(xgr, p), g) if p else g for p, g in zip(prefixes, alts)]
+                body = alts[0] if len(alts) == 1 else xgr.Grammar.union(*alts)
+                grammar = self.compiler.compile_grammar(
+                    xgr.Grammar.concat(body, _literal(xgr, suffix)) if suffix else body)
         except Exception as e:  # xgrammar reports a schema it cannot take as RuntimeError / ValueError
             first = (str(e).strip().splitlines() or [repr(e)])[0]
             raise InvalidRequestError("json_schema: " + _LOG_PREFIX.sub("", first)) from e
         return JsonSchemaConstraint(self.xgr, grammar, self.vocab_size, set(end_ids), self.stop_ids)
+
+
+def _literal(xgr, text: str):
+    """A grammar of exactly ``text`` (an EBNF string literal: JSON's escapes)."""
+    return xgr.Grammar.from_ebnf("root ::= " + json.dumps(text, ensure_ascii=False))
 
 
 class JsonSchemaConstraint:

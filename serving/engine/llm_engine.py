@@ -159,7 +159,7 @@ class LLMEngine:
                 from ..constrain.json_schema import SchemaCompiler
 
                 self._schemas = SchemaCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
-            return self._schemas.constraint(params.json_schema, end_ids)
+            return self._schemas.constraint(params.json_schema, end_ids, params.json_prefix, params.json_suffix)
         return JsonObjectConstraint(self._token_text, end_ids, set(self.tokenizer.all_special_ids),
                                     params.json_prefix, params.json_suffix)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 from ..config import InvalidRequestError
+from ..constrain.json_schema import available as schemas_available
 from ..engine.async_engine import AsyncEngine
 from ..sampling_params import GenerationConfig
 from .protocol import OpenAIError
@@ -45,6 +46,13 @@ def forced_call(fmt: str, names: list[str]) -> tuple[tuple[str, ...], str]:
     if fmt == "llama3":
         return heads, "}"
     return tuple("<tool_call>\n" + h for h in heads), "}\n</tool_call>"
+
+
+def tool_schemas(tools: list[dict], names: list[str]) -> list[dict]:
+    """The arguments schema of each named tool, in ``names`` order (an object of any shape where a tool has no
+    ``parameters``)."""
+    params = {t["function"]["name"]: t["function"].get("parameters") for t in tools if "function" in t}
+    return [params.get(n) or {"type": "object"} for n in names]
 
 
 def tool_instruction(tools: list[dict]) -> str:
@@ -229,6 +237,8 @@ class EngineServer:
                 if req.get("tool_call"):  # tool_choice required or named: exactly one call, in the model's format
                     g["json_mode"] = True
                     g["json_prefix"], g["json_suffix"] = forced_call(**req["tool_call"])
+                    if schemas_available():  # each tool's arguments held to its parameters' schema
+                        g["json_schema"] = tool_schemas(req.get("tools") or [], req["tool_call"]["names"])
                 if g.get("random_seed") is not None and j:
                     g["random_seed"] = (g["random_seed"] + j) % (2**63)
                 if score_only:
