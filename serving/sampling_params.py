@@ -33,6 +33,8 @@ class GenerationConfig:
     json_mode: bool = False               # the output is json_prefix + one JSON object + json_suffix (constrained)
     json_schema: dict | str | list | None = None  # the output is one document it accepts (xgrammar); between
     #                                      json_prefix and json_suffix when set (a list: one per prefix alternative)
+    response_format: dict | None = None   # LMDeploy's / OpenAI's form: {"type": "json_object"} or {"type":
+    #                                      "json_schema", "json_schema": {"schema": {...}}}; sets json_mode/json_schema
     json_prefix: str | tuple[str, ...] = ""  # a forced tool call's opening literal (or alternatives)
     json_suffix: str = ""
 
@@ -58,6 +60,17 @@ class GenerationConfig:
             v = getattr(self, name)
             if not -2.0 <= v <= 2.0:
                 bad(f"{name} must lie in [-2, 2], got {v}")
+        if self.response_format is not None:
+            rf = self.response_format
+            kind = rf.get("type") if isinstance(rf, dict) else None
+            if kind not in ("text", "json_object", "json_schema"):
+                bad(f"response_format type must be text, json_object or json_schema, got {kind!r}")
+            if kind == "json_schema":
+                schema = (rf.get("json_schema") or {}).get("schema")
+                if not isinstance(schema, (dict, str)):
+                    bad("response_format json_schema needs json_schema.schema, a JSON Schema")
+                self.json_schema = schema
+            self.json_mode = self.json_mode or kind != "text"
         if self.json_schema is not None and not (isinstance(self.json_schema, (dict, str)) or (
                 isinstance(self.json_schema, list) and all(isinstance(x, (dict, str)) for x in self.json_schema))):
             bad("json_schema must be a JSON Schema (a dict, or its JSON text), or a list of them")

@@ -129,6 +129,14 @@ def test_engine_json_schema_output_follows_the_schema(tiny_model_factory):
     for out in outs:
         assert out.finish_reason == "stop", out.text
         assert _follows(json.loads(out.text, strict=False)), out.text
+    # LMDeploy's form of the same request: GenerationConfig(response_format=...)
+    lm = eng.generate([prompt], GenerationConfig(max_new_tokens=120, response_format={
+        "type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}}))[0]
+    assert lm.token_ids == outs[0].token_ids
+    with pytest.raises(InvalidRequestError, match="json_schema.schema"):
+        GenerationConfig(response_format={"type": "json_schema", "json_schema": {"name": "x"}}).validate()
+    with pytest.raises(InvalidRequestError, match="response_format type"):
+        GenerationConfig(response_format={"type": "yaml"}).validate()
     with pytest.raises(InvalidRequestError, match='json_schema: Unsupported type "nonsense"'):
         eng.add_request(prompt, GenerationConfig(json_schema={"type": "object",
                                                               "properties": {"a": {"type": "nonsense"}}}))
