@@ -61,16 +61,9 @@ class GenerationConfig:
             if not -2.0 <= v <= 2.0:
                 bad(f"{name} must lie in [-2, 2], got {v}")
         if self.response_format is not None:
-            rf = self.response_format
-            kind = rf.get("type") if isinstance(rf, dict) else None
-            if kind not in ("text", "json_object", "json_schema"):
-                bad(f"response_format type must be text, json_object or json_schema, got {kind!r}")
-            if kind == "json_schema":
-                schema = (rf.get("json_schema") or {}).get("schema")
-                if not isinstance(schema, (dict, str)):
-                    bad("response_format json_schema needs json_schema.schema, a JSON Schema")
-                self.json_schema = schema
-            self.json_mode = self.json_mode or kind != "text"
+            json_mode, schema = parse_response_format(self.response_format)
+            self.json_mode = self.json_mode or json_mode
+            self.json_schema = schema if schema is not None else self.json_schema
         if self.json_schema is not None and not (isinstance(self.json_schema, (dict, str)) or (
                 isinstance(self.json_schema, list) and all(isinstance(x, (dict, str)) for x in self.json_schema))):
             bad("json_schema must be a JSON Schema (a dict, or its JSON text), or a list of them")
@@ -98,3 +91,16 @@ class GenerationConfig:
         if self.random_seed is not None and not isinstance(self.random_seed, int):
             bad("random_seed must be an integer")
         return self
+
+
+def parse_response_format(rf: dict) -> tuple[bool, dict | str | None]:
+    """OpenAI's / LMDeploy's ``response_format`` -> (JSON output?, the schema it must follow or None)."""
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise InvalidRequestError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
+    if kind != "json_schema":
+        return kind == "json_object", None
+    schema = (rf.get("json_schema") or {}).get("schema")
+    if not isinstance(schema, (dict, str)):
+        raise InvalidRequestError("response_format json_schema needs json_schema.schema, a JSON Schema")
+    return True, schema

@@ -13,7 +13,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..sampling_params import MAX_LOGPROBS
+from ..config import InvalidRequestError
+from ..sampling_params import MAX_LOGPROBS, parse_response_format
 
 
 class OpenAIError(Exception):
@@ -81,14 +82,16 @@ class ResponseFormat(_Model):
 
     @model_validator(mode="after")
     def _schema(self):
-        if self.type == "json_schema" and not isinstance((self.json_schema or {}).get("schema"), dict):
-            raise ValueError("response_format json_schema needs json_schema.schema, a JSON Schema object")
+        try:
+            parse_response_format(self.model_dump())
+        except InvalidRequestError as e:
+            raise ValueError(str(e)) from None
         return self
 
     @property
     def schema(self) -> dict | None:
         """The JSON Schema the output must follow (``json_schema`` type), else None."""
-        return self.json_schema["schema"] if self.type == "json_schema" else None
+        return parse_response_format(self.model_dump())[1]
 
 
 class TextPart(_Model):
