@@ -33,6 +33,8 @@ class GenerationConfig:
     json_mode: bool = False               # the output is json_prefix + one JSON object + json_suffix (constrained)
     json_schema: dict | str | list | None = None  # the output is one document it accepts (xgrammar); between
     #                                      json_prefix and json_suffix when set (a list: one per prefix alternative)
+    guided_regex: str | None = None       # vLLM's: the whole output matches this regular expression (xgrammar)
+    guided_choice: list[str] | None = None  # vLLM's: the output is one of these strings (xgrammar)
     response_format: dict | None = None   # LMDeploy's / OpenAI's form: {"type": "json_object"} or {"type":
     #                                      "json_schema", "json_schema": {"schema": {...}}}; sets json_mode/json_schema
     json_prefix: str | tuple[str, ...] = ""  # a forced tool call's opening literal (or alternatives)
@@ -64,6 +66,13 @@ class GenerationConfig:
             json_mode, schema = parse_response_format(self.response_format)
             self.json_mode = self.json_mode or json_mode
             self.json_schema = schema if schema is not None else self.json_schema
+        if self.guided_regex is not None and (not isinstance(self.guided_regex, str) or not self.guided_regex):
+            bad("guided_regex must be a non-empty regular expression")
+        if self.guided_choice is not None and (not isinstance(self.guided_choice, list) or not self.guided_choice
+                                               or any(not isinstance(c, str) or not c for c in self.guided_choice)):
+            bad("guided_choice must be a non-empty list of non-empty strings")
+        if sum(x is not None for x in (self.json_schema, self.guided_regex, self.guided_choice)) > 1:
+            bad("give at most one of json_schema (guided_json), guided_regex and guided_choice")
         if self.json_schema is not None and not (isinstance(self.json_schema, (dict, str)) or (
                 isinstance(self.json_schema, list) and all(isinstance(x, (dict, str)) for x in self.json_schema))):
             bad("json_schema must be a JSON Schema (a dict, or its JSON text), or a list of them")

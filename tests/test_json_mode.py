@@ -176,3 +176,30 @@ def test_forced_tool_call_arguments_follow_each_tools_schema(tiny_model_factory)
         assert args in ({"x": "red"}, {"x": "blue"}) if call["name"] == "pick" else (
             set(args) == {"a"} and 0 <= args["a"] <= 9), out.text
     assert seen <= {"pick", "add"}
+
+
+def test_guided_regex_and_choice(tiny_model_factory):
+    """vLLM's guided_regex (the whole output matches) and guided_choice (one of the strings), greedy and sampled;
+    more than one guide, or a regex xgrammar cannot read, is refused before anything is queued."""
+    import re
+
+    pytest.importorskip("xgrammar")
+    from serving.config import EngineConfig, InvalidRequestError
+    from serving.engine.llm_engine import LLMEngine
+    from serving.sampling_params import GenerationConfig
+
+    eng = LLMEngine(str(tiny_model_factory("qwen3")), EngineConfig(device="cpu", dtype="float32", progress=False))
+    prompt = eng.encode("Answer:")
+    choices = ["yes", "no", "maybe not"]
+    for seed in (None, 1, 2):
+        t = 0.0 if seed is None else 1.0
+        out = eng.generate([prompt, prompt], [
+            GenerationConfig(max_new_tokens=40, temperature=t, random_seed=seed, guided_regex=r"[0-9]{3}-[a-z]{2}"),
+            GenerationConfig(max_new_tokens=40, temperature=t, random_seed=seed, guided_choice=choices)])
+        assert out[0].finish_reason == "stop" and re.fullmatch(r"[0-9]{3}-[a-z]{2}", out[0].text), out[0].text
+        assert out[1].finish_reason == "stop" and out[1].text in choices, out[1].text
+    with pytest.raises(InvalidRequestError, match="at most one"):
+        eng.add_request(prompt, GenerationConfig(guided_regex="a+", guided_choice=["a"]))
+    with pytest.raises(InvalidRequestError, match="guided_regex"):
+        eng.add_request(prompt, GenerationConfig(guided_regex="(unclosed"))
+    assert not eng.requests

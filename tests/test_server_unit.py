@@ -198,6 +198,17 @@ def test_routes_in_process(server):
         with pytest.raises(openai.BadRequestError) as e:
             await c.completions.create(model="tiny", prompt="hello", max_tokens=2, logit_bias={"100000": 5})
         assert "vocabulary" in e.value.body["message"]
+        # vLLM's guided decoding extras (xgrammar)
+        r = await c.completions.create(model="tiny", prompt="hello", max_tokens=20, temperature=1.0, seed=3,
+                                       extra_body={"guided_choice": ["alpha", "beta gamma"]})
+        assert r.choices[0].text in ("alpha", "beta gamma") and r.choices[0].finish_reason == "stop"
+        r = await c.chat.completions.create(model="tiny", messages=MSG, max_tokens=20,
+                                            extra_body={"guided_regex": "[0-9]{2}"})
+        assert len(r.choices[0].message.content) == 2 and r.choices[0].message.content.isdigit()
+        with pytest.raises(openai.BadRequestError) as e:
+            await c.completions.create(model="tiny", prompt="hello", max_tokens=2,
+                                       extra_body={"guided_regex": "a", "guided_choice": ["a"]})
+        assert "at most one" in e.value.body["message"]
         assert server.engine_stats()["running"] == 0
     asyncio.run(main())
 

@@ -1,4 +1,5 @@
-"""JSON Schema as a decoding constraint (``response_format: json_schema``), through xgrammar.
+"""Grammars as decoding constraints, through xgrammar: JSON Schema (``response_format: json_schema``, tool
+arguments) and vLLM's ``guided_regex`` / ``guided_choice``.
 
 xgrammar compiles the schema into a grammar over the tokenizer's vocabulary; at each step its matcher gives the
 tokens that keep the output a prefix of a document the schema accepts (a bitmask over the vocabulary), and the
@@ -36,8 +37,9 @@ class SchemaCompiler:
         try:
             import xgrammar as xgr
         except ImportError as e:
-            raise InvalidRequestError("response_format json_schema needs the xgrammar package on the server "
-                                      "(pip install xgrammar); json_object works without it") from e
+            raise InvalidRequestError("response_format json_schema and guided_regex / guided_choice need the "
+                                      "xgrammar package on the server (pip install xgrammar); json_object works "
+                                      "without it") from e
         self.xgr = xgr
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(end_ids))
         self.compiler = xgr.GrammarCompiler(info, cache_enabled=True)
@@ -68,6 +70,23 @@ class SchemaCompiler:
             first = (str(e).strip().splitlines() or [repr(e)])[0]
             raise InvalidRequestError("json_schema: " + _LOG_PREFIX.sub("", first)) from e
         return JsonSchemaConstraint(self.xgr, grammar, self.vocab_size, set(end_ids), self.stop_ids)
+
+
+    def pattern_constraint(self, end_ids: set[int], regex: str | None = None,
+                           choice: list[str] | None = None) -> "JsonSchemaConstraint":
+        """vLLM's ``guided_regex`` (the whole output matches it) or ``guided_choice`` (it is one of the strings)."""
+        xgr = self.xgr
+        try:
+            if regex is not None:
+                grammar = self.compiler.compile_regex(regex)
+            else:
+                alts = [_literal(xgr, c) for c in choice]
+                grammar = self.compiler.compile_grammar(alts[0] if len(alts) == 1 else xgr.Grammar.union(*alts))
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [repr(e)])[0]
+            raise InvalidRequestError(f"guided_{'regex' if regex is not None else 'choice'}: "
+                                      + _LOG_PREFIX.sub("", first)) from e
+        return JsonSchemaConstraint(xgr, grammar, self.vocab_size, set(end_ids), self.stop_ids)
 
 
 def _literal(xgr, text: str):

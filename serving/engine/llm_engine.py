@@ -99,7 +99,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._token_texts: dict[int, str] = {}
         self._pending: _Pending | None = None
-        self._schemas = None  # xgrammar's compiler for json_schema requests, made on the first one
+        self._schemas = None  # xgrammar's compiler for json_schema / guided_* requests, made on the first one
         self.followers = None  # ranks 1..N-1 when this is rank 0 of a tensor-parallel group (serving.tp_group)
 
     # -- requests ----------------------------------------------------------------------------------
@@ -148,17 +148,21 @@ class LLMEngine:
         return rid
 
     def _constraint(self, params: GenerationConfig, end_ids: set[int]):
-        """The decoding constraint of a ``json_schema`` (xgrammar) or ``json_mode`` request, else None."""
-        if params.json_schema is None and not params.json_mode:
+        """The decoding constraint of a ``json_schema``, ``guided_regex`` or ``guided_choice`` request (xgrammar) or
+        a ``json_mode`` one, else None."""
+        grammar = params.json_schema is not None or params.guided_regex is not None or params.guided_choice is not None
+        if not grammar and not params.json_mode:
             return None
         if self.tokenizer is None:
-            raise InvalidRequestError(f"{'json_schema' if params.json_schema is not None else 'json_mode'} needs "
-                                      "the model's tokenizer")
-        if params.json_schema is not None:
+            raise InvalidRequestError("constrained decoding (json_mode, json_schema, guided_*) needs the model's "
+                                      "tokenizer")
+        if grammar:
             if self._schemas is None:
                 from ..constrain.json_schema import SchemaCompiler
 
                 self._schemas = SchemaCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
+            if params.json_schema is None:
+                return self._schemas.pattern_constraint(end_ids, params.guided_regex, params.guided_choice)
             return self._schemas.constraint(params.json_schema, end_ids, params.json_prefix, params.json_suffix)
         return JsonObjectConstraint(self._token_text, end_ids, set(self.tokenizer.all_special_ids),
                                     params.json_prefix, params.json_suffix)

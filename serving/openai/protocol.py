@@ -160,6 +160,9 @@ class _Sampling(_Model):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    guided_json: dict[str, Any] | str | None = None   # the output follows this JSON Schema (xgrammar)
+    guided_regex: str | None = None                    # the output matches this regular expression
+    guided_choice: list[str] | None = None             # the output is one of these strings
 
     @field_validator("stop")
     @classmethod
@@ -221,6 +224,10 @@ class _Sampling(_Model):
             g["random_seed"] = int(self.seed) % (2**63)
         if self.logit_bias:
             g["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
+        for ours, theirs in (("guided_json", "json_schema"), ("guided_regex", "guided_regex"),
+                             ("guided_choice", "guided_choice")):
+            if getattr(self, ours) is not None:
+                g[theirs] = getattr(self, ours)
         return g
 
 
