@@ -67,10 +67,8 @@ class SchemaCompiler:
                 grammar = self.compiler.compile_grammar(
                     xgr.Grammar.concat(body, _literal(xgr, suffix)) if suffix else body)
         except Exception as e:  # xgrammar reports a schema it cannot take as RuntimeError / ValueError
-            first = (str(e).strip().splitlines() or [repr(e)])[0]
-            raise InvalidRequestError("json_schema: " + _LOG_PREFIX.sub("", first)) from e
+            raise _refused("json_schema", e) from e
         return JsonSchemaConstraint(self.xgr, grammar, self.vocab_size, set(end_ids), self.stop_ids)
-
 
     def pattern_constraint(self, end_ids: set[int], regex: str | None = None,
                            choice: list[str] | None = None) -> "JsonSchemaConstraint":
@@ -83,10 +81,14 @@ class SchemaCompiler:
                 alts = [_literal(xgr, c) for c in choice]
                 grammar = self.compiler.compile_grammar(alts[0] if len(alts) == 1 else xgr.Grammar.union(*alts))
         except Exception as e:
-            first = (str(e).strip().splitlines() or [repr(e)])[0]
-            raise InvalidRequestError(f"guided_{'regex' if regex is not None else 'choice'}: "
-                                      + _LOG_PREFIX.sub("", first)) from e
+            raise _refused("guided_regex" if regex is not None else "guided_choice", e) from e
         return JsonSchemaConstraint(xgr, grammar, self.vocab_size, set(end_ids), self.stop_ids)
+
+
+def _refused(field: str, e: Exception) -> InvalidRequestError:
+    """xgrammar's first line about what it could not compile, without its log prefix, named by the field."""
+    first = (str(e).strip().splitlines() or [repr(e)])[0]
+    return InvalidRequestError(f"{field}: " + _LOG_PREFIX.sub("", first))
 
 
 def _literal(xgr, text: str):
@@ -98,19 +100,11 @@ class JsonSchemaConstraint:
     """One request's matcher: ``allows`` / ``token_mask`` for the sampler, ``advance`` with the chosen token."""
 
     def __init__(self, xgr, grammar, vocab_size: int, end_ids: set[int], stop_ids: set[int]):
-        self.xgr, self.vocab_size = xgr, vocab_size
+        self.vocab_size = vocab_size
         self.matcher = xgr.GrammarMatcher(grammar)
         self.end_ids, self.stop_ids = end_ids, stop_ids
         self._bits = xgr.allocate_token_bitmask(1, vocab_size)
         self._mask: torch.Tensor | None = None  # bool [vocab] for the current state, made on first use
-
-    @property
-    def complete(self) -> bool:
-        return self.matcher.is_terminated() or self._can_end()
-
-    def _can_end(self) -> bool:
-        m = self.token_mask()
-        return any(bool(m[t]) for t in self.stop_ids if t < self.vocab_size)
 
     def token_mask(self, vocab_size: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """Allowed tokens now, as a bool vector over the vocabulary (padded to ``vocab_size`` with False)."""
