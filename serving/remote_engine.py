@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .config import EngineConfig, ModelConfig
 from .engine.llm_engine import RequestOutput
 from .sampling_params import GenerationConfig
-from .tokenizer import load_tokenizer, resolve_chat_template
+from .tokenizer import engine_tokenizer
 from .tp_group import packed_group, rank_bundle, rank_device, start_tp_engine
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,7 @@ class RemoteEngine:
         self.config = ecfg
         self.model_config = ModelConfig.from_path(model_path, ecfg.model_format, ecfg.dtype)  # fails before Ray
         given = tokenizer is not None  # then rank 0 gets it too (pickled), else both load the model's
-        if given and ecfg.chat_template:
-            tokenizer.chat_template = resolve_chat_template(ecfg.chat_template)
-        self.tokenizer = tokenizer if given else load_tokenizer(model_path, ecfg.chat_template)
+        self.tokenizer = engine_tokenizer(model_path, tokenizer, ecfg.chat_template)
         self._own_ray = not ray.is_initialized()
         if self._own_ray:
             log.info("starting a local Ray for tp=%d (connect to a cluster with ray.init() first to use it)", ecfg.tp)

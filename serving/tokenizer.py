@@ -32,6 +32,16 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None):
     return tok
 
 
+def engine_tokenizer(model_path: str | Path | None, tokenizer=None, chat_template: str | None = None):
+    """The tokenizer an engine uses: the one given, else the model directory's (None without either);
+    ``chat_template`` replaces its template either way."""
+    if tokenizer is None:
+        return load_tokenizer(model_path, chat_template) if model_path is not None else None
+    if chat_template:
+        tokenizer.chat_template = resolve_chat_template(chat_template)
+    return tokenizer
+
+
 def resolve_chat_template(value: str) -> str:
     """A chat template given as Jinja text or as the path of a file holding it (vLLM's ``--chat-template``): text
     when it has a brace or a line break, else a path. Its syntax is checked here, so a bad template fails at load

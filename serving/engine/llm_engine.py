@@ -25,7 +25,7 @@ from ..layers.parallel import SINGLE, TPContext
 from ..layers.sampler import SamplingBatch
 from ..loader import checkpoint_files
 from ..sampling_params import GenerationConfig
-from ..tokenizer import Detokenizer, apply_chat_template, encode_prompt, load_tokenizer, resolve_chat_template
+from ..tokenizer import Detokenizer, apply_chat_template, encode_prompt, engine_tokenizer
 from .block_manager import BlockManager
 from .model_runner import ForwardBatch, ModelRunner, PendingTokens
 from .scheduler import Scheduler
@@ -83,10 +83,7 @@ class LLMEngine:
             self.model_config = ModelConfig.from_path(model_path, ecfg.model_format, ecfg.dtype)
         if weights is None:
             checkpoint_files(model_path)  # fail early, before the tokenizer, on a directory without weights
-        if tokenizer is None and model_path is not None:
-            tokenizer = load_tokenizer(model_path, ecfg.chat_template)
-        elif tokenizer is not None and ecfg.chat_template:
-            tokenizer.chat_template = resolve_chat_template(ecfg.chat_template)
+        tokenizer = engine_tokenizer(model_path, tokenizer, ecfg.chat_template)
         self.tokenizer = tokenizer
         self.runner = ModelRunner(self.model_config, ecfg, model_path=model_path, weights=weights, tp=tp)
         self.max_model_len = self.runner.max_model_len
