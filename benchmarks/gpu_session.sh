@@ -14,13 +14,14 @@
 #               call 1, carry [".devbundle/ray.tar.xz"]: mkdir -p /tmp/devb && cp .devbundle/ray.tar.xz /tmp/devb/
 #               call 2 at once, carry [".devbundle/whl", ".devbundle/setup.sh"]: bash benchmarks/gpu_session.sh x2 <commit>
 #               (tp.py's three configurations: 1 GPU, 2 with NCCL, 2 with symmetric memory; then the GPU TP tests)
+#               x2p instead of x2: torch.profiler traces of both ranks and of one GPU (benchmarks/tp_profile.py)
 # Everything lands under $OUT/<name>/; write the docs sections here afterwards from the JSON files
 # (each benchmark's --report, or benchmarks/_report.py:write_section with its *_section.md).
 set -uo pipefail
-kind=${1:?x1a, x1c, x1b, x1g, x1r, x1e, x1p, x1m, x1n, x2, x4, x4s or x4f}
+kind=${1:?x1a, x1c, x1b, x1g, x1r, x1e, x1p, x1m, x1n, x2, x2p, x4, x4s or x4f}
 export RAYAWQ_COMMIT=${2:?commit} PYTHONUNBUFFERED=1
 out=${OUT:?run this through the device tool}
-if [ "$kind" = x2 ]; then  # Ray's archive staged in /tmp/devb by the call before
+if [ "$kind" = x2 ] || [ "$kind" = x2p ]; then  # Ray's archive staged in /tmp/devb by the call before
   cp -r .devbundle/whl .devbundle/setup.sh /tmp/devb/ && source /tmp/devb/setup.sh || exit 1
 else
   source .devbundle/setup.sh || exit 1
@@ -113,6 +114,11 @@ case $kind in
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
     timeout 360 python3 benchmarks/tp.py --out "$out/tp" --tp 2 2>&1 | grep -v "^(" | tail -6
     timeout 200 python3 -m pytest -q tests/gpu/test_tp_gpu.py 2>&1 | tail -4
+    ;;
+  x2p)
+    # where a tensor-parallel step's time goes: torch.profiler traces of both ranks and of 1 GPU, then their summary
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    timeout 420 python3 benchmarks/tp_profile.py --out "$out/prof" --tp 2 2>&1 | grep -v "^(" | tail -80
     ;;
   x4f)
     # one x4 call for what is left of a session's budget: a decode-kernel probe (one shape), the scaling job

@@ -32,6 +32,8 @@ run on the GPU only (``tests/gpu``); its sm_90 builds and the repack are tested 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -51,6 +53,7 @@ _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_g
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
 
+@functools.cache  # (a launch's layouts cost ~50 us of Python to build; a prefill launches 128 linears per step)
 def _layouts(num_warps: int, BK: int, T: int, WM: int = 1):
     """``num_warps`` warps along the output columns (each its own 16-row weight tiles), ``WM`` along the rows of x
     (each its ``BM / WM`` rows: at 64 rows one warp cannot hold all of x's operand and the accumulator)."""
@@ -75,10 +78,17 @@ def _layouts(num_warps: int, BK: int, T: int, WM: int = 1):
     return mma, a_l, b_l, w_l, x_l
 
 
+@functools.cache
 def staged_layout(BK: int):
     """For ``XSTEPS``: the shared buffer x's chunk is stored in, 16-byte units swizzled over 8 rows so that the
     ``ldmatrix`` of each step's B operand (8 rows of x at one k) touches every bank once."""
     return gl.SwizzledSharedLayout(vec=8, per_phase=max(1, 64 // BK), max_phase=min(8, BK // 8), order=[1, 0])
+
+
+@functools.cache
+def nvmma_shared(block: tuple[int, ...], dtype) -> gl.NVMMASharedLayout:
+    """The default NVMMA shared layout of a ``block`` of ``dtype`` (a TMA / wgmma operand), built once."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
 
 
 def _unpack_asm(magic: str) -> str:

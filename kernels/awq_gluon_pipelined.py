@@ -21,6 +21,8 @@ thread stores 16 contiguous bytes. bf16 or fp16 x (fp16: the words unpack to ``1
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -32,7 +34,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # griddepcontrol (sm_90)
 
 from .awq_gluon_mma import (_add_other_splits, _cta_barrier, _fragments, _layouts, _sum_in_last_split, _word_offset,
-                            _word_offsets, _zeros, GL_DTYPES, check_dtypes, check_tail, register_tail_ws)
+                            _word_offsets, _zeros, GL_DTYPES, check_dtypes, check_tail, nvmma_shared, register_tail_ws)
 from .awq_repack import check_repackable
 from .awq_triton import PDL, _out_and_ws, _split_args, finish_split, tile_counters
 from .dispatch import num_sms
@@ -350,11 +352,12 @@ def _awq_tail_ws_kernel(x_desc, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, st
 WS_WORKER_REGS = 232
 
 
+@functools.cache
 def _partial_layout(BF: int, BB: int):
     """Shared layout of the fp32 partial the worker warpgroup hands over: 128-byte rows with their 16-byte units
     swizzled by row, so a warp's 8-byte stores and loads in the accumulator layout (8 rows x 4 threads) take the
     two wavefronts 256 bytes need (row-major, all 8 rows would fall on the same 8 banks)."""
-    return gl.NVMMASharedLayout.get_default_for([BF, BB], gl.float32)
+    return nvmma_shared((BF, BB), gl.float32)
 
 
 def _check_ws_tail(W: int, STAGES: int, BB: int, BK: int, BF: int, SLOTS: int, split_k: int) -> None:
@@ -386,6 +389,7 @@ def _launch_ws_tail(x_desc, packed, qzeros, scales, bias, x2, N, out, n_tiles, t
     return y
 
 
+@functools.cache
 def _pipelined_layouts(W: int, T: int, BB: int, BK: int):
     """The accumulator (``wgmma`` over ``W`` warps along the features), the register A operand, the words' load
     layout (as :func:`kernels.awq_gluon_mma._layouts`) and the output store layout."""
@@ -472,8 +476,7 @@ def gluon_pipelined(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor
     if x2.stride(1) != 1 or (x2.stride(0) * 2) % 16 or x2.data_ptr() % 16:
         x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh allocation: aligned, rows K apart
     acc_l, a_l, w_l, o_l = _pipelined_layouts(W, T, BB, BK)
-    x_desc = TensorDescriptor.from_tensor(x2, [BB, BK],
-                                          gl.NVMMASharedLayout.get_default_for([BB, BK], GL_DTYPES[x2.dtype]))
+    x_desc = TensorDescriptor.from_tensor(x2, [BB, BK], nvmma_shared((BB, BK), GL_DTYPES[x2.dtype]))
     check_tail("gluon_pipelined", TAIL)
     tiles = N // BF * triton.cdiv(M, BB)
     full, last_split = _last_wave_split(tiles, K // group_size, SLOTS * (sms or num_sms(x2.device))) \

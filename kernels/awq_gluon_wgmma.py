@@ -12,6 +12,8 @@ partials summed by ``reduce_partials``. No software pipelining yet (a probe of t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -20,7 +22,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
 
 from .awq_gluon_mma import (_cta_barrier, _fragments, _layouts, _word_offset, _word_offsets, _x_rows,
-                            _zeros_scales, GL_DTYPES, check_dtypes)
+                            _zeros_scales, GL_DTYPES, check_dtypes, nvmma_shared)
 from .awq_repack import check_repackable
 from .awq_triton import _out_and_ws, _split_args, finish_split
 
@@ -74,6 +76,12 @@ def _awq_gluon_wgmma_kernel(x_ptr, pw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, 
         gl.store(ws_ptr + (pid_k * M + om[:, None]) * N + on[None, :], acc, mask=omask)
 
 
+@functools.cache
+def _wgmma_acc(BN: int) -> gl.NVMMADistributedLayout:
+    """The accumulator of four warps' ``wgmma`` over ``BN`` rows of x (built once per ``BN``)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+
+
 def gluon_wgmma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                 group_size: int, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                 BN: int = 128, split_k: int = 1, BK: int | None = None, act: str | None = None) -> torch.Tensor:
@@ -92,9 +100,9 @@ def gluon_wgmma(x2: torch.Tensor, packed: torch.Tensor, qzeros: torch.Tensor, sc
         raise ValueError(f"gluon_wgmma takes BK 16, 32 or 64 dividing the group size {group_size}, got {BK}")
     T = BN // 64
     _, a_l, _, w_l, x_l = _layouts(4, BK, T)
-    acc_l = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
-    xs_l = gl.NVMMASharedLayout.get_default_for([BM, BK], GL_DTYPES[x2.dtype])
-    ws_l = gl.NVMMASharedLayout.get_default_for([BN, BK], GL_DTYPES[x2.dtype])
+    acc_l = _wgmma_acc(BN)
+    xs_l = nvmma_shared((BM, BK), GL_DTYPES[x2.dtype])
+    ws_l = nvmma_shared((BN, BK), GL_DTYPES[x2.dtype])
     split_k, gps = _split_args(K // group_size, split_k)
     y, ws = _out_and_ws(x2, N, out, split_k)
     grid = (N // BN, split_k, triton.cdiv(M, ROWS))

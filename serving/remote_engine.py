@@ -110,6 +110,12 @@ class RemoteEngine:
     def get_ppl(self, input_ids: list[list[int]]) -> list[float]:
         return self._call("get_ppl", input_ids)
 
+    def start_profile(self, out_dir: str | Path, with_stack: bool = False) -> None:
+        self._call("start_profile", str(out_dir), with_stack)
+
+    def stop_profile(self) -> str:
+        return self._call("stop_profile")
+
     def close(self) -> None:
         """Stop every rank and free the placement group; safe to call twice."""
         if self.host is not None:

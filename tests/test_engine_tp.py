@@ -16,7 +16,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, path: str, ps, max_new: int, q) -> None:
+def _rank_main(rank: int, world: int, port: int, path: str, ps, max_new: int, q, profile_dir=None) -> None:
     """Rank 0 runs the engine; the others follow its steps (what serving.tp_group does with Ray actors)."""
     import torch
 
@@ -31,7 +31,11 @@ def _rank_main(rank: int, world: int, port: int, path: str, ps, max_new: int, q)
         ecfg = EngineConfig(dtype="float32", block_size=8, progress=False, tp=world)
         if rank == 0:
             eng = LLMEngine(path, ecfg, tp=tp)
+            if profile_dir:
+                eng.start_profile(profile_dir)
             outs = eng.generate(ps, GenerationConfig(max_new_tokens=max_new))
+            if profile_dir:
+                eng.stop_profile()
             eng.runner.stop_followers()
             q.put((rank, [o.token_ids for o in outs], eng.runner.model.model.layers[0].self_attn.num_kv_heads))
         else:
@@ -43,11 +47,11 @@ def _rank_main(rank: int, world: int, port: int, path: str, ps, max_new: int, q)
         q.put((rank, repr(e), None))
 
 
-def run_tp(path, world: int, ps, max_new: int = 12):
+def run_tp(path, world: int, ps, max_new: int = 12, profile_dir=None):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(path), ps, max_new, q)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(path), ps, max_new, q, profile_dir)) for r in range(world)]
     for p in procs:
         p.start()
     results = dict((r, (toks, kv)) for r, toks, kv in (q.get(timeout=300) for _ in procs))
@@ -72,6 +76,21 @@ def test_tensor_parallel_matches_single_rank(tiny_model_factory, tmp_path, world
         toks, kv_heads = results[rank]
         assert rank == 0 or toks is None, (rank, toks)  # a follower that failed reports its error here
         assert kv_heads == (1 if world >= 2 else 2)  # 2 KV heads: split at tp=2, replicated at tp=4
+
+
+def test_profile_writes_a_trace_per_rank(tiny_model_factory, tmp_path):
+    """start/stop_profile on rank 0 reaches the follower: both ranks write a trace of the same steps."""
+    import gzip
+    import json
+
+    path = tiny_model_factory("llama")
+    results = run_tp(path, 2, prompts([5], seed=3), max_new=4, profile_dir=str(tmp_path / "prof"))
+    assert results[0][0] is not None and results[1][0] is None, results
+    for rank in (0, 1):
+        trace = json.loads(gzip.open(tmp_path / "prof" / f"rank{rank}.trace.json.gz").read())
+        names = {e.get("name") for e in trace["traceEvents"]}
+        assert any(str(n).startswith("aten::") for n in names), sorted(map(str, names))[:20]
+    assert not list((tmp_path / "prof").glob(".*tmp*"))
 
 
 def _channel_rank(rank: int, world: int, port: int, path: str, msgs, q) -> None:

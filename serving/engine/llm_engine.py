@@ -184,6 +184,16 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def start_profile(self, out_dir: str | Path, with_stack: bool = False) -> None:
+        """Record torch.profiler traces of the coming steps on every tensor-parallel rank (vLLM's start_profile);
+        ``with_stack``: Python calls too."""
+        self.runner.profile(str(out_dir), with_stack)
+
+    def stop_profile(self) -> str:
+        """End the recording; every rank writes ``rank<r>.trace.json.gz`` (chrome://tracing, Perfetto) into the
+        directory given to ``start_profile``, which is returned."""
+        return str(self.runner.profile(None).parent)
+
     # -- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         if self._pending is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -18,6 +19,7 @@ from ..layers.parallel import SINGLE, TPContext
 from ..layers.sampler import SampleOutput, SamplingBatch, Sampler
 from ..loader import iter_checkpoint, load_weights
 from ..models import build_model
+from .profiler import StepProfiler
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ class ModelRunner:
         if self.device.type == "cuda" and engine_cfg.repack_weights and model_cfg.quant is not None:
             self._repack_weights()
         self.sampler = Sampler()
+        self.profiler = StepProfiler(tp.rank)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -235,6 +238,9 @@ class ModelRunner:
             msg = self.tp.broadcast_object()
             if msg[0] == "stop":
                 return
+            if msg[0] == "profile":
+                self.profile(*msg[1:])
+                continue
             if msg[0] == "execute":
                 self.execute(msg[1], None)
             elif msg[0] == "decode":
@@ -244,6 +250,16 @@ class ModelRunner:
                 last = self.launch_decode(b, None, None if rows is None else (last, rows))
             else:
                 raise RuntimeError(f"unknown step {msg[0]!r} from rank 0")
+
+    def profile(self, out_dir: str | None, with_stack: bool = False) -> Path | None:
+        """Start (``out_dir``) or stop (None) this rank's torch.profiler trace; rank 0 tells the followers too.
+        Stopping returns the path of this rank's trace."""
+        if self.tp.is_leader:
+            self.tp.broadcast_object(("profile", out_dir, with_stack))
+        if out_dir is not None:
+            self.profiler.start(out_dir, with_stack)
+            return None
+        return self.profiler.stop()
 
     def stop_followers(self, timeout_s: float = 10.0) -> None:
         """Rank 0: let the other ranks' ``follow`` return (a rank that died is left to its actor's end)."""
