@@ -40,7 +40,7 @@ class EngineConfig:
     progress: bool = True                 # weight-loading progress bar
     tp: int = 1                           # tensor-parallel world size (ranks 1.. are Ray actors: serving/tp_group.py)
     chat_template: str | None = None      # Jinja chat template (or a file holding one) replacing the tokenizer's
-    tp_symmetric_memory: bool = False     # GPU tp > 1: decode-sized all-reduces via symmetric memory (docs/engine.md)
+    tp_symmetric_memory: bool = True      # GPU tp > 1: decode-sized all-reduces via symmetric memory (docs/engine.md)
 
     def __post_init__(self):
         if self.model_format not in ("auto", "awq", "hf"):

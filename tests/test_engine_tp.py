@@ -37,14 +37,19 @@ def _rank_main(rank: int, world: int, port: int, path: str, ps, max_new: int, q,
             if profile_dir:
                 eng.stop_profile()
             eng.runner.stop_followers()
-            q.put((rank, [o.token_ids for o in outs], eng.runner.model.model.layers[0].self_attn.num_kv_heads))
+            q.put((rank, [o.token_ids for o in outs], _shapes(eng.runner.model)))
         else:
             runner = ModelRunner(ModelConfig.from_path(path, "auto", "float32"), ecfg, model_path=path, tp=tp)
             runner.follow()
-            q.put((rank, None, runner.model.model.layers[0].self_attn.num_kv_heads))
+            q.put((rank, None, _shapes(runner.model)))
         tp.destroy()
     except Exception as e:  # report, do not hang the parent
         q.put((rank, repr(e), None))
+
+
+def _shapes(model) -> tuple[int, int]:
+    """(KV heads, LM-head rows) this rank holds."""
+    return model.model.layers[0].self_attn.num_kv_heads, model.lm_head.out_local
 
 
 def run_tp(path, world: int, ps, max_new: int = 12, profile_dir=None):
@@ -60,11 +65,12 @@ def run_tp(path, world: int, ps, max_new: int = 12, profile_dir=None):
     return results
 
 
-@pytest.mark.parametrize("world,awq", [(2, False), (2, True), (4, False)])
-def test_tensor_parallel_matches_single_rank(tiny_model_factory, tmp_path, world, awq):
+@pytest.mark.parametrize("world,awq,cfg", [(2, False, {}), (2, True, {}), (4, False, {}),
+                                            (2, False, {"tie_word_embeddings": True}), (4, False, {"vocab_size": 510})])
+def test_tensor_parallel_matches_single_rank(tiny_model_factory, tmp_path, world, awq, cfg):
     from serving import EngineConfig, GenerationConfig, LLMEngine
 
-    path = tiny_model_factory("qwen2")  # q/k/v biases: column-parallel bias shards too
+    path = tiny_model_factory("qwen2", **cfg)  # q/k/v biases: column-parallel bias shards too
     if awq:
         path = make_awq_checkpoint(path, tmp_path / "awq", group_size=32)
     ps = prompts([6, 19], seed=21)
@@ -72,10 +78,14 @@ def test_tensor_parallel_matches_single_rank(tiny_model_factory, tmp_path, world
             .generate(ps, GenerationConfig(max_new_tokens=12))]
     results = run_tp(path, world, ps)
     assert results[0][0] == want, results[0]
+    vocab = cfg.get("vocab_size", 512)
     for rank in range(world):
-        toks, kv_heads = results[rank]
-        assert rank == 0 or toks is None, (rank, toks)  # a follower that failed reports its error here
+        toks, shapes = results[rank]
+        assert shapes is not None and (rank == 0 or toks is None), (rank, toks)  # a failed rank: its error
+        kv_heads, head_rows = shapes
         assert kv_heads == (1 if world >= 2 else 2)  # 2 KV heads: split at tp=2, replicated at tp=4
+        # the LM head splits by vocabulary where it divides (tied or not), else every rank holds all of it
+        assert head_rows == (vocab // world if vocab % world == 0 else vocab), (rank, head_rows)
 
 
 def test_profile_writes_a_trace_per_rank(tiny_model_factory, tmp_path):

@@ -86,7 +86,9 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        # (by storage: a tied head that is a slice of the embedding is not counted twice)
+        self.weight_bytes = sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                                 for p in self.model.parameters()}.values())
         self.num_blocks = self._allocate_kv_cache()
         self.max_model_len = min(engine_cfg.session_len or model_cfg.max_position_embeddings,
                                  model_cfg.max_position_embeddings, self.num_blocks * self.block_size)
@@ -189,13 +191,16 @@ class ModelRunner:
         if self.tp.is_leader:
             self.tp.broadcast_object(("execute", b))
         hidden, cu, logit_rows = self._forward(b)
-        if self.tp.rank > 0:
+        if self.tp.rank > 0 and not self.model.logits_are_collective:
             return None  # followers only fill their KV shards; rank 0 holds the logits
+        # (a vocabulary-parallel head: followers compute their share of the same logits, rank 0 uses them)
         scores = self._score(hidden, cu, b.score_targets, b.score_topn) if b.score_targets else None
         if not logit_rows:
-            return SampleOutput([], [], scores) if scores else None
+            return SampleOutput([], [], scores) if scores and self.tp.rank == 0 else None
         rows = self._tensor(logit_rows, torch.int64)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
+        if self.tp.rank > 0:
+            return None
         out = self.sampler(logits, sampling)
         out.scores = scores
         return out
@@ -219,6 +224,8 @@ class ModelRunner:
                 prev.tokens.index_select(0, self._tensor(rows, torch.int64))
         hidden, _, _ = self._forward(b, fed)
         if self.tp.rank > 0:  # rank 0's tokens: the next step may take its inputs from them on the device
+            if self.model.logits_are_collective:
+                self.model.compute_logits(hidden)
             tokens = self.tp.broadcast(torch.empty(n, dtype=torch.int64, device=self.device))
             return PendingTokens(tokens, tokens)
         tokens = self.tp.broadcast(self.sampler.sample(self.model.compute_logits(hidden), sampling))
@@ -293,8 +300,11 @@ class ModelRunner:
         tops: list = []
         for s in range(0, len(rows), chunk):
             r = self._tensor(rows[s:s + chunk], torch.int64)
+            logits = self.model.compute_logits(hidden.index_select(0, r))
+            if self.tp.rank > 0:  # a follower's share of a vocabulary-parallel head: rank 0 scores
+                continue
             t = self._tensor(ids[s:s + chunk], torch.int64)
-            lp = torch.log_softmax(self.model.compute_logits(hidden.index_select(0, r)).float(), dim=-1)
+            lp = torch.log_softmax(logits.float(), dim=-1)
             vals.extend(lp.gather(1, t[:, None]).squeeze(1).tolist())
             if k:
                 top = lp.topk(k, dim=-1)

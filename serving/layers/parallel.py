@@ -57,6 +57,16 @@ class TPContext:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``x [..., s]`` side by side along the last dimension, rank order: ``[..., world * s]``."""
+        if self.world_size == 1:
+            return x
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
     def with_symmetric_memory(self, device: torch.device, max_bytes: int) -> "TPContext":
         """This context with a one-shot all-reduce through symmetric memory for tensors up to ``max_bytes``.
 

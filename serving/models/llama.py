@@ -123,12 +123,24 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg, tp, o_bias=cfg.attention_bias and self.o_proj_bias)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=cfg.dtype, prefix="lm_head")
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        # vocabulary-parallel where it divides: each rank reads 1/tp of the head per step and the logits are
+        # gathered (a Llama-3 head is 1 GiB in bf16: at batch 1 it is ~12 % of a step's reads)
+        self.tp = tp
+        mode = "column" if tp.world_size > 1 and cfg.vocab_size % tp.world_size == 0 else "replicated"
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, tp=tp, mode=mode, dtype=cfg.dtype, prefix="lm_head")
+        if cfg.tie_word_embeddings:  # the head is (this rank's rows of) the embedding
+            emb = self.model.embed_tokens.weight
+            self.lm_head.weight = emb if mode == "replicated" else nn.Parameter(
+                emb.data.narrow(0, tp.rank * self.lm_head.out_local, self.lm_head.out_local), requires_grad=False)
+
+    @property
+    def logits_are_collective(self) -> bool:
+        """Whether ``compute_logits`` is a collective (every rank must call it with the same rows)."""
+        return self.lm_head.mode == "column"
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        return self.tp.all_gather(logits) if self.logits_are_collective else logits
