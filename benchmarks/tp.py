@@ -169,7 +169,7 @@ def plot(res: dict, path: Path) -> None:
                         va="bottom", fontsize=8)
     ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(keys))], [t for _, t in keys])
     ax.set_ylabel("throughput / 1 GPU")
-    ax.set_ylim(0, 1.6)
+    ax.set_ylim(0, 1.75)
     ax.set_title(f"AWQ Llama-3-8B shape, tensor parallel on Ray ({res['device']})", fontsize=10)
     ax.legend(loc="upper center", ncol=len(runs), fontsize=8)
     fig.tight_layout()
