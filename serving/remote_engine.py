@@ -20,7 +20,7 @@ from .config import EngineConfig, ModelConfig
 from .engine.llm_engine import RequestOutput
 from .sampling_params import GenerationConfig
 from .tokenizer import engine_tokenizer
-from .tp_group import packed_group, rank_bundle, rank_device, start_tp_engine
+from .tp_group import TPFollowers, packed_group, rank_bundle, rank_device, start_tp_engine
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,9 @@ class EngineHost:
 
     def build(self, model_path: str, ecfg: EngineConfig, tokenizer=None) -> dict:
         self.engine = start_tp_engine(model_path, ecfg, tokenizer=tokenizer)
+        f = self.engine.followers  # their actors and follow() refs, so the caller can see a rank go
         return {"max_model_len": self.engine.max_model_len, "num_blocks": self.engine.runner.num_blocks,
-                "device": str(self.engine.runner.device)}
+                "device": str(self.engine.runner.device), "followers": (f.workers, f.loops)}
 
     def call(self, method: str, *args, **kwargs):
         return getattr(self.engine, method)(*args, **kwargs)
@@ -47,8 +48,12 @@ class EngineHost:
 class RemoteEngine:
     """An ``LLMEngine`` split over ``ecfg.tp`` ranks, all of them Ray actors; starts a local Ray when none runs.
 
-    ``close()`` stops the ranks and frees their placement group (and the Ray this started).
+    ``close()`` stops the ranks and frees their placement group (and the Ray this started). A call that waits
+    longer than ``watch_s`` checks that every rank is still there; when one is gone the engine closes and the call
+    raises.
     """
+
+    watch_s: float = 1.0
 
     def __init__(self, model_path: str | Path, ecfg: EngineConfig, tokenizer=None, ready_timeout_s: float = 600.0):
         model_path = str(model_path)
@@ -80,12 +85,20 @@ class RemoteEngine:
             raise
         self.max_model_len = info["max_model_len"]
         self.num_blocks = info["num_blocks"]
+        self.followers = TPFollowers(*info["followers"])
         log.info("tp=%d engine ready on %s: %d KV blocks per rank", ecfg.tp, info["device"], self.num_blocks)
 
     def _call(self, method: str, *args, **kwargs):
         if self.host is None:
             raise RuntimeError("this engine is closed")
-        return ray.get(self.host.call.remote(method, *args, **kwargs))
+        ref = self.host.call.remote(method, *args, **kwargs)
+        while not ray.wait([ref], timeout=self.watch_s)[0]:
+            # on GPU a step whose peer rank is gone waits in NCCL for good: give up on the engine instead
+            why = self.followers.dead()
+            if why:
+                self._release()
+                raise RuntimeError(f"{why}; the engine is closed (start a new one)")
+        return ray.get(ref)
 
     def encode(self, prompt: str | list[int] | list[dict], chat: bool | None = None) -> list[int]:
         return self._call("encode", prompt, chat)

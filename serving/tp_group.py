@@ -63,6 +63,21 @@ class TPFollowers:
     def __init__(self, workers: list, loops: list, own_pg=None):
         self.workers, self.loops, self.own_pg = workers, loops, own_pg
 
+    def dead(self) -> str | None:
+        """Why a follower is gone (its actor died, or its ``follow`` ended), or ``None`` while every one follows.
+
+        On GPU a step whose peer is gone waits in NCCL (no error comes), so the health check asks this instead."""
+        ready, _ = ray.wait(self.loops, num_returns=1, timeout=0)
+        if not ready:
+            return None
+        rank = self.loops.index(ready[0]) + 1
+        try:
+            ray.get(ready[0], timeout=0)
+        except Exception as e:
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            return f"tensor-parallel rank {rank} died: {last}"
+        return f"tensor-parallel rank {rank} stopped following rank 0"
+
     def close(self, timeout_s: float = 30.0) -> None:
         """After rank 0 sent ``stop``: wait for the followers to return, then free their actors."""
         try:

@@ -10,6 +10,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from serving import EngineConfig, GenerationConfig, LLMEngine  # noqa: E402
+from serving.openai.engine_server import EngineServer  # noqa: E402
 from serving.pipeline import pipeline  # noqa: E402
 from serving.tp_group import start_tp_engine  # noqa: E402
 from tests.test_engine import make_awq_checkpoint, prompts  # noqa: E402
@@ -77,13 +78,21 @@ def test_closing_with_a_dead_rank_returns_and_frees_the_cluster(cluster, tiny_mo
     times out, the rest of the teardown goes on."""
     engine = start_tp_engine(tiny_model_factory("qwen2"), _cfg(tp=2))
     assert [o.finished for o in engine.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=2))] == [True]
-    ray.kill(engine.followers.workers[0])
-    time.sleep(1)
+    followers = engine.followers
+    assert followers.dead() is None
+    ray.kill(followers.workers[0])
+    deadline = time.monotonic() + 30  # the health check sees it before any step does (on GPU none would fail)
+    while followers.dead() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "rank 1 died" in (followers.dead() or ""), followers.dead()
     # the next step reaches nobody: its collective fails (gloo sees the peer gone), the request ends in error
     out = engine.generate([[1, 2, 3]], GenerationConfig(max_new_tokens=2))[0]
     assert out.finish_reason == "error" and out.error
+    server = EngineServer(engine, "tiny")
+    with pytest.raises(RuntimeError, match="rank 1 died"):
+        server.healthy(stuck_after_s=300)  # a Serve replica reports this and is replaced
     start = time.monotonic()
-    engine.close()  # the stop message finds the last step message never taken: it times out instead of hanging
+    server.shutdown()  # the stop message finds the last step message never taken: it times out instead of hanging
     assert time.monotonic() - start < 60
     assert engine.followers is None and _all_cpus_free()
 
@@ -119,3 +128,19 @@ def test_pipeline_with_more_ranks_than_the_cluster_holds_fails_clearly(cluster, 
     with pytest.raises(RuntimeError, match=r"tp=3 needs .* lower tp or add resources"):
         pipeline(str(tiny_model_factory("qwen2")), _cfg(tp=3))
     assert _all_cpus_free()
+
+
+def test_pipeline_with_a_lost_rank_closes_instead_of_waiting(cluster, tiny_model_factory):
+    """On GPU a step whose peer rank died waits in NCCL for good; a ``RemoteEngine`` call that waits checks the
+    ranks and, one being gone, closes the engine and raises instead (here every wait is checked at once)."""
+    pipe = pipeline(str(tiny_model_factory("qwen2")), _cfg(tp=2))
+    engine = pipe.engine
+    assert engine.followers.dead() is None
+    ray.kill(engine.followers.workers[0])
+    deadline = time.monotonic() + 30
+    while engine.followers.dead() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    engine.watch_s = 0.0
+    with pytest.raises(RuntimeError, match="rank 1 died.*engine is closed"):
+        pipe("the city of", GenerationConfig(max_new_tokens=4))
+    assert engine.host is None and _all_cpus_free()

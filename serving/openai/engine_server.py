@@ -124,9 +124,14 @@ class EngineServer:
                 "generation_tokens_total": self.stats.generation_tokens_total}
 
     def healthy(self, stuck_after_s: float) -> None:
-        """Raises when the engine thread died, or has requests but made no progress for ``stuck_after_s``."""
+        """Raises when the engine thread died, a tensor-parallel rank is gone, or the engine has requests but made
+        no progress for ``stuck_after_s``."""
         if not self.async_engine._thread.is_alive():
             raise RuntimeError("the engine loop thread is not running")
+        followers = getattr(self.engine, "followers", None)
+        why = followers.dead() if followers is not None else None
+        if why:  # its steps would wait on the lost rank for good (NCCL): the replica has to be replaced
+            raise RuntimeError(f"{why}; this replica cannot run steps any more")
         idle = time.monotonic() - self.stats.last_progress
         if self.stats.in_flight and idle > stuck_after_s:
             raise RuntimeError(f"the engine made no progress for {idle:.0f} s with {self.stats.in_flight} "
