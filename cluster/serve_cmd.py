@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--chat-template", default=None,
                    help="Jinja chat template, or a file holding one, replacing the tokenizer's (read here)")
     s.add_argument("--tool-parser", default="auto", choices=["auto", "hermes", "llama3", "none"])
+    s.add_argument("--profile-dir", default=None,
+                   help="enables POST /start_profile and /stop_profile: torch.profiler traces of every rank go here")
     s.add_argument("--ray-address", default="auto",
                    help="Ray cluster to join (auto: this machine's, else start a local one; local: always new)")
     s.set_defaults(func=cmd_serve)
@@ -57,7 +59,8 @@ def _config(args) -> dict:
              "session_len": args.session_len, "cache_max_entry_count": args.cache_max_entry_count,
              "num_replicas": args.num_replicas, "autoscale": args.autoscale,
              "target_ongoing_requests": args.target_ongoing_requests, "num_cpus": args.num_cpus,
-             "tool_parser": args.tool_parser}
+             "tool_parser": args.tool_parser,
+             "profile_dir": os.path.abspath(args.profile_dir) if args.profile_dir else None}
     if args.name:
         model["name"] = args.name
     if args.chat_template:  # the text itself travels, so replicas on other nodes need no copy of the file

@@ -50,6 +50,7 @@ class ModelConfig(BaseModel):
     chat_template: str | None = None                         # Jinja text, or a file every node can read
     engine: dict[str, Any] = Field(default_factory=dict)      # any other EngineConfig field
     tool_parser: Literal["auto", "hermes", "llama3", "none"] = "auto"
+    profile_dir: str | None = None                            # torch.profiler traces: POST /start_profile, /stop_profile
     # deployment
     num_replicas: int = Field(1, ge=1)
     autoscale: tuple[int, int] | None = None                  # (min, max) replicas: autoscaling on
@@ -171,7 +172,8 @@ class LLMServer:
             engine = start_tp_engine(self.cfg.model, self.cfg.engine_config())
         else:
             engine = LLMEngine(self.cfg.model, self.cfg.engine_config())
-        self.server = EngineServer(engine, self.cfg.name, self.cfg.tool_parser, self.cfg.stream_messages_per_s)
+        self.server = EngineServer(engine, self.cfg.name, self.cfg.tool_parser, self.cfg.stream_messages_per_s,
+                                   self.cfg.profile_dir)
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:
@@ -213,6 +215,15 @@ class LLMServer:
 
     async def detokenize(self, tokens: list[int]):
         return await self.server.offload(self._safe, self.server.detokenize, tokens)
+
+    async def profile(self, action: str):
+        from .openai.engine_server import _err
+        from .openai.protocol import OpenAIError
+
+        try:
+            return await self.server.profile(action)
+        except OpenAIError as e:
+            return {"type": "error", **_err(e)}
 
     def _safe(self, fn, *args):
         from .openai.engine_server import _err

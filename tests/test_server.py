@@ -54,7 +54,8 @@ def server(tiny_model_factory, tmp_path_factory):
                   session_len=4096, max_batch_size=32, health_check_period_s=2, health_check_timeout_s=30)
     srv = run_local(port=PORT, ray_num_cpus=2, ready_timeout_s=900, config={
         "api_keys": [KEY], "ingress_num_cpus": 0.1,
-        "models": [common, {**common, "name": MODEL_TP, "tp": 2}]})  # the same weights over two ranks
+        "models": [common, {**common, "name": MODEL_TP, "tp": 2,  # the same weights over two ranks
+                            "profile_dir": str(tmp_path_factory.mktemp("traces"))}]})
     yield srv
     srv.shutdown()
     serve.shutdown()
@@ -156,6 +157,34 @@ def test_tensor_parallel_replica_answers_like_the_single_rank_one(server, client
     text = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
     assert text == client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count"}],
                                                   max_tokens=8, temperature=0).choices[0].message.content
+
+
+def _post(url, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_profile_routes_trace_both_ranks_of_a_replica(server, client):
+    """POST /start_profile and /stop_profile through Serve: the model without a profile_dir refuses; the tp = 2
+    one writes a trace for rank 0 (the replica) and rank 1 (its worker actor) of the steps in between."""
+    import gzip
+
+    code, body = _post(server.url + "/start_profile", {"model": MODEL})
+    assert code == 400 and "profiling is off" in body["error"]["message"]
+    code, body = _post(server.url + "/start_profile", {"model": MODEL_TP})
+    assert code == 200, body
+    client.completions.create(model=MODEL_TP, prompt="The city of", max_tokens=4)
+    code, body = _post(server.url + "/stop_profile", {"model": MODEL_TP})
+    assert code == 200 and body["models"][MODEL_TP]["profiling"] is False, body
+    trace_dir = body["models"][MODEL_TP]["trace_dir"]
+    for rank in (0, 1):
+        events = json.loads(gzip.open(f"{trace_dir}/rank{rank}.trace.json.gz").read())["traceEvents"]
+        assert any(str(e.get("name", "")).startswith("aten::") for e in events), rank
 
 
 def test_completions_echo_logprobs_for_scoring(client):

@@ -486,3 +486,42 @@ def test_text_prompts_are_tokenized_off_the_event_loop(server, monkeypatch):
     asyncio.run(main())
     loop_thread = threading.current_thread().name
     assert seen[0].startswith("rayawq-tok") and seen[1] == loop_thread and seen[2].startswith("rayawq-tok")
+
+
+def test_profile_routes_trace_the_engine_steps(server, tmp_path):
+    """vLLM's POST /start_profile and /stop_profile: off unless the model has a profile_dir; then the steps
+    between them land as a torch.profiler trace (one per rank) in a new directory, which stop names."""
+    import argparse
+    import gzip
+
+    from cluster.serve_cmd import _config, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    cfg = _config(parser.parse_args(["serve", "/x/m", "--profile-dir", "traces"]))
+    assert cfg["models"][0]["profile_dir"].endswith("/traces") and cfg["models"][0]["profile_dir"].startswith("/")
+
+    async def main():
+        c, http = _client(create_app(LocalBackend({"tiny": server})))
+        r = await http.post("/start_profile")
+        assert r.status_code == 400 and "--profile-dir" in r.json()["error"]["message"]
+        server.profile_dir = str(tmp_path)
+        try:
+            r = await http.post("/start_profile", json={"model": "nope"})
+            assert r.status_code == 404
+            r = await http.post("/start_profile")
+            assert r.status_code == 200, r.text
+            trace_dir = r.json()["models"]["tiny"]["trace_dir"]
+            assert (await http.post("/start_profile")).status_code == 400  # already running
+            await c.completions.create(model="tiny", prompt="the quick brown fox", max_tokens=4)
+            r = await http.post("/stop_profile", json={"model": "tiny"})
+            assert r.status_code == 200 and r.json()["models"]["tiny"] == {"profiling": False, "trace_dir": trace_dir}
+            assert (await http.post("/stop_profile")).status_code == 400  # not running
+        finally:
+            server.profile_dir = None
+            await http.aclose()
+        return trace_dir
+
+    trace_dir = asyncio.run(main())
+    events = json.loads(gzip.open(f"{trace_dir}/rank0.trace.json.gz").read())["traceEvents"]
+    assert any(str(e.get("name", "")).startswith("aten::") for e in events)

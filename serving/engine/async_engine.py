@@ -45,6 +45,14 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id, None, None))
         self._wake.set()
 
+    def run(self, fn: Callable[[LLMEngine], object]) -> Future:
+        """``fn(engine)`` on the loop thread at the next step boundary (the engine is single-threaded); the
+        future gets its result or its exception."""
+        fut: Future = Future()
+        self._inbox.put(("run", fn, None, fut))
+        self._wake.set()
+        return fut
+
     def stream(self, prompt, gen_config=None) -> Iterator[RequestOutput]:
         """Blocking iterator of outputs (for threads); leaving it early cancels the request."""
         q: queue.SimpleQueue = queue.SimpleQueue()
@@ -102,6 +110,13 @@ class AsyncEngine:
             if kind == "abort":
                 self.engine.abort(arg)
                 self._sinks.pop(arg, None)
+                continue
+            if kind == "run":
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(arg(self.engine))
+                    except Exception as e:
+                        fut.set_exception(e)
                 continue
             prompt, gen, rid = arg
             if not fut.set_running_or_notify_cancel():  # the caller went away before its turn

@@ -16,12 +16,15 @@ Non-streaming requests use ``complete``: every event in one list.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, TypeVar
 
 from ..config import InvalidRequestError
@@ -78,8 +81,11 @@ class Stats:
 
 
 class EngineServer:
-    def __init__(self, engine, model_name: str, tool_format: str = "auto", stream_messages_per_s: float = 0.0):
+    def __init__(self, engine, model_name: str, tool_format: str = "auto", stream_messages_per_s: float = 0.0,
+                 profile_dir: str | None = None):
         self.engine = engine
+        self.profile_dir = profile_dir  # torch.profiler traces (POST /start_profile, /stop_profile); None: off
+        self._profiling: str | None = None
         # the replica's budget of streamed messages per second, shared by its streams (0: one per step)
         self.stream_messages_per_s = float(stream_messages_per_s)
         self.async_engine = AsyncEngine(engine)
@@ -136,6 +142,31 @@ class EngineServer:
         if self.stats.in_flight and idle > stuck_after_s:
             raise RuntimeError(f"the engine made no progress for {idle:.0f} s with {self.stats.in_flight} "
                                "requests in flight")
+
+    async def profile(self, action: str) -> dict:
+        """``start``: the engine's steps are traced on every tensor-parallel rank from the next step boundary
+        into a new directory under ``profile_dir``; ``stop``: the traces are written, the directory returned."""
+        if not self.profile_dir:
+            raise OpenAIError(f"profiling is off for model '{self.model_name}': serve it with --profile-dir DIR "
+                              "(profile_dir in the Serve config)", 400, "invalid_request_error")
+        if action not in ("start", "stop"):
+            raise OpenAIError(f"unknown profile action {action!r}: start or stop", 400, "invalid_request_error")
+        if (action == "start") == (self._profiling is not None):
+            raise OpenAIError("the profiler is already running: POST /stop_profile first" if action == "start" else
+                              "the profiler is not running: POST /start_profile first", 400,
+                              "invalid_request_error")
+        if action == "start":
+            out = str(Path(self.profile_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")  # one replica's
+            self._profiling = out
+            try:
+                await asyncio.wrap_future(self.async_engine.run(lambda e: e.start_profile(out)))
+            except BaseException:
+                self._profiling = None
+                raise
+            return {"profiling": True, "trace_dir": out}
+        out, self._profiling = self._profiling, None
+        await asyncio.wrap_future(self.async_engine.run(lambda e: e.stop_profile()))
+        return {"profiling": False, "trace_dir": out}
 
     def shutdown(self) -> None:
         self.async_engine.shutdown()
@@ -446,7 +477,8 @@ class LocalBackend:
         try:
             if method == "stats":
                 return {**srv.engine_stats(), "replica": "local"}
-            return getattr(srv, method)(*args)
+            res = getattr(srv, method)(*args)
+            return await res if inspect.isawaitable(res) else res
         except OpenAIError as e:
             return {"type": "error", **_err(e)}
 

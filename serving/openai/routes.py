@@ -221,6 +221,30 @@ def create_app(backend, api_keys: list[str] | tuple = (), metrics: IngressMetric
         check_model(request, req.model)
         return _unwrap(await backend.call(req.model, "detokenize", req.tokens))
 
+    # -- profiling (vLLM's routes; a model served with profile_dir) -------------------------------------
+    async def _profile(request: Request, action: str):
+        body = await request.body()
+        try:
+            req = json.loads(body) if body.strip() else {}
+        except ValueError:
+            raise OpenAIError("the body must be JSON: {} or {\"model\": NAME}", 400, "invalid_request_error")
+        if not isinstance(req, dict):
+            raise OpenAIError("the body must be a JSON object: {} or {\"model\": NAME}", 400,
+                              "invalid_request_error")
+        names = [check_model(request, req["model"])] if req.get("model") else backend.model_names()
+        return {"object": "profile", "action": action,
+                "models": {m: _unwrap(await backend.call(m, "profile", action)) for m in names}}
+
+    @app.post("/start_profile")
+    async def start_profile(request: Request):
+        """Trace the coming engine steps (every tensor-parallel rank) under the model's profile_dir."""
+        return await _profile(request, "start")
+
+    @app.post("/stop_profile")
+    async def stop_profile(request: Request):
+        """Write the traces (``rank<r>.trace.json.gz``, for Perfetto or chrome://tracing); says where."""
+        return await _profile(request, "stop")
+
     # -- generation --------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
