@@ -13,7 +13,8 @@
 #   2 GPUs, tensor parallel (the bundle and the tree exceed one call's carry, so Ray goes ahead through /tmp):
 #               call 1, carry [".devbundle/ray.tar.xz"]: mkdir -p /tmp/devb && cp .devbundle/ray.tar.xz /tmp/devb/
 #               call 2 at once, carry [".devbundle/whl", ".devbundle/setup.sh"]: bash benchmarks/gpu_session.sh x2 <commit>
-#               (tp.py's three configurations: 1 GPU, 2 with NCCL, 2 with symmetric memory; then the GPU TP tests)
+#               (tp.py's three configurations: 1 GPU, 2 with NCCL, 2 with symmetric memory; the GPU TP tests; then
+#               pipeline(tp=2) streamed against whole, benchmarks/remote_stream.py)
 #               x2p instead of x2: torch.profiler traces of both ranks and of one GPU (benchmarks/tp_profile.py)
 # Everything lands under $OUT/<name>/; write the docs sections here afterwards from the JSON files
 # (each benchmark's --report, or benchmarks/_report.py:write_section with its *_section.md).
@@ -114,6 +115,7 @@ case $kind in
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
     timeout 360 python3 benchmarks/tp.py --out "$out/tp" --tp 2 2>&1 | grep -v "^(" | tail -6
     timeout 200 python3 -m pytest -q tests/gpu/test_tp_gpu.py 2>&1 | tail -4
+    timeout 150 python3 benchmarks/remote_stream.py --out "$out/rs" --tp 2 2>&1 | grep "^{" | tail -1
     ;;
   x2p)
     # where a tensor-parallel step's time goes: torch.profiler traces of both ranks and of 1 GPU, then their summary

@@ -117,7 +117,9 @@ def run_config(path: Path, tp: int, device: str, new_tokens: int, batches: list[
         remove_placement_group(pg)
 
 
-def measure(args) -> dict:
+def checkpoint_and_ray(args) -> tuple[dict, Path, int]:
+    """The random checkpoint (``--small``: a tiny config; written once to ``--checkpoint``) and a local Ray with
+    ``--tp`` ranks' worth of CPUs whose workers import this repository; returns (config, path, GPUs)."""
     import ray
     import torch
 
@@ -128,6 +130,14 @@ def measure(args) -> dict:
         raise SystemExit(f"--tp {args.tp} needs {args.tp} GPUs; this machine has {n_gpu}")
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}}
     ray.init(num_cpus=max(2, args.tp + 1), num_gpus=n_gpu, include_dashboard=False, runtime_env=env)
+    return c, path, n_gpu
+
+
+def measure(args) -> dict:
+    import ray
+    import torch
+
+    c, path, n_gpu = checkpoint_and_ray(args)
     batches = [int(b) for b in args.batches.split(",")]
     res = {"device": torch.cuda.get_device_name(0) if n_gpu else "cpu", "torch": torch.__version__,
            "ray": ray.__version__, "batches": batches, "new_tokens": args.new_tokens, "prompt_len": 128,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import shutil
 import sys
 from collections import defaultdict
@@ -23,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.engine import LLAMA3_8B, SMALL, prompt_ids  # noqa: E402
-from benchmarks.tp import write_checkpoint  # noqa: E402
+from benchmarks.engine import prompt_ids  # noqa: E402
+from benchmarks.tp import checkpoint_and_ray  # noqa: E402
 
 
 class ProfileHost:
@@ -57,17 +56,12 @@ class ProfileHost:
 
 def measure(args) -> None:
     import ray
-    import torch
     from ray.util.placement_group import remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from serving.tp_group import packed_group, rank_bundle
 
-    c = SMALL if args.small else LLAMA3_8B
-    path = write_checkpoint(c, Path(args.checkpoint or f"/tmp/rayawq_tp_{'small' if args.small else 'llama3_8b'}"))
-    n_gpu = torch.cuda.device_count() if args.device == "cuda" else 0
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}}
-    ray.init(num_cpus=max(2, args.tp + 1), num_gpus=n_gpu, include_dashboard=False, runtime_env=env)
+    _, path, _ = checkpoint_and_ray(args)
     unit = rank_bundle(args.device)
     for tp, symm in [(1, False), (args.tp, args.device == "cuda")]:
         name = f"tp{tp}" + ("_symm" if symm else "")

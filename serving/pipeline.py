@@ -7,6 +7,7 @@ a list, run as one continuous batch. ``stream_infer`` yields pieces as they are 
 
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -86,24 +87,13 @@ class Pipeline:
         Leaving the loop early cancels what is still running.
         """
         plist = [prompts] if _is_single(prompts) else list(prompts)
-        gens = gen_config if isinstance(gen_config, list) else [gen_config] * len(plist)
-        index = {}
-        try:
-            for i, (p, g) in enumerate(zip(plist, gens)):
-                index[self.engine.add_request(self._ids(p, do_preprocess), g, stream=True)] = i
-            live = set(index)
-            while live:
-                for out in self.engine.step():
-                    if out.request_id not in live:
-                        continue
-                    if out.finished:
-                        live.discard(out.request_id)
+        ids = [self._ids(p, do_preprocess) for p in plist]
+        with closing(self.engine.stream(ids, gen_config)) as steps:  # closed (so aborted) if we are left early
+            for step in steps:
+                for i, out in step:
                     yield Response(out.delta_text, len(out.token_ids), out.num_prompt_tokens, out.finish_reason,
                                    out.new_token_ids, out.logprobs[-len(out.new_token_ids):] if out.logprobs and
-                                   out.new_token_ids else None, index[out.request_id])
-        finally:
-            for rid in index:
-                self.engine.abort(rid)
+                                   out.new_token_ids else None, i)
 
 
 def _response(o: RequestOutput, i: int) -> Response:

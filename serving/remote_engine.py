@@ -3,14 +3,17 @@
 On GPU, rank 0 must hold its GPU through Ray, or Ray may hand that GPU to another rank, and a driver holds none.
 So here rank 0 runs in a Ray actor on bundle 0 of a STRICT_PACK placement group of ``tp`` bundles (the other ranks
 take the other bundles, as in a Serve replica), and the caller talks to it through ``RemoteEngine``, which has the
-``LLMEngine`` methods the pipeline uses. ``generate`` and ``get_ppl`` are one actor call each; streaming is one
-call per engine step.
+``LLMEngine`` methods the pipeline uses. ``generate`` and ``get_ppl`` are one actor call each; ``stream`` is one
+Ray streaming-generator call (each step's outputs travel while rank 0 runs the next step).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import uuid
 from pathlib import Path
+from typing import Iterator
 
 import ray
 from ray.util.placement_group import remove_placement_group
@@ -30,6 +33,8 @@ class EngineHost:
 
     def __init__(self):
         self.engine = None
+        self._lock = threading.Lock()  # the engine is single-threaded; this actor runs two calls at a time
+        self._cancelled: set[str] = set()
 
     def build(self, model_path: str, ecfg: EngineConfig, tokenizer=None) -> dict:
         self.engine = start_tp_engine(model_path, ecfg, tokenizer=tokenizer)
@@ -38,11 +43,37 @@ class EngineHost:
                 "device": str(self.engine.runner.device), "followers": (f.workers, f.loops)}
 
     def call(self, method: str, *args, **kwargs):
-        return getattr(self.engine, method)(*args, **kwargs)
+        with self._lock:
+            return getattr(self.engine, method)(*args, **kwargs)
+
+    def stream(self, prompts: list, params, request_ids: list[str]):
+        """A Ray streaming generator: each engine step's outputs as soon as the step ends, while the next one runs
+        (one actor call per batch of requests instead of one per step)."""
+        steps = self.engine.stream(prompts, params, request_ids, cancelled=self._take_cancelled)
+        try:
+            while True:
+                with self._lock:
+                    step = next(steps, None)
+                if step is None:
+                    return
+                yield step
+        finally:
+            with self._lock:
+                steps.close()
+
+    def cancel(self, request_ids: list[str]) -> None:
+        """Abort streamed requests (taken between two steps of the stream; runs beside it)."""
+        self._cancelled.update(request_ids)
+
+    def _take_cancelled(self) -> list[str]:
+        out = list(self._cancelled)
+        self._cancelled.difference_update(out)
+        return out
 
     def close(self) -> None:
         if self.engine is not None:
-            self.engine.close()
+            with self._lock:
+                self.engine.close()
 
 
 class RemoteEngine:
@@ -76,7 +107,7 @@ class RemoteEngine:
                                    f"{ {k: have.get(k, 0.0) for k in need} }: lower tp or add resources")
             self._pg = packed_group(ecfg.tp, unit, ready_timeout_s)
             self.host = ray.remote(EngineHost).options(
-                num_cpus=1, num_gpus=unit.get("GPU", 0.0), max_concurrency=1,
+                num_cpus=1, num_gpus=unit.get("GPU", 0.0), max_concurrency=2,  # a stream and its cancel
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=0),
             ).remote()
             info = ray.get(self.host.build.remote(model_path, ecfg, self.tokenizer if given else None))
@@ -93,12 +124,15 @@ class RemoteEngine:
             raise RuntimeError("this engine is closed")
         ref = self.host.call.remote(method, *args, **kwargs)
         while not ray.wait([ref], timeout=self.watch_s)[0]:
-            # on GPU a step whose peer rank is gone waits in NCCL for good: give up on the engine instead
-            why = self.followers.dead()
-            if why:
-                self._release()
-                raise RuntimeError(f"{why}; the engine is closed (start a new one)")
+            self._check_ranks()
         return ray.get(ref)
+
+    def _check_ranks(self) -> None:
+        """On GPU a step whose peer rank is gone waits in NCCL for good: give up on the engine instead."""
+        why = self.followers.dead()
+        if why:
+            self._release()
+            raise RuntimeError(f"{why}; the engine is closed (start a new one)")
 
     def encode(self, prompt: str | list[int] | list[dict], chat: bool | None = None) -> list[int]:
         return self._call("encode", prompt, chat)
@@ -119,6 +153,30 @@ class RemoteEngine:
     def generate(self, prompts: list, params: GenerationConfig | list[GenerationConfig] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         return self._call("generate", prompts, params, use_tqdm)
+
+    def stream(self, prompts: list, params: GenerationConfig | list[GenerationConfig] | None = None
+               ) -> Iterator[list[tuple[int, RequestOutput]]]:
+        """``LLMEngine.stream`` through one streaming actor call: rank 0 keeps stepping while the outputs travel.
+        Closing the iterator early cancels what still runs."""
+        if self.host is None:
+            raise RuntimeError("this engine is closed")
+        rids = [f"remote-{uuid.uuid4().hex}" for _ in prompts]
+        gen = self.host.stream.options(num_returns="streaming").remote(prompts, params, rids)
+        done = False
+        try:
+            while True:
+                if not ray.wait([gen], timeout=self.watch_s)[0]:
+                    self._check_ranks()
+                    continue
+                try:
+                    ref = next(gen)
+                except StopIteration:
+                    break
+                yield ray.get(ref)
+            done = True
+        finally:
+            if not done and self.host is not None:
+                self.host.cancel.remote(rids)  # the stream aborts them before its next step and ends
 
     def get_ppl(self, input_ids: list[list[int]]) -> list[float]:
         return self._call("get_ppl", input_ids)
