@@ -62,8 +62,12 @@ class EngineHost:
                 steps.close()
 
     def cancel(self, request_ids: list[str]) -> None:
-        """Abort streamed requests (taken between two steps of the stream; runs beside it)."""
+        """Abort streamed requests between two steps of their stream (this runs beside it), so that a call made
+        after this one never steps them; the stream drops them too and ends."""
         self._cancelled.update(request_ids)
+        with self._lock:
+            for rid in request_ids:
+                self.engine.abort(rid)
 
     def _take_cancelled(self) -> list[str]:
         out = list(self._cancelled)
@@ -175,8 +179,11 @@ class RemoteEngine:
                 yield ray.get(ref)
             done = True
         finally:
-            if not done and self.host is not None:
-                self.host.cancel.remote(rids)  # the stream aborts them before its next step and ends
+            if not done and self.host is not None:  # before the caller's next call reaches rank 0
+                try:
+                    ray.get(self.host.cancel.remote(rids), timeout=60)
+                except Exception as e:  # rank 0 gone: the next call says so
+                    log.warning("could not cancel the stream's requests: %s", e)
 
     def get_ppl(self, input_ids: list[list[int]]) -> list[float]:
         return self._call("get_ppl", input_ids)
