@@ -50,7 +50,7 @@ class ModelConfig(BaseModel):
     chat_template: str | None = None                         # Jinja text, or a file every node can read
     engine: dict[str, Any] = Field(default_factory=dict)      # any other EngineConfig field
     tool_parser: Literal["auto", "hermes", "llama3", "none"] = "auto"
-    profile_dir: str | None = None                            # torch.profiler traces: POST /start_profile, /stop_profile
+    profile_dir: str | None = None                            # traces of POST /start_profile .. /stop_profile
     # deployment
     num_replicas: int = Field(1, ge=1)
     autoscale: tuple[int, int] | None = None                  # (min, max) replicas: autoscaling on

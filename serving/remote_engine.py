@@ -34,7 +34,6 @@ class EngineHost:
     def __init__(self):
         self.engine = None
         self._lock = threading.Lock()  # the engine is single-threaded; this actor runs two calls at a time
-        self._cancelled: set[str] = set()
 
     def build(self, model_path: str, ecfg: EngineConfig, tokenizer=None) -> dict:
         self.engine = start_tp_engine(model_path, ecfg, tokenizer=tokenizer)
@@ -49,7 +48,7 @@ class EngineHost:
     def stream(self, prompts: list, params, request_ids: list[str]):
         """A Ray streaming generator: each engine step's outputs as soon as the step ends, while the next one runs
         (one actor call per batch of requests instead of one per step)."""
-        steps = self.engine.stream(prompts, params, request_ids, cancelled=self._take_cancelled)
+        steps = self.engine.stream(prompts, params, request_ids)
         try:
             while True:
                 with self._lock:
@@ -63,16 +62,10 @@ class EngineHost:
 
     def cancel(self, request_ids: list[str]) -> None:
         """Abort streamed requests between two steps of their stream (this runs beside it), so that a call made
-        after this one never steps them; the stream drops them too and ends."""
-        self._cancelled.update(request_ids)
+        after this one never steps them; the stream sees them gone and ends."""
         with self._lock:
             for rid in request_ids:
                 self.engine.abort(rid)
-
-    def _take_cancelled(self) -> list[str]:
-        out = list(self._cancelled)
-        self._cancelled.difference_update(out)
-        return out
 
     def close(self) -> None:
         if self.engine is not None:

@@ -61,8 +61,8 @@ def test_async_engine_streams_cancels_and_refuses(tiny_model_factory):
 
 def test_engine_stream_yields_steps_and_cancels_between_them(tiny_model_factory):
     """``LLMEngine.stream`` (what ``pipeline.stream_infer`` and a tp=N rank 0 host run): each step's outputs
-    tagged with their prompt's index, the same tokens as ``generate``; a request named by ``cancelled()``
-    stops before the next step; closing the iterator aborts the rest."""
+    tagged with their prompt's index, the same tokens as ``generate``; a request aborted between two steps
+    leaves the stream; closing the iterator aborts the rest."""
     eng = LLMEngine(tiny_model_factory("llama"), EngineConfig(dtype="float32", block_size=8, progress=False))
     ps = prompts([5, 9], seed=4)
     g = GenerationConfig(max_new_tokens=12, ignore_eos=True)
@@ -72,13 +72,12 @@ def test_engine_stream_yields_steps_and_cancels_between_them(tiny_model_factory)
         for i, out in step:
             got[i] += out.new_token_ids
     assert [got[0], got[1]] == want
-    stop: list[str] = []
     seen: dict[int, int] = {0: 0, 1: 0}
-    for step in eng.stream(ps, g, request_ids=["c", "d"], cancelled=lambda: stop):
+    for step in eng.stream(ps, g, request_ids=["c", "d"]):
         for i, out in step:
             seen[i] += len(out.new_token_ids)
-        if seen[1] >= 2 and not stop:
-            stop.append("d")  # taken before the next step
+        if seen[1] >= 2 and "d" in eng.requests:
+            eng.abort("d")  # as a tp=N host's cancel does, between two steps
     assert seen[0] == 12 and 2 <= seen[1] < 12 and not eng.has_unfinished()
     steps = eng.stream(ps, g)
     next(steps)

@@ -56,7 +56,8 @@ def run_tp(path, world: int, ps, max_new: int = 12, profile_dir=None):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(path), ps, max_new, q, profile_dir)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(path), ps, max_new, q, profile_dir))
+             for r in range(world)]
     for p in procs:
         p.start()
     results = dict((r, (toks, kv)) for r, toks, kv in (q.get(timeout=300) for _ in procs))

@@ -15,7 +15,7 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -408,25 +408,19 @@ class LLMEngine:
 
     # -- convenience -------------------------------------------------------------------------------
     def stream(self, prompts: list, params: GenerationConfig | list[GenerationConfig] | None = None,
-               request_ids: list[str] | None = None, cancelled: Callable[[], Iterable[str]] | None = None
-               ) -> Iterator[list[tuple[int, RequestOutput]]]:
+               request_ids: list[str] | None = None) -> Iterator[list[tuple[int, RequestOutput]]]:
         """Run prompts as one continuous batch, yielding each step's new outputs as ``(prompt index, output)``
-        pairs until all finish. Closing the iterator early aborts what still runs; ``cancelled()`` (polled
-        between steps) names request ids (``request_ids``, else generated) to abort meanwhile."""
+        pairs until all finish (or are aborted: ``request_ids``, else generated). Closing the iterator early
+        aborts what still runs."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         rids = request_ids or [None] * len(prompts)
-        index = {self.add_request(p, g, rid, stream=True): i for i, (p, g, rid) in enumerate(zip(prompts, plist, rids))}
+        index = {self.add_request(p, g, rid, stream=True): i
+                 for i, (p, g, rid) in enumerate(zip(prompts, plist, rids))}
         live = set(index)
         try:
             while live:
-                for rid in list(cancelled() if cancelled else ()):
-                    if rid in live:
-                        self.abort(rid)
-                        live.discard(rid)
                 outs = [o for o in self.step() if o.request_id in live]
-                for o in outs:
-                    if o.finished:
-                        live.discard(o.request_id)
+                live.intersection_update(self.requests)  # finished, or aborted meanwhile
                 if outs:
                     yield [(index[o.request_id], o) for o in outs]
         finally:

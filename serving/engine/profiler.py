@@ -21,10 +21,6 @@ class StepProfiler:
         self.prof: torch.profiler.profile | None = None
         self.out_dir: Path | None = None
 
-    @property
-    def active(self) -> bool:
-        return self.prof is not None
-
     def start(self, out_dir: str | os.PathLike, with_stack: bool = False) -> None:
         if self.prof is not None:
             raise RuntimeError("the profiler is already running: stop it first")
