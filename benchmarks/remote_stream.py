@@ -1,5 +1,5 @@
 """What streaming through ``RemoteEngine`` costs: ``pipeline(tp=N)`` decoding one request whole (one actor call)
-against streaming it (``stream_infer``: one actor call per engine step), side by side in one run.
+against streaming it (``stream_infer``: one Ray streaming-generator call), side by side in one run.
 
     python benchmarks/remote_stream.py --out DIR [--tp 2]     # on N GPUs: DIR/remote_stream.json
     python benchmarks/remote_stream.py --small --device cpu   # a tiny config over gloo, to check the script
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args(argv)
     res = measure(args)
-    print(json.dumps({k: v for k, v in res.items()}), flush=True)
+    print(json.dumps(res), flush=True)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "remote_stream.json").write_text(json.dumps(res, indent=1))

@@ -109,19 +109,17 @@ def summarize(trace_path: Path, top: int = 12) -> dict:
         by_name[e["name"][:90]].append(e["dur"])
     launches = sorted(e["ts"] for e in events if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch")
     gaps = [b - a for a, b in zip(launches, launches[1:])]
-    cpu_ops = defaultdict(float)
+    cpu_ops, py = defaultdict(float), defaultdict(float)  # inclusive host time by op / by Python function
     for e in events:
         if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e:
             cpu_ops[e["name"][:60]] += e["dur"]
+        elif e.get("cat") == "python_function" and "dur" in e:
+            py[e["name"][:80]] += e["dur"]
     steps = max(len(launches), 1)
     comm = sorted(e["dur"] for e in kernels if "AllReduce" in e["name"] or "all_reduce" in e["name"])
     ordered = sorted(kernels, key=lambda e: e["ts"])
     idle = sorted(((b["ts"] - a["ts"] - a["dur"], a["ts"] + a["dur"] - start) for a, b in zip(ordered, ordered[1:])),
                   reverse=True)
-    py = defaultdict(float)
-    for e in events:
-        if e.get("cat") == "python_function" and "dur" in e:
-            py[e["name"][:80]] += e["dur"]
     return {
         "trace": str(trace_path), "kernels": len(kernels), "gpu_span_ms": (end - start) / 1e3,
         "gpu_busy_ms": busy / 1e3, "gpu_busy_share": busy / (end - start), "graph_launches": len(launches),
