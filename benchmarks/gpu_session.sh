@@ -110,9 +110,10 @@ case $kind in
     timeout 280 python3 benchmarks/serve.py --out "$out/serve" --no-docs --requests-per-client 2 2>&1 | tail -20
     ;;
   x2)
-    # tensor parallel on 2 GPUs: the engine benchmark (8B shape; each configuration keeps its row if cut), then
-    # the GPU tests (NCCL and symmetric memory agree with one GPU, a Serve replica at tp 2, pipeline(tp=2))
+    # tensor parallel on 2 GPUs: the fused row-layer finish against its launches (benchmarks/tp_reduce_norm.py),
+    # the engine benchmark (8B shape; each configuration keeps its row if cut), then the GPU tests (NCCL and symmetric memory agree with one GPU, a Serve replica at tp 2, pipeline(tp=2))
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    timeout 120 python3 benchmarks/tp_reduce_norm.py --out "$out/rn" 2>&1 | grep -E "^\| [12] |Error" | tail -14
     timeout 360 python3 benchmarks/tp.py --out "$out/tp" --tp 2 2>&1 | grep -v "^(" | tail -6
     timeout 200 python3 -m pytest -q tests/gpu/test_tp_gpu.py 2>&1 | tail -4
     timeout 150 python3 benchmarks/remote_stream.py --out "$out/rs" --tp 2 2>&1 | grep "^{" | tail -1

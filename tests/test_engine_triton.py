@@ -99,9 +99,37 @@ def check_kernels(device: str = "cpu", dtype=torch.float32, atol: float = 1e-4) 
     assert torch.allclose(r2, x + r, atol=atol)
     assert torch.allclose(y.float(), w.float() * (xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + 1e-6)),
                           atol=atol * 10, rtol=1e-2)
+    check_reduce_add_rms_norm(device, dtype, g)
     gu = rnd(5, 2 * 80)
     assert torch.allclose(silu_and_mul(gu).float(), (torch.nn.functional.silu(gu[:, :80]) * gu[:, 80:]).float(),
                           atol=atol * 10, rtol=1e-2)
+
+
+def check_reduce_add_rms_norm(device: str, dtype: torch.dtype, g: torch.Generator) -> None:
+    """A row layer's split-K partials (or its output as it is) summed, added to the residual and normed in one
+    launch (one rank), against float64; several programs a row twice over (the row tickets reset)."""
+    from serving.layers.reduce_norm import reduce_add_rms_norm
+
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for rows, n, split in [(1, 96, 5), (3, 200, 1), (16, 264, 28), (33, 136, 3)]:
+        parts = torch.randn(split, rows, n, generator=g).to(device)
+        parts = parts.to(dtype) if split == 1 else parts
+        res = torch.randn(rows, n, generator=g).to(device, dtype)
+        w = torch.randn(n, generator=g).to(device, dtype)
+        h = (parts.double().sum(0).to(dtype).double() + res.double())
+        want = w.double() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        for block_n, warps in [(None, None), (128, 1), (128, 1)]:  # default shape; several programs a row
+            r = res.clone()
+            y, r2 = reduce_add_rms_norm(parts, r, w, 1e-6, block_n=block_n, num_warps=warps)
+            assert r2 is r and torch.allclose(r.double(), h, atol=tol, rtol=tol)
+            assert torch.allclose(y.double(), want, atol=tol * 4, rtol=tol * 2), (rows, n, split)
+    try:
+        reduce_add_rms_norm(torch.zeros(1, 2, 8, device=device), torch.zeros(3, 8, device=device),
+                            torch.ones(8, device=device), 1e-6)
+    except ValueError as e:
+        assert "must agree on [M, N]" in str(e)
+    else:
+        raise AssertionError("mismatched rows accepted")
 
 
 def check_engine(model_dir: str) -> None:

@@ -22,6 +22,7 @@ import kernels
 from ..config import CheckpointError, QuantConfig
 from .activation import silu_and_mul
 from .parallel import SINGLE, TPContext
+from .reduce_norm import RowOutput, can_fuse
 
 PACK = 8
 
@@ -117,9 +118,15 @@ class Linear(nn.Module):
         return True
 
     # -- compute ------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act: str | None = None, defer: bool = False) -> torch.Tensor | RowOutput:
         """``x @ W^T + b``; ``act="silu_mul"`` (a fused gate/up layer) applies the MLP's activation to the halves,
-        inside the W4A16 kernel's split-K sum where it has one."""
+        inside the W4A16 kernel's split-K sum where it has one. ``defer`` (a row layer whose output goes to an
+        ``RMSNorm`` with a residual): a :class:`RowOutput` where one kernel can finish it with that norm (the
+        split-K sum and the sum over ranks inside it), else the output as without."""
+        if defer and self.mode == "row":
+            pending = self._pending(x)
+            if pending is not None:
+                return pending
         bias = self.bias if self.mode != "row" else None
         if self.quant is None:
             y = F.linear(x, self.weight, bias)
@@ -133,6 +140,28 @@ class Linear(nn.Module):
         if act is not None and (self.quant is None or self.mode == "row"):
             y = silu_and_mul(y)
         return y
+
+    def _pending(self, x: torch.Tensor) -> RowOutput | None:
+        """This rank's output left for :func:`~.reduce_norm.reduce_add_rms_norm` (several ranks, symmetric memory):
+        the split-K partials, or the output itself; ``None`` (nothing launched) where the fused kernel does not
+        apply. One rank keeps its two launches (split-K sum, norm): 2.5 us a call against the fused kernel's 4.2
+        on an H200 (docs/benchmarks.md)."""
+        peers = self.tp.fast
+        if self.tp.world_size == 1 or peers is None or self.bias is not None or not x.is_cuda:
+            return None
+        rows = x.numel() // x.shape[-1]
+        if not can_fuse(rows, self.out_local, x.dtype, peers):
+            return None
+        parts = None
+        if self.quant is not None:
+            parts = kernels.awq_linear_partials(x, self.qweight, self.qzeros, self.scales, self.group_size)
+        if parts is None:
+            if self.quant is None:
+                y = F.linear(x, self.weight)
+            else:
+                y = kernels.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size)
+            parts = y.reshape(1, rows, self.out_local)
+        return RowOutput(parts, peers)
 
     def split_partials(self, x: torch.Tensor) -> torch.Tensor | None:
         """The fp32 split-K partials ``[split, M, out]`` of this layer (bias not added) when its W4A16 kernel for

@@ -1,10 +1,12 @@
-"""RMSNorm, with the residual add fused in (one Triton kernel on GPU)."""
+"""RMSNorm, with the residual add fused in (one Triton kernel on GPU; with a row-parallel linear's split-K and
+tensor-parallel sums too: :mod:`.reduce_norm`)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from .reduce_norm import RowOutput, reduce_add_rms_norm
 from .triton_utils import HAS_TRITON, next_pow2, use_triton
 
 if HAS_TRITON:
@@ -58,5 +60,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor | RowOutput, residual: torch.Tensor | None = None):
+        """``norm(x + residual)`` (with a residual: and ``x + residual``); ``x`` may be a row-parallel linear's
+        :class:`RowOutput`, finished here in the same kernel (a residual is needed then)."""
+        if isinstance(x, RowOutput):
+            return reduce_add_rms_norm(x.parts, residual, self.weight, self.eps, x.peers)
         return rms_norm(x, self.weight, self.eps, residual)

@@ -71,8 +71,9 @@ class TPContext:
         """This context with a one-shot all-reduce through symmetric memory for tensors up to ``max_bytes``.
 
         Decode makes two small all-reduces per decoder layer; one kernel that reads the peers' buffers over NVLink
-        should take less than NCCL's protocol for each (not yet measured on two GPUs: see docs/benchmarks.md).
-        Where symmetric memory cannot be set up on every rank, NCCL stays (with a warning)."""
+        takes 6.4 us in a CUDA graph on two H200s against NCCL's 19.5 (8 KB; docs/benchmarks.md), and the row
+        layers' fused finish (:mod:`.reduce_norm`) runs through the same buffer. Where symmetric memory cannot be
+        set up on every rank, NCCL stays (with a warning)."""
         if self.world_size == 1 or device.type != "cuda":
             return self
         fast, why = None, ""
@@ -134,22 +135,43 @@ class TPContext:
 
 class SymmetricAllReduce:
     """One buffer every rank can read (torch's symmetric memory); a sum is one kernel that copies this rank's
-    input in, signals the peers and adds up all of their buffers. Safe under CUDA graph capture and replay."""
+    input in, signals the peers and adds up all of their buffers. Safe under CUDA graph capture and replay.
+
+    The same allocation holds the region of :mod:`.reduce_norm`'s fused kernel after torch's: two slots of
+    ``max_bytes / 4`` fp16/bf16 elements and the per-program flags (zeroed before any rank can signal)."""
 
     def __init__(self, group, device: torch.device, max_bytes: int):
+        import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
+
+        from .reduce_norm import BLOCK_N, MAX_ROWS
 
         self.group_name = group.group_name
         if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.9, a no-op after
             symm_mem.enable_symm_mem_for_group(self.group_name)
         self.max_bytes = max_bytes
-        self.buf = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
-        symm_mem.rendezvous(self.buf, self.group_name)
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.slot_elems = max_bytes // 4
+        self.max_programs = self.slot_elems // BLOCK_N + MAX_ROWS  # every row's last chunk may be partial
+        self.flag_off = 2 * self.slot_elems * 2  # bytes from the fused region's start
+        fused_bytes = self.flag_off + self.max_programs * self.world * 4
+        self.buf = symm_mem.empty(max_bytes + fused_bytes, dtype=torch.uint8, device=device)
+        self.buf.zero_()
+        torch.cuda.synchronize(device)
+        handle = symm_mem.rendezvous(self.buf, self.group_name)
+        self.ptrs = torch.tensor([p + max_bytes for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
+        self.epoch = torch.zeros(self.max_programs, dtype=torch.int32, device=device)
+        self.sumsq = torch.empty(self.max_programs, dtype=torch.float32, device=device)  # the row tail's scratch
+        self.ticket = torch.zeros(MAX_ROWS, dtype=torch.int32, device=device)
         self.op = torch.ops.symm_mem.one_shot_all_reduce_copy_out
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.numel() * x.element_size() <= self.max_bytes and x.dtype in (torch.bfloat16, torch.float16,
                                                                                torch.float32)
+
+    def fused_fits(self, rows: int, n: int) -> bool:
+        """Whether ``rows x n`` fp16/bf16 outputs fit one slot of the fused kernel's region."""
+        return rows * n <= self.slot_elems
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         n = x.numel() * x.element_size()

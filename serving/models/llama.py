@@ -44,11 +44,13 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, rotary)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, defer: bool = False):
+        """The attention block's output; ``defer``: as a ``RowOutput`` where the next norm can finish it."""
         if not self.qk_norm and x.is_cuda:  # AWQ decode: RoPE + cache store sum the QKV layer's split-K partials
             ws = self.qkv_proj.split_partials(x)
             if ws is not None:
-                return self.o_proj(self.attn.forward_partials(positions, ws, self.qkv_proj.bias, x.dtype))
+                return self.o_proj(self.attn.forward_partials(positions, ws, self.qkv_proj.bias, x.dtype),
+                                   defer=defer)
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -57,7 +59,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
-        return self.o_proj(self.attn(positions, q, k, v))
+        return self.o_proj(self.attn(positions, q, k, v), defer=defer)
 
 
 class MLP(nn.Module):
@@ -72,8 +74,8 @@ class MLP(nn.Module):
                                 quant=quant_for(cfg, prefix, ["down_proj"]), dtype=cfg.dtype,
                                 prefix=f"{prefix}.down_proj")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x, act="silu_mul"))
+    def forward(self, x: torch.Tensor, defer: bool = False):
+        return self.down_proj(self.gate_up_proj(x, act="silu_mul"), defer=defer)
 
 
 class DecoderLayer(nn.Module):
@@ -85,13 +87,15 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, tp, f"{prefix}.mlp")
 
     def forward(self, positions, x, residual):
+        """``x``: the embeddings (``residual`` None) or the layer before's MLP output, which, like the attention
+        output here, may be left for the norm after it to finish (``RowOutput``: split-K and rank sums fused)."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x)
+        x = self.self_attn(positions, x, defer=True)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return self.mlp(x, defer=True), residual
 
 
 class LlamaModel(nn.Module):

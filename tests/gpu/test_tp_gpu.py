@@ -54,6 +54,15 @@ def test_two_gpus_agree_with_one(cluster, checkpoint, symm):
     assert two["weights_gib"] < one["weights_gib"]  # rank 0 holds half of every decoder linear
 
 
+def test_fused_reduce_norm_on_two_gpus():
+    """The row layer's finish in one kernel (split-K, rank and residual sums, RMSNorm): against float64, the ranks
+    bit for bit, CUDA graph replays against eager (benchmarks/tp_reduce_norm.py's checks, untimed)."""
+    from benchmarks.tp_reduce_norm import CASES, measure
+
+    res = measure(2, timeout_s=180, timed=False)
+    assert len([c for c in res["checks"] if c["world"] == 2]) == len(CASES)
+
+
 def test_serve_replica_with_two_gpus(cluster, checkpoint):
     from ray import serve
 
