@@ -179,7 +179,7 @@ def plot(res: dict, path: Path) -> None:
                         va="bottom", fontsize=8)
     ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(keys))], [t for _, t in keys])
     ax.set_ylabel("throughput / 1 GPU")
-    ax.set_ylim(0, 1.75)
+    ax.set_ylim(0, 1.2 * max(r[k] / runs[0][k] for r in runs for k, _ in keys))
     ax.set_title(f"AWQ Llama-3-8B shape, tensor parallel on Ray ({res['device']})", fontsize=10)
     ax.legend(loc="upper center", ncol=len(runs), fontsize=8)
     fig.tight_layout()
@@ -209,8 +209,11 @@ def report(res: dict) -> str:
     lines = [f"## Tensor parallelism on Ray (`benchmarks/tp.py`, {res['device']})", "", stamp(res["device"]), "",
              f"The same random-weight Llama-3-8B-shaped AWQ g128 checkpoint (bf16 activations) served by 1 GPU and "
              f"by {runs[-1]['tp']}: rank 0 in a Ray actor on bundle 0 of a STRICT_PACK placement group (as a Serve "
-             "replica), the other ranks `serving.tp_group` workers; NCCL all-reduces, inside the decode CUDA graphs "
-             "(a row marked symmetric memory took torch's one-shot all-reduce up to decode size instead). "
+             "replica), the other ranks `serving.tp_group` workers; NCCL all-reduces, inside the decode CUDA graphs. "
+             "In a row marked symmetric memory, decode-sized sums go through symmetric memory instead: each row "
+             "layer's split-K sum, sum over ranks, residual add and RMSNorm are one kernel "
+             "(`serving/layers/reduce_norm.py`; at more than two ranks up to 8 rows, torch's one-shot all-reduce "
+             "above). "
              f"Prompt {res['prompt_len']} tokens, {res['new_tokens']} new per request; torch {res['torch']}, "
              f"triton {res.get('triton', '-')}, ray {res['ray']}.", "", head, "|" + "---|" * (7 + len(bs))]
     labels = _labels(runs)
@@ -231,8 +234,9 @@ def report(res: dict) -> str:
                           "(bf16 all-reduces add in another order, so near-ties of random weights flip).")
     if res.get("note"):
         lines += ["", res["note"]]
-    lines += ["", f"![tensor parallel](tp{tag}.png)", "",
-              f"Raw numbers: `benchmarks/results/tp_results_{card}.json`. Reproduce: `python benchmarks/tp.py --out "
+    lines += ["", f"![tensor parallel]({section_name(runs[-1]['tp'])}{tag}.png)", "",
+              f"Raw numbers: `benchmarks/results/{section_name(many['tp'])}_results_{card}.json`. Reproduce: "
+              "`python benchmarks/tp.py --out "
               f"/tmp/tp --tp {many['tp']}` on {many['tp']} {card.upper()}s, then `python benchmarks/tp.py --report "
               "/tmp/tp/tp_results.json`."]
     return "\n".join(lines)
@@ -252,7 +256,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from benchmarks._report import measure_or_report
 
-    return measure_or_report(args, "tp", "tp_results.json", lambda r: r["device"], measure, report, plot)
+    world = json.loads(Path(args.report).read_text())["runs"][-1]["tp"] if args.report else args.tp
+    return measure_or_report(args, section_name(world), "tp_results.json", lambda r: r["device"], measure, report,
+                             plot)
+
+
+def section_name(world: int) -> str:
+    """Docs section, plot and raw-file stem of a run on ``world`` GPUs (``tp`` for two, as before; ``tp4``...)."""
+    return "tp" if world == 2 else f"tp{world}"
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 ``serving/layers/reduce_norm.py``) against the launches it replaces, on one GPU and on two.
 
     python benchmarks/tp_reduce_norm.py --out DIR      # 2+ GPUs: checks, then DIR/tp_reduce_norm.json
-    python benchmarks/tp_reduce_norm.py --report DIR/tp_reduce_norm.json   # docs/benchmarks.md section
+    python benchmarks/tp_reduce_norm.py --report A.json [B.json]   # docs/benchmarks.md section + plot
 
 Each case is a decode-sized output of a Llama-3-8B row layer (N = 4096) as the engine's W4A16 kernels leave it at
 tp 2: fp32 split-K partials up to 32 rows, the bf16 output itself above (those kernels sum their splits in
@@ -66,10 +66,10 @@ def _unfused(parts, res, w, tp):
     return rms_norm(y, w, EPS, res)
 
 
-def _fused(parts, res, w, tp, **variant):
+def _fused(parts, res, w, tp, slot=0, **variant):
     from serving.layers.reduce_norm import reduce_add_rms_norm
 
-    return reduce_add_rms_norm(parts, res, w, EPS, tp.fast if tp is not None else None, **variant)
+    return reduce_add_rms_norm(parts, res, w, EPS, tp.fast if tp is not None else None, slot, **variant)
 
 
 def check(rows: int, split: int, tp, device, seed: int = 0) -> dict:
@@ -104,17 +104,18 @@ def check(rows: int, split: int, tp, device, seed: int = 0) -> dict:
             dist.all_gather(every, t, group=tp.group)
             if not all(torch.equal(every[0], e) for e in every[1:]):
                 raise AssertionError(f"ranks disagree at rows={rows} split={split}")
-    # a graph of three chained calls, replayed twice on fresh residuals: each replay as eager
+    # a graph of four chained calls (data slots alternating, as the engine's norms do), replayed twice on fresh
+    # residuals: each replay as eager
     r_graph = res.clone()
     graph = torch.cuda.CUDAGraph()
-    _fused(parts, r_graph, w, tp)  # warm
+    _fused(parts, r_graph, w, tp, 1)  # warm
     with torch.cuda.graph(graph):
-        outs = [_fused(parts, r_graph, w, tp)[0] for _ in range(3)]
+        outs = [_fused(parts, r_graph, w, tp, i % 2)[0] for i in range(4)]
     for _ in range(2):
         r_graph.copy_(res)
         graph.replay()
         r_eager = res.clone()
-        eager = [_fused(parts, r_eager, w, tp)[0] for _ in range(3)]
+        eager = [_fused(parts, r_eager, w, tp, i % 2)[0] for i in range(4)]
         torch.cuda.synchronize()
         if not all(torch.equal(a, b) for a, b in zip(outs, eager)) or not torch.equal(r_graph, r_eager):
             raise AssertionError(f"graph replay differs from eager at rows={rows} split={split}")
@@ -134,8 +135,8 @@ def time_case(rows: int, split: int, tp, device, per_graph: int = 64, reps: int 
         r = res.clone()
 
         def chain():
-            for _ in range(per_graph):
-                fn(parts, r, w, tp, **kw)
+            for i in range(per_graph):
+                fn(parts, r, w, tp, **({"slot": i % 2, **kw} if fn is _fused else kw))
 
         chain()
         torch.cuda.synchronize()
@@ -216,45 +217,88 @@ def measure(world: int, timeout_s: float = 300.0, timed: bool = True) -> dict:
             "times": results[0]["times"]}
 
 
-def report(res: dict) -> str:
+def report(results: list[dict]) -> str:
+    """One section for the runs in ``results`` (one per GPU count), with the plot's link."""
     from benchmarks._report import stamp
 
-    card = f"{res['world']} x {res['gpu']}"
-    lines = [f"## A row layer's finish in one kernel (`benchmarks/tp_reduce_norm.py`, {card})", "",
-             stamp(card, res["commit"], res.get("date")), "",
-             "Microseconds per call, 64 chained in a CUDA graph, N = 4096 (a Llama-3-8B row layer's output). "
-             "*Unfused*: the split-K sum, the symmetric-memory all-reduce (tp 2) and the RMSNorm, three launches "
-             "(the split-K sum only where the W4A16 kernel leaves partials); *fused*: "
-             "`serving/layers/reduce_norm.py`, one. Every case was first checked against a float64 reference, "
-             "across ranks bit for bit, and graph against eager.", "",
-             "| GPUs | rows | split-K partials | unfused | fused | fused / unfused |", "|---|---|---|---|---|---|"]
-    for t in sorted(res["times"], key=lambda t: (t["world"], t["rows"])):
-        lines.append(f"| {t['world']} | {t['rows']} | {t['split'] if t['split'] > 1 else '- (bf16 output)'} | "
-                     f"{t['unfused']:.1f} | {t['fused']:.1f} | {t['fused'] / t['unfused']:.2f} |")
-    lines += ["", "Raw numbers: `benchmarks/results/tp_reduce_norm" + _tag(res) + ".json`. Reproduce on 2 GPUs: "
-              "`python benchmarks/tp_reduce_norm.py --out /tmp/rn`, then `--report /tmp/rn/tp_reduce_norm.json`."]
+    first = results[0]
+    lines = [f"## A row layer's finish in one kernel (`benchmarks/tp_reduce_norm.py`, {first['gpu']})", ""]
+    for res in results:
+        lines.append(stamp(f"{res['world']} x {res['gpu']}", res["commit"], res.get("date")) + "  ")
+    lines += ["", "Microseconds per call, 64 chained in a CUDA graph, N = 4096 (a Llama-3-8B row layer's output). "
+              "*Unfused*: the split-K sum, the symmetric-memory all-reduce (several GPUs) and the RMSNorm: up to "
+              "three launches (the split-K sum only where the W4A16 kernel leaves partials). *Fused*: "
+              "`serving/layers/reduce_norm.py`, one launch. Every case was first checked against a float64 "
+              "reference, across ranks bit for bit, and graph replay against eager.", "",
+              "| GPUs | rows | split-K partials | unfused | fused | fused / unfused |", "|---|---|---|---|---|---|"]
+    seen = set()
+    for res in results:
+        for t in sorted(res["times"], key=lambda t: (t["world"], t["rows"])):
+            if (t["world"], t["rows"]) in seen:  # the one-GPU rows of each run: the first run's
+                continue
+            seen.add((t["world"], t["rows"]))
+            lines.append(f"| {t['world']} | {t['rows']} | {t['split'] if t['split'] > 1 else '- (bf16 output)'} | "
+                         f"{t['unfused']:.1f} | {t['fused']:.1f} | {t['fused'] / t['unfused']:.2f} |")
+    if first.get("note"):
+        lines += ["", first["note"]]
+    raws = ", ".join(f"`benchmarks/results/{_raw_name(r)}`" for r in results)
+    lines += ["", f"![fused against unfused](tp_reduce_norm{_tag(first)}.png)", "",
+              f"Raw numbers: {raws}. Reproduce on 2 (4) GPUs: `python benchmarks/tp_reduce_norm.py --out /tmp/rn "
+              "[--world 4]`, then `--report /tmp/rn/tp_reduce_norm.json [...]`."]
     return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    worlds = sorted({t["world"] for r in results for t in r["times"]})
+    for world, color in zip(worlds, ("tab:gray", "tab:blue", "tab:orange", "tab:green")):
+        ts = sorted({t["rows"]: t for r in results for t in r["times"] if t["world"] == world}.values(),
+                    key=lambda t: t["rows"])
+        rows = [t["rows"] for t in ts]
+        ax.plot(rows, [t["unfused"] for t in ts], "--x", color=color, label=f"{world} GPU(s), unfused")
+        ax.plot(rows, [t["fused"] for t in ts], "-o", color=color, label=f"{world} GPU(s), fused")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rows (decode batch)")
+    ax.set_ylabel("us per call (CUDA graph)")
+    ax.set_title(f"{results[0]['gpu']}: split-K sum + all-reduce + residual + RMSNorm, N = 4096", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _tag(res: dict) -> str:
     return "_" + res["gpu"].split()[-1].lower()
 
 
+def _raw_name(res: dict) -> str:
+    return f"tp_reduce_norm{_tag(res)}_x{res['world']}.json"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="directory for tp_reduce_norm.json")
     ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--report", type=Path, help="a tp_reduce_norm.json: write the docs/benchmarks.md section")
+    ap.add_argument("--report", type=Path, nargs="+", help="tp_reduce_norm.json files (one per GPU count): write "
+                    "the docs/benchmarks.md section and plot")
+    ap.add_argument("--note", default=None, help="with --report: a paragraph added to the section")
     args = ap.parse_args()
     if args.report:
-        from benchmarks._report import write_section
+        from benchmarks._report import DOCS, write_section
 
-        res = json.loads(args.report.read_text())
-        write_section("tp_reduce_norm", report(res))
+        results = sorted((json.loads(p.read_text()) for p in args.report), key=lambda r: r["world"])
+        if args.note:
+            results[0]["note"] = args.note
+        plot(results, DOCS / f"tp_reduce_norm{_tag(results[0])}.png")
+        write_section(f"tp_reduce_norm{_tag(results[0])}", report(results))
         return
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     res = measure(args.world)
-    print(report(res))
+    print(report([res]))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "tp_reduce_norm.json").write_text(json.dumps(res, indent=1))

@@ -55,14 +55,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, finish_slot: int = 0):
+        """``finish_slot``: the symmetric buffer's data slot of a row layer's output finished here (0 after
+        attention, 1 after the MLP, so that consecutive finishes alternate; :mod:`.reduce_norm`)."""
         super().__init__()
-        self.eps = eps
+        self.eps, self.finish_slot = eps, finish_slot
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor | RowOutput, residual: torch.Tensor | None = None):
         """``norm(x + residual)`` (with a residual: and ``x + residual``); ``x`` may be a row-parallel linear's
         :class:`RowOutput`, finished here in the same kernel (a residual is needed then)."""
         if isinstance(x, RowOutput):
-            return reduce_add_rms_norm(x.parts, residual, self.weight, self.eps, x.peers)
+            return reduce_add_rms_norm(x.parts, residual, self.weight, self.eps, x.peers, self.finish_slot)
         return rms_norm(x, self.weight, self.eps, residual)

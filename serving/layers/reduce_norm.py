@@ -11,8 +11,10 @@ every rank holds the same bits). The norm needs the whole row: each program leav
 last program of the row to finish (an atomic ticket) normalises it.
 
 Between ranks, the flags are per-program counters (``epoch``) in the symmetric buffer; they only grow, so they
-need no reset, and the data alternates between two slots by the epoch's parity: a rank that runs ahead writes
-the other slot, and cannot run two ahead, since that needs the slow rank's next signal.
+need no reset. The data goes through one of two slots, named by the caller: the norms after attention take slot
+0 and those after the MLP slot 1, so consecutive launches alternate whatever their shapes. A rank that runs one
+launch ahead writes the other slot; to write this slot again it must finish the next launch, whose flags the slow
+rank only raises after this launch has ended there (stream order).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _reduce_add_norm_kernel(P, stride_ps, stride_pm, SPLIT, R, stride_r, W, Y, stride_y, SUMSQ, TICKET,
-                                PEERS, EPOCH, FLAG_OFF, SLOT_ELEMS, rank, N, eps,
+                                PEERS, EPOCH, FLAG_OFF, SLOT_ELEMS, SLOT, rank, N, eps,
                                 WORLD: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                                 CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, ROW_BLOCK: tl.constexpr):
         pdl_enter()  # launched early; the W4A16 kernel before it has finished once this returns
@@ -56,7 +58,7 @@ if HAS_TRITON:
         if WORLD > 1:
             bid = m * CHUNKS + pid
             epoch = tl.load(EPOCH + bid) + 1  # int32, wraps; flags are compared by difference
-            at = (epoch & 1).to(tl.int64) * SLOT_ELEMS + m * N + offs
+            at = SLOT * SLOT_ELEMS + m * N + offs
             mine = tl.load(PEERS + rank)
             tl.store(mine.to(tl.pointer_type(dtype)) + at, x, mask=nmask)
             tl.debug_barrier()  # every thread's store before the signal that publishes them
@@ -82,7 +84,9 @@ if HAS_TRITON:
         tl.store(rp, h, mask=nmask)
         hf = h.to(tl.float32)
         tl.store(SUMSQ + m * CHUNKS + pid, tl.sum(hf * hf, axis=0))
-        # 4. the row's last program normalises it (it sees every program's stores: the ticket is acq_rel)
+        # 4. the row's last program normalises it (it sees every program's stores: each program's threads meet
+        # before its ticket, which is acq_rel)
+        tl.debug_barrier()
         ticket = tl.atomic_add(TICKET + m, 1, sem="acq_rel", scope="gpu")
         if ticket == CHUNKS - 1:
             cs = tl.arange(0, CHUNKS_P2)
@@ -143,16 +147,19 @@ def launch_shape(rows: int) -> tuple[int, int]:
 
 
 def reduce_add_rms_norm(parts: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                        peers=None, block_n: int | None = None,
+                        peers=None, slot: int = 0, block_n: int | None = None,
                         num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(y + residual), y + residual)`` where ``y`` is the sum of ``parts [split, M, N]`` over its
     first axis (fp32 split-K partials, or ``[1, M, N]`` an output as it is), rounded to the residual's dtype,
     then summed over the tensor-parallel ranks of ``peers`` (a :class:`~.parallel.SymmetricAllReduce`; ``None``:
-    one rank). ``residual [M, N]`` is updated in place and returned. One launch."""
+    one rank) through data slot ``slot`` of their buffer (0 or 1; consecutive calls must alternate: see the module
+    doc). ``residual [M, N]`` is updated in place and returned. One launch."""
     split, M, N = parts.shape
     if residual.shape != (M, N) or residual.stride(-1) != 1 or parts.stride(-1) != 1:
         raise ValueError(f"reduce_add_rms_norm: parts {tuple(parts.shape)} and residual {tuple(residual.shape)} "
                          "must agree on [M, N] and be contiguous along N")
+    if slot not in (0, 1):
+        raise ValueError(f"reduce_add_rms_norm: slot must be 0 or 1, got {slot!r}")
     if block_n is None or num_warps is None:
         block_n, num_warps = launch_shape(M)
     if block_n < BLOCK_N or block_n & (block_n - 1):
@@ -165,10 +172,10 @@ def reduce_add_rms_norm(parts: torch.Tensor, residual: torch.Tensor, weight: tor
             raise ValueError(f"reduce_add_rms_norm: {M} x {N} outputs exceed the symmetric buffer's slot "
                              f"({peers.slot_elems} elements; see can_fuse)")
         sumsq, ticket = peers.sumsq, peers.ticket
-        args = (peers.ptrs, peers.epoch, peers.flag_off, peers.slot_elems, peers.rank)
+        args = (peers.ptrs, peers.epoch, peers.flag_off, peers.slot_elems, slot, peers.rank)
     else:
         sumsq, ticket = _scratch(residual.device, M * chunks)
-        args = (ticket, ticket, 0, 0, 0)  # unused
+        args = (ticket, ticket, 0, 0, 0, 0)  # unused
     # up to 64 fp32 partials per thread at once; the row's tail in one pass where 32 elements a thread cover it
     sb = min(next_pow2(split), 2048 * num_warps // block_n)
     _reduce_add_norm_kernel[(chunks, M)](

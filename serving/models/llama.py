@@ -81,9 +81,10 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPContext, prefix: str, rotary: RotaryEmbedding, o_bias: bool):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        # the norms finishing the MLP before them and the attention (finish slots 1 and 0: they alternate)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, finish_slot=1)
         self.self_attn = Attention(cfg, tp, f"{prefix}.self_attn", rotary, o_bias)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, finish_slot=0)
         self.mlp = MLP(cfg, tp, f"{prefix}.mlp")
 
     def forward(self, positions, x, residual):
@@ -105,7 +106,7 @@ class LlamaModel(nn.Module):
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, tp, f"model.layers.{i}", rotary, o_bias) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, finish_slot=1)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
