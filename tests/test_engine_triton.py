@@ -108,7 +108,8 @@ def check_kernels(device: str = "cpu", dtype=torch.float32, atol: float = 1e-4) 
 def check_reduce_add_rms_norm(device: str, dtype: torch.dtype, g: torch.Generator) -> None:
     """A row layer's split-K partials (or its output as it is) summed, added to the residual and normed in one
     launch (one rank), against float64; several programs a row twice over (the row tickets reset)."""
-    from serving.layers.reduce_norm import reduce_add_rms_norm
+    from serving.layers.norm import RMSNorm
+    from serving.layers.reduce_norm import RowOutput, reduce_add_rms_norm
 
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for rows, n, split in [(1, 96, 5), (3, 200, 1), (16, 264, 28), (33, 136, 3)]:
@@ -123,13 +124,21 @@ def check_reduce_add_rms_norm(device: str, dtype: torch.dtype, g: torch.Generato
             y, r2 = reduce_add_rms_norm(parts, r, w, 1e-6, block_n=block_n, num_warps=warps)
             assert r2 is r and torch.allclose(r.double(), h, atol=tol, rtol=tol)
             assert torch.allclose(y.double(), want, atol=tol * 4, rtol=tol * 2), (rows, n, split)
-    try:
-        reduce_add_rms_norm(torch.zeros(1, 2, 8, device=device), torch.zeros(3, 8, device=device),
-                            torch.ones(8, device=device), 1e-6)
-    except ValueError as e:
-        assert "must agree on [M, N]" in str(e)
-    else:
-        raise AssertionError("mismatched rows accepted")
+            if block_n is None:
+                y_default, r_default = y, r
+    # the model's norm takes a row layer's RowOutput the same way (one rank: no peers)
+    norm = RMSNorm(n, 1e-6, dtype).to(device)
+    norm.weight.data.copy_(w)
+    y2, r3 = norm(RowOutput(parts), res.clone())
+    assert torch.equal(y2, y_default) and torch.equal(r3, r_default)
+    for bad, why in [((torch.zeros(1, 2, 8, device=device), torch.zeros(3, 8, device=device)), "must agree on [M, N]"),
+                     ((torch.zeros(1, 2, 8, device=device), torch.zeros(2, 8, device=device), 2), "slot must be 0 or 1")]:
+        try:
+            reduce_add_rms_norm(bad[0], bad[1], torch.ones(8, device=device), 1e-6, None, *bad[2:])
+        except ValueError as e:
+            assert why in str(e), e
+        else:
+            raise AssertionError(f"accepted: {why}")
 
 
 def check_engine(model_dir: str) -> None:

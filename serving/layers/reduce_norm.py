@@ -3,7 +3,9 @@
 
 Why: at decode, each decoder layer's ``o_proj`` and ``down_proj`` were followed by up to three small launches
 (the W4A16 kernel's split-K sum, the all-reduce, the norm), each mostly latency: on two H200s the 64 all-reduces
-of a batch-1 step cost 462 us of its 1.95 ms. Here they are one launch, on one GPU as on several.
+of a batch-1 step cost 462 us of its 1.95 ms. Here they are one launch. The engine takes it with several ranks
+only: on one GPU the split-K sum and the norm, both launched early, overlap and measured faster together (2.5-3.6
+against 3.4-4.7 us a call on an H200; ``benchmarks/tp_reduce_norm.py``), since this kernel's row tail cannot.
 
 A program owns ``BLOCK_N`` columns of one row. With several ranks it writes its sum into this rank's symmetric
 buffer, signals the same program on every peer, waits for theirs, and adds all ranks' columns in rank order (so
