@@ -1,11 +1,11 @@
 """One kernel for a row-parallel linear's finish (split-K sum, sum over ranks, residual add, RMSNorm:
-``serving/layers/reduce_norm.py``) against the launches it replaces, on one GPU and on two.
+``serving/layers/reduce_norm.py``) against the launches it replaces, on one GPU and on ``--world`` (2).
 
-    python benchmarks/tp_reduce_norm.py --out DIR      # 2+ GPUs: checks, then DIR/tp_reduce_norm.json
+    python benchmarks/tp_reduce_norm.py --out DIR [--world 4]   # checks, then DIR/tp_reduce_norm.json
     python benchmarks/tp_reduce_norm.py --report A.json [B.json]   # docs/benchmarks.md section + plot
 
 Each case is a decode-sized output of a Llama-3-8B row layer (N = 4096) as the engine's W4A16 kernels leave it at
-tp 2: fp32 split-K partials up to 32 rows, the bf16 output itself above (those kernels sum their splits in
+tp 2 (the same cases at other GPU counts): fp32 split-K partials up to 32 rows, the bf16 output itself above (those kernels sum their splits in
 registers). Before timing, every case is checked on every rank against a float64 reference built from all ranks'
 inputs, the ranks' results must be equal bit for bit, and a CUDA graph's replay must give the eager result.
 Timed: 64 chained calls in one CUDA graph (a batch-1 step's count at 32 layers), per call:
