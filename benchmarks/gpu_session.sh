@@ -16,13 +16,14 @@
 #               (tp.py's three configurations: 1 GPU, 2 with NCCL, 2 with symmetric memory; the GPU TP tests; then
 #               pipeline(tp=2) streamed against whole, benchmarks/remote_stream.py)
 #               x2p instead of x2: torch.profiler traces of both ranks and of one GPU (benchmarks/tp_profile.py)
+#   4 GPUs, tensor parallel: the same two calls on nvidia-h200-x4 with x4t (tp_reduce_norm.py --world 4, tp.py --tp 4)
 # Everything lands under $OUT/<name>/; write the docs sections here afterwards from the JSON files
 # (each benchmark's --report, or benchmarks/_report.py:write_section with its *_section.md).
 set -uo pipefail
-kind=${1:?x1a, x1c, x1b, x1g, x1r, x1e, x1p, x1m, x1n, x2, x2p, x4, x4s or x4f}
+kind=${1:?x1a, x1c, x1b, x1g, x1r, x1e, x1p, x1m, x1n, x2, x2p, x4, x4s, x4t or x4f}
 export RAYAWQ_COMMIT=${2:?commit} PYTHONUNBUFFERED=1
 out=${OUT:?run this through the device tool}
-if [ "$kind" = x2 ] || [ "$kind" = x2p ]; then  # Ray's archive staged in /tmp/devb by the call before
+if [ "$kind" = x2 ] || [ "$kind" = x2p ] || [ "$kind" = x4t ]; then  # Ray's archive staged in /tmp/devb before
   cp -r .devbundle/whl .devbundle/setup.sh /tmp/devb/ && source /tmp/devb/setup.sh || exit 1
 else
   source .devbundle/setup.sh || exit 1
@@ -117,6 +118,12 @@ case $kind in
     timeout 360 python3 benchmarks/tp.py --out "$out/tp" --tp 2 2>&1 | grep -v "^(" | tail -6
     timeout 200 python3 -m pytest -q tests/gpu/test_tp_gpu.py 2>&1 | tail -4
     timeout 150 python3 benchmarks/remote_stream.py --out "$out/rs" --tp 2 2>&1 | grep "^{" | tail -1
+    ;;
+  x4t)
+    # tensor parallel on 4 GPUs (staged as x2): the fused row-layer finish at --world 4, then the engine benchmark
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    timeout 120 python3 benchmarks/tp_reduce_norm.py --world 4 --out "$out/rn4" 2>&1 | grep -E "^\| [14] |Error" | tail -14
+    timeout 420 python3 benchmarks/tp.py --out "$out/tp4" --tp 4 2>&1 | grep "^{" | tail -3
     ;;
   x2p)
     # where a tensor-parallel step's time goes: torch.profiler traces of both ranks and of 1 GPU, then their summary
