@@ -234,8 +234,9 @@ def report(res: dict) -> str:
                           "(bf16 all-reduces add in another order, so near-ties of random weights flip).")
     if res.get("note"):
         lines += ["", res["note"]]
-    lines += ["", f"![tensor parallel]({section_name(runs[-1]['tp'])}{tag}.png)", "",
-              f"Raw numbers: `benchmarks/results/{section_name(many['tp'])}_results_{card}.json`. Reproduce: "
+    name = section_name(runs[-1]["tp"])
+    lines += ["", f"![tensor parallel]({name}{tag}.png)", "",
+              f"Raw numbers: `benchmarks/results/{name}_results_{card}.json`. Reproduce: "
               "`python benchmarks/tp.py --out "
               f"/tmp/tp --tp {many['tp']}` on {many['tp']} {card.upper()}s, then `python benchmarks/tp.py --report "
               "/tmp/tp/tp_results.json`."]

@@ -5,9 +5,10 @@
     python benchmarks/tp_reduce_norm.py --report A.json [B.json]   # docs/benchmarks.md section + plot
 
 Each case is a decode-sized output of a Llama-3-8B row layer (N = 4096) as the engine's W4A16 kernels leave it at
-tp 2 (the same cases at other GPU counts): fp32 split-K partials up to 32 rows, the bf16 output itself above (those kernels sum their splits in
-registers). Before timing, every case is checked on every rank against a float64 reference built from all ranks'
-inputs, the ranks' results must be equal bit for bit, and a CUDA graph's replay must give the eager result.
+tp 2 (the same cases at other GPU counts): fp32 split-K partials up to 32 rows, the bf16 output itself above
+(those kernels sum their splits in registers). Before timing, every case is checked on every rank against a
+float64 reference built from all ranks' inputs, the ranks' results must be equal bit for bit, and a CUDA graph's
+replay must give the eager result.
 Timed: 64 chained calls in one CUDA graph (a batch-1 step's count at 32 layers), per call:
 
 * ``unfused``: the split-K sum (``kernels.awq_triton.reduce_partials``), the symmetric-memory all-reduce

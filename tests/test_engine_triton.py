@@ -131,10 +131,11 @@ def check_reduce_add_rms_norm(device: str, dtype: torch.dtype, g: torch.Generato
     norm.weight.data.copy_(w)
     y2, r3 = norm(RowOutput(parts), res.clone())
     assert torch.equal(y2, y_default) and torch.equal(r3, r_default)
-    for bad, why in [((torch.zeros(1, 2, 8, device=device), torch.zeros(3, 8, device=device)), "must agree on [M, N]"),
-                     ((torch.zeros(1, 2, 8, device=device), torch.zeros(2, 8, device=device), 2), "slot must be 0 or 1")]:
+    z = torch.zeros(1, 2, 8, device=device)
+    for res_rows, slot, why in [(3, 0, "must agree on [M, N]"), (2, 2, "slot must be 0 or 1")]:
         try:
-            reduce_add_rms_norm(bad[0], bad[1], torch.ones(8, device=device), 1e-6, None, *bad[2:])
+            reduce_add_rms_norm(z, torch.zeros(res_rows, 8, device=device), torch.ones(8, device=device), 1e-6,
+                                None, slot)
         except ValueError as e:
             assert why in str(e), e
         else:

@@ -145,8 +145,8 @@ class Linear(nn.Module):
         """This rank's output left for :func:`~.reduce_norm.reduce_add_rms_norm` (several ranks, symmetric memory):
         the split-K partials, or the output itself; ``None`` (nothing launched) where the fused kernel does not
         apply. One rank keeps its two launches (split-K sum, norm): they measured faster (:mod:`.reduce_norm`)."""
-        peers = self.tp.fast
-        if self.tp.world_size == 1 or peers is None or self.bias is not None or not x.is_cuda:
+        peers = self.tp.fast  # None at one rank, and where symmetric memory is off
+        if peers is None or self.bias is not None or not x.is_cuda:
             return None
         rows = x.numel() // x.shape[-1]
         if not can_fuse(rows, self.out_local, x.dtype, peers):

@@ -170,7 +170,7 @@ def reduce_add_rms_norm(parts: torch.Tensor, residual: torch.Tensor, weight: tor
     y = torch.empty_like(residual)
     world = 1 if peers is None else peers.world
     if world > 1:
-        if M * N > peers.slot_elems:
+        if not peers.fused_fits(M, N):
             raise ValueError(f"reduce_add_rms_norm: {M} x {N} outputs exceed the symmetric buffer's slot "
                              f"({peers.slot_elems} elements; see can_fuse)")
         sumsq, ticket = peers.sumsq, peers.ticket
